@@ -1,0 +1,3 @@
+from whop_autocancel.cli import main
+
+main()

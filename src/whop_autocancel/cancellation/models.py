@@ -1,0 +1,50 @@
+"""The cancellation row is the truth about a membership we must cancel; the queue only wakes it."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from whop_autocancel.db.base import Base, UTCDateTime
+
+
+class CancellationStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    CANCELED = "canceled"
+    ALREADY_INACTIVE = "already_inactive"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+FINAL_STATUSES = frozenset(
+    {
+        CancellationStatus.CANCELED,
+        CancellationStatus.ALREADY_INACTIVE,
+        CancellationStatus.FAILED,
+        CancellationStatus.SKIPPED,
+    }
+)
+
+
+class Cancellation(Base):
+    __tablename__ = "cancellations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), unique=True)
+    membership_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    generation_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    last_http_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,553 @@
+"""The cancellation state machine (DESIGN §5): lease the row, make one Whop call in the common
+case, classify the answer, and record it. The worker never sleeps: it reschedules."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from whop_autocancel.alerts.models import AlertKind
+from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
+from whop_autocancel.clock import Clock
+from whop_autocancel.db import leases
+from whop_autocancel.db.engine import Database
+from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import ONE_TIME
+from whop_autocancel.whop.client import WhopClient, WhopReply
+from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify
+
+log = structlog.get_logger(__name__)
+
+CANCEL_TASK = "cancellation.run"
+NOT_BEFORE_KEY = "whop:not_before"
+Status = CancellationStatus
+
+
+class RetryRefused(WhopAutocancelError):
+    """An admin retry that makes no sense for the row's state."""
+
+
+def schedule_cancellation(
+    session: Session, order: Order, at: datetime, now: datetime
+) -> Cancellation | None:
+    """Create the order's cancellation row (once; None if it already exists)."""
+    if session.scalars(select(Cancellation.id).where(Cancellation.order_id == order.id)).first():
+        return None
+    row = Cancellation(
+        order_id=order.id,
+        membership_id=order.whop_membership_id,
+        status=Status.SCHEDULED.value,
+        attempts=0,
+        generation=1,
+        generation_started_at=now,
+        next_attempt_at=at,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        return None
+    return row
+
+
+def mark_inactive_from_webhook(session: Session, membership_id: str, now: datetime) -> int:
+    """Whop says the membership is canceled (often the echo of our own cancel): a cancellation
+    that has not run yet has nothing left to do."""
+    result = session.execute(
+        update(Cancellation)
+        .where(
+            Cancellation.membership_id == membership_id,
+            Cancellation.status == Status.SCHEDULED.value,
+        )
+        .values(
+            status=Status.ALREADY_INACTIVE.value,
+            updated_at=now,
+            lease_until=None,
+            last_error="Whop reported the membership inactive before our call",
+        )
+    )
+    count: int = result.rowcount  # type: ignore[attr-defined]
+    if count:
+        log.info("cancellation_already_inactive", membership_id=membership_id, source="webhook")
+    return count
+
+
+@dataclass(frozen=True)
+class _Claim:
+    id: int
+    order_id: str
+    membership_id: str
+    generation: int
+    attempts: int
+
+
+class CancellationService:
+    def __init__(
+        self,
+        database: Database,
+        catalog: Catalog,
+        jobs: Jobs,
+        alerts: Alerts,
+        clock: Clock,
+        whop: Callable[[], WhopClient],
+        *,
+        owner: str,
+        retry_schedule: Sequence[float],
+        give_up_after: float,
+        lease_seconds: float,
+        membership_wait: float,
+        version_date: str | None,
+    ) -> None:
+        self._database = database
+        self._catalog = catalog
+        self._jobs = jobs
+        self._alerts = alerts
+        self._clock = clock
+        self._whop = whop
+        self._owner = owner
+        self._schedule = list(retry_schedule)
+        self._give_up_after = give_up_after
+        self._lease = lease_seconds
+        self._membership_wait = membership_wait
+        self._version_date = version_date
+
+    # The job --------------------------------------------------------------------------------
+
+    def run(self, cancellation_id: int) -> None:
+        """The `cancellation.run` job: safe to run any number of times, anywhere."""
+        claim = self._claim(cancellation_id)
+        if claim is None:
+            return
+        log.info(
+            "cancel_attempt",
+            cancellation_id=claim.id,
+            order_id=claim.order_id,
+            membership_id=claim.membership_id,
+            generation=claim.generation,
+            attempt=claim.attempts + 1,
+        )
+        client = self._whop()
+        reply = client.cancel_membership(
+            claim.membership_id, f"cancel-{claim.id}-{claim.generation}"
+        )
+        check: WhopReply | None = None
+        outcome = classify(reply)
+        if outcome is Outcome.CONFLICT or (
+            outcome is Outcome.SUCCESS and reply.membership_status is None
+        ):
+            check = client.retrieve_membership(claim.membership_id)
+        self._record(claim, reply, check)
+
+    def _claim(self, cancellation_id: int) -> _Claim | None:
+        now = self._clock.now()
+        with self._database.transaction() as session:
+            taken = session.execute(
+                update(Cancellation)
+                .where(
+                    Cancellation.id == cancellation_id,
+                    or_(
+                        and_(
+                            Cancellation.status == Status.SCHEDULED.value,
+                            Cancellation.next_attempt_at <= now,
+                        ),
+                        and_(
+                            Cancellation.status == Status.RUNNING.value,
+                            Cancellation.lease_until < now,
+                        ),
+                    ),
+                )
+                .values(
+                    status=Status.RUNNING.value,
+                    lease_owner=self._owner,
+                    lease_until=now + timedelta(seconds=self._lease),
+                    updated_at=now,
+                )
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return None  # final, not due yet, or leased by another worker
+            row = session.get(Cancellation, cancellation_id)
+            assert row is not None
+            order = session.get(Order, row.order_id)
+            reason = self._skip_reason(order)
+            if reason is not None:
+                self._finish(row, Status.SKIPPED, now, reason)
+                log.info(
+                    "cancellation_skipped",
+                    cancellation_id=row.id,
+                    order_id=row.order_id,
+                    reason=reason,
+                )
+                return None
+            assert order is not None
+            row.membership_id = row.membership_id or order.whop_membership_id
+            if row.membership_id is None:
+                waited = (now - row.generation_started_at).total_seconds()
+                if waited >= self._membership_wait:
+                    self._fail(
+                        session,
+                        row,
+                        order,
+                        now,
+                        "Whop never told us the membership id of this purchase "
+                        f"(waited {waited:.0f} s for membership.activated)",
+                    )
+                else:
+                    self._reschedule(
+                        session, row, now, min(self._schedule[-1], self._membership_wait - waited)
+                    )
+                return None
+            not_before = leases.read_until(session, NOT_BEFORE_KEY)
+            if not_before is not None and not_before > now:
+                self._reschedule(session, row, now, (not_before - now).total_seconds(), jitter=0.1)
+                return None
+            return _Claim(
+                id=row.id,
+                order_id=row.order_id,
+                membership_id=row.membership_id,
+                generation=row.generation,
+                attempts=row.attempts,
+            )
+
+    def _skip_reason(self, order: Order | None) -> str | None:
+        if order is None:
+            return "the order no longer exists"
+        if order.status in (OrderStatus.REFUNDED.value, OrderStatus.DISPUTED.value):
+            return f"the order is {order.status}"
+        plan = self._catalog.get(order.plan_id)
+        if plan is None:
+            return f"plan {order.plan_id} is no longer listed in the catalog"
+        if not plan.cancel:
+            return f"plan {order.plan_id} is delivery-only (cancel = false)"
+        if order.billing_reason != ONE_TIME:
+            return f"billing reason '{order.billing_reason}' is not a one-time purchase"
+        return None
+
+    def _record(self, claim: _Claim, reply: WhopReply, check: WhopReply | None) -> None:
+        now = self._clock.now()
+        with self._database.transaction() as session:
+            row = session.get(Cancellation, claim.id, with_for_update=True)
+            if row is None or row.status != Status.RUNNING.value or row.lease_owner != self._owner:
+                log.warning("cancellation_lease_lost", cancellation_id=claim.id)
+                return
+            order = session.get(Order, row.order_id)
+            assert order is not None
+            row.last_http_status = reply.status
+            outcome = classify(reply)
+            if outcome is Outcome.SUCCESS:
+                status = reply.membership_status or (check.membership_status if check else None)
+                if status is None:
+                    self._retry(
+                        session,
+                        row,
+                        order,
+                        now,
+                        "Whop answered without a readable membership; will check again",
+                    )
+                elif status == "canceled":
+                    self._succeed(session, row, now, Status.CANCELED)
+                elif status in INACTIVE_STATUSES:
+                    self._succeed(session, row, now, Status.ALREADY_INACTIVE)
+                else:
+                    period_end = (
+                        isinstance(reply.body, dict)
+                        and reply.body.get("cancel_at_period_end") is True
+                    )
+                    self._fail(
+                        session,
+                        row,
+                        order,
+                        now,
+                        f"Whop accepted the cancel but the membership is still '{status}'"
+                        + (" (only flagged to cancel at period end)" if period_end else "")
+                        + ": the cancel did not take effect",
+                    )
+            elif outcome is Outcome.CONFLICT:
+                self._after_conflict(session, row, order, now, reply, check)
+            elif outcome is Outcome.PERMANENT:
+                self._fail(
+                    session,
+                    row,
+                    order,
+                    now,
+                    f"Whop has no membership {row.membership_id} for this API key "
+                    f"({reply.describe()})",
+                )
+            elif outcome is Outcome.CONFIGURATION:
+                self._pause_for_auth(session, row, now, reply)
+            elif outcome is Outcome.THROTTLED:
+                self._throttled(session, row, now, reply)
+            else:
+                self._retry(session, row, order, now, reply.describe())
+
+    # Outcomes -------------------------------------------------------------------------------
+
+    def _after_conflict(
+        self,
+        session: Session,
+        row: Cancellation,
+        order: Order,
+        now: datetime,
+        reply: WhopReply,
+        check: WhopReply | None,
+    ) -> None:
+        if check is None or classify(check) is not Outcome.SUCCESS:
+            detail = check.describe() if check else "no re-read"
+            self._retry(
+                session,
+                row,
+                order,
+                now,
+                f"{reply.describe()}; re-reading the membership failed ({detail})",
+            )
+            return
+        status = check.membership_status
+        if status in INACTIVE_STATUSES:
+            self._succeed(session, row, now, Status.ALREADY_INACTIVE)
+            return
+        self._fail(
+            session,
+            row,
+            order,
+            now,
+            f"Whop refused the cancel ({reply.describe()}) and the membership is still '{status}'",
+        )
+
+    def _succeed(
+        self, session: Session, row: Cancellation, now: datetime, status: CancellationStatus
+    ) -> None:
+        row.canceled_at = now if status is Status.CANCELED else row.canceled_at
+        self._finish(row, status, now, None)
+        self._alerts.resolve_incidents(
+            session, [AlertKind.WHOP_UNREACHABLE, AlertKind.WHOP_AUTH], now
+        )
+        log.info(
+            "cancelled" if status is Status.CANCELED else "cancellation_already_inactive",
+            cancellation_id=row.id,
+            order_id=row.order_id,
+            membership_id=row.membership_id,
+        )
+
+    def _retry(
+        self, session: Session, row: Cancellation, order: Order, now: datetime, error: str
+    ) -> None:
+        row.attempts += 1
+        row.last_error = error
+        elapsed = (now - row.generation_started_at).total_seconds()
+        if elapsed >= self._give_up_after:
+            self._fail(
+                session,
+                row,
+                order,
+                now,
+                f"Whop could not be reached for {elapsed / 3600:.1f} h; last error: {error}",
+            )
+            return
+        delay = self._schedule[min(row.attempts - 1, len(self._schedule) - 1)]
+        log.warning(
+            "cancel_retry",
+            cancellation_id=row.id,
+            order_id=row.order_id,
+            membership_id=row.membership_id,
+            attempt=row.attempts,
+            error=error,
+            retry_in=delay,
+        )
+        if row.attempts == len(self._schedule):
+            self._alerts.open_incident(
+                session,
+                AlertKind.WHOP_UNREACHABLE,
+                AlertContent(
+                    subject="Whop cannot be reached: membership cancellations are delayed",
+                    summary=(
+                        "Cancelling memberships through the Whop API keeps failing "
+                        f"({error}). Nothing is lost: every cancellation keeps retrying every "
+                        f"{self._schedule[-1]:g} s for up to {self._give_up_after / 3600:g} h. "
+                        "You will get one more alert per membership only if it finally fails."
+                    ),
+                    details=[
+                        ("First affected order", order.id),
+                        ("Membership", row.membership_id or "-"),
+                    ],
+                    steps=[
+                        "Check https://status.whop.com and this server's network access to "
+                        "api.whop.com.",
+                        "No action is needed if Whop recovers: the cancellations resume by "
+                        "themselves.",
+                    ],
+                ),
+                now,
+            )
+        self._reschedule(session, row, now, delay, jitter=0.1)
+
+    def _throttled(
+        self, session: Session, row: Cancellation, now: datetime, reply: WhopReply
+    ) -> None:
+        wait = reply.retry_after
+        if wait is None:
+            wait = self._schedule[min(row.attempts, len(self._schedule) - 1)]
+        not_before = now + timedelta(seconds=wait)
+        leases.extend_until(session, NOT_BEFORE_KEY, self._owner, not_before)
+        row.last_error = reply.describe()
+        log.warning("whop_rate_limited", cancellation_id=row.id, retry_after=wait)
+        self._reschedule(session, row, now, wait, jitter=0.1)
+
+    def _pause_for_auth(
+        self, session: Session, row: Cancellation, now: datetime, reply: WhopReply
+    ) -> None:
+        row.last_error = reply.describe()
+        permission = "membership:cancel (and member:basic:read, member:email:read)"
+        if self._version_date:
+            permission = "membership:cancel / member:manage"
+        problem = (
+            "the API key is invalid or revoked"
+            if reply.status == 401
+            else f"the API key lacks the {permission} permission"
+        )
+        log.error("whop_auth_refused", cancellation_id=row.id, status=reply.status)
+        self._alerts.open_incident(
+            session,
+            AlertKind.WHOP_AUTH,
+            AlertContent(
+                subject="Whop refused the API key: membership cancellations are paused",
+                summary=(
+                    f"Whop answered {reply.describe()} — {problem}. Nothing has failed: "
+                    "cancellations are paused and resume by themselves once the key works."
+                ),
+                details=[
+                    ("Affected membership", row.membership_id or "-"),
+                    ("Order", row.order_id),
+                ],
+                steps=[
+                    "In Whop: Dashboard → Developer → API keys, check the key in WHOP_API_KEY.",
+                    f"Give it the {permission} permission (or create a new key and update "
+                    "WHOP_API_KEY, then restart).",
+                ],
+            ),
+            now,
+        )
+        self._reschedule(session, row, now, self._schedule[-1], jitter=0.1)
+
+    def _fail(
+        self, session: Session, row: Cancellation, order: Order, now: datetime, error: str
+    ) -> None:
+        self._finish(row, Status.FAILED, now, error)
+        log.error(
+            "cancellation_failed",
+            cancellation_id=row.id,
+            order_id=order.id,
+            payment_id=order.whop_payment_id,
+            membership_id=row.membership_id,
+            error=error,
+        )
+        membership = row.membership_id or "(unknown: find it by the customer's email)"
+        self._alerts.raise_once(
+            session,
+            AlertKind.CANCELLATION_FAILED,
+            f"cancellation_failed:{row.id}:{row.generation}",
+            AlertContent(
+                subject=f"Cancel Whop membership {membership} by hand (order {order.id})",
+                summary=(
+                    "The product was delivered, but the Whop membership could not be "
+                    f"cancelled automatically: {error}. Until it is cancelled the customer "
+                    "cannot buy again."
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Customer", order.email or "unknown"),
+                    ("Membership", membership),
+                    ("Payment", order.whop_payment_id or "-"),
+                    ("Plan", order.plan_id or "-"),
+                    ("Error", error),
+                    ("Cancellation", f"#{row.id}, attempt generation {row.generation}"),
+                ],
+                steps=[
+                    "Log in to the Whop dashboard (https://whop.com/dashboard).",
+                    f"Open Users → Memberships and search for {membership}"
+                    + (f" or {order.email}" if order.email else "")
+                    + ".",
+                    "Cancel the membership immediately (not at the end of the period).",
+                    f"Or, once the cause is fixed, run: whop-autocancel cancellations retry "
+                    f"{row.id}",
+                ],
+            ),
+            now,
+            order_id=order.id,
+        )
+
+    # Helpers --------------------------------------------------------------------------------
+
+    def _finish(
+        self, row: Cancellation, status: CancellationStatus, now: datetime, error: str | None
+    ) -> None:
+        row.status = status.value
+        row.last_error = error if error is not None else row.last_error
+        row.lease_until = None
+        row.lease_owner = None
+        row.updated_at = now
+
+    def _reschedule(
+        self, session: Session, row: Cancellation, now: datetime, delay: float, jitter: float = 0.0
+    ) -> None:
+        if jitter:
+            delay *= random.uniform(1 - jitter, 1 + jitter)
+        delay = max(delay, 0.0)
+        row.status = Status.SCHEDULED.value
+        row.next_attempt_at = now + timedelta(seconds=delay)
+        row.lease_until = None
+        row.lease_owner = None
+        row.updated_at = now
+        self._jobs.defer(session, CANCEL_TASK, row.id, delay=delay)
+
+    # Admin ----------------------------------------------------------------------------------
+
+    def retry(self, session: Session, cancellation_id: int) -> Cancellation:
+        """Schedule a failed (or skipped) cancellation again, as a new attempt generation."""
+        now = self._clock.now()
+        row = session.get(Cancellation, cancellation_id, with_for_update=True)
+        if row is None:
+            raise RetryRefused(f"there is no cancellation #{cancellation_id}")
+        if row.status not in (Status.FAILED.value, Status.SKIPPED.value):
+            raise RetryRefused(
+                f"cancellation #{cancellation_id} is {row.status}; only failed or skipped ones "
+                "can be retried"
+            )
+        row.status = Status.SCHEDULED.value
+        row.generation += 1
+        row.generation_started_at = now
+        row.attempts = 0
+        row.next_attempt_at = now
+        row.lease_until = None
+        row.lease_owner = None
+        row.updated_at = now
+        self._jobs.defer(session, CANCEL_TASK, row.id)
+        log.info(
+            "cancellation_retry_scheduled",
+            cancellation_id=row.id,
+            order_id=row.order_id,
+            generation=row.generation,
+        )
+        return row
+
+
+def failed_cancellations(session: Session) -> list[tuple[Cancellation, Order]]:
+    rows = session.execute(
+        select(Cancellation, Order)
+        .join(Order, Order.id == Cancellation.order_id)
+        .where(Cancellation.status == Status.FAILED.value)
+        .order_by(Cancellation.updated_at)
+    )
+    return [(cancellation, order) for cancellation, order in rows.tuples()]

@@ -1,0 +1,144 @@
+"""The stuck-work sweep (no Whop call): whatever a killed worker or a lost job left behind is
+enqueued again. Runs at start-up and every `SWEEP_INTERVAL` under a database lease, so any
+number of workers can run the schedule and only one does each tick."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import and_, or_, select
+
+from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
+from whop_autocancel.cancellation.service import CANCEL_TASK
+from whop_autocancel.clock import Clock
+from whop_autocancel.db import leases
+from whop_autocancel.db.engine import Database
+from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.outbox import SEND_TASK
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME
+from whop_autocancel.webhooks.inbox import REAPPLY_TASK, due_failed_events
+
+log = structlog.get_logger(__name__)
+
+STUCK_SWEEP_LEASE = "sweep:stuck"
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    ran: bool
+    cancellations: int = 0
+    deliveries: int = 0
+    emails: int = 0
+    events: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.cancellations + self.deliveries + self.emails + self.events
+
+
+class StuckWorkSweep:
+    def __init__(
+        self,
+        database: Database,
+        catalog: Catalog,
+        jobs: Jobs,
+        clock: Clock,
+        *,
+        owner: str,
+        interval: float,
+        grace: float,
+    ) -> None:
+        self._database = database
+        self._catalog = catalog
+        self._jobs = jobs
+        self._clock = clock
+        self._owner = owner
+        self._interval = interval
+        self._grace = grace
+
+    def run(self, *, force: bool = False) -> SweepReport:
+        """One tick: skipped when another worker holds this tick's lease (unless `force`)."""
+        now = self._clock.now()
+        overdue = now - timedelta(seconds=self._grace)
+        with self._database.transaction() as session:
+            if not force and not leases.try_acquire(
+                session, STUCK_SWEEP_LEASE, self._owner, now, self._interval * 0.9
+            ):
+                return SweepReport(ran=False)
+            cancellations = list(
+                session.scalars(
+                    select(Cancellation.id)
+                    .where(
+                        or_(
+                            and_(
+                                Cancellation.status == CancellationStatus.SCHEDULED.value,
+                                Cancellation.next_attempt_at < overdue,
+                            ),
+                            and_(
+                                Cancellation.status == CancellationStatus.RUNNING.value,
+                                Cancellation.lease_until < now,
+                            ),
+                        )
+                    )
+                    .limit(BATCH)
+                )
+            )
+            listed = list(self._catalog.plans)
+            deliveries = (
+                list(
+                    session.scalars(
+                        select(Order.id)
+                        .where(
+                            Order.status == OrderStatus.PAID.value,
+                            Order.billing_reason == ONE_TIME,
+                            Order.plan_id.in_(listed),
+                            Order.paid_at < overdue,
+                        )
+                        .limit(BATCH)
+                    )
+                )
+                if listed
+                else []
+            )
+            emails = list(
+                session.scalars(
+                    select(Email.id)
+                    .where(
+                        Email.sent_at.is_(None),
+                        Email.next_attempt_at < overdue,
+                        or_(Email.lease_until.is_(None), Email.lease_until < now),
+                    )
+                    .limit(BATCH)
+                )
+            )
+            events = due_failed_events(session, now, BATCH)
+            for cancellation_id in cancellations:
+                self._jobs.defer(session, CANCEL_TASK, cancellation_id)
+            for order_id in deliveries:
+                self._jobs.defer(session, DELIVER_TASK, order_id)
+            for email_id in emails:
+                self._jobs.defer(session, SEND_TASK, email_id)
+            for event_id in events:
+                self._jobs.defer(session, REAPPLY_TASK, event_id)
+        report = SweepReport(
+            ran=True,
+            cancellations=len(cancellations),
+            deliveries=len(deliveries),
+            emails=len(emails),
+            events=len(events),
+        )
+        if report.total:
+            log.warning(
+                "stuck_work_requeued",
+                cancellations=report.cancellations,
+                deliveries=report.deliveries,
+                emails=report.emails,
+                events=report.events,
+            )
+        return report

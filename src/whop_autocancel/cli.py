@@ -1,0 +1,284 @@
+"""The `whop-autocancel` command. Every failure prints a clear line and exits non-zero."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
+from whop_autocancel.logs import configure_logging
+from whop_autocancel.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="Deliver Whop one-time purchases and cancel their memberships, unattended.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cancellations_app = typer.Typer(
+    help="Inspect and retry membership cancellations.", no_args_is_help=True
+)
+app.add_typer(cancellations_app, name="cancellations")
+
+out = Console(highlight=False)
+log = structlog.get_logger(__name__)
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    return settings
+
+
+def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
+    """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
+    from whop_autocancel.db.engine import Database, sqlite_path
+    from whop_autocancel.db.migrate import current_revision, head_revision, upgrade
+
+    database = Database(settings.DATABASE_URL)
+    try:
+        if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
+            before, after = upgrade(database)
+            if before != after:
+                log.info("database_migrated", before=before, after=after)
+            return
+        current, head = current_revision(database), head_revision(database)
+        if current != head:
+            raise ConfigurationError(
+                f"DATABASE_URL: the schema is at {current or 'nothing'}, not {head}: "
+                "run `whop-autocancel migrate` first"
+            )
+    finally:
+        database.dispose()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Web only; run `worker` processes separately.")
+    ] = False,
+) -> None:
+    """Run the web endpoint and (unless --no-worker) an in-process job worker."""
+    import uvicorn
+
+    from whop_autocancel.app import create_app
+    from whop_autocancel.runtime import build_runtime
+
+    settings = _settings()
+    settings.require_runtime()
+    _prepare_database(settings, migrate_sqlite=True)
+    runtime = build_runtime(settings)
+    log.info(
+        "serve_starting",
+        host=host,
+        port=port,
+        worker=not no_worker,
+        plans=len(runtime.catalog.plans),
+        database=_safe_url(settings.DATABASE_URL),
+    )
+    application = create_app(runtime, with_worker=not no_worker)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT),
+    )
+    runtime.close()
+
+
+@app.command()
+def worker() -> None:
+    """Run a job worker alone (scale-out: any number, on any machine). SIGTERM stops it
+    gracefully: running jobs finish, no new ones start."""
+    from whop_autocancel.runtime import build_runtime
+    from whop_autocancel.worker import run_worker
+
+    settings = _settings()
+    settings.require_runtime()
+    _prepare_database(settings, migrate_sqlite=True)
+    runtime = build_runtime(settings)
+    try:
+        run_worker(runtime)
+    finally:
+        runtime.close()
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema to the newest version."""
+    from whop_autocancel.db.engine import Database
+    from whop_autocancel.db.migrate import upgrade
+
+    settings = _settings()
+    database = Database(settings.DATABASE_URL)
+    try:
+        before, after = upgrade(database)
+    finally:
+        database.dispose()
+    if before == after:
+        out.print(f"Database already at revision {after}; nothing to do.")
+    else:
+        out.print(f"Database migrated from {before or 'empty'} to {after}.")
+
+
+@cancellations_app.command("failed")
+def cancellations_failed() -> None:
+    """List the cancellations that finally failed and need a human."""
+    from whop_autocancel.cancellation.service import failed_cancellations
+    from whop_autocancel.db.engine import Database
+
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=False)
+    database = Database(settings.DATABASE_URL)
+    try:
+        with database.transaction() as session:
+            rows = failed_cancellations(session)
+    finally:
+        database.dispose()
+    if not rows:
+        out.print("No failed cancellations.")
+        return
+    table = Table(title=f"{len(rows)} failed cancellation(s)")
+    for column in (
+        "ID",
+        "Order",
+        "Membership",
+        "Customer",
+        "Tries",
+        "Gen",
+        "HTTP",
+        "Error",
+        "Failed at",
+    ):
+        table.add_column(column, overflow="fold")
+    for cancellation, order in rows:
+        table.add_row(
+            str(cancellation.id),
+            order.id,
+            cancellation.membership_id or "-",
+            order.email or "-",
+            str(cancellation.attempts),
+            str(cancellation.generation),
+            str(cancellation.last_http_status or "-"),
+            cancellation.last_error or "-",
+            cancellation.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    out.print(table)
+    out.print("Retry one with `whop-autocancel cancellations retry ID`, or all with `--all`.")
+
+
+@cancellations_app.command("retry")
+def cancellations_retry(
+    cancellation_id: Annotated[int | None, typer.Argument(help="The cancellation's ID.")] = None,
+    all_failed: Annotated[bool, typer.Option("--all", help="Retry every failed one.")] = False,
+) -> None:
+    """Schedule failed cancellations again (a new attempt generation; a worker runs them)."""
+    from whop_autocancel.cancellation.service import RetryRefused, failed_cancellations
+    from whop_autocancel.runtime import build_runtime
+
+    if (cancellation_id is None) == (not all_failed):
+        raise typer.BadParameter("give one cancellation ID or --all")
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=False)
+    runtime = build_runtime(settings)
+    try:
+        with runtime.database.transaction() as session:
+            ids = (
+                [c.id for c, _ in failed_cancellations(session)]
+                if all_failed
+                else [cancellation_id]
+            )
+        if not ids:
+            out.print("No failed cancellations to retry.")
+            return
+        for one in ids:
+            assert one is not None
+            try:
+                with runtime.database.transaction() as session:
+                    row = runtime.cancellations.retry(session, one)
+                    membership = row.membership_id
+                    generation = row.generation
+            except RetryRefused as error:
+                raise WhopAutocancelError(f"Not retried: {error}") from None
+            out.print(
+                f"Cancellation #{one} (membership {membership or 'unknown'}) scheduled "
+                f"again as attempt generation {generation}; a running worker will "
+                "cancel it now."
+            )
+    finally:
+        runtime.close()
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
+) -> None:
+    """Run the whole flow against the built-in Whop simulator and an SMTP sink, then print
+    what happened to each purchase. Exits 0 only if everything ended as it should."""
+    from whop_autocancel.demo import run_demo
+
+    configure_logging("WARNING", "console")
+    ok = run_demo(out, keep=keep)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def simulator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8900,
+    api_key: Annotated[str, typer.Option(envvar="SIM_API_KEY")] = "sim_key",
+    webhook_secret: Annotated[str, typer.Option(envvar="SIM_WEBHOOK_SECRET")] = "ws_simulator",  # noqa: S107
+    webhook_url: Annotated[str | None, typer.Option(envvar="SIM_WEBHOOK_URL")] = None,
+    time_scale: Annotated[float, typer.Option(help="Multiplies Whop's delays.")] = 1.0,
+) -> None:
+    """Run the Whop simulator (a stand-in for api.whop.com) until interrupted."""
+    import threading
+
+    from whop_autocancel.simulator import SimulatorServer
+
+    configure_logging("INFO", "console")
+    server = SimulatorServer(
+        api_key=api_key,
+        webhook_secret=webhook_secret,
+        webhook_url=webhook_url,
+        time_scale=time_scale,
+        host=host,
+        port=port,
+    )
+    server.start()
+    out.print(
+        f"Whop simulator at {server.api_url} (control API under {server.url}/_sim); "
+        "Ctrl-C stops it."
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigurationError as error:
+        print(f"whop-autocancel: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except WhopAutocancelError as error:
+        print(f"whop-autocancel: {error}", file=sys.stderr)
+        sys.exit(1)

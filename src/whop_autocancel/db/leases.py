@@ -1,0 +1,64 @@
+"""Small keyed rows with an expiry: who holds each periodic job this tick, and the Whop API key's
+shared "not before" time after a 429. Compare-and-set, so it holds on every backend."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import String, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from whop_autocancel.db.base import Base, UTCDateTime
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(100))
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+def try_acquire(session: Session, key: str, holder: str, now: datetime, seconds: float) -> bool:
+    """Take the lease `key` until now+seconds if it is free (expired) or already ours."""
+    until = now + timedelta(seconds=seconds)
+    result = session.execute(
+        update(Lease)
+        .where(Lease.key == key, (Lease.until <= now) | (Lease.holder == holder))
+        .values(holder=holder, until=until)
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    if session.get(Lease, key) is not None:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(Lease(key=key, holder=holder, until=until))
+    except IntegrityError:
+        return False
+    return True
+
+
+def release(session: Session, key: str, holder: str, now: datetime) -> None:
+    session.execute(update(Lease).where(Lease.key == key, Lease.holder == holder).values(until=now))
+
+
+def read_until(session: Session, key: str) -> datetime | None:
+    return session.execute(select(Lease.until).where(Lease.key == key)).scalar_one_or_none()
+
+
+def extend_until(session: Session, key: str, holder: str, until: datetime) -> None:
+    """Move `key`'s time forward to `until` (never backwards), creating it if needed."""
+    current = session.get(Lease, key, with_for_update=True)
+    if current is None:
+        try:
+            with session.begin_nested():
+                session.add(Lease(key=key, holder=holder, until=until))
+            return
+        except IntegrityError:
+            current = session.get(Lease, key, with_for_update=True, populate_existing=True)
+            assert current is not None
+    if current.until < until:
+        current.until = until
+        current.holder = holder

@@ -1,0 +1,30 @@
+"""The outbound email outbox: a row is written with the state change that causes it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from whop_autocancel.db.base import Base, UTCDateTime
+
+
+class Email(Base):
+    __tablename__ = "emails"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True, default=None)
+    kind: Mapped[str] = mapped_column(String(50), index=True)
+    to_address: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str] = mapped_column(String(300))
+    text_body: Mapped[str] = mapped_column(Text)
+    html_body: Mapped[str | None] = mapped_column(Text, default=None)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True, default=None)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), index=True, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)

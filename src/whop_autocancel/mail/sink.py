@@ -1,0 +1,98 @@
+"""A real SMTP server on loopback that keeps what it receives (demo and tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass(frozen=True)
+class ReceivedEmail:
+    sender: str
+    recipients: tuple[str, ...]
+    message: EmailMessage
+
+    @property
+    def subject(self) -> str:
+        return str(self.message["Subject"])
+
+    @property
+    def text(self) -> str:
+        part = self.message.get_body(preferencelist=("plain",))
+        return part.get_content() if part is not None else ""
+
+    @property
+    def html(self) -> str:
+        part = self.message.get_body(preferencelist=("html",))
+        return part.get_content() if part is not None else ""
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self._sink = sink
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self._sink.refusing:
+            return "451 4.3.0 sink is refusing mail for now"
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        self._sink.add(
+            ReceivedEmail(
+                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos), message=message
+            )
+        )
+        return "250 OK"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (aiosmtpd's Controller cannot take port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class SmtpSink:
+    """`with SmtpSink() as sink:` … `sink.url` is an `SMTP_URL`; `sink.messages` what arrived."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.refusing = False
+        self._messages: list[ReceivedEmail] = []
+        self._lock = threading.Lock()
+        self._controller = Controller(_Handler(self), hostname=host, port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def add(self, email: ReceivedEmail) -> None:
+        with self._lock:
+            self._messages.append(email)
+
+    @property
+    def messages(self) -> list[ReceivedEmail]:
+        with self._lock:
+            return list(self._messages)
+
+    def to(self, address: str) -> list[ReceivedEmail]:
+        return [m for m in self.messages if address in m.recipients]
+
+    def start(self) -> SmtpSink:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> SmtpSink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""Sending one message over SMTP (smtplib), as `SMTP_URL` says."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.settings import SmtpConfig
+
+
+class MailError(WhopAutocancelError):
+    """The SMTP server could not be reached or refused the message (retried later)."""
+
+
+def build_message(
+    sender: str, to: str, subject: str, text: str, html: str | None, message_id: str
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Date"] = formatdate(localtime=False)
+    domain = sender.rpartition("@")[2] or "localhost"
+    message["Message-ID"] = make_msgid(idstring=message_id, domain=domain)
+    message.set_content(text)
+    if html:
+        message.add_alternative(html, subtype="html")
+    return message
+
+
+def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> None:
+    """Deliver `message`; raise `MailError` (without the password) on any failure."""
+    try:
+        client: smtplib.SMTP
+        if config.implicit_tls:
+            client = smtplib.SMTP_SSL(
+                config.host, config.port, timeout=timeout, context=ssl.create_default_context()
+            )
+        else:
+            client = smtplib.SMTP(config.host, config.port, timeout=timeout)
+        with client:
+            if config.starttls:
+                client.starttls(context=ssl.create_default_context())
+            if config.username:
+                client.login(config.username, config.password or "")
+            client.send_message(message)
+    except (OSError, smtplib.SMTPException) as error:
+        raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None

@@ -1,0 +1,201 @@
+"""Applying payment and membership facts to orders. Services take a session and never commit."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from whop_autocancel.alerts.models import AlertKind
+from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.orders.matching import find_order_for_payment
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.states import transition
+from whop_autocancel.webhooks.parse import MembershipFacts, PaymentFacts
+
+log = structlog.get_logger(__name__)
+
+DELIVER_TASK = "delivery.deliver"
+ONE_TIME = "one_time"
+
+
+def new_order_id() -> str:
+    """Unguessable: the id is shown to customers on the success page."""
+    return "ord_" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y")
+
+
+def must_deliver(catalog: Catalog, order: Order) -> bool:
+    """The safety rule: only one-time purchases of listed plans are delivered (and cancelled)."""
+    return catalog.is_listed(order.plan_id) and order.billing_reason == ONE_TIME
+
+
+class OrderService:
+    def __init__(self, catalog: Catalog, jobs: Jobs, alerts: Alerts, match_window: float) -> None:
+        self._catalog = catalog
+        self._jobs = jobs
+        self._alerts = alerts
+        self._window = match_window
+
+    def apply_payment(self, session: Session, facts: PaymentFacts, now: datetime) -> Order:
+        """Record a succeeded payment on its order (found or new) and start delivery."""
+        match = find_order_for_payment(session, facts, self._window, now)
+        order = match.order
+        if order is None:
+            order = Order(
+                id=new_order_id(),
+                status=OrderStatus.PENDING.value,
+                created_at=now,
+                order_metadata={},
+            )
+            session.add(order)
+        log.info(
+            "payment_matched",
+            payment_id=facts.payment_id,
+            order_id=order.id,
+            membership_id=facts.membership_id,
+            how=match.step,
+        )
+        order.whop_payment_id = facts.payment_id
+        order.whop_membership_id = order.whop_membership_id or facts.membership_id
+        order.checkout_configuration_id = (
+            order.checkout_configuration_id or facts.checkout_configuration_id
+        )
+        order.plan_id = facts.plan_id or order.plan_id
+        order.product_id = facts.product_id or order.product_id
+        order.whop_user_id = facts.user_id or order.whop_user_id
+        order.email = facts.email or order.email
+        order.billing_reason = facts.billing_reason
+        order.amount = facts.amount
+        order.currency = facts.currency
+        order.payment_created_at = facts.created_at
+        order.paid_at = facts.paid_at or now
+        if facts.metadata:
+            order.order_metadata = {**(order.order_metadata or {}), **facts.metadata}
+        if not transition(order, OrderStatus.PAID, "payment.succeeded"):
+            return order  # already paid (another event of the same payment): nothing more to do
+        session.flush()
+        self._attach_membership_to_cancellation(session, order)
+        if must_deliver(self._catalog, order):
+            self._jobs.defer(session, DELIVER_TASK, order.id)
+        elif self._catalog.is_listed(order.plan_id):
+            self._alert_not_one_time(session, order, now)
+        else:
+            log.info(
+                "payment_recorded_only",
+                order_id=order.id,
+                plan_id=order.plan_id,
+                reason="plan not listed in the catalog",
+            )
+        return order
+
+    def apply_membership_live(
+        self, session: Session, facts: MembershipFacts, now: datetime
+    ) -> Order:
+        """`membership.activated` (or a live `membership.updated`): attach the membership id to
+        its order, or create a pending order that the payment will find. Never delivers."""
+        order = self._find_order_for_membership(session, facts)
+        if order is None:
+            order = Order(
+                id=new_order_id(),
+                status=OrderStatus.PENDING.value,
+                created_at=now,
+                whop_membership_id=facts.membership_id,
+                checkout_configuration_id=facts.checkout_configuration_id,
+                plan_id=facts.plan_id,
+                product_id=facts.product_id,
+                whop_user_id=facts.user_id,
+                email=facts.email,
+                order_metadata={},
+            )
+            session.add(order)
+            session.flush()
+            log.info(
+                "membership_recorded_ahead_of_payment",
+                order_id=order.id,
+                membership_id=facts.membership_id,
+            )
+            return order
+        if order.whop_membership_id is None:
+            order.whop_membership_id = facts.membership_id
+            log.info("membership_attached", order_id=order.id, membership_id=facts.membership_id)
+        order.email = order.email or facts.email
+        order.plan_id = order.plan_id or facts.plan_id
+        session.flush()
+        self._attach_membership_to_cancellation(session, order)
+        return order
+
+    def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:
+        if facts.order_id:
+            order = session.get(Order, facts.order_id)
+            if order is not None and order.whop_membership_id in (None, facts.membership_id):
+                return order
+        if facts.checkout_configuration_id:
+            order = session.scalars(
+                select(Order)
+                .where(
+                    Order.checkout_configuration_id == facts.checkout_configuration_id,
+                    Order.whop_membership_id.is_(None),
+                )
+                .order_by(Order.created_at)
+                .limit(1)
+            ).first()
+            if order is not None:
+                return order
+        return session.scalars(
+            select(Order)
+            .where(Order.whop_membership_id == facts.membership_id)
+            .order_by(Order.created_at)
+            .limit(1)
+        ).first()
+
+    def _attach_membership_to_cancellation(self, session: Session, order: Order) -> None:
+        # Imported here: cancellation depends on orders, not the other way round.
+        from whop_autocancel.cancellation.models import Cancellation
+
+        if order.whop_membership_id is None:
+            return
+        cancellation = session.scalars(
+            select(Cancellation).where(Cancellation.order_id == order.id)
+        ).first()
+        if cancellation is not None and cancellation.membership_id is None:
+            cancellation.membership_id = order.whop_membership_id
+
+    def _alert_not_one_time(self, session: Session, order: Order, now: datetime) -> None:
+        log.warning(
+            "listed_plan_not_one_time",
+            order_id=order.id,
+            plan_id=order.plan_id,
+            billing_reason=order.billing_reason,
+        )
+        self._alerts.raise_once(
+            session,
+            AlertKind.PLAN_NOT_ONE_TIME,
+            f"plan_not_one_time:{order.plan_id}",
+            AlertContent(
+                subject=f"Plan {order.plan_id} is listed but was billed as a subscription",
+                summary=(
+                    f"A payment of the listed plan {order.plan_id} has billing reason "
+                    f"'{order.billing_reason}', not 'one_time'. It was recorded only: nothing was "
+                    "delivered and the membership was not touched. Subscriptions are never "
+                    "cancelled. This alert is sent once per plan."
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Payment", order.whop_payment_id or "-"),
+                    ("Membership", order.whop_membership_id or "-"),
+                    ("Customer", order.email or "-"),
+                    ("Billing reason", order.billing_reason or "-"),
+                ],
+                steps=[
+                    "In Whop, check the plan's type: whop-autocancel is for one-time plans.",
+                    f"If {order.plan_id} is a subscription, remove it from your catalog.",
+                ],
+            ),
+            now,
+            order_id=order.id,
+        )

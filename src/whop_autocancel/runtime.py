@@ -1,0 +1,169 @@
+"""Builds the process's parts from the settings and wires the jobs to them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from whop_autocancel.alerts.service import Alerts
+from whop_autocancel.cancellation.service import CANCEL_TASK, CancellationService
+from whop_autocancel.cancellation.sweeps import StuckWorkSweep
+from whop_autocancel.clock import Clock, SystemClock
+from whop_autocancel.db.engine import Database
+from whop_autocancel.delivery.catalog import Catalog, load_catalog
+from whop_autocancel.delivery.methods import known_methods
+from whop_autocancel.delivery.service import DeliveryService
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.outbox import SEND_TASK, Outbox
+from whop_autocancel.orders.service import DELIVER_TASK, OrderService
+from whop_autocancel.settings import Settings
+from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
+from whop_autocancel.whop.client import WhopClient
+
+SWEEP_TASK = "sweeps.stuck"
+
+
+def instance_name() -> str:
+    """Who holds a lease: host, pid and a random suffix (unique across machines)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    clock: Clock
+    database: Database
+    jobs: Jobs
+    catalog: Catalog
+    outbox: Outbox
+    alerts: Alerts
+    orders: OrderService
+    inbox: Inbox
+    delivery: DeliveryService
+    cancellations: CancellationService
+    stuck_sweep: StuckWorkSweep
+    owner: str
+    _whop: WhopClient | None = None
+    _whop_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def whop(self) -> WhopClient:
+        with self._whop_lock:
+            if self._whop is None:
+                self.settings.require("WHOP_API_KEY")
+                assert self.settings.WHOP_API_KEY is not None
+                self._whop = WhopClient(
+                    self.settings.WHOP_API_URL,
+                    self.settings.WHOP_API_KEY.get_secret_value(),
+                    version_date=self.settings.WHOP_API_VERSION_DATE,
+                    timeout=self.settings.WHOP_TIMEOUT,
+                    clock=self.clock,
+                )
+            return self._whop
+
+    def close(self) -> None:
+        if self._whop is not None:
+            self._whop.close()
+        self.database.dispose()
+
+
+def build_runtime(
+    settings: Settings, *, clock: Clock | None = None, catalog: Catalog | None = None
+) -> Runtime:
+    clock = clock or SystemClock()
+    owner = instance_name()
+    if catalog is None:
+        catalog = load_catalog(settings.CATALOG_PATH, known_methods())
+    database = Database(settings.DATABASE_URL)
+    jobs = Jobs(settings.QUEUE_URL)
+    sender = settings.MAIL_FROM or "whop-autocancel@localhost"
+    outbox = Outbox(
+        database,
+        jobs,
+        clock,
+        smtp=settings.smtp,
+        sender=sender,
+        timeout=settings.SMTP_TIMEOUT,
+        retry_schedule=settings.RETRY_SCHEDULE,
+        lease_seconds=settings.SMTP_TIMEOUT * 3 + 5,
+    )
+    alerts = Alerts(outbox, settings.ADMIN_EMAILS)
+    orders = OrderService(catalog, jobs, alerts, settings.MATCH_WINDOW)
+    inbox = Inbox(
+        database,
+        orders,
+        alerts,
+        clock,
+        secrets=settings.webhook_secrets,
+        tolerance=settings.WEBHOOK_TOLERANCE,
+        retry_schedule=settings.RETRY_SCHEDULE,
+        max_attempts=settings.EVENT_MAX_ATTEMPTS,
+    )
+    delivery = DeliveryService(
+        database,
+        catalog,
+        outbox,
+        alerts,
+        jobs,
+        clock,
+        admin_emails=settings.ADMIN_EMAILS,
+        support_email=settings.SUPPORT_EMAIL,
+        cancel_delay=settings.CANCEL_DELAY,
+    )
+    runtime_box: list[Runtime] = []
+    cancellations = CancellationService(
+        database,
+        catalog,
+        jobs,
+        alerts,
+        clock,
+        lambda: runtime_box[0].whop(),
+        owner=owner,
+        retry_schedule=settings.RETRY_SCHEDULE,
+        give_up_after=settings.CANCEL_GIVE_UP_AFTER,
+        lease_seconds=settings.CANCEL_LEASE,
+        membership_wait=settings.MEMBERSHIP_WAIT,
+        version_date=settings.WHOP_API_VERSION_DATE,
+    )
+    stuck_sweep = StuckWorkSweep(
+        database,
+        catalog,
+        jobs,
+        clock,
+        owner=owner,
+        interval=settings.SWEEP_INTERVAL,
+        grace=settings.STUCK_GRACE,
+    )
+    runtime = Runtime(
+        settings=settings,
+        clock=clock,
+        database=database,
+        jobs=jobs,
+        catalog=catalog,
+        outbox=outbox,
+        alerts=alerts,
+        orders=orders,
+        inbox=inbox,
+        delivery=delivery,
+        cancellations=cancellations,
+        stuck_sweep=stuck_sweep,
+        owner=owner,
+    )
+    runtime_box.append(runtime)
+    _register_tasks(runtime)
+    return runtime
+
+
+def _register_tasks(runtime: Runtime) -> None:
+    jobs = runtime.jobs
+    jobs.register(DELIVER_TASK, runtime.delivery.deliver)
+    jobs.register(CANCEL_TASK, runtime.cancellations.run)
+    jobs.register(SEND_TASK, runtime.outbox.send)
+    jobs.register(REAPPLY_TASK, runtime.inbox.reapply)
+    jobs.register(SWEEP_TASK, lambda: _sweep_quietly(runtime))
+
+
+def _sweep_quietly(runtime: Runtime) -> None:
+    runtime.stuck_sweep.run()

@@ -1,0 +1,275 @@
+"""All configuration in one pydantic-settings object, read from the environment and `.env`.
+
+Every delay, window and limit is a field; durations are in seconds (fractions allowed, which is
+how the demo and the tests run the production schedule faster).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from whop_autocancel.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "sqlite:///whop-autocancel.db"
+DEFAULT_QUEUE_URL = "sqlite:///whop-autocancel-queue.db"
+
+NonNegativeSeconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """Where outbound mail goes, parsed from `SMTP_URL`."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    implicit_tls: bool  # smtps://
+    starttls: bool  # ?starttls=required
+
+    def describe(self) -> str:
+        """The URL without the password, safe to print."""
+        scheme = "smtps" if self.implicit_tls else "smtp"
+        user = f"{self.username}:***@" if self.username else ""
+        query = "?starttls=required" if self.starttls else ""
+        return f"{scheme}://{user}{self.host}:{self.port}{query}"
+
+
+def parse_smtp_url(url: str) -> SmtpConfig:
+    """Parse `smtp://[user:pass@]host:port[?starttls=required]` or `smtps://…`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise ValueError("must start with smtp:// or smtps://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port
+    except ValueError as error:
+        raise ValueError("has an invalid port") from error
+    implicit_tls = parts.scheme == "smtps"
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"starttls"}
+    if unknown:
+        raise ValueError(f"has unknown options: {', '.join(sorted(unknown))}")
+    starttls_values = query.get("starttls", [])
+    if starttls_values and starttls_values != ["required"]:
+        raise ValueError("takes only starttls=required")
+    if implicit_tls and starttls_values:
+        raise ValueError("smtps:// is already TLS; drop starttls")
+    return SmtpConfig(
+        host=parts.hostname,
+        port=port or (465 if implicit_tls else 25),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        implicit_tls=implicit_tls,
+        starttls=bool(starttls_values),
+    )
+
+
+def _split(value: Any, separator: str | None) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(separator) if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The service's settings. Field names are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Whop
+    WHOP_API_KEY: SecretStr | None = None
+    WHOP_API_URL: str = "https://api.whop.com/api/v1"
+    WHOP_API_VERSION_DATE: str | None = None
+    WHOP_COMPANY_ID: str | None = None
+    WHOP_TIMEOUT: PositiveSeconds = 10.0
+    WHOP_WEBHOOK_SECRET: SecretStr | None = None
+
+    # Storage and jobs
+    DATABASE_URL: str = DEFAULT_DATABASE_URL
+    QUEUE_URL: str = DEFAULT_QUEUE_URL
+    WORKER_THREADS: Annotated[int, Field(ge=1, le=64)] = 4
+    SHUTDOWN_TIMEOUT: NonNegativeSeconds = 30.0
+
+    # Flow timings
+    CANCEL_DELAY: NonNegativeSeconds = 5.0
+    MATCH_WINDOW: NonNegativeSeconds = 600.0
+    RETRY_SCHEDULE: Annotated[list[PositiveSeconds], NoDecode] = [1, 2, 4, 10, 30, 60]
+    CANCEL_GIVE_UP_AFTER: NonNegativeSeconds = 86400.0
+    CANCEL_LEASE: PositiveSeconds = 60.0
+    MEMBERSHIP_WAIT: NonNegativeSeconds = 300.0
+    WEBHOOK_TOLERANCE: PositiveSeconds = 300.0
+    WEBHOOK_MAX_BYTES: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    SWEEP_INTERVAL: PositiveSeconds = 60.0
+    STUCK_GRACE: NonNegativeSeconds = 30.0
+    EVENT_MAX_ATTEMPTS: Annotated[int, Field(ge=1)] = 5
+
+    # Mail and alerts
+    ADMIN_EMAILS: Annotated[list[str], NoDecode] = []
+    SMTP_URL: SecretStr = SecretStr("smtp://localhost:25")
+    SMTP_TIMEOUT: PositiveSeconds = 10.0
+    MAIL_FROM: str | None = None
+    SUPPORT_EMAIL: str | None = None
+
+    # Catalog and logs
+    CATALOG_PATH: Path = Path("catalog.toml")
+    LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: str = "json"
+
+    @field_validator("RETRY_SCHEDULE", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: Any) -> Any:
+        return _split(value, ",")
+
+    @field_validator("RETRY_SCHEDULE")
+    @classmethod
+    def _schedule_not_empty(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one delay, e.g. 1,2,4,10,30,60")
+        return value
+
+    @field_validator("ADMIN_EMAILS", mode="before")
+    @classmethod
+    def _split_emails(cls, value: Any) -> Any:
+        return _split(value, ",")
+
+    @field_validator("ADMIN_EMAILS")
+    @classmethod
+    def _check_emails(cls, value: list[str]) -> list[str]:
+        for address in value:
+            _check_address(address)
+        return value
+
+    @field_validator("MAIL_FROM", "SUPPORT_EMAIL")
+    @classmethod
+    def _check_sender(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_address(value)
+        return value
+
+    @field_validator("SMTP_URL")
+    @classmethod
+    def _check_smtp(cls, value: SecretStr) -> SecretStr:
+        parse_smtp_url(value.get_secret_value())
+        return value
+
+    @field_validator("WHOP_API_URL")
+    @classmethod
+    def _check_api_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://api.whop.com/api/v1")
+        return value.rstrip("/")
+
+    @field_validator("WHOP_API_VERSION_DATE")
+    @classmethod
+    def _check_version_date(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value
+
+    @field_validator("WHOP_WEBHOOK_SECRET")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().split():
+            return None
+        return value
+
+    @field_validator("DATABASE_URL", "QUEUE_URL")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        if not value.startswith("sqlite:///"):
+            raise ValueError(
+                "only sqlite:///PATH is supported in this release (PostgreSQL, MariaDB and "
+                "Redis come with the scale-out release)"
+            )
+        return value
+
+    @field_validator("LOG_FORMAT")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        if value not in ("json", "console"):
+            raise ValueError("must be json or console")
+        return value
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> Settings:
+        if self.CANCEL_LEASE <= self.WHOP_TIMEOUT * 2:
+            raise ValueError(
+                "CANCEL_LEASE must be more than twice WHOP_TIMEOUT (a cancel makes up to two calls)"
+            )
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def webhook_secrets(self) -> list[bytes]:
+        """The raw bytes of each configured secret (rotation: several, space-separated)."""
+        if self.WHOP_WEBHOOK_SECRET is None:
+            return []
+        return [part.encode() for part in self.WHOP_WEBHOOK_SECRET.get_secret_value().split()]
+
+    @property
+    def smtp(self) -> SmtpConfig:
+        return parse_smtp_url(self.SMTP_URL.get_secret_value())
+
+    @property
+    def uses_versioned_api(self) -> bool:
+        return self.WHOP_API_VERSION_DATE is not None
+
+    def require(self, *names: str) -> None:
+        """Stop with a clear line when a setting a command needs is missing."""
+        for name in names:
+            value = getattr(self, name)
+            if value is None or value == []:
+                raise ConfigurationError(f"{name} is not set: {_REQUIRED_HELP[name]}")
+
+    def require_runtime(self) -> None:
+        """What `serve` and `worker` cannot run without."""
+        self.require("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM")
+
+
+_REQUIRED_HELP = {
+    "WHOP_API_KEY": "set it to your Whop account API key (Dashboard → Developer → API keys)",
+    "WHOP_WEBHOOK_SECRET": "set it to the webhook's ws_… secret shown in the Whop dashboard",
+    "ADMIN_EMAILS": "set it to the comma-separated addresses that receive alerts",
+    "MAIL_FROM": "set it to the sender address of every email, e.g. shop@example.com",
+    "WHOP_COMPANY_ID": "set it to your biz_… company id",
+}
+
+
+def _check_address(address: str) -> None:
+    local, at, domain = address.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in address):
+        raise ValueError(f"{address!r} is not an email address")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; any problem becomes one `ConfigurationError` line naming the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(f"{name}: {message}") from None

@@ -1,0 +1,32 @@
+"""The webhook inbox: every signed event is stored once, keyed by its `webhook-id`."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from whop_autocancel.db.base import Base, UTCDateTime
+
+
+class EventStatus(enum.StrEnum):
+    RECEIVED = "received"
+    HANDLED = "handled"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+class WebhookEvent(Base):
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[str] = mapped_column(Text)  # the raw body, exactly as signed
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

@@ -1,0 +1,179 @@
+"""Both payload shapes (unpinned legacy and pinned versioned) normalised into small facts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from whop_autocancel.clock import parse_timestamp
+from whop_autocancel.errors import WhopAutocancelError
+
+
+class PayloadError(WhopAutocancelError):
+    """The body is not a webhook envelope at all (answered 400, nothing stored)."""
+
+
+class EventDataError(WhopAutocancelError):
+    """A genuine event whose data lacks what applying it needs (stored `failed`)."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    id: str
+    type: str
+    data: dict[str, Any]
+    api_version_date: str | None
+
+
+@dataclass(frozen=True)
+class PaymentFacts:
+    payment_id: str
+    status: str | None
+    billing_reason: str | None
+    membership_id: str | None
+    plan_id: str | None
+    product_id: str | None
+    user_id: str | None
+    email: str | None
+    checkout_configuration_id: str | None
+    metadata: dict[str, Any]
+    amount: str | None
+    currency: str | None
+    created_at: datetime | None
+    paid_at: datetime | None
+
+    @property
+    def order_id(self) -> str | None:
+        return _text(self.metadata.get("order_id"))
+
+
+@dataclass(frozen=True)
+class MembershipFacts:
+    membership_id: str
+    status: str | None
+    plan_id: str | None
+    product_id: str | None
+    user_id: str | None
+    email: str | None
+    checkout_configuration_id: str | None
+    metadata: dict[str, Any]
+
+    @property
+    def order_id(self) -> str | None:
+        return _text(self.metadata.get("order_id"))
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise PayloadError("body is not JSON") from None
+    if not isinstance(document, dict):
+        raise PayloadError("body is not a JSON object")
+    event_id, event_type, data = document.get("id"), document.get("type"), document.get("data")
+    if not isinstance(event_id, str) or not event_id:
+        raise PayloadError("body has no string 'id'")
+    if not isinstance(event_type, str) or not event_type:
+        raise PayloadError("body has no string 'type'")
+    if not isinstance(data, dict):
+        raise PayloadError("body has no object 'data'")
+    version = document.get("api_version_date")
+    return Envelope(
+        id=event_id,
+        type=event_type,
+        data=data,
+        api_version_date=version if isinstance(version, str) else None,
+    )
+
+
+def payment_facts(data: dict[str, Any]) -> PaymentFacts:
+    """Read a payment in either shape (`data.membership.id` / `data.membership_id`, …)."""
+    payment_id = _text(data.get("id"))
+    if payment_id is None:
+        raise EventDataError("payment has no id")
+    user = _object(data.get("user"))
+    return PaymentFacts(
+        payment_id=payment_id,
+        status=_text(data.get("status")),
+        billing_reason=_text(data.get("billing_reason")),
+        membership_id=_nested_id(data, "membership"),
+        plan_id=_nested_id(data, "plan"),
+        product_id=_nested_id(data, "product"),
+        user_id=_text(user.get("id")) or _text(data.get("user_id")),
+        email=_email(data.get("customer_email")) or _email(user.get("email")),
+        checkout_configuration_id=_text(data.get("checkout_configuration_id")),
+        metadata=_object(data.get("metadata")),
+        amount=_amount(data.get("total")),
+        currency=_text(data.get("currency")),
+        created_at=_time(data.get("created_at")),
+        paid_at=_time(data.get("paid_at")),
+    )
+
+
+def membership_facts(data: dict[str, Any]) -> MembershipFacts:
+    membership_id = _text(data.get("id"))
+    if membership_id is None:
+        raise EventDataError("membership has no id")
+    user = _object(data.get("user"))
+    return MembershipFacts(
+        membership_id=membership_id,
+        status=_text(data.get("status")),
+        plan_id=_nested_id(data, "plan"),
+        product_id=_nested_id(data, "product"),
+        user_id=_text(user.get("id")) or _text(data.get("user_id")),
+        email=_email(user.get("email")) or _email(data.get("customer_email")),
+        checkout_configuration_id=_text(data.get("checkout_configuration_id")),
+        metadata=_object(data.get("metadata")),
+    )
+
+
+def _nested_id(data: dict[str, Any], name: str) -> str | None:
+    """`data[name].id` (legacy) or `data[name + "_id"]` (versioned)."""
+    nested = data.get(name)
+    if isinstance(nested, dict):
+        found = _text(nested.get("id"))
+        if found:
+            return found
+    elif isinstance(nested, str) and nested:
+        return nested  # v2-era payloads carry the bare id
+    return _text(data.get(f"{name}_id"))
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _email(value: Any) -> str | None:
+    text = _text(value)
+    return text.lower() if text and "@" in text else None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _amount(value: Any) -> str | None:
+    """Legacy floats (25.0) and versioned Money objects ({"amount": "25.00"}) as exact text."""
+    if isinstance(value, dict):
+        value = value.get("amount")
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    if not number.is_finite():
+        return None
+    return f"{number:.2f}"
+
+
+def _time(value: Any) -> datetime | None:
+    try:
+        return parse_timestamp(value)
+    except (ValueError, OverflowError):
+        raise EventDataError(f"unreadable timestamp {value!r}") from None

@@ -1,0 +1,131 @@
+"""A thin typed Whop API client (httpx) for the few endpoints we use.
+
+It never retries by itself: the cancellation state machine decides what a reply means
+(`whop.outcomes`), so every attempt is recorded and nothing is retried twice over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from whop_autocancel.clock import Clock
+
+
+@dataclass(frozen=True)
+class WhopReply:
+    """What one call produced: an HTTP answer, or a transport error (status None)."""
+
+    status: int | None
+    body: Any = None
+    transport_error: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def membership_status(self) -> str | None:
+        if isinstance(self.body, dict):
+            status = self.body.get("status")
+            return status if isinstance(status, str) else None
+        return None
+
+    def describe(self) -> str:
+        """A short, log-safe description: HTTP status and Whop's error message."""
+        if self.status is None:
+            return f"no answer from Whop ({self.transport_error})"
+        if self.ok:
+            return f"HTTP {self.status}"
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("type") or ""
+            return f"HTTP {self.status}: {message}".strip()
+        if isinstance(self.body, dict) and isinstance(self.body.get("message"), str):
+            return f"HTTP {self.status}: {self.body['message']}"
+        return f"HTTP {self.status}"
+
+
+class WhopClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        version_date: str | None,
+        timeout: float,
+        clock: Clock,
+    ) -> None:
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json",
+            "User-Agent": "whop-autocancel",
+        }
+        if version_date:
+            headers["Api-Version-Date"] = version_date
+        self.version_date = version_date
+        self._clock = clock
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopReply:
+        """Cancel immediately, in the body the configured API version expects."""
+        body: dict[str, Any] = (
+            {"cancel_at_period_end": False}
+            if self.version_date
+            else {"cancellation_mode": "immediate"}
+        )
+        return self._call(
+            "POST",
+            f"memberships/{membership_id}/cancel",
+            json=body,
+            headers={"Idempotency-Key": idempotency_key},
+        )
+
+    def retrieve_membership(self, membership_id: str) -> WhopReply:
+        return self._call("GET", f"memberships/{membership_id}")
+
+    def _call(self, method: str, path: str, **options: Any) -> WhopReply:
+        try:
+            response = self._http.request(method, path, **options)
+        except httpx.TimeoutException as error:
+            return WhopReply(status=None, transport_error=f"timeout ({type(error).__name__})")
+        except httpx.HTTPError as error:
+            return WhopReply(status=None, transport_error=f"{type(error).__name__}: {error}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return WhopReply(
+            status=response.status_code,
+            body=body,
+            retry_after=self._retry_after(response.headers),
+        )
+
+    def _retry_after(self, headers: httpx.Headers) -> float | None:
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds:
+            try:
+                return max(0.0, float(milliseconds) / 1000)
+            except ValueError:
+                pass
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, (moment - self._clock.now()).total_seconds())

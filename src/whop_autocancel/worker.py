@@ -1,0 +1,84 @@
+"""Running jobs: the huey consumer plus a ticker thread for the periodic sweeps.
+
+Huey's periodic tasks tick by the minute; the sweeps need seconds in tests and the demo, and
+each takes a database lease anyway, so a plain thread per worker process drives them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+from whop_autocancel.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+class SweepTicker:
+    """Runs the stuck-work sweep now and then every `SWEEP_INTERVAL` until stopped."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sweep-ticker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        interval = self._runtime.settings.SWEEP_INTERVAL
+        while not self._stop.is_set():
+            try:
+                self._runtime.stuck_sweep.run()
+            except Exception:
+                log.exception("stuck_sweep_failed")
+            self._stop.wait(interval)
+
+
+class InProcessWorker:
+    """The worker inside `serve`: started and stopped by the web app's lifespan, leaving signal
+    handling to uvicorn."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self._consumer: Any = runtime.jobs.consumer(
+            threads=settings.WORKER_THREADS,
+            shutdown_timeout=settings.SHUTDOWN_TIMEOUT,
+            own_signals=False,
+        )
+        self._ticker = SweepTicker(runtime)
+
+    def start(self) -> None:
+        self._consumer.start()
+        self._ticker.start()
+        log.info("worker_started", mode="in-process")
+
+    def stop(self) -> None:
+        self._ticker.stop()
+        self._consumer.stop(graceful=True)
+        log.info("worker_stopped", mode="in-process")
+
+
+def run_worker(runtime: Runtime) -> None:
+    """The `worker` command: blocks until SIGTERM/SIGINT, then finishes running jobs (bounded
+    by SHUTDOWN_TIMEOUT) and takes no new ones."""
+    settings = runtime.settings
+    consumer: Any = runtime.jobs.consumer(
+        threads=settings.WORKER_THREADS,
+        shutdown_timeout=settings.SHUTDOWN_TIMEOUT,
+        own_signals=True,
+    )
+    ticker = SweepTicker(runtime)
+    ticker.start()
+    log.info("worker_started", mode="standalone", threads=settings.WORKER_THREADS)
+    try:
+        consumer.run()
+    finally:
+        ticker.stop()
+        log.info("worker_stopped", mode="standalone")
