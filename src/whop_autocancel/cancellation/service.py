@@ -247,6 +247,8 @@ class CancellationService:
             assert order is not None
             row.last_http_status = reply.status
             outcome = classify(reply)
+            if outcome is not Outcome.THROTTLED:  # a 429 costs no attempt
+                row.attempts += 1
             if outcome is Outcome.SUCCESS:
                 status = reply.membership_status or (check.membership_status if check else None)
                 if status is None:
@@ -366,7 +368,7 @@ class CancellationService:
             error=error,
             retry_in=delay,
         )
-        if row.attempts == len(self._schedule):
+        if row.attempts >= len(self._schedule):
             self._alerts.open_incident(
                 session,
                 AlertKind.WHOP_UNREACHABLE,

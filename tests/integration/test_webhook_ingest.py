@@ -1,0 +1,254 @@
+"""POST /webhooks/whop over real HTTP against a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from support.harness import (
+    ADMIN,
+    MESSAGE_PLAN,
+    UNLISTED_PLAN,
+    ServiceServer,
+    event_body,
+    fixture_body,
+    make_runtime,
+    make_settings,
+    post_event,
+    signed_headers,
+)
+
+from whop_autocancel.alerts.models import Alert
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.models import WebhookEvent
+
+
+@dataclass
+class Service:
+    runtime: Runtime
+    http: httpx.Client
+    clock: FrozenClock
+    tmp_path: Path
+
+    def count(self, model: type) -> int:
+        with self.runtime.database.transaction() as session:
+            return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+    def orders(self) -> list[Order]:
+        with self.runtime.database.transaction() as session:
+            return list(session.scalars(select(Order).order_by(Order.created_at)))
+
+    def event(self, event_id: str) -> WebhookEvent | None:
+        with self.runtime.database.transaction() as session:
+            return session.get(WebhookEvent, event_id)
+
+    def queued(self) -> list[str]:
+        return [task.name for task in self.runtime.jobs.huey.pending()]
+
+
+@pytest.fixture
+def service(tmp_path: Path, clock: FrozenClock) -> Iterator[Service]:
+    runtime = make_runtime(make_settings(tmp_path), clock)
+    server = ServiceServer(runtime)
+    with server.running(), httpx.Client(base_url=server.url, timeout=10) as http:
+        yield Service(runtime, http, clock, tmp_path)
+    runtime.close()
+
+
+def payment(plan: str = MESSAGE_PLAN, **changes: object) -> bytes:
+    return event_body("payment.succeeded.legacy.json", plan={"id": plan, "metadata": {}},
+                      metadata={}, checkout_configuration_id=None, **changes)
+
+
+def test_the_fixture_payment_is_stored_applied_and_delivery_is_queued(service: Service) -> None:
+    body = fixture_body("payment.succeeded.legacy.json")
+    response = post_event(service.http, body)
+    assert response.status_code == 200
+    assert response.json() == {"status": "handled"}
+    [order] = service.orders()
+    assert order.status == "paid"
+    assert order.whop_payment_id == "pay_9fKx2LqP7mWzR4"
+    assert order.whop_membership_id == "mem_Hc4Tq8Wn2ZkPa9"
+    assert order.email == "user@example.com"
+    assert order.amount == "25.00"
+    # plan_Bq2… is not in the test catalog: recorded only, nothing queued.
+    assert service.queued() == []
+
+
+def test_listed_one_time_payment_queues_exactly_one_delivery(service: Service) -> None:
+    body = payment()
+    assert post_event(service.http, body).json() == {"status": "handled"}
+    assert service.queued() == ["delivery.deliver"]
+
+
+def test_duplicate_delivery_of_one_webhook_changes_nothing(service: Service) -> None:
+    body = payment()
+    first = post_event(service.http, body)
+    second = post_event(service.http, body)
+    assert (first.json(), second.json()) == ({"status": "handled"}, {"status": "duplicate"})
+    assert service.count(Order) == 1
+    assert service.queued() == ["delivery.deliver"]
+
+
+def test_same_payment_under_two_webhook_ids_is_one_order(service: Service) -> None:
+    body = payment(id="pay_SamePayment1")
+    other = json.loads(body)
+    other["id"] = "msg_another_delivery"
+    post_event(service.http, body)
+    post_event(service.http, json.dumps(other).encode())
+    assert service.count(Order) == 1
+    assert service.count(WebhookEvent) == 2
+    assert service.queued() == ["delivery.deliver"]
+
+
+def test_pinned_payload_is_understood(service: Service) -> None:
+    body = event_body("payment.succeeded.pinned.json", plan_id=MESSAGE_PLAN, metadata={},
+                      checkout_configuration_id=None)
+    assert post_event(service.http, body).json() == {"status": "handled"}
+    [order] = service.orders()
+    assert (order.plan_id, order.email, order.whop_membership_id) == (
+        MESSAGE_PLAN, "user@example.com", "mem_Hc4Tq8Wn2ZkPa9")
+    assert service.queued() == ["delivery.deliver"]
+
+
+@pytest.mark.parametrize(
+    ("mangle", "reason"),
+    [
+        (lambda h: {**h, "webhook-signature": "v1,AAAA"}, "no signature matches"),
+        (lambda h: {**h, "webhook-signature": "not a signature"}, "no well-formed"),
+        (lambda h: {**h, "webhook-timestamp": "yesterday"}, "not Unix seconds"),
+        (lambda h: {k: v for k, v in h.items() if k != "webhook-id"}, "missing"),
+    ],
+)
+def test_bad_signature_headers_get_401_and_store_nothing(service: Service, mangle, reason) -> None:  # type: ignore[no-untyped-def]
+    body = payment()
+    response = service.http.post("/webhooks/whop", content=body,
+                                 headers=mangle(signed_headers(body)))
+    assert response.status_code == 401
+    assert reason in response.json()["error"]
+    assert service.count(WebhookEvent) == 0
+    assert service.count(Order) == 0
+
+
+def test_stale_and_future_timestamps_get_401(service: Service) -> None:
+    body = payment()
+    for offset in (-301, 301):
+        at = service.clock.now() + timedelta(seconds=offset)
+        response = service.http.post("/webhooks/whop", content=body,
+                                     headers=signed_headers(body, at=at))
+        assert response.status_code == 401
+    assert service.count(WebhookEvent) == 0
+
+
+def test_a_signature_with_another_secret_is_refused(service: Service) -> None:
+    body = payment()
+    response = post_event(service.http, body, secret="ws_someone_else")
+    assert response.status_code == 401
+    assert service.count(Order) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json at all", "not JSON"),
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'{"type": "payment.succeeded", "data": {}}', "'id'"),
+        (b'{"id": "msg_1", "data": {}}', "'type'"),
+        (b'{"id": "msg_1", "type": "payment.succeeded", "data": "x"}', "'data'"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+    ],
+)
+def test_signed_bodies_that_are_not_events_get_4xx(service: Service, body: bytes,
+                                                   reason: str) -> None:
+    headers = signed_headers(body, webhook_id="msg_garbage") if body[:1] != b"\xff" else {
+        "webhook-id": "msg_garbage", "webhook-timestamp": str(int(service.clock.now().timestamp())),
+        "webhook-signature": "v1,AAAA"}
+    response = service.http.post("/webhooks/whop", content=body, headers=headers)
+    assert response.status_code in (400, 401)
+    assert reason in response.json()["error"]
+    assert service.count(WebhookEvent) == 0
+
+
+def test_body_over_the_limit_gets_413(service: Service) -> None:
+    body = b'{"id": "msg_big", "type": "x", "data": {"pad": "' + b"a" * (1024 * 1024) + b'"}}'
+    response = post_event(service.http, body)
+    assert response.status_code == 413
+    assert service.count(WebhookEvent) == 0
+
+
+def test_unknown_event_types_are_stored_as_ignored(service: Service) -> None:
+    body = json.dumps({"id": "msg_unknown1", "type": "course.created", "data": {"id": "c"}})
+    assert post_event(service.http, body.encode()).json() == {"status": "ignored"}
+    event = service.event("msg_unknown1")
+    assert event is not None and event.status == "ignored"
+
+
+def test_an_event_that_fails_to_apply_is_stored_failed_and_answered_200(service: Service) -> None:
+    body = json.dumps({"id": "msg_broken1", "type": "payment.succeeded",
+                       "data": {"status": "paid", "plan": {"id": MESSAGE_PLAN}}}).encode()
+    response = post_event(service.http, body)
+    assert response.status_code == 200
+    assert response.json() == {"status": "failed"}
+    event = service.event("msg_broken1")
+    assert event is not None
+    assert event.status == "failed"
+    assert "payment has no id" in (event.last_error or "")
+    assert event.next_attempt_at is not None
+    assert service.count(Order) == 0
+
+
+def test_database_unavailable_gets_503(service: Service) -> None:
+    path = service.tmp_path / "service.db"
+    path.rename(service.tmp_path / "moved.db")
+    path.mkdir()  # the database path is now a folder: nothing can be stored
+    service.runtime.database.engine.dispose()
+    response = post_event(service.http, payment())
+    assert response.status_code == 503
+    path.rmdir()
+    (service.tmp_path / "moved.db").rename(path)
+    service.runtime.database.engine.dispose()
+    assert service.count(WebhookEvent) == 0
+    # Whop's redelivery of the same event now succeeds.
+    assert post_event(service.http, payment()).status_code == 200
+
+
+def test_unlisted_plan_is_recorded_only(service: Service) -> None:
+    post_event(service.http, payment(plan=UNLISTED_PLAN))
+    [order] = service.orders()
+    assert order.status == "paid"
+    assert service.queued() == []
+
+
+def test_renewal_of_a_listed_plan_is_recorded_and_alerts_once(service: Service) -> None:
+    for number in range(2):
+        post_event(service.http, payment(id=f"pay_Renewal{number}",
+                                         billing_reason="subscription_cycle"))
+    assert [o.status for o in service.orders()] == ["paid", "paid"]
+    assert [name for name in service.queued() if name != "mail.send"] == []
+    with service.runtime.database.transaction() as session:
+        alerts = list(session.scalars(select(Alert)))
+    assert [a.kind for a in alerts] == ["plan_not_one_time"]
+    assert service.queued().count("mail.send") == 1  # one email, to the one admin
+    assert ADMIN
+
+
+def test_membership_activated_first_then_payment_matches_the_same_order(service: Service) -> None:
+    activation = event_body("membership.activated.legacy.json", plan={"id": MESSAGE_PLAN},
+                            metadata={}, checkout_configuration_id=None)
+    assert post_event(service.http, activation).json() == {"status": "handled"}
+    [pending] = service.orders()
+    assert (pending.status, pending.whop_membership_id) == ("pending", "mem_Hc4Tq8Wn2ZkPa9")
+    assert service.queued() == []  # activation never delivers
+    post_event(service.http, payment())
+    [order] = service.orders()
+    assert order.id == pending.id
+    assert order.status == "paid"
+    assert service.queued() == ["delivery.deliver"]

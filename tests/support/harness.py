@@ -1,0 +1,167 @@
+"""Real parts for tests: a migrated SQLite file, the runtime, a uvicorn server on loopback,
+and a helper that runs what the queue holds (huey's own execute, no mock)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from whop_autocancel.app import create_app
+from whop_autocancel.clock import Clock
+from whop_autocancel.db.engine import Database
+from whop_autocancel.db.migrate import upgrade
+from whop_autocancel.runtime import Runtime, build_runtime
+from whop_autocancel.settings import Settings, load_settings
+from whop_autocancel.webhooks.verify import sign
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "whop"
+SECRET = "ws_test_0f3a9c27e4b14d8fa6c2b5e81d907a3c"
+API_KEY = "sim_test_key_do_not_log_7781"
+ADMIN = "admin@shop.test"
+MESSAGE_PLAN = "plan_Message1"
+NONE_PLAN = "plan_NoneDelivery1"
+KEEP_PLAN = "plan_KeepMembership1"
+UNLISTED_PLAN = "plan_Unlisted1"
+
+CATALOG = f"""
+[plans.{MESSAGE_PLAN}]
+name = "Test Pack"
+delivery = "message"
+message = "Here is your pack, order {{{{ order_id }}}}."
+link = "https://example.com/pack"
+
+[plans.{NONE_PLAN}]
+name = "Setup call"
+delivery = "none"
+
+[plans.{KEEP_PLAN}]
+name = "Lifetime access"
+delivery = "message"
+message = "Welcome."
+cancel = false
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    catalog = tmp_path / "catalog.toml"
+    if not catalog.exists():
+        catalog.write_text(CATALOG)
+    values: dict[str, Any] = {
+        "WHOP_API_KEY": API_KEY,
+        "WHOP_WEBHOOK_SECRET": SECRET,
+        "WHOP_API_URL": "http://127.0.0.1:9/api/v1",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+        "QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
+        "ADMIN_EMAILS": ADMIN,
+        "MAIL_FROM": "shop@shop.test",
+        "SMTP_URL": "smtp://127.0.0.1:9",
+        "CATALOG_PATH": str(catalog),
+        "CANCEL_DELAY": 5,
+        "WHOP_TIMEOUT": 5,
+        "LOG_FORMAT": "console",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def make_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
+    database = Database(settings.DATABASE_URL)
+    upgrade(database)
+    database.dispose()
+    return build_runtime(settings, clock=clock)
+
+
+def drain(runtime: Runtime, *, include_scheduled: bool = False, rounds: int = 50) -> int:
+    """Run what the queue holds now, like a consumer would (huey's own `execute`). Scheduled
+    (delayed) tasks run too when asked: the services check due times with the test's clock."""
+    huey = runtime.jobs.huey
+    executed = 0
+    for _ in range(rounds):
+        tasks = []
+        while (task := huey.dequeue()) is not None:
+            tasks.append(task)
+        if include_scheduled:
+            tasks.extend(huey.read_schedule(datetime(9999, 1, 1)))
+        if not tasks:
+            return executed
+        for task in tasks:
+            huey.execute(task)
+            executed += 1
+    raise AssertionError("queue did not drain")
+
+
+class ServiceServer:
+    """The web app under uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, runtime: Runtime, *, with_worker: bool = False) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(runtime, with_worker=with_worker), host="127.0.0.1", port=self.port,
+            log_config=None, access_log=False, lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("service did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    @contextmanager
+    def running(self) -> Iterator[ServiceServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def fixture_body(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def event_body(name: str, **changes: Any) -> bytes:
+    """A fixture envelope with a fresh id, and `data` fields replaced by `changes`."""
+    document = json.loads(fixture_body(name))
+    document["id"] = f"msg_{uuid.uuid4().hex[:20]}"
+    document["data"].update(changes)
+    return json.dumps(document).encode()
+
+
+def signed_headers(body: bytes, *, secret: str = SECRET, at: datetime | None = None,
+                   webhook_id: str | None = None) -> dict[str, str]:
+    webhook_id = webhook_id or json.loads(body).get("id") or f"msg_{uuid.uuid4().hex}"
+    return sign(body, webhook_id, at or datetime.now(UTC), secret.encode())
+
+
+def post_event(client: httpx.Client, body: bytes, **options: Any) -> httpx.Response:
+    return client.post("/webhooks/whop", content=body, headers=signed_headers(body, **options))
