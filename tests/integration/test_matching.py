@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support.harness import MESSAGE_PLAN, make_runtime, make_settings
 
+from support.harness import MESSAGE_PLAN, make_runtime, make_settings
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import new_order_id
@@ -25,10 +25,19 @@ def runtime(tmp_path: Path, clock: FrozenClock) -> Iterator[Runtime]:
 
 def facts(created_at: datetime, **changes: object) -> PaymentFacts:
     values: dict[str, object] = {
-        "payment_id": "pay_Match1", "status": "paid", "billing_reason": "one_time",
-        "membership_id": "mem_Match1", "plan_id": MESSAGE_PLAN, "product_id": "prod_1",
-        "user_id": "user_1", "email": "buyer@example.com", "checkout_configuration_id": None,
-        "metadata": {}, "amount": "25.00", "currency": "usd", "created_at": created_at,
+        "payment_id": "pay_Match1",
+        "status": "paid",
+        "billing_reason": "one_time",
+        "membership_id": "mem_Match1",
+        "plan_id": MESSAGE_PLAN,
+        "product_id": "prod_1",
+        "user_id": "user_1",
+        "email": "buyer@example.com",
+        "checkout_configuration_id": None,
+        "metadata": {},
+        "amount": "25.00",
+        "currency": "usd",
+        "created_at": created_at,
         "paid_at": created_at + timedelta(seconds=10),
     }
     values.update(changes)
@@ -38,9 +47,16 @@ def facts(created_at: datetime, **changes: object) -> PaymentFacts:
 def pending(runtime: Runtime, created_at: datetime, **fields: object) -> str:
     order_id = new_order_id()
     with runtime.database.transaction() as session:
-        session.add(Order(id=order_id, status="pending", created_at=created_at,
-                          plan_id=fields.pop("plan_id", MESSAGE_PLAN), order_metadata={},
-                          **fields))
+        session.add(
+            Order(
+                id=order_id,
+                status="pending",
+                created_at=created_at,
+                plan_id=fields.pop("plan_id", MESSAGE_PLAN),
+                order_metadata={},
+                **fields,
+            )
+        )
     return order_id
 
 
@@ -68,15 +84,18 @@ def test_the_only_pending_order_in_the_window_matches(runtime: Runtime, clock: F
     assert apply(runtime, facts(now), now) == target
 
 
-def test_window_counts_from_the_payment_created_at_not_now(runtime: Runtime,
-                                                           clock: FrozenClock) -> None:
+def test_window_counts_from_the_payment_created_at_not_now(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
     now = clock.now()
     created = now - timedelta(days=2)  # a sweep applying an old payment
     target = pending(runtime, created - timedelta(seconds=60))
     assert apply(runtime, facts(created), now) == target
 
 
-def test_an_order_older_than_the_window_is_not_matched(runtime: Runtime, clock: FrozenClock) -> None:
+def test_an_order_older_than_the_window_is_not_matched(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
     now = clock.now()
     old = pending(runtime, now - timedelta(seconds=601))
     assert apply(runtime, facts(now), now) != old
@@ -101,8 +120,9 @@ def test_agreeing_email_in_any_case_is_matched(runtime: Runtime, clock: FrozenCl
     assert apply(runtime, facts(now), now) == target
 
 
-def test_a_pending_order_of_another_membership_is_not_matched(runtime: Runtime,
-                                                              clock: FrozenClock) -> None:
+def test_a_pending_order_of_another_membership_is_not_matched(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
     now = clock.now()
     other = pending(runtime, now - timedelta(seconds=30), whop_membership_id="mem_Other")
     assert apply(runtime, facts(now), now) != other
@@ -114,10 +134,12 @@ def test_an_order_of_another_plan_is_not_matched(runtime: Runtime, clock: Frozen
     assert apply(runtime, facts(now), now) != other
 
 
-def test_a_renewal_payment_of_the_same_membership_is_its_own_order(runtime: Runtime,
-                                                                   clock: FrozenClock) -> None:
+def test_a_renewal_payment_of_the_same_membership_is_its_own_order(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
     now = clock.now()
     first = apply(runtime, facts(now), now)
-    second = apply(runtime, facts(now, payment_id="pay_Match2",
-                                  billing_reason="subscription_cycle"), now)
+    second = apply(
+        runtime, facts(now, payment_id="pay_Match2", billing_reason="subscription_cycle"), now
+    )
     assert first != second

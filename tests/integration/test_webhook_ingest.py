@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import func, select
+
 from support.harness import (
     ADMIN,
     MESSAGE_PLAN,
@@ -23,7 +24,6 @@ from support.harness import (
     post_event,
     signed_headers,
 )
-
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
@@ -64,8 +64,13 @@ def service(tmp_path: Path, clock: FrozenClock) -> Iterator[Service]:
 
 
 def payment(plan: str = MESSAGE_PLAN, **changes: object) -> bytes:
-    return event_body("payment.succeeded.legacy.json", plan={"id": plan, "metadata": {}},
-                      metadata={}, checkout_configuration_id=None, **changes)
+    return event_body(
+        "payment.succeeded.legacy.json",
+        plan={"id": plan, "metadata": {}},
+        metadata={},
+        checkout_configuration_id=None,
+        **changes,
+    )
 
 
 def test_the_fixture_payment_is_stored_applied_and_delivery_is_queued(service: Service) -> None:
@@ -110,12 +115,19 @@ def test_same_payment_under_two_webhook_ids_is_one_order(service: Service) -> No
 
 
 def test_pinned_payload_is_understood(service: Service) -> None:
-    body = event_body("payment.succeeded.pinned.json", plan_id=MESSAGE_PLAN, metadata={},
-                      checkout_configuration_id=None)
+    body = event_body(
+        "payment.succeeded.pinned.json",
+        plan_id=MESSAGE_PLAN,
+        metadata={},
+        checkout_configuration_id=None,
+    )
     assert post_event(service.http, body).json() == {"status": "handled"}
     [order] = service.orders()
     assert (order.plan_id, order.email, order.whop_membership_id) == (
-        MESSAGE_PLAN, "user@example.com", "mem_Hc4Tq8Wn2ZkPa9")
+        MESSAGE_PLAN,
+        "user@example.com",
+        "mem_Hc4Tq8Wn2ZkPa9",
+    )
     assert service.queued() == ["delivery.deliver"]
 
 
@@ -130,8 +142,9 @@ def test_pinned_payload_is_understood(service: Service) -> None:
 )
 def test_bad_signature_headers_get_401_and_store_nothing(service: Service, mangle, reason) -> None:  # type: ignore[no-untyped-def]
     body = payment()
-    response = service.http.post("/webhooks/whop", content=body,
-                                 headers=mangle(signed_headers(body)))
+    response = service.http.post(
+        "/webhooks/whop", content=body, headers=mangle(signed_headers(body))
+    )
     assert response.status_code == 401
     assert reason in response.json()["error"]
     assert service.count(WebhookEvent) == 0
@@ -142,8 +155,9 @@ def test_stale_and_future_timestamps_get_401(service: Service) -> None:
     body = payment()
     for offset in (-301, 301):
         at = service.clock.now() + timedelta(seconds=offset)
-        response = service.http.post("/webhooks/whop", content=body,
-                                     headers=signed_headers(body, at=at))
+        response = service.http.post(
+            "/webhooks/whop", content=body, headers=signed_headers(body, at=at)
+        )
         assert response.status_code == 401
     assert service.count(WebhookEvent) == 0
 
@@ -166,11 +180,18 @@ def test_a_signature_with_another_secret_is_refused(service: Service) -> None:
         (b"\xff\xfe\x00", "not UTF-8"),
     ],
 )
-def test_signed_bodies_that_are_not_events_get_4xx(service: Service, body: bytes,
-                                                   reason: str) -> None:
-    headers = signed_headers(body, webhook_id="msg_garbage") if body[:1] != b"\xff" else {
-        "webhook-id": "msg_garbage", "webhook-timestamp": str(int(service.clock.now().timestamp())),
-        "webhook-signature": "v1,AAAA"}
+def test_signed_bodies_that_are_not_events_get_4xx(
+    service: Service, body: bytes, reason: str
+) -> None:
+    headers = (
+        signed_headers(body, webhook_id="msg_garbage")
+        if body[:1] != b"\xff"
+        else {
+            "webhook-id": "msg_garbage",
+            "webhook-timestamp": str(int(service.clock.now().timestamp())),
+            "webhook-signature": "v1,AAAA",
+        }
+    )
     response = service.http.post("/webhooks/whop", content=body, headers=headers)
     assert response.status_code in (400, 401)
     assert reason in response.json()["error"]
@@ -188,12 +209,18 @@ def test_unknown_event_types_are_stored_as_ignored(service: Service) -> None:
     body = json.dumps({"id": "msg_unknown1", "type": "course.created", "data": {"id": "c"}})
     assert post_event(service.http, body.encode()).json() == {"status": "ignored"}
     event = service.event("msg_unknown1")
-    assert event is not None and event.status == "ignored"
+    assert event is not None
+    assert event.status == "ignored"
 
 
 def test_an_event_that_fails_to_apply_is_stored_failed_and_answered_200(service: Service) -> None:
-    body = json.dumps({"id": "msg_broken1", "type": "payment.succeeded",
-                       "data": {"status": "paid", "plan": {"id": MESSAGE_PLAN}}}).encode()
+    body = json.dumps(
+        {
+            "id": "msg_broken1",
+            "type": "payment.succeeded",
+            "data": {"status": "paid", "plan": {"id": MESSAGE_PLAN}},
+        }
+    ).encode()
     response = post_event(service.http, body)
     assert response.status_code == 200
     assert response.json() == {"status": "failed"}
@@ -229,8 +256,9 @@ def test_unlisted_plan_is_recorded_only(service: Service) -> None:
 
 def test_renewal_of_a_listed_plan_is_recorded_and_alerts_once(service: Service) -> None:
     for number in range(2):
-        post_event(service.http, payment(id=f"pay_Renewal{number}",
-                                         billing_reason="subscription_cycle"))
+        post_event(
+            service.http, payment(id=f"pay_Renewal{number}", billing_reason="subscription_cycle")
+        )
     assert [o.status for o in service.orders()] == ["paid", "paid"]
     assert [name for name in service.queued() if name != "mail.send"] == []
     with service.runtime.database.transaction() as session:
@@ -241,8 +269,12 @@ def test_renewal_of_a_listed_plan_is_recorded_and_alerts_once(service: Service) 
 
 
 def test_membership_activated_first_then_payment_matches_the_same_order(service: Service) -> None:
-    activation = event_body("membership.activated.legacy.json", plan={"id": MESSAGE_PLAN},
-                            metadata={}, checkout_configuration_id=None)
+    activation = event_body(
+        "membership.activated.legacy.json",
+        plan={"id": MESSAGE_PLAN},
+        metadata={},
+        checkout_configuration_id=None,
+    )
     assert post_event(service.http, activation).json() == {"status": "handled"}
     [pending] = service.orders()
     assert (pending.status, pending.whop_membership_id) == ("pending", "mem_Hc4Tq8Wn2ZkPa9")

@@ -346,7 +346,6 @@ class CancellationService:
     def _retry(
         self, session: Session, row: Cancellation, order: Order, now: datetime, error: str
     ) -> None:
-        row.attempts += 1
         row.last_error = error
         elapsed = (now - row.generation_started_at).total_seconds()
         if elapsed >= self._give_up_after:

@@ -10,6 +10,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,20 @@ class _Handler:
         return "250 OK"
 
 
+class _Authenticator:
+    def __init__(self, username: str, password: str) -> None:
+        self._expected = (username.encode(), password.encode())
+
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and (
+            auth_data.login,
+            auth_data.password,
+        ) == self._expected
+        return AuthResult(success=ok, handled=False)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (aiosmtpd's Controller cannot take port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -60,13 +75,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 class SmtpSink:
     """`with SmtpSink() as sink:` … `sink.url` is an `SMTP_URL`; `sink.messages` what arrived."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.refusing = False
         self._messages: list[ReceivedEmail] = []
         self._lock = threading.Lock()
-        self._controller = Controller(_Handler(self), hostname=host, port=self.port)
+        options: dict[str, Any] = {}
+        if credentials is not None:
+            # AUTH over plain loopback: a test of the login, not of TLS.
+            options.update(authenticator=_Authenticator(*credentials), auth_require_tls=False)
+        self._controller = Controller(_Handler(self), hostname=host, port=self.port, **options)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,387 @@
+"""The cancellation state machine against the Whop simulator over real HTTP, a real SQLite file
+and a real SMTP sink; time moves only by the test's clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from support.harness import (
+    ADMIN,
+    API_KEY,
+    MESSAGE_PLAN,
+    NONE_PLAN,
+    ServiceServer,
+    drain,
+    make_runtime,
+    make_settings,
+)
+from whop_autocancel.alerts.models import Alert
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.service import RetryRefused
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.simulator import SimulatorServer
+
+
+@dataclass
+class World:
+    runtime: Runtime
+    clock: FrozenClock
+    simulator: SimulatorServer
+    sink: SmtpSink
+
+    def buy(self, plan: str = MESSAGE_PLAN, **options: Any) -> dict[str, Any]:
+        """A purchase whose webhooks reach the service; returns it with its cancellation id."""
+        options.setdefault("email", f"buyer-{time.monotonic_ns()}@example.com")
+        purchase: dict[str, Any] = self.simulator.state.create_purchase(plan, **options)
+        wait_for(lambda: self.simulator.state.pending_webhooks() == 0)
+        drain(self.runtime)
+        with self.runtime.database.transaction() as session:
+            order = session.scalars(
+                select(Order).where(Order.whop_payment_id == purchase["payment_id"])
+            ).one()
+            row = session.scalars(
+                select(Cancellation).where(Cancellation.order_id == order.id)
+            ).first()
+        purchase["email"] = options["email"]
+        purchase["order_id"] = order.id
+        purchase["cancellation_id"] = row.id if row else None
+        return purchase
+
+    def row(self, cancellation_id: int) -> Cancellation:
+        with self.runtime.database.transaction() as session:
+            row = session.get(Cancellation, cancellation_id)
+            assert row is not None
+            return row
+
+    def run(self, cancellation_id: int, after: float = 0.0) -> Cancellation:
+        self.clock.advance(after)
+        self.runtime.cancellations.run(cancellation_id)
+        return self.row(cancellation_id)
+
+    def calls(self, membership_id: str) -> list[dict[str, Any]]:
+        return list(self.simulator.state.calls(membership_id))
+
+    def alerts(self, kind: str | None = None) -> list[Alert]:
+        with self.runtime.database.transaction() as session:
+            rows = list(session.scalars(select(Alert).order_by(Alert.id)))
+        return [a for a in rows if kind is None or a.kind == kind]
+
+    def admin_mail(self) -> list[Any]:
+        drain(self.runtime)
+        return [m for m in self.sink.to(ADMIN) if not m.subject.startswith("Delivered")]
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def make_world(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, sink: SmtpSink, **settings: Any
+) -> Iterator[World]:
+    values: dict[str, Any] = {
+        "WHOP_API_URL": simulator.api_url,
+        "SMTP_URL": sink.url,
+        "RETRY_SCHEDULE": "1,2,4",
+        "CANCEL_GIVE_UP_AFTER": 3600,
+    }
+    runtime = make_runtime(make_settings(tmp_path, **{**values, **settings}), clock)
+    server = ServiceServer(runtime)
+    with server.running():
+        simulator.state.set_webhook_url(f"{server.url}/webhooks/whop")
+        yield World(runtime, clock, simulator, sink)
+    runtime.close()
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> Iterator[World]:
+    yield from make_world(tmp_path, clock, simulator, smtp_sink)
+
+
+def test_a_delivered_purchase_is_cancelled_with_one_immediate_call(world: World) -> None:
+    purchase = world.buy()
+    cancellation_id = purchase["cancellation_id"]
+    assert world.row(cancellation_id).status == "scheduled"
+    assert world.run(cancellation_id).status == "scheduled"  # CANCEL_DELAY not over yet
+    assert world.calls(purchase["membership_id"]) == []
+    row = world.run(cancellation_id, after=5)
+    assert row.status == "canceled"
+    assert row.canceled_at is not None
+    [call] = world.calls(purchase["membership_id"])
+    assert call["method"] == "POST"
+    assert call["body"] == {"cancellation_mode": "immediate"}
+    assert call["idempotency_key"] == f"cancel-{cancellation_id}-1"
+    assert call["api_version_date"] is None
+    assert world.simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
+    # The customer got the product, the admin the notice; nobody got an alert.
+    drain(world.runtime)
+    assert len(world.sink.to(purchase["email"])) == 1
+    assert "order " + purchase["order_id"] in world.sink.to(purchase["email"])[0].text
+    assert world.alerts() == []
+
+
+def test_the_echo_of_our_own_cancel_is_recorded_and_changes_nothing(world: World) -> None:
+    purchase = world.buy()
+    world.run(purchase["cancellation_id"], after=5)
+    wait_for(lambda: world.simulator.state.pending_webhooks() == 0)
+    deliveries = [
+        d for d in world.simulator.state.deliveries() if d["type"] == "membership.deactivated"
+    ]
+    assert [d["status"] for d in deliveries] == [200]
+    assert world.row(purchase["cancellation_id"]).status == "canceled"
+
+
+@pytest.fixture
+def versioned_world(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> Iterator[World]:
+    yield from make_world(tmp_path, clock, simulator, smtp_sink, WHOP_API_VERSION_DATE="2026-09-29")
+
+
+def test_the_versioned_api_gets_its_own_body(versioned_world: World) -> None:
+    purchase = versioned_world.buy(shape="pinned")
+    assert versioned_world.run(purchase["cancellation_id"], after=5).status == "canceled"
+    [call] = versioned_world.calls(purchase["membership_id"])
+    assert call["body"] == {"cancel_at_period_end": False}
+    assert call["api_version_date"] == "2026-09-29"
+
+
+def test_cancelled_elsewhere_before_we_run_becomes_already_inactive_without_a_call(
+    world: World,
+) -> None:
+    purchase = world.buy()
+    membership = purchase["membership_id"]
+    httpx.post(
+        f"{world.simulator.api_url}/memberships/{membership}/cancel",
+        json={"cancellation_mode": "immediate"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).raise_for_status()
+    wait_for(lambda: world.simulator.state.pending_webhooks() == 0)  # the deactivated webhook
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "already_inactive"
+    assert [c["method"] for c in world.calls(membership)] == ["POST"]  # only the manual one
+
+
+def test_a_409_costs_one_read_and_ends_already_inactive(world: World) -> None:
+    purchase = world.buy()
+    membership = purchase["membership_id"]
+    world.simulator.state.set_webhook_url(None)  # the echo is lost
+    httpx.post(
+        f"{world.simulator.api_url}/memberships/{membership}/cancel",
+        json={"cancellation_mode": "immediate"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).raise_for_status()
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "already_inactive"
+    assert row.last_http_status == 409
+    assert [(c["method"], c["status"]) for c in world.calls(membership)] == [
+        ("POST", 200),
+        ("POST", 409),
+        ("GET", 200),
+    ]
+
+
+def test_a_refused_cancel_fails_with_exactly_one_alert_email(world: World) -> None:
+    purchase = world.buy()
+    membership = purchase["membership_id"]
+    world.simulator.state.reject(membership, 422)
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "failed"
+    assert "422" in (row.last_error or "")
+    # A duplicate job and a stuck-work sweep change nothing and send nothing more.
+    world.run(purchase["cancellation_id"], after=600)
+    world.runtime.stuck_sweep.run(force=True)
+    [email] = world.admin_mail()
+    assert membership in email.subject
+    for text in (email.text, email.html):
+        assert purchase["order_id"] in text
+        assert purchase["email"] in text
+        assert membership in text
+        assert "This membership cannot be canceled" in text
+        assert "Cancel the membership immediately" in text
+        assert f"cancellations retry {purchase['cancellation_id']}" in text
+    assert [a.kind for a in world.alerts()] == ["cancellation_failed"]
+
+
+def test_an_admin_retry_is_a_new_generation_and_can_succeed(world: World) -> None:
+    purchase = world.buy()
+    membership, cancellation_id = purchase["membership_id"], purchase["cancellation_id"]
+    world.simulator.state.reject(membership, 422)
+    assert world.run(cancellation_id, after=5).status == "failed"
+    world.simulator.state.unreject(membership)
+    with world.runtime.database.transaction() as session:
+        world.runtime.cancellations.retry(session, cancellation_id)
+    row = world.run(cancellation_id)
+    assert (row.status, row.generation) == ("canceled", 2)
+    keys = [c["idempotency_key"] for c in world.calls(membership) if c["method"] == "POST"]
+    assert keys == [f"cancel-{cancellation_id}-1", f"cancel-{cancellation_id}-2"]
+    with (
+        pytest.raises(RetryRefused, match="only failed or skipped"),
+        world.runtime.database.transaction() as session,
+    ):
+        world.runtime.cancellations.retry(session, cancellation_id)
+
+
+def test_an_unknown_membership_is_a_permanent_failure(world: World) -> None:
+    purchase = world.buy()
+    with world.runtime.database.transaction() as session:
+        row = session.get(Cancellation, purchase["cancellation_id"])
+        assert row is not None
+        row.membership_id = "mem_DoesNotExist1"
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "failed"
+    assert row.last_http_status == 404
+    assert len(world.alerts("cancellation_failed")) == 1
+
+
+def test_an_outage_delays_with_backoff_alerts_once_and_never_loses(world: World) -> None:
+    first, second = world.buy(), world.buy(plan=NONE_PLAN)
+    world.simulator.state.set_outage(True)
+    world.clock.advance(5)
+    delays = []
+    for _ in range(5):
+        for purchase in (first, second):
+            before = world.clock.now()
+            row = world.run(purchase["cancellation_id"])
+            assert row.status == "scheduled"
+            if purchase is first:
+                delays.append((row.next_attempt_at - before).total_seconds())
+        world.clock.advance(max(delays[-1], 4) * 1.2)
+    # 1, 2, 4, then the last interval again; ±10 % jitter.
+    for delay, expected in zip(delays, [1, 2, 4, 4, 4], strict=True):
+        assert expected * 0.89 <= delay <= expected * 1.11
+    assert world.row(first["cancellation_id"]).attempts == 5
+    [alert] = world.alerts()
+    assert alert.kind == "whop_unreachable"
+    world.simulator.state.set_outage(False)
+    for purchase in (first, second):
+        assert world.run(purchase["cancellation_id"]).status == "canceled"
+    [alert] = world.alerts()
+    assert alert.resolved_at is not None
+    subjects = [m.subject for m in world.admin_mail()]
+    assert subjects == ["Whop cannot be reached: membership cancellations are delayed"]
+
+
+@pytest.fixture
+def impatient_world(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> Iterator[World]:
+    yield from make_world(tmp_path, clock, simulator, smtp_sink, CANCEL_GIVE_UP_AFTER=30)
+
+
+def test_after_give_up_the_row_fails_with_one_alert(impatient_world: World) -> None:
+    world = impatient_world
+    purchase = world.buy()
+    world.simulator.state.set_outage(True)
+    assert world.run(purchase["cancellation_id"], after=5).status == "scheduled"
+    row = world.run(purchase["cancellation_id"], after=31)
+    assert row.status == "failed"
+    assert "could not be reached" in (row.last_error or "")
+    assert [a.kind for a in world.alerts()] == ["cancellation_failed"]
+
+
+def test_a_forbidden_key_pauses_everything_with_one_alert_then_resumes(world: World) -> None:
+    purchases = [world.buy(), world.buy(), world.buy(plan=NONE_PLAN)]
+    world.simulator.state.set_forbidden(True)
+    world.clock.advance(5)
+    for _ in range(2):
+        for purchase in purchases:
+            row = world.run(purchase["cancellation_id"])
+            assert row.status == "scheduled"
+            assert row.last_http_status == 403
+        world.clock.advance(4.5)
+    [alert] = world.alerts()
+    assert alert.kind == "whop_auth"
+    assert "membership:cancel" in alert.text_body
+    world.simulator.state.set_forbidden(False)
+    for purchase in purchases:
+        assert world.run(purchase["cancellation_id"]).status == "canceled"
+    assert world.alerts()[0].resolved_at is not None
+    assert len(world.admin_mail()) == 1
+
+
+def test_a_refunded_order_is_skipped_without_a_call(world: World) -> None:
+    purchase = world.buy()
+    with world.runtime.database.transaction() as session:
+        order = session.get(Order, purchase["order_id"])
+        assert order is not None
+        order.status = "refunded"
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "skipped"
+    assert "refunded" in (row.last_error or "")
+    assert world.calls(purchase["membership_id"]) == []
+
+
+def test_delivery_only_plans_get_no_cancellation(world: World) -> None:
+    from support.harness import KEEP_PLAN
+
+    purchase = world.buy(plan=KEEP_PLAN)
+    assert purchase["cancellation_id"] is None
+    drain(world.runtime)
+    assert len(world.sink.to(purchase["email"])) == 1
+
+
+def test_a_missing_membership_id_waits_for_activation(world: World) -> None:
+    purchase = world.buy(shape="pinned", payment_has_membership_id=False, send_activation=False)
+    cancellation_id = purchase["cancellation_id"]
+    row = world.run(cancellation_id, after=5)
+    assert (row.status, row.membership_id) == ("scheduled", None)
+    assert world.calls(purchase["membership_id"]) == []
+
+
+def test_a_membership_id_that_never_comes_fails_with_an_alert(world: World) -> None:
+    purchase = world.buy(shape="pinned", payment_has_membership_id=False, send_activation=False)
+    row = world.run(purchase["cancellation_id"], after=301)
+    assert row.status == "failed"
+    assert "never told us the membership id" in (row.last_error or "")
+    assert len(world.alerts("cancellation_failed")) == 1
+
+
+def test_a_429_sets_one_not_before_that_every_row_respects(world: World) -> None:
+    first, second = world.buy(), world.buy()
+    world.simulator.state.throttle(1, retry_after=30)
+    world.clock.advance(5)
+    start = world.clock.now()
+    row = world.run(first["cancellation_id"])
+    assert (row.status, row.attempts, row.last_http_status) == ("scheduled", 0, 429)
+    assert 27 <= (row.next_attempt_at - start).total_seconds() <= 33
+    # The other row waits for the same "not before" without spending a call.
+    row = world.run(second["cancellation_id"])
+    assert row.status == "scheduled"
+    assert world.calls(second["membership_id"]) == []
+    assert (row.next_attempt_at - start).total_seconds() >= 27
+    world.clock.advance(34)
+    for purchase in (first, second):
+        assert world.run(purchase["cancellation_id"]).status == "canceled"
+    assert [c["status"] for c in world.calls(first["membership_id"])] == [429, 200]
+
+
+def test_two_workers_never_run_one_cancellation_at_once(world: World) -> None:
+    import threading
+
+    purchase = world.buy()
+    world.simulator.state.set_latency(0.5)
+    world.clock.advance(5)
+    threads = [threading.Thread(target=world.runtime.cancellations.run,
+                                args=(purchase["cancellation_id"],)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert world.row(purchase["cancellation_id"]).status == "canceled"
+    assert len(world.calls(purchase["membership_id"])) == 1
