@@ -11,10 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support.harness import API_KEY, SECRET  # noqa: E402
-
-from whop_autocancel.clock import FrozenClock  # noqa: E402
-from whop_autocancel.mail.sink import SmtpSink  # noqa: E402
+from support.harness import API_KEY, SECRET
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.mail.sink import SmtpSink
 
 
 @pytest.fixture
@@ -32,8 +31,9 @@ def clock() -> FrozenClock:
 def simulator() -> Iterator[object]:
     from whop_autocancel.simulator import SimulatorServer
 
-    server = SimulatorServer(api_key=API_KEY, webhook_secret=SECRET, webhook_url=None,
-                             time_scale=0.01)
+    server = SimulatorServer(
+        api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
+    )
     server.start()
     try:
         yield server

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import Settings, load_settings
@@ -33,6 +34,14 @@ def _settings() -> Settings:
     settings = load_settings()
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     return settings
+
+
+def _catalog(settings: Settings) -> Catalog:
+    """Read the catalog before touching anything, so a mistake stops start-up cleanly."""
+    from whop_autocancel.delivery.catalog import load_catalog
+    from whop_autocancel.delivery.methods import known_methods
+
+    return load_catalog(settings.CATALOG_PATH, known_methods())
 
 
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
@@ -73,8 +82,9 @@ def serve(
 
     settings = _settings()
     settings.require_runtime()
+    catalog = _catalog(settings)
     _prepare_database(settings, migrate_sqlite=True)
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, catalog=catalog)
     log.info(
         "serve_starting",
         host=host,
@@ -104,8 +114,9 @@ def worker() -> None:
 
     settings = _settings()
     settings.require_runtime()
+    catalog = _catalog(settings)
     _prepare_database(settings, migrate_sqlite=True)
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, catalog=catalog)
     try:
         run_worker(runtime)
     finally:

@@ -54,7 +54,9 @@ def parse_smtp_url(url: str) -> SmtpConfig:
     except ValueError as error:
         raise ValueError("has an invalid port") from error
     implicit_tls = parts.scheme == "smtps"
-    query = parse_qs(parts.query)
+    if port == 0:
+        raise ValueError("has port 0")
+    query = parse_qs(parts.query, keep_blank_values=True)
     unknown = set(query) - {"starttls"}
     if unknown:
         raise ValueError(f"has unknown options: {', '.join(sorted(unknown))}")
@@ -270,6 +272,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
-        name = ".".join(str(part) for part in first["loc"]) or "settings"
+        name = ".".join(str(part) for part in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigurationError(f"{name}: {message}") from None
+        # A check across settings has no single field; its message starts with the names.
+        raise ConfigurationError(f"{name}: {message}" if name else message) from None

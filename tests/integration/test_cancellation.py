@@ -377,8 +377,12 @@ def test_two_workers_never_run_one_cancellation_at_once(world: World) -> None:
     purchase = world.buy()
     world.simulator.state.set_latency(0.5)
     world.clock.advance(5)
-    threads = [threading.Thread(target=world.runtime.cancellations.run,
-                                args=(purchase["cancellation_id"],)) for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=world.runtime.cancellations.run, args=(purchase["cancellation_id"],)
+        )
+        for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -113,8 +113,12 @@ class ServiceServer:
     def __init__(self, runtime: Runtime, *, with_worker: bool = False) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(runtime, with_worker=with_worker), host="127.0.0.1", port=self.port,
-            log_config=None, access_log=False, lifespan="on",
+            create_app(runtime, with_worker=with_worker),
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -157,11 +161,58 @@ def event_body(name: str, **changes: Any) -> bytes:
     return json.dumps(document).encode()
 
 
-def signed_headers(body: bytes, *, secret: str = SECRET, at: datetime | None = None,
-                   webhook_id: str | None = None) -> dict[str, str]:
+def signed_headers(
+    body: bytes, *, secret: str = SECRET, at: datetime | None = None, webhook_id: str | None = None
+) -> dict[str, str]:
     webhook_id = webhook_id or json.loads(body).get("id") or f"msg_{uuid.uuid4().hex}"
     return sign(body, webhook_id, at or datetime.now(UTC), secret.encode())
 
 
 def post_event(client: httpx.Client, body: bytes, **options: Any) -> httpx.Response:
     return client.post("/webhooks/whop", content=body, headers=signed_headers(body, **options))
+
+
+def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """Environment for a `whop-autocancel` child process (nothing inherited that configures it)."""
+    import os
+
+    catalog = tmp_path / "catalog.toml"
+    if not catalog.exists():
+        catalog.write_text(CATALOG)
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("WHOP_", "SMTP_", "DATABASE_", "QUEUE_", "CANCEL_", "ADMIN_"))
+    }
+    environment.update(
+        {
+            "WHOP_API_KEY": API_KEY,
+            "WHOP_WEBHOOK_SECRET": SECRET,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+            "QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
+            "ADMIN_EMAILS": ADMIN,
+            "MAIL_FROM": "shop@shop.test",
+            "CATALOG_PATH": str(catalog),
+            "LOG_FORMAT": "json",
+            "COLUMNS": "200",
+        }
+    )
+    environment.update(overrides)
+    return environment
+
+
+def run_cli(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "whop_autocancel", *args],
+        env=env if env is not None else service_environment(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from whop_autocancel.errors import ConfigurationError
@@ -18,7 +18,11 @@ _ALLOWED_KEYS = {"name", "delivery", "subject", "message", "link", "cancel"}
 _PLAN_ID = re.compile(r"^plan_[A-Za-z0-9]+$")
 
 # Merchant text is a template too ({{ order_id }}, {{ email }}, …): sandboxed, since it is data.
-_merchant_templates = SandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+# Strict: a typo such as {{ ordr_id }} stops start-up instead of mailing customers a blank.
+_merchant_templates = SandboxedEnvironment(
+    autoescape=False, keep_trailing_newline=True, undefined=StrictUndefined
+)
+_SAMPLE = {"order_id": "ord_sample", "email": "buyer@example.com", "plan_name": "Sample"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ def load_catalog(path: Path, known_methods: frozenset[str]) -> Catalog:
         ) from None
     except OSError as error:
         raise ConfigurationError(f"CATALOG_PATH: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"{path}: is not UTF-8 (byte {error.start}); save the catalog as UTF-8"
+        ) from None
     return parse_catalog(text, known_methods, path)
 
 
@@ -73,7 +81,9 @@ def parse_catalog(text: str, known_methods: frozenset[str], path: Path | None = 
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigurationError(f"{where}: invalid TOML: {error}") from None
+        found = re.search(r"\(at line (\d+), column \d+\)", str(error))
+        line = found.group(1) if found else "1"
+        raise ConfigurationError(f"{where}:{line}: invalid TOML: {error}") from None
 
     unknown_top = set(document) - {"plans"}
     if unknown_top:
@@ -125,9 +135,9 @@ def _parse_plan(plan_id: str, entry: Any, known_methods: frozenset[str]) -> Cata
     if not isinstance(cancel, bool):
         raise ValueError("cancel must be true or false")
     for field, template in (("message", message), ("subject", subject)):
-        try:
-            _merchant_templates.parse(template)
-        except TemplateSyntaxError as error:
+        try:  # compile and render once: unknown filters and names fail now, not per order
+            _merchant_templates.from_string(template).render(**{**_SAMPLE, "plan_name": name})
+        except TemplateError as error:
             raise ValueError(f"{field} is not a valid template: {error.message}") from None
     return CatalogPlan(
         plan_id=plan_id,
@@ -148,8 +158,14 @@ def _string(entry: dict[str, Any], key: str, default: str) -> str:
 
 
 def _line_of(text: str, name: str) -> int:
-    """The 1-based line of the table header or key that mentions `name` (1 if not found)."""
-    pattern = re.compile(rf"^\s*\[?\s*(plans\.)?[\"']?{re.escape(name)}[\"']?\s*[\].=]")
+    """The 1-based line of the table header that names `name`, else of a key of that name
+    (1 if neither is found)."""
+    quoted = rf"[\"']?{re.escape(name)}[\"']?"
+    header = re.compile(rf"^\s*\[\s*(plans\s*\.\s*)?{quoted}\s*[\].]")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if header.search(line):
+            return number
+    pattern = re.compile(rf"^\s*{quoted}\s*[.=]")
     for number, line in enumerate(text.splitlines(), start=1):
         if pattern.search(line):
             return number

@@ -58,10 +58,14 @@ class _Authenticator:
     def __call__(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        ok = isinstance(auth_data, LoginPassword) and (
-            auth_data.login,
-            auth_data.password,
-        ) == self._expected
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and (
+                auth_data.login,
+                auth_data.password,
+            )
+            == self._expected
+        )
         return AuthResult(success=ok, handled=False)
 
 

@@ -71,6 +71,8 @@ def parse_envelope(body: bytes) -> Envelope:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise PayloadError("body is not JSON") from None
+    except RecursionError:
+        raise PayloadError("body is nested too deeply") from None
     if not isinstance(document, dict):
         raise PayloadError("body is not a JSON object")
     event_id, event_type, data = document.get("id"), document.get("type"), document.get("data")
@@ -175,5 +177,5 @@ def _amount(value: Any) -> str | None:
 def _time(value: Any) -> datetime | None:
     try:
         return parse_timestamp(value)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, OSError):
         raise EventDataError(f"unreadable timestamp {value!r}") from None

@@ -47,9 +47,13 @@ def verify_signature(
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
     if len(webhook_id) > 255:
         raise SignatureError("webhook-id header is too long")
-    if not raw_timestamp.isdigit() or len(raw_timestamp) > 12:
+    # ASCII digits only ("²".isdigit() is true), and no more than Unix seconds can hold.
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()) or len(raw_timestamp) > 11:
         raise SignatureError("webhook-timestamp is not Unix seconds")
-    timestamp = datetime.fromtimestamp(int(raw_timestamp), UTC)
+    try:
+        timestamp = datetime.fromtimestamp(int(raw_timestamp), UTC)
+    except (ValueError, OverflowError, OSError):
+        raise SignatureError("webhook-timestamp is out of range") from None
     age = (now - timestamp).total_seconds()
     if age > tolerance_seconds:
         raise SignatureError("webhook-timestamp is too old (replay or clock skew)")

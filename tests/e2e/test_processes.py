@@ -1,0 +1,186 @@
+"""Real processes: `serve --no-worker`, `worker`, the simulator and an SMTP sink; kill -9 and
+SIGTERM in the middle of a cancellation."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from support.harness import MESSAGE_PLAN, free_port, service_environment
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.db.engine import Database
+from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.orders.models import Order
+from whop_autocancel.simulator import SimulatorServer
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Deployment:
+    """A web process and worker processes sharing one SQLite database and queue."""
+
+    def __init__(
+        self, tmp_path: Path, simulator: SimulatorServer, sink: SmtpSink, **settings: str
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = service_environment(
+            tmp_path,
+            WHOP_API_URL=simulator.api_url,
+            SMTP_URL=sink.url,
+            CANCEL_DELAY="0.2",
+            SWEEP_INTERVAL="0.5",
+            STUCK_GRACE="0.5",
+            RETRY_SCHEDULE="0.5,1",
+            **settings,
+        )
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.database = Database(self.env["DATABASE_URL"])
+        simulator.state.set_webhook_url(f"{self.url}/webhooks/whop")
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"{args[0]}-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "whop_autocancel", *args],
+            env=self.env,
+            cwd=self.tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    def start_web(self) -> None:
+        self.start("serve", "--no-worker", "--port", str(self.port))
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 30, "the web process")
+
+    def cancellation(self, payment_id: str) -> Cancellation | None:
+        with self.database.transaction() as session:
+            order = session.scalars(
+                select(Order).where(Order.whop_payment_id == payment_id)
+            ).first()
+            if order is None:
+                return None
+            return session.scalars(
+                select(Cancellation).where(Cancellation.order_id == order.id)
+            ).first()
+
+    def status(self, payment_id: str) -> str | None:
+        row = self.cancellation(payment_id)
+        return row.status if row else None
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self.database.dispose()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment, Any]]:
+    with SimulatorServer(
+        api_key="sim_test_key_do_not_log_7781",
+        webhook_secret="ws_test_0f3a9c27e4b14d8fa6c2b5e81d907a3c",
+        webhook_url=None,
+        time_scale=0.01,
+    ) as simulator:
+        deployment = Deployment(
+            tmp_path, simulator, smtp_sink, CANCEL_LEASE="3", WHOP_TIMEOUT="1.2"
+        )
+        deployment.start_web()
+        try:
+            yield deployment, simulator
+        finally:
+            deployment.stop()
+
+
+def test_a_worker_killed_mid_cancellation_is_finished_by_the_sweep(
+    deployment: tuple[Deployment, Any], smtp_sink: SmtpSink
+) -> None:
+    service, simulator = deployment
+    simulator.state.set_latency(0.8)
+    purchase = simulator.state.create_purchase(MESSAGE_PLAN, email="killed@example.com")
+    worker = service.start("worker")
+    wait_for(
+        lambda: service.status(purchase["payment_id"]) == "running", 30, "the cancellation to start"
+    )
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    simulator.state.set_latency(0)
+    time.sleep(1.0)  # let the in-flight request land in the simulator (real time, by design)
+    assert service.status(purchase["payment_id"]) == "running"  # stranded by the kill
+
+    service.start("worker")
+    wait_for(
+        lambda: service.status(purchase["payment_id"]) == "canceled",
+        30,
+        "the new worker's sweep to finish the cancellation",
+    )
+    row = service.cancellation(purchase["payment_id"])
+    assert row is not None
+    assert row.generation == 1
+    assert simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
+    posts = [c for c in simulator.state.calls(purchase["membership_id"]) if c["method"] == "POST"]
+    assert {c["idempotency_key"] for c in posts} == {f"cancel-{row.id}-1"}
+    assert [c["status"] for c in posts][-1] == 200
+    wait_for(lambda: len(smtp_sink.to("killed@example.com")) >= 1, 15, "the delivery email")
+    time.sleep(1.0)
+    assert len(smtp_sink.to("killed@example.com")) == 1  # delivered exactly once
+
+
+def test_sigterm_lets_the_running_cancellation_finish(
+    deployment: tuple[Deployment, Any],
+) -> None:
+    service, simulator = deployment
+    simulator.state.set_latency(1.0)
+    purchase = simulator.state.create_purchase(MESSAGE_PLAN, email="graceful@example.com")
+    worker = service.start("worker")
+    wait_for(
+        lambda: service.status(purchase["payment_id"]) == "running", 30, "the cancellation to start"
+    )
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    assert service.status(purchase["payment_id"]) == "canceled"
+    log = (service.tmp_path / "worker-1.log").read_text()
+    assert '"worker_stopped"' in log
+
+
+def test_the_demo_passes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "whop_autocancel", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**service_environment(tmp_path), "COLUMNS": "160"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASS") == 5
+    assert "FAIL" not in result.stdout
+    assert "1 failed cancellation(s)" in result.stdout

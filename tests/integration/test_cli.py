@@ -1,0 +1,133 @@
+"""The command line, run as real processes: clear lines, honest exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from support.harness import make_runtime, make_settings, run_cli, service_environment
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.orders.models import Order
+
+
+def test_serve_without_settings_stops_with_one_line_naming_the_setting(tmp_path: Path) -> None:
+    env = service_environment(tmp_path)
+    del env["WHOP_API_KEY"]
+    result = run_cli(tmp_path, "serve", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "whop-autocancel: configuration error: WHOP_API_KEY is not set: set it to your Whop "
+        "account API key (Dashboard → Developer → API keys)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CANCEL_DELAY", "-1", "CANCEL_DELAY: Input should be greater than or equal to 0"),
+        ("RETRY_SCHEDULE", "1,soon", "RETRY_SCHEDULE.1:"),
+        ("SMTP_URL", "http://mail", "SMTP_URL: must start with smtp:// or smtps://"),
+        ("ADMIN_EMAILS", "nobody", "ADMIN_EMAILS: 'nobody' is not an email address"),
+        ("DATABASE_URL", "oracle://x", "DATABASE_URL: only sqlite:///PATH is supported"),
+    ],
+)
+def test_invalid_settings_stop_with_one_line(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    result = run_cli(tmp_path, "serve", env=service_environment(tmp_path, **{name: value}))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert expected in line
+
+
+def test_an_invalid_catalog_stops_with_its_line_and_reason(tmp_path: Path) -> None:
+    catalog = tmp_path / "bad.toml"
+    catalog.write_text(
+        '[plans.plan_A]\nname = "A"\ndelivery = "message"\n\n'
+        '[plans.plan_B]\ndelivery = "carrier-pigeon"\n'
+    )
+    result = run_cli(
+        tmp_path, "serve", env=service_environment(tmp_path, CATALOG_PATH=str(catalog))
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f'{catalog}:1: plan plan_A: delivery = "message" needs a message' in line
+
+
+def test_migrate_says_what_it_did(tmp_path: Path) -> None:
+    first = run_cli(tmp_path, "migrate")
+    assert first.returncode == 0, first.stderr
+    assert "Database migrated from empty to 0001." in first.stdout
+    second = run_cli(tmp_path, "migrate")
+    assert "already at revision 0001; nothing to do" in second.stdout
+
+
+def test_failed_cancellations_are_listed_and_retried(tmp_path: Path) -> None:
+    runtime = make_runtime(make_settings(tmp_path))
+    now = runtime.clock.now()
+    with runtime.database.transaction() as session:
+        session.add(
+            Order(
+                id="ord_CliTest1",
+                status="delivered",
+                created_at=now,
+                email="buyer@example.com",
+                plan_id="plan_Message1",
+                billing_reason="one_time",
+                order_metadata={},
+            )
+        )
+        session.flush()
+        session.add(
+            Cancellation(
+                order_id="ord_CliTest1",
+                membership_id="mem_CliTest1",
+                status="failed",
+                attempts=1,
+                generation=1,
+                generation_started_at=now,
+                next_attempt_at=now,
+                last_error="Whop refused",
+                last_http_status=422,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    runtime.close()
+
+    listing = run_cli(tmp_path, "cancellations", "failed")
+    assert listing.returncode == 0, listing.stderr
+    for text in (
+        "1 failed cancellation(s)",
+        "ord_CliTest1",
+        "mem_CliTest1",
+        "buyer@example.com",
+        "Whop refused",
+        "422",
+    ):
+        assert text in listing.stdout
+
+    missing = run_cli(tmp_path, "cancellations", "retry", "999")
+    assert missing.returncode == 1
+    assert "there is no cancellation #999" in missing.stderr
+
+    retried = run_cli(tmp_path, "cancellations", "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert (
+        "Cancellation #1 (membership mem_CliTest1) scheduled again as attempt generation 2"
+        in retried.stdout
+    )
+
+    again = run_cli(tmp_path, "cancellations", "retry", "1")
+    assert again.returncode == 1
+    assert "is scheduled; only failed or skipped ones can be retried" in again.stderr
+    assert run_cli(tmp_path, "cancellations", "failed").stdout.strip() == (
+        "No failed cancellations."
+    )
+
+
+def test_retry_needs_an_id_or_all(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "cancellations", "retry")
+    assert result.returncode == 2
+    assert "give one cancellation ID or --all" in result.stderr

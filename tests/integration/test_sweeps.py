@@ -1,0 +1,160 @@
+"""The stuck-work sweep: whatever a killed worker or a lost job left behind is enqueued again."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from support.harness import MESSAGE_PLAN, UNLISTED_PLAN, drain, make_runtime, make_settings
+from whop_autocancel.alerts.models import Alert
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.sweeps import StuckWorkSweep
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.models import WebhookEvent
+from whop_autocancel.webhooks.parse import PaymentFacts
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, clock: FrozenClock) -> Iterator[Runtime]:
+    runtime = make_runtime(
+        make_settings(
+            tmp_path,
+            STUCK_GRACE=30,
+            SWEEP_INTERVAL=60,
+            EVENT_MAX_ATTEMPTS=3,
+            RETRY_SCHEDULE="10,20",
+        ),
+        clock,
+    )
+    yield runtime
+    runtime.close()
+
+
+def queued(runtime: Runtime) -> list[tuple[str, tuple[object, ...]]]:
+    return sorted((task.name, tuple(task.args)) for task in runtime.jobs.huey.pending())
+
+
+def paid_order(runtime: Runtime, plan: str = MESSAGE_PLAN, number: int = 1) -> str:
+    now = runtime.clock.now()
+    facts = PaymentFacts(
+        payment_id=f"pay_Sweep{number}",
+        status="paid",
+        billing_reason="one_time",
+        membership_id=f"mem_Sweep{number}",
+        plan_id=plan,
+        product_id=None,
+        user_id=None,
+        email="buyer@example.com",
+        checkout_configuration_id=None,
+        metadata={},
+        amount="10.00",
+        currency="usd",
+        created_at=now,
+        paid_at=now,
+    )
+    with runtime.database.transaction() as session:
+        order_id = runtime.orders.apply_payment(session, facts, now).id
+    runtime.jobs.huey.flush()  # the "lost" delivery job
+    return order_id
+
+
+def test_a_paid_order_whose_delivery_job_was_lost_is_delivered_again(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    order_id = paid_order(runtime)
+    paid_order(runtime, plan=UNLISTED_PLAN, number=2)  # never delivered: not listed
+    assert runtime.stuck_sweep.run(force=True).deliveries == 0  # within the grace period
+    clock.advance(31)
+    report = runtime.stuck_sweep.run(force=True)
+    assert report.deliveries == 1
+    assert queued(runtime) == [("delivery.deliver", (order_id,))]
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        assert order.status == "delivered"
+
+
+def test_overdue_and_abandoned_cancellations_are_woken(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    order_id = paid_order(runtime)
+    runtime.delivery.deliver(order_id)
+    runtime.jobs.huey.flush()
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+        cancellation_id = row.id
+    clock.advance(5 + 29)
+    assert runtime.stuck_sweep.run(force=True).cancellations == 0
+    clock.advance(2)
+    assert runtime.stuck_sweep.run(force=True).cancellations == 1
+    assert [job for job in queued(runtime) if job[0] == "cancellation.run"] == [
+        ("cancellation.run", (cancellation_id,))
+    ]
+    runtime.jobs.huey.flush()
+    # A worker died holding the lease: woken once the lease has expired.
+    with runtime.database.transaction() as session:
+        row = session.get(Cancellation, cancellation_id)
+        assert row is not None
+        row.status = "running"
+        row.lease_until = clock.now() + timedelta(seconds=60)
+        row.lease_owner = "dead-worker"
+    assert runtime.stuck_sweep.run(force=True).cancellations == 0
+    clock.advance(61)
+    assert runtime.stuck_sweep.run(force=True).cancellations == 1
+
+
+def test_unsent_emails_are_sent_again(runtime: Runtime, clock: FrozenClock) -> None:
+    order_id = paid_order(runtime)
+    runtime.delivery.deliver(order_id)
+    runtime.jobs.huey.flush()
+    clock.advance(31)
+    report = runtime.stuck_sweep.run(force=True)
+    assert report.emails == 2  # the customer's and the admin's
+
+
+def test_a_failed_event_is_reapplied_with_backoff_and_alerts_after_max_attempts(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    body = json.dumps(
+        {"id": "msg_bad", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
+    )
+    from support.harness import signed_headers
+
+    assert runtime.inbox.ingest(body.encode(), signed_headers(body.encode())).http_status == 200
+    assert runtime.stuck_sweep.run(force=True).events == 0  # first retry in 10 s
+    for attempt in (2, 3):
+        clock.advance(25)
+        assert runtime.stuck_sweep.run(force=True).events == 1
+        drain(runtime)
+        with runtime.database.transaction() as session:
+            event = session.get(WebhookEvent, "msg_bad")
+            assert event is not None
+            assert (event.status, event.attempts) == ("failed", attempt)
+    with runtime.database.transaction() as session:
+        alerts = list(session.scalars(select(Alert)))
+    assert [a.kind for a in alerts] == ["event_apply_failed"]
+
+
+def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -> None:
+    other = StuckWorkSweep(
+        runtime.database,
+        runtime.catalog,
+        runtime.jobs,
+        clock,
+        owner="another-worker",
+        interval=60,
+        grace=30,
+    )
+    assert runtime.stuck_sweep.run().ran
+    assert not other.run().ran
+    clock.advance(55)
+    assert other.run().ran
+    assert not runtime.stuck_sweep.run().ran

@@ -1,0 +1,289 @@
+"""Settings: defaults, parsing, and one-line errors that name the setting (DESIGN §5, §7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.settings import Settings, load_settings
+
+API_KEY = "sk_live_DISTINCTIVE_api_key_7f3e9a"
+WEBHOOK_SECRET = "ws_DISTINCTIVE_webhook_secret_c41d"
+SMTP_PASSWORD = "DISTINCTIVE-smtp-pass-88b1"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No setting leaks in from the real environment or a real `.env`."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def config_error(**overrides: object) -> str:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(**overrides)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def env_error(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> str:
+    monkeypatch.setenv(name, value)
+    return config_error()
+
+
+# ----- defaults -------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.CANCEL_DELAY == 5
+    assert settings.MATCH_WINDOW == 600
+    assert settings.RETRY_SCHEDULE == [1, 2, 4, 10, 30, 60]
+    assert settings.CANCEL_GIVE_UP_AFTER == 86400
+    assert settings.WHOP_API_URL == "https://api.whop.com/api/v1"
+    assert settings.WHOP_API_VERSION_DATE is None
+    assert settings.uses_versioned_api is False
+    assert settings.WEBHOOK_TOLERANCE == 300
+    assert settings.WHOP_API_KEY is None
+    assert settings.webhook_secrets == []
+    assert settings.ADMIN_EMAILS == []
+    assert settings.CANCEL_LEASE > 2 * settings.WHOP_TIMEOUT
+
+
+# ----- parsing --------------------------------------------------------------------------------
+
+
+def test_retry_schedule_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRY_SCHEDULE", "1, 2,3")
+    assert load_settings().RETRY_SCHEDULE == [1.0, 2.0, 3.0]
+
+
+def test_retry_schedule_takes_fractions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRY_SCHEDULE", "0.01,0.02")
+    assert load_settings().RETRY_SCHEDULE == [0.01, 0.02]
+
+
+@pytest.mark.parametrize("value", ["", " , ", "1,x", "0,1", "-1", "1;2"])
+def test_bad_retry_schedule_names_the_setting(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    assert env_error(monkeypatch, "RETRY_SCHEDULE", value).startswith("RETRY_SCHEDULE")
+
+
+def test_empty_retry_schedule_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = env_error(monkeypatch, "RETRY_SCHEDULE", "")
+    assert message.startswith("RETRY_SCHEDULE: ")
+    assert "at least one delay" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CANCEL_DELAY", "-1"),
+        ("CANCEL_DELAY", "soon"),
+        ("MATCH_WINDOW", "-0.5"),
+        ("WHOP_TIMEOUT", "0"),
+        ("WORKER_THREADS", "0"),
+        ("WEBHOOK_MAX_BYTES", "10"),
+        ("WHOP_API_URL", "api.whop.com"),
+        ("DATABASE_URL", "postgresql://db/x"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_LEVEL", "LOUD"),
+        ("MAIL_FROM", "shop"),
+        ("SMTP_URL", "http://mail.example.com"),
+    ],
+)
+def test_invalid_value_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    assert env_error(monkeypatch, name, value).startswith(f"{name}: ")
+
+
+def test_negative_cancel_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = env_error(monkeypatch, "CANCEL_DELAY", "-1")
+    assert message.startswith("CANCEL_DELAY: ")
+    assert "greater than or equal to 0" in message
+
+
+def test_overrides_are_checked_like_the_environment() -> None:
+    assert config_error(CANCEL_DELAY=-1).startswith("CANCEL_DELAY: ")
+
+
+def test_admin_emails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADMIN_EMAILS", "a@x.io, b@y.io")
+    assert load_settings().ADMIN_EMAILS == ["a@x.io", "b@y.io"]
+
+
+@pytest.mark.parametrize("value", ["nope", "a@x.io, nope", "@x.io", "a@localhost", "a b@x.io"])
+def test_bad_admin_email_names_the_setting(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    message = env_error(monkeypatch, "ADMIN_EMAILS", value)
+    assert message.startswith("ADMIN_EMAILS: ")
+    assert "not an email address" in message
+
+
+def test_webhook_secrets_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", "ws_a ws_b")
+    assert load_settings().webhook_secrets == [b"ws_a", b"ws_b"]
+
+
+def test_webhook_secret_is_raw_bytes_not_base64_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", "  ws_0f3a9c27e4b14d8f  ")
+    assert load_settings().webhook_secrets == [b"ws_0f3a9c27e4b14d8f"]
+
+
+def test_blank_webhook_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", "   ")
+    settings = load_settings()
+    assert settings.WHOP_WEBHOOK_SECRET is None
+    assert settings.webhook_secrets == []
+
+
+def test_blank_version_date_means_unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_API_VERSION_DATE", " ")
+    assert load_settings().uses_versioned_api is False
+    monkeypatch.setenv("WHOP_API_VERSION_DATE", "2026-09-29")
+    settings = load_settings()
+    assert settings.WHOP_API_VERSION_DATE == "2026-09-29"
+    assert settings.uses_versioned_api is True
+
+
+def test_api_url_trailing_slash_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_API_URL", "http://127.0.0.1:8081/api/v1/")
+    assert load_settings().WHOP_API_URL == "http://127.0.0.1:8081/api/v1"
+
+
+def test_log_level_is_upper_cased(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    assert load_settings().LOG_LEVEL == "DEBUG"
+
+
+def test_smtp_property(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_URL", f"smtp://shop:{SMTP_PASSWORD}@mail.example.com:2525")
+    smtp = load_settings().smtp
+    assert (smtp.host, smtp.port, smtp.username, smtp.password) == (
+        "mail.example.com",
+        2525,
+        "shop",
+        SMTP_PASSWORD,
+    )
+
+
+def test_environment_names_are_case_sensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("cancel_delay", "9")
+    assert load_settings().CANCEL_DELAY == 5
+
+
+# ----- .env -----------------------------------------------------------------------------------
+
+
+def test_dotenv_in_the_working_directory_is_read(clean_environment: Path) -> None:
+    (clean_environment / ".env").write_text(
+        "CANCEL_DELAY=7\nWHOP_WEBHOOK_SECRET=ws_from_file\nRETRY_SCHEDULE=3,6\n", encoding="utf-8"
+    )
+    settings = load_settings()
+    assert settings.CANCEL_DELAY == 7
+    assert settings.webhook_secrets == [b"ws_from_file"]
+    assert settings.RETRY_SCHEDULE == [3, 6]
+
+
+def test_environment_wins_over_dotenv(
+    clean_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_environment / ".env").write_text("CANCEL_DELAY=7\n", encoding="utf-8")
+    monkeypatch.setenv("CANCEL_DELAY", "8")
+    assert load_settings().CANCEL_DELAY == 8
+
+
+def test_invalid_dotenv_value_names_the_setting(clean_environment: Path) -> None:
+    (clean_environment / ".env").write_text("MATCH_WINDOW=ten minutes\n", encoding="utf-8")
+    assert config_error().startswith("MATCH_WINDOW: ")
+
+
+# ----- required settings ----------------------------------------------------------------------
+
+
+def test_require_runtime_names_the_first_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected_order = ["WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM"]
+    values = {
+        "WHOP_API_KEY": API_KEY,
+        "WHOP_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "ADMIN_EMAILS": "ops@example.com",
+        "MAIL_FROM": "shop@example.com",
+    }
+    for name in expected_order:
+        with pytest.raises(ConfigurationError) as caught:
+            load_settings().require_runtime()
+        message = str(caught.value)
+        assert message.startswith(f"{name} is not set: ")
+        assert "\n" not in message
+        monkeypatch.setenv(name, values[name])
+    load_settings().require_runtime()
+
+
+def test_require_names_company_id() -> None:
+    with pytest.raises(ConfigurationError, match=r"^WHOP_COMPANY_ID is not set: .*biz_"):
+        load_settings().require("WHOP_COMPANY_ID")
+
+
+# ----- secrets never in messages --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CANCEL_DELAY", "-1"),
+        ("ADMIN_EMAILS", "nope"),
+        ("SMTP_URL", f"smtp://shop:{SMTP_PASSWORD}@mail.example.com?unknown=1"),
+        ("SMTP_URL", f"smtps://shop:{SMTP_PASSWORD}@mail.example.com?starttls=required"),
+        ("SMTP_URL", f"smtp://shop:{SMTP_PASSWORD}@mail.example.com:99999"),
+        ("SMTP_URL", f"ftp://shop:{SMTP_PASSWORD}@mail.example.com"),
+        ("WHOP_API_URL", "nope"),
+    ],
+)
+def test_error_message_never_contains_a_secret(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv("WHOP_API_KEY", API_KEY)
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    message = env_error(monkeypatch, name, value)
+    assert message.startswith(f"{name}: ")
+    for secret in (API_KEY, WEBHOOK_SECRET, SMTP_PASSWORD, "DISTINCTIVE"):
+        assert secret not in message
+
+
+def test_secrets_are_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHOP_API_KEY", API_KEY)
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("SMTP_URL", f"smtp://shop:{SMTP_PASSWORD}@mail.example.com")
+    text = repr(load_settings()) + str(load_settings())
+    for secret in (API_KEY, WEBHOOK_SECRET, SMTP_PASSWORD):
+        assert secret not in text
+
+
+# ----- cross-field: the lease ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("lease", "timeout"), [("20", "10"), ("19", "10"), ("5", "10")])
+def test_lease_not_more_than_twice_the_timeout_fails(
+    monkeypatch: pytest.MonkeyPatch, lease: str, timeout: str
+) -> None:
+    monkeypatch.setenv("CANCEL_LEASE", lease)
+    monkeypatch.setenv("WHOP_TIMEOUT", timeout)
+    message = config_error()
+    assert "CANCEL_LEASE" in message
+    assert "WHOP_TIMEOUT" in message
+
+
+def test_lease_just_over_twice_the_timeout_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CANCEL_LEASE", "20.5")
+    monkeypatch.setenv("WHOP_TIMEOUT", "10")
+    assert load_settings().CANCEL_LEASE == 20.5
+
+
+def test_lease_error_starts_with_the_setting_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CANCEL_LEASE", "20")
+    monkeypatch.setenv("WHOP_TIMEOUT", "10")
+    assert config_error().startswith("CANCEL_LEASE")
