@@ -389,3 +389,40 @@ def test_two_workers_never_run_one_cancellation_at_once(world: World) -> None:
         thread.join()
     assert world.row(purchase["cancellation_id"]).status == "canceled"
     assert len(world.calls(purchase["membership_id"])) == 1
+
+
+def test_no_customer_email_means_delivery_failed_an_alert_and_no_cancellation(
+    world: World,
+) -> None:
+    from whop_autocancel.webhooks.parse import PaymentFacts
+
+    now = world.clock.now()
+    facts = PaymentFacts(
+        payment_id="pay_NoEmail1",
+        status="paid",
+        billing_reason="one_time",
+        membership_id="mem_NoEmail1",
+        plan_id=MESSAGE_PLAN,
+        product_id=None,
+        user_id=None,
+        email=None,
+        checkout_configuration_id=None,
+        metadata={},
+        amount="5.00",
+        currency="usd",
+        created_at=now,
+        paid_at=now,
+    )
+    with world.runtime.database.transaction() as session:
+        order_id = world.runtime.orders.apply_payment(session, facts, now).id
+    drain(world.runtime)
+    with world.runtime.database.transaction() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        assert order.status == "delivery_failed"
+        assert "member:email:read" in (order.delivery_error or "")
+        assert session.scalars(select(Cancellation)).first() is None
+    [alert] = world.alerts()
+    assert alert.kind == "delivery_failed"
+    [email] = world.admin_mail()
+    assert "NOT cancelled" in email.text
