@@ -13,10 +13,10 @@ from uuid import uuid4
 
 import structlog
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import Alert, AlertKind
+from whop_autocancel.db.engine import insert_once
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import render_email
 
@@ -62,11 +62,7 @@ class Alerts:
             order_id=order_id,
             created_at=now,
         )
-        try:
-            with session.begin_nested():
-                session.add(alert)
-                session.flush()
-        except IntegrityError:
+        if not insert_once(session, alert):
             log.info("alert_already_raised", kind=kind.value, dedupe_key=dedupe_key)
             return None
         for address in self._admins:

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -18,7 +17,7 @@ from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
-from whop_autocancel.db.engine import Database
+from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
@@ -55,13 +54,7 @@ def schedule_cancellation(
         created_at=now,
         updated_at=now,
     )
-    try:
-        with session.begin_nested():
-            session.add(row)
-            session.flush()
-    except IntegrityError:
-        return None
-    return row
+    return row if insert_once(session, row) else None
 
 
 def mark_inactive_from_webhook(session: Session, membership_id: str, now: datetime) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = structlog.get_logger(__name__)
@@ -99,3 +100,18 @@ def savepoint(session: Session) -> Iterator[None]:
     except BaseException:
         del callbacks[mark:]
         raise
+
+
+def insert_once(session: Session, row: object) -> bool:
+    """Insert `row` unless a unique key already holds it (then False, and nothing changes).
+
+    The one place that turns "someone else inserted it first" into a plain answer, in a
+    savepoint so the surrounding transaction stays usable.
+    """
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        return False
+    return True

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import String, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
+from whop_autocancel.db.engine import insert_once
 
 
 class Lease(Base):
@@ -32,12 +32,7 @@ def try_acquire(session: Session, key: str, holder: str, now: datetime, seconds:
         return True
     if session.get(Lease, key) is not None:
         return False
-    try:
-        with session.begin_nested():
-            session.add(Lease(key=key, holder=holder, until=until))
-    except IntegrityError:
-        return False
-    return True
+    return insert_once(session, Lease(key=key, holder=holder, until=until))
 
 
 def release(session: Session, key: str, holder: str, now: datetime) -> None:
@@ -52,13 +47,10 @@ def extend_until(session: Session, key: str, holder: str, until: datetime) -> No
     """Move `key`'s time forward to `until` (never backwards), creating it if needed."""
     current = session.get(Lease, key, with_for_update=True)
     if current is None:
-        try:
-            with session.begin_nested():
-                session.add(Lease(key=key, holder=holder, until=until))
+        if insert_once(session, Lease(key=key, holder=holder, until=until)):
             return
-        except IntegrityError:
-            current = session.get(Lease, key, with_for_update=True, populate_existing=True)
-            assert current is not None
+        current = session.get(Lease, key, with_for_update=True, populate_existing=True)
+        assert current is not None
     if current.until < until:
         current.until = until
         current.holder = holder

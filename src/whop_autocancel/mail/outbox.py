@@ -8,11 +8,10 @@ from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import or_, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from whop_autocancel.clock import Clock
-from whop_autocancel.db.engine import Database
+from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.render import RenderedEmail
@@ -71,11 +70,7 @@ class Outbox:
             created_at=now,
             next_attempt_at=now,
         )
-        try:
-            with session.begin_nested():
-                session.add(row)
-                session.flush()
-        except IntegrityError:
+        if not insert_once(session, row):
             return None
         self._jobs.defer(session, SEND_TASK, row.id)
         return row

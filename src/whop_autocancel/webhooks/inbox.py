@@ -10,15 +10,15 @@ from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
-from whop_autocancel.db.engine import Database, savepoint
+from whop_autocancel.db.engine import Database, insert_once, savepoint
 from whop_autocancel.orders.service import OrderService
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.webhooks.parse import (
@@ -103,11 +103,7 @@ class Inbox:
                 status=EventStatus.RECEIVED.value,
                 attempts=0,
             )
-            try:
-                with session.begin_nested():
-                    session.add(event)
-                    session.flush()
-            except IntegrityError:
+            if not insert_once(session, event):
                 return "duplicate"  # a concurrent delivery of the same event won
             self._apply_recording(session, event, envelope, now)
             return event.status
