@@ -41,7 +41,14 @@ def _catalog(settings: Settings) -> Catalog:
     from whop_autocancel.delivery.catalog import load_catalog
     from whop_autocancel.delivery.methods import known_methods
 
-    return load_catalog(settings.CATALOG_PATH, known_methods())
+    catalog = load_catalog(settings.CATALOG_PATH, known_methods())
+    if not catalog.plans:
+        log.warning(
+            "catalog_empty",
+            path=str(settings.CATALOG_PATH),
+            consequence="nothing will be delivered or cancelled",
+        )
+    return catalog
 
 
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
@@ -170,7 +177,7 @@ def cancellations_failed() -> None:
         "Error",
         "Failed at",
     ):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column != "Error")
     for cancellation, order in rows:
         table.add_row(
             str(cancellation.id),

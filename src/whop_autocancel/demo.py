@@ -90,38 +90,36 @@ class Outcome:
     deliveries: int
     cancellation: str
     membership: str
-    cancel_calls: int
+    cancel_calls: str
     ok: bool
 
 
 def _purchases() -> list[Purchase]:
     return [
-        Purchase(1, "legacy webhook, email delivery", PACK, "canceled"),
-        Purchase(2, "pinned (versioned) webhook", PACK, "canceled", {"shape": "pinned"}),
+        Purchase(1, "legacy webhook, email", PACK, "canceled"),
+        Purchase(2, "pinned webhook, email", PACK, "canceled", {"shape": "pinned"}),
         Purchase(3, "delivery = none", SETUP, "canceled"),
-        Purchase(
-            4, "webhook delivered twice", PACK, "canceled", {"duplicate_payment_webhook": True}
-        ),
+        Purchase(4, "webhook sent twice", PACK, "canceled", {"duplicate_payment_webhook": True}),
         Purchase(
             5,
-            "activation before payment",
+            "activation first",
             PACK,
             "canceled",
             {"activation_first": True, "shape": "pinned"},
         ),
         Purchase(
             6,
-            "renewal (subscription)",
+            "subscription renewal",
             MONTHLY,
             "untouched",
             {"billing_reason": "subscription_cycle"},
         ),
-        Purchase(7, "plan not in the catalog", LIFETIME, "untouched"),
-        Purchase(8, "delivery-only plan (cancel = false)", KEEP, "untouched"),
-        Purchase(9, "Whop refuses this cancel", PACK, "failed"),
-        Purchase(10, "during a Whop outage", PACK, "canceled"),
-        Purchase(11, "during a Whop outage", SETUP, "canceled", {"shape": "pinned"}),
-        Purchase(12, "during a Whop outage", PACK, "canceled"),
+        Purchase(7, "plan not in catalog", LIFETIME, "untouched"),
+        Purchase(8, "cancel = false plan", KEEP, "untouched"),
+        Purchase(9, "Whop refuses cancel", PACK, "failed"),
+        Purchase(10, "during Whop outage", PACK, "canceled"),
+        Purchase(11, "during Whop outage", SETUP, "canceled", {"shape": "pinned"}),
+        Purchase(12, "during Whop outage", PACK, "canceled"),
     ]
 
 
@@ -194,6 +192,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             service = subprocess.Popen(
                 [sys.executable, "-m", "whop_autocancel", "serve", "--port", str(port)],
                 env=_service_environment(folder, simulator, sink),
+                cwd=folder,  # no .env of the caller's is read
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
@@ -240,6 +239,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             listing = subprocess.run(
                 [sys.executable, "-m", "whop_autocancel", "cancellations", "failed"],
                 env={**environment, "COLUMNS": "132"},
+                cwd=folder,
                 capture_output=True,
                 text=True,
                 check=False,
@@ -311,11 +311,11 @@ def _outcomes(
             order = orders[purchase.payment_id]
             row = cancellations.get(order.id)
             membership = simulator.state.membership(purchase.membership_id)
-            calls = [
-                c
-                for c in simulator.state.calls(purchase.membership_id)
-                if c["method"] == "POST" and c["status"] < 500
+            posts = [
+                c for c in simulator.state.calls(purchase.membership_id) if c["method"] == "POST"
             ]
+            calls = [c for c in posts if c["status"] < 500]
+            unavailable = len(posts) - len(calls)
             deliveries = len([m for m in sink.to(purchase.email)])
             status = row.status if row else "-"
             expected_deliveries = 0 if purchase.plan_id in (SETUP, MONTHLY, LIFETIME) else 1
@@ -331,7 +331,7 @@ def _outcomes(
                 deliveries=deliveries,
                 cancellation=status,
                 membership=membership["status"],
-                cancel_calls=len(calls),
+                cancel_calls=str(len(calls)) + (f" (+{unavailable} x 503)" if unavailable else ""),
                 ok=ok,
             )
     return results
@@ -347,28 +347,28 @@ def _report(
     table = Table(title="What happened to each purchase")
     for column in (
         "#",
-        "Scenario",
+        "Purchase",
         "Plan",
         "Order",
-        "Emails to buyer",
+        "Buyer emails",
         "Cancellation",
-        "Whop membership",
+        "In Whop",
         "Cancel calls",
         "Expected",
         "OK",
     ):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for purchase in purchases:
         outcome = outcomes[purchase.number]
         table.add_row(
             str(purchase.number),
             purchase.scenario,
-            purchase.plan_id,
+            purchase.plan_id.removeprefix("plan_"),
             outcome.order_status,
             str(outcome.deliveries),
             outcome.cancellation,
             outcome.membership,
-            str(outcome.cancel_calls),
+            outcome.cancel_calls,
             purchase.expect_cancel,
             "[green]yes[/green]" if outcome.ok else "[red]NO[/red]",
         )

@@ -426,3 +426,33 @@ def test_no_customer_email_means_delivery_failed_an_alert_and_no_cancellation(
     assert alert.kind == "delivery_failed"
     [email] = world.admin_mail()
     assert "NOT cancelled" in email.text
+
+
+def test_a_late_activation_wakes_the_waiting_cancellation(world: World) -> None:
+    purchase = world.buy(shape="pinned", payment_has_membership_id=False, send_activation=False)
+    cancellation_id = purchase["cancellation_id"]
+    assert world.run(cancellation_id, after=5).membership_id is None
+    world.runtime.jobs.huey.flush()
+    # membership.activated arrives late: the id is attached and the job enqueued again.
+    from whop_autocancel.webhooks.parse import MembershipFacts
+
+    facts = MembershipFacts(
+        membership_id=purchase["membership_id"],
+        status="completed",
+        plan_id=MESSAGE_PLAN,
+        product_id=None,
+        user_id=None,
+        email=None,
+        checkout_configuration_id=None,
+        metadata={},
+    )
+    with world.runtime.database.transaction() as session:
+        order = session.get(Order, purchase["order_id"])
+        assert order is not None
+        facts = MembershipFacts(**{**facts.__dict__, "metadata": {"order_id": order.id}})
+        world.runtime.orders.apply_membership_live(session, facts, world.clock.now())
+    assert [
+        t.name for t in world.runtime.jobs.huey.scheduled() + world.runtime.jobs.huey.pending()
+    ] == ["cancellation.run"]
+    world.clock.advance(60)
+    assert world.run(cancellation_id).status == "canceled"

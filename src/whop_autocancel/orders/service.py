@@ -79,7 +79,7 @@ class OrderService:
         if not transition(order, OrderStatus.PAID, "payment.succeeded"):
             return order  # already paid (another event of the same payment): nothing more to do
         session.flush()
-        self._attach_membership_to_cancellation(session, order)
+        self._attach_membership_to_cancellation(session, order, now)
         if must_deliver(self._catalog, order):
             self._jobs.defer(session, DELIVER_TASK, order.id)
         elif self._catalog.is_listed(order.plan_id):
@@ -126,7 +126,7 @@ class OrderService:
         order.email = order.email or facts.email
         order.plan_id = order.plan_id or facts.plan_id
         session.flush()
-        self._attach_membership_to_cancellation(session, order)
+        self._attach_membership_to_cancellation(session, order, now)
         return order
 
     def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:
@@ -153,7 +153,9 @@ class OrderService:
             .limit(1)
         ).first()
 
-    def _attach_membership_to_cancellation(self, session: Session, order: Order) -> None:
+    def _attach_membership_to_cancellation(
+        self, session: Session, order: Order, now: datetime
+    ) -> None:
         # Imported here: cancellation depends on orders, not the other way round.
         from whop_autocancel.cancellation.models import Cancellation
 
@@ -164,6 +166,10 @@ class OrderService:
         ).first()
         if cancellation is not None and cancellation.membership_id is None:
             cancellation.membership_id = order.whop_membership_id
+            if cancellation.status == "scheduled":
+                # It was waiting for this id: run it once the delay it was given is over.
+                delay = max(0.0, (cancellation.next_attempt_at - now).total_seconds())
+                self._jobs.defer(session, "cancellation.run", cancellation.id, delay=delay)
 
     def _alert_not_one_time(self, session: Session, order: Order, now: datetime) -> None:
         log.warning(
