@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from whop_autocancel.orders.routes import checkout_router
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.worker import InProcessWorker
 
@@ -46,6 +48,14 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
 
     app = FastAPI(title="whop-autocancel", lifespan=lifespan, docs_url=None, redoc_url=None)
     limit = runtime.settings.WEBHOOK_MAX_BYTES
+    app.include_router(checkout_router(runtime.checkouts, runtime.settings))
+    if runtime.settings.CHECKOUT_CORS_ORIGINS:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=runtime.settings.CHECKOUT_CORS_ORIGINS,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.post("/webhooks/whop")
     async def receive_webhook(request: Request) -> JSONResponse:

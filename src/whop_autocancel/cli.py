@@ -108,6 +108,8 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT),
+        proxy_headers=True,
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
     )
     runtime.close()
 
@@ -146,6 +148,23 @@ def migrate() -> None:
         out.print(f"Database already at revision {after}; nothing to do.")
     else:
         out.print(f"Database migrated from {before or 'empty'} to {after}.")
+
+
+@app.command()
+def check() -> None:
+    """Check settings, catalog, database, queue, SMTP and the Whop API key; one line each.
+    Exits non-zero when any check fails."""
+    from whop_autocancel.checks import CANCEL_NOTE, run_checks
+
+    settings = _settings()
+    failed = 0
+    for result in run_checks(settings):
+        failed += not result.ok
+        mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {result.name}: {result.detail}", soft_wrap=True)
+    out.print(CANCEL_NOTE, soft_wrap=True)
+    if failed:
+        raise WhopAutocancelError(f"{failed} check(s) failed")
 
 
 @cancellations_app.command("failed")
@@ -251,18 +270,41 @@ def demo(
 
 @app.command()
 def simulator(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8900,
-    api_key: Annotated[str, typer.Option(envvar="SIM_API_KEY")] = "sim_key",
-    webhook_secret: Annotated[str, typer.Option(envvar="SIM_WEBHOOK_SECRET")] = "ws_simulator",  # noqa: S107
-    webhook_url: Annotated[str | None, typer.Option(envvar="SIM_WEBHOOK_URL")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8900,
+    api_key: Annotated[
+        str, typer.Option(envvar="SIM_API_KEY", help="The bearer key it accepts.")
+    ] = "sim_key",
+    webhook_secret: Annotated[
+        str, typer.Option(envvar="SIM_WEBHOOK_SECRET", help="The ws_… secret it signs with.")
+    ] = "ws_simulator",  # noqa: S107
+    webhook_url: Annotated[
+        str | None, typer.Option(envvar="SIM_WEBHOOK_URL", help="Where it sends webhooks.")
+    ] = None,
+    plan: Annotated[
+        list[str] | None,
+        typer.Option(help="A plan it knows, as ID[:one_time|renewal]; repeatable."),
+    ] = None,
+    company_id: Annotated[str, typer.Option(help="The store's biz_… id.")] = "biz_SimStore",
+    seed: Annotated[int, typer.Option(help="Seed of the fault injection's dice.")] = 1,
     time_scale: Annotated[float, typer.Option(help="Multiplies Whop's delays.")] = 1.0,
 ) -> None:
-    """Run the Whop simulator (a stand-in for api.whop.com) until interrupted."""
+    """Run the Whop simulator (a stand-in for api.whop.com) until interrupted. Its control API
+    is described in docs/simulator.md."""
+    import signal
     import threading
 
     from whop_autocancel.simulator import SimulatorServer
 
+    plans: list[tuple[str, str]] = []
+    for entry in plan or []:
+        plan_id, _, plan_type = entry.partition(":")
+        if plan_type not in ("", "one_time", "renewal") or not plan_id.startswith("plan_"):
+            raise typer.BadParameter(
+                f"{entry!r}: expected plan_ID, plan_ID:one_time or plan_ID:renewal",
+                param_hint="--plan",
+            )
+        plans.append((plan_id, plan_type or "one_time"))
     configure_logging("INFO", "console")
     server = SimulatorServer(
         api_key=api_key,
@@ -271,14 +313,20 @@ def simulator(
         time_scale=time_scale,
         host=host,
         port=port,
+        company_id=company_id,
+        seed=seed,
     )
     server.start()
+    for plan_id, plan_type in plans:
+        server.state.create_plan(plan_id, plan_type)  # type: ignore[arg-type]
     out.print(
         f"Whop simulator at {server.api_url} (control API under {server.url}/_sim); "
-        "Ctrl-C stops it."
+        "Ctrl-C or SIGTERM stops it."
     )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:

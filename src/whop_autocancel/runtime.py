@@ -18,6 +18,7 @@ from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.delivery.service import DeliveryService
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.outbox import SEND_TASK, Outbox
+from whop_autocancel.orders.checkout import CheckoutService
 from whop_autocancel.orders.service import DELIVER_TASK, OrderService
 from whop_autocancel.settings import Settings
 from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
@@ -45,6 +46,7 @@ class Runtime:
     delivery: DeliveryService
     cancellations: CancellationService
     stuck_sweep: StuckWorkSweep
+    checkouts: CheckoutService
     owner: str
     _whop: WhopClient | None = None
     _whop_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -126,6 +128,7 @@ def build_runtime(
         lease_seconds=settings.CANCEL_LEASE,
         membership_wait=settings.MEMBERSHIP_WAIT,
         version_date=settings.WHOP_API_VERSION_DATE,
+        company_id=settings.WHOP_COMPANY_ID,
     )
     stuck_sweep = StuckWorkSweep(
         database,
@@ -135,6 +138,15 @@ def build_runtime(
         owner=owner,
         interval=settings.SWEEP_INTERVAL,
         grace=settings.STUCK_GRACE,
+    )
+    checkouts = CheckoutService(
+        database,
+        catalog,
+        clock,
+        lambda: runtime_box[0].whop(),
+        redirect_url=settings.CHECKOUT_REDIRECT_URL,
+        company_id=settings.WHOP_COMPANY_ID,
+        timeout=settings.CHECKOUT_TIMEOUT,
     )
     runtime = Runtime(
         settings=settings,
@@ -149,6 +161,7 @@ def build_runtime(
         delivery=delivery,
         cancellations=cancellations,
         stuck_sweep=stuck_sweep,
+        checkouts=checkouts,
         owner=owner,
     )
     runtime_box.append(runtime)

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
         case_sensitive=True,
         extra="ignore",
         frozen=True,
+        env_ignore_empty=True,  # SETTING= (empty) means "not set", as in most .env files
     )
 
     # Whop
@@ -99,6 +100,14 @@ class Settings(BaseSettings):
     WHOP_COMPANY_ID: str | None = None
     WHOP_TIMEOUT: PositiveSeconds = 10.0
     WHOP_WEBHOOK_SECRET: SecretStr | None = None
+
+    # Checkout API (POST /api/checkouts)
+    CHECKOUT_REDIRECT_URL: str | None = None
+    CHECKOUT_TOKEN: SecretStr | None = None
+    CHECKOUT_RATE_LIMIT: str = "10/minute"
+    CHECKOUT_CORS_ORIGINS: Annotated[list[str], NoDecode] = []
+    CHECKOUT_TIMEOUT: PositiveSeconds = 5.0
+    FORWARDED_ALLOW_IPS: str = "127.0.0.1"
 
     # Storage and jobs
     DATABASE_URL: str = DEFAULT_DATABASE_URL
@@ -143,10 +152,39 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one delay, e.g. 1,2,4,10,30,60")
         return value
 
-    @field_validator("ADMIN_EMAILS", mode="before")
+    @field_validator("ADMIN_EMAILS", "CHECKOUT_CORS_ORIGINS", mode="before")
     @classmethod
-    def _split_emails(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         return _split(value, ",")
+
+    @field_validator("CHECKOUT_CORS_ORIGINS")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"{origin!r} is not an origin such as https://shop.example.com")
+        return value
+
+    @field_validator("CHECKOUT_REDIRECT_URL")
+    @classmethod
+    def _check_redirect(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s) URL of your success page")
+        return value
+
+    @field_validator("CHECKOUT_RATE_LIMIT")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        if value.strip().lower() in ("", "off", "0"):
+            return "off"
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("must look like 10/minute, 100/hour or off") from None
+        return value
 
     @field_validator("ADMIN_EMAILS")
     @classmethod

@@ -42,16 +42,16 @@ class Deployment:
         self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = service_environment(
-            tmp_path,
-            WHOP_API_URL=simulator.api_url,
-            SMTP_URL=sink.url,
-            CANCEL_DELAY="0.2",
-            SWEEP_INTERVAL="0.5",
-            STUCK_GRACE="0.5",
-            RETRY_SCHEDULE="0.5,1",
-            **settings,
-        )
+        values = {
+            "WHOP_API_URL": simulator.api_url,
+            "SMTP_URL": sink.url,
+            "CANCEL_DELAY": "0.2",
+            "SWEEP_INTERVAL": "0.5",
+            "STUCK_GRACE": "0.5",
+            "RETRY_SCHEDULE": "0.5,1",
+            "LOG_LEVEL": "DEBUG",
+        }
+        self.env = service_environment(tmp_path, **{**values, **settings})
         self.processes: list[subprocess.Popen[bytes]] = []
         self.database = Database(self.env["DATABASE_URL"])
         simulator.state.set_webhook_url(f"{self.url}/webhooks/whop")
@@ -106,16 +106,29 @@ class Deployment:
         self.database.dispose()
 
 
+SMTP_PASSWORD = "smtp-pa55-do-not-log"
+CHECKOUT_TOKEN = "checkout-token-do-not-log"
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    with SmtpSink(credentials=("shop", SMTP_PASSWORD)) as sink:
+        yield sink
+
+
 @pytest.fixture
 def deployment(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment, Any]]:
     with SimulatorServer(
-        api_key="sim_test_key_do_not_log_7781",
-        webhook_secret="ws_test_0f3a9c27e4b14d8fa6c2b5e81d907a3c",
-        webhook_url=None,
-        time_scale=0.01,
+        api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
     ) as simulator:
         deployment = Deployment(
-            tmp_path, simulator, smtp_sink, CANCEL_LEASE="3", WHOP_TIMEOUT="1.2"
+            tmp_path,
+            simulator,
+            smtp_sink,
+            CANCEL_LEASE="3",
+            WHOP_TIMEOUT="1.2",
+            CHECKOUT_TOKEN=CHECKOUT_TOKEN,
+            SMTP_URL=f"smtp://shop:{SMTP_PASSWORD}@127.0.0.1:{smtp_sink.port}",
         )
         deployment.start_web()
         try:
@@ -154,11 +167,20 @@ def test_a_worker_killed_mid_cancellation_is_finished_by_the_sweep(
     assert [c["status"] for c in posts][-1] == 200
     wait_for(service.outbox_empty, 15, "every email to be sent")
     assert len(smtp_sink.to("killed@example.com")) == 1  # delivered exactly once
-    # Nothing secret in any process's log.
-    for log in service.tmp_path.glob("*.log"):
-        text = log.read_text()
-        assert API_KEY not in text
-        assert SECRET not in text
+    # One structured line per step, with its ids, and nothing secret in any process's log.
+    logs = "".join(log.read_text() for log in service.tmp_path.glob("*.log"))
+    for event in (
+        "webhook_received",
+        "payment_matched",
+        "delivered",
+        "cancel_attempt",
+        "cancelled",
+        "email_sent",
+    ):
+        assert f'"event": "{event}"' in logs
+    assert purchase["membership_id"] in logs
+    for secret in (API_KEY, SECRET, SMTP_PASSWORD, CHECKOUT_TOKEN):
+        assert secret not in logs
 
 
 def test_sigterm_lets_the_running_cancellation_finish(

@@ -6,8 +6,8 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -574,3 +574,546 @@ def test_server_lifecycle() -> None:
         sim.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(sim.url + "/_sim/calls")
+
+
+# ----- lists: memberships ---------------------------------------------------------------------
+
+
+def api_get(
+    client: httpx.Client,
+    path: str,
+    params: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+    version: str | None = None,
+) -> httpx.Response:
+    headers = dict(AUTH)
+    if version is not None:
+        headers["Api-Version-Date"] = version
+    pairs = tuple(params.items()) if isinstance(params, Mapping) else tuple(params or ())
+    return client.get(f"/api/v1{path}", params=pairs, headers=headers)
+
+
+def ids_of(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [item["id"] for item in response.json()["data"]]
+
+
+COMPANY_ID = "biz_SimStore"
+
+
+def test_legacy_list_requires_our_company_id(client: httpx.Client) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    error = assert_error(api_get(client, "/memberships"), 400, "bad_request")
+    assert "company_id" in error["message"]
+    assert_error(api_get(client, "/payments"), 400, "bad_request")
+    assert_error(api_get(client, "/memberships", {"company_id": "biz_Other"}), 403, "forbidden")
+    assert ids_of(api_get(client, "/memberships", {"company_id": COMPANY_ID})) == [mid]
+    # The versioned model needs no account; a foreign one narrows the list to nothing.
+    assert ids_of(api_get(client, "/memberships", version=PINNED)) == [mid]
+    assert ids_of(api_get(client, "/memberships", {"account_id": COMPANY_ID}, PINNED)) == [mid]
+    assert ids_of(api_get(client, "/memberships", {"account_id": "biz_Other"}, PINNED)) == []
+
+
+def test_list_memberships_filters(client: httpx.Client) -> None:
+    a1 = buy(client, plan_id="plan_A", product_id="prod_A", send_webhooks=False)
+    a2 = buy(client, plan_id="plan_A", send_webhooks=False)
+    b = buy(client, plan_id="plan_B", send_webhooks=False)
+    sub = buy(client, plan_id="plan_S", billing_reason="subscription_create", send_webhooks=False)
+    cancel(client, b["membership_id"], {"cancellation_mode": "immediate"})
+    legacy = [("company_id", COMPANY_ID)]
+
+    def legacy_ids(*params: tuple[str, str]) -> set[str]:
+        return set(ids_of(api_get(client, "/memberships", legacy + list(params))))
+
+    def versioned_ids(*params: tuple[str, str]) -> set[str]:
+        return set(ids_of(api_get(client, "/memberships", list(params), PINNED)))
+
+    a_ids = {a1["membership_id"], a2["membership_id"]}
+    assert legacy_ids(("plan_ids", "plan_A")) == a_ids
+    assert legacy_ids(("plan_ids[]", "plan_A")) == a_ids
+    assert legacy_ids(("plan_ids", "plan_A"), ("plan_ids[]", "plan_B")) == a_ids | {
+        b["membership_id"]
+    }
+    assert legacy_ids(("product_ids", "prod_A")) == a_ids  # the plan's product, for both
+    assert legacy_ids(("user_ids", a2["user_id"])) == {a2["membership_id"]}
+    assert legacy_ids(("statuses[]", "canceled")) == {b["membership_id"]}
+    assert legacy_ids(("statuses", "completed"), ("statuses", "active")) == a_ids | {
+        sub["membership_id"]
+    }
+    assert legacy_ids(("promo_code_ids", "promo_X")) == set()
+    assert_error(
+        api_get(client, "/memberships", [*legacy, ("statuses", "one_time")]), 400, "bad_request"
+    )
+
+    assert versioned_ids(("plan_id", "plan_A")) == a_ids
+    assert versioned_ids(("plan_ids", "plan_A"), ("plan_ids", "plan_S")) == a_ids | {
+        sub["membership_id"]
+    }
+    assert versioned_ids(("user_id", a1["user_id"])) == {a1["membership_id"]}
+    assert versioned_ids(("member_id", a1["member_id"])) == {a1["membership_id"]}
+    assert versioned_ids(("status", "one_time")) == a_ids  # one-time purchases still granting
+    assert versioned_ids(("statuses", "active")) == {sub["membership_id"]}
+    assert_error(
+        api_get(client, "/memberships", {"status": "sleeping"}, PINNED), 400, "bad_request"
+    )
+
+    # A period-end cancel moves a live membership into the derived `canceling` bucket.
+    cancel(client, sub["membership_id"], {"cancel_at_period_end": True}, version=PINNED)
+    assert versioned_ids(("status", "canceling")) == {sub["membership_id"]}
+    assert versioned_ids(("status", "active")) == set()
+    assert legacy_ids(("statuses", "active")) == {sub["membership_id"]}
+
+
+def test_list_memberships_created_window(client: httpx.Client, sim: SimulatorServer) -> None:
+    first = buy(client, send_webhooks=False)["membership_id"]
+    time.sleep(0.01)
+    second = buy(client, send_webhooks=False)["membership_id"]
+    created = {
+        m["id"]: m["created_at"]
+        for m in api_get(client, "/memberships", version=PINNED).json()["data"]
+    }
+    assert created[first] < created[second]
+    after_first = {"created_after": created[first]}
+    assert ids_of(api_get(client, "/memberships", after_first, PINNED)) == [second]
+    before_second = {"created_before": created[second]}
+    assert ids_of(api_get(client, "/memberships", before_second, PINNED)) == [first]
+    unix = {"created_after": str(int(parse_at(created[first])) - 60)}
+    assert set(ids_of(api_get(client, "/memberships", unix, PINNED))) == {first, second}
+    bad = api_get(client, "/memberships", {"created_after": "yesterday"}, PINNED)
+    assert_error(bad, 400, "bad_request")
+
+
+def test_list_memberships_cursor_pagination(client: httpx.Client) -> None:
+    made = [buy(client, send_webhooks=False)["membership_id"] for _ in range(7)]
+    newest_first = list(reversed(made))
+
+    pages: list[list[str]] = []
+    infos: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        params = {"first": "3", **({"after": after} if after else {})}
+        body = api_get(client, "/memberships", params, PINNED).json()
+        pages.append([m["id"] for m in body["data"]])
+        infos.append(body["page_info"])
+        after = body["page_info"]["end_cursor"]
+        if not body["page_info"]["has_next_page"]:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [m for page in pages for m in page] == newest_first
+    assert [i["has_next_page"] for i in infos] == [True, True, False]
+    assert [i["has_previous_page"] for i in infos] == [False, True, True]
+    assert all(i["start_cursor"] and i["end_cursor"] for i in infos)
+    # After the last item: an empty page without cursors (the SDK stops there).
+    empty = api_get(client, "/memberships", {"after": after or ""}, PINNED).json()
+    assert empty == {
+        "data": [],
+        "page_info": {
+            "start_cursor": None,
+            "end_cursor": None,
+            "has_next_page": False,
+            "has_previous_page": True,
+        },
+    }
+
+    ascending = api_get(client, "/memberships", {"direction": "asc", "first": "100"}, PINNED)
+    assert ids_of(ascending) == made
+    default = api_get(client, "/memberships", version=PINNED).json()
+    assert len(default["data"]) == 7  # first defaults to 10
+
+    # Backwards: last/before from the second page's start.
+    second_start = infos[1]["start_cursor"]
+    back = api_get(client, "/memberships", {"last": "2", "before": second_start}, PINNED)
+    assert ids_of(back) == newest_first[1:3]
+    assert back.json()["page_info"]["has_previous_page"] is True
+
+    for bad in ({"first": "101"}, {"first": "0"}, {"first": "x"}, {"after": "garbage"}):
+        assert_error(api_get(client, "/memberships", bad, PINNED), 400, "bad_request")
+    wrong_order = api_get(client, "/memberships", {"order": "status"}, PINNED)
+    assert_error(wrong_order, 400, "bad_request")  # the versioned model orders by created_at only
+    legacy_order = [("company_id", COMPANY_ID), ("order", "id"), ("direction", "asc")]
+    assert ids_of(api_get(client, "/memberships", legacy_order)) == sorted(made)
+
+
+def test_list_memberships_items_in_request_shape(client: httpx.Client) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    (legacy,) = api_get(client, "/memberships", {"company_id": COMPANY_ID}).json()["data"]
+    assert legacy == retrieve(client, mid).json()
+    assert "user" in legacy
+    (versioned,) = api_get(client, "/memberships", version=PINNED).json()["data"]
+    assert versioned == retrieve(client, mid, PINNED).json()
+    assert "plan_id" in versioned
+
+
+# ----- lists: payments ------------------------------------------------------------------------
+
+
+def test_list_payments_filters_and_order(client: httpx.Client) -> None:
+    one = buy(client, plan_id="plan_P", send_webhooks=False)
+    two = buy(client, plan_id="plan_P", currency="eur", send_webhooks=False)
+    renewal = buy(
+        client, plan_id="plan_R", billing_reason="subscription_cycle", send_webhooks=False
+    )
+    legacy = [("company_id", COMPANY_ID)]
+
+    def legacy_ids(*params: tuple[str, str]) -> list[str]:
+        return ids_of(api_get(client, "/payments", legacy + list(params)))
+
+    assert legacy_ids() == [renewal["payment_id"], two["payment_id"], one["payment_id"]]
+    assert legacy_ids(("direction", "asc")) == [
+        one["payment_id"],
+        two["payment_id"],
+        renewal["payment_id"],
+    ]
+    assert legacy_ids(("billing_reasons[]", "one_time")) == [two["payment_id"], one["payment_id"]]
+    assert legacy_ids(("billing_reasons", "subscription_update")) == []
+    assert legacy_ids(("plan_ids", "plan_R")) == [renewal["payment_id"]]
+    assert legacy_ids(("statuses", "paid"), ("plan_id", "plan_P"), ("order", "paid_at")) == [
+        two["payment_id"],
+        one["payment_id"],
+    ]
+    assert legacy_ids(("statuses", "void")) == []
+    assert legacy_ids(("currency", "EUR")) == [two["payment_id"]]
+    assert_error(api_get(client, "/payments", [*legacy, ("status", "x")]), 400, "bad_request")
+    assert_error(api_get(client, "/payments", [*legacy, ("order", "x")]), 400, "bad_request")
+
+    versioned = api_get(
+        client, "/payments", {"billing_reason": "subscription_cycle", "first": "1"}, PINNED
+    ).json()
+    assert [p["id"] for p in versioned["data"]] == [renewal["payment_id"]]
+    assert versioned["data"][0]["membership_id"] == renewal["membership_id"]  # versioned shape
+    assert versioned["page_info"]["has_next_page"] is False
+    by_product = api_get(client, "/payments", {"membership_id": one["membership_id"]}, PINNED)
+    assert ids_of(by_product) == [one["payment_id"]]
+    foreign = api_get(client, "/payments", {"account_id": "biz_Other"}, PINNED)
+    assert ids_of(foreign) == []
+
+
+# ----- plans ----------------------------------------------------------------------------------
+
+
+def test_plans_created_by_control_api_and_by_purchases(client: httpx.Client) -> None:
+    made = client.post(
+        "/_sim/plans",
+        json={"plan_id": "plan_Course", "plan_type": "one_time", "title": "Course", "amount": "49"},
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["plan_type"] == "one_time"
+    product = made.json()["product"]["id"]
+
+    versioned = api_get(client, "/plans/plan_Course", version=PINNED).json()
+    assert (versioned["id"], versioned["plan_type"], versioned["title"]) == (
+        "plan_Course",
+        "one_time",
+        "Course",
+    )
+    assert versioned["initial_price"] == 49.0
+    assert versioned["account"]["id"] == COMPANY_ID
+    legacy = api_get(client, "/plans/plan_Course").json()
+    assert legacy["company"]["id"] == COMPANY_ID
+    assert "account" not in legacy
+    assert legacy["plan_type"] == "one_time"
+    assert_error(api_get(client, "/plans/plan_Nope"), 404, "not_found")
+
+    # A purchase of a known plan takes its product and price.
+    bought = buy(client, plan_id="plan_Course", send_webhooks=False)
+    assert bought["product_id"] == product
+    assert retrieve(client, bought["membership_id"]).json()["initial_price_paid"] == "$49.00"
+    # A purchase of an unknown plan creates it, typed by the billing reason.
+    buy(client, plan_id="plan_Sub", billing_reason="subscription_create", send_webhooks=False)
+    buy(client, plan_id="plan_Once", send_webhooks=False)
+    assert api_get(client, "/plans/plan_Sub", version=PINNED).json()["plan_type"] == "renewal"
+    assert api_get(client, "/plans/plan_Once", version=PINNED).json()["plan_type"] == "one_time"
+    bad = client.post("/_sim/plans", json={"plan_id": "plan_X", "plan_type": "weekly"})
+    assert bad.status_code == 422
+
+
+# ----- checkout configurations ----------------------------------------------------------------
+
+
+def create_checkout(
+    client: httpx.Client, body: dict[str, Any], version: str | None = PINNED, key: str = ""
+) -> httpx.Response:
+    headers = dict(AUTH)
+    if version is not None:
+        headers["Api-Version-Date"] = version
+    if key:
+        headers["Idempotency-Key"] = key
+    return client.post("/api/v1/checkout_configurations", json=body, headers=headers)
+
+
+def test_checkout_configuration_create_and_get(client: httpx.Client, sim: SimulatorServer) -> None:
+    client.post("/_sim/plans", json={"plan_id": "plan_C"})
+    response = create_checkout(
+        client,
+        {
+            "plan_id": "plan_C",
+            "metadata": {"order_id": "ord_1"},
+            "redirect_url": "https://shop.example.com/thanks",
+            "mode": "payment",
+            "account_id": COMPANY_ID,
+        },
+    )
+    assert response.status_code == 200, response.text
+    config = response.json()
+    assert config["id"].startswith("ch_")
+    assert config["purchase_url"] == f"{sim.url}/checkout/{config['id']}"
+    assert (config["account_id"], config["metadata"], config["mode"]) == (
+        COMPANY_ID,
+        {"order_id": "ord_1"},
+        "payment",
+    )
+    assert config["redirect_url"] == "https://shop.example.com/thanks"
+    assert (config["plan"]["id"], config["plan"]["plan_type"]) == ("plan_C", "one_time")
+    fetched = api_get(client, f"/checkout_configurations/{config['id']}", version=PINNED)
+    assert fetched.json() == config
+    legacy = api_get(client, f"/checkout_configurations/{config['id']}").json()
+    assert legacy["company_id"] == COMPANY_ID
+    assert "account_id" not in legacy
+    page = client.get(f"/checkout/{config['id']}")
+    assert page.status_code == 200
+    assert config["id"] in page.text
+    assert client.get("/checkout/ch_nope").status_code == 404
+
+    assert_error(create_checkout(client, {"plan_id": "plan_Missing"}), 404, "not_found")
+    assert_error(create_checkout(client, {"metadata": {}}), 400, "bad_request")
+    assert_error(
+        create_checkout(client, {"plan_id": "plan_C", "mode": "setup"}), 400, "bad_request"
+    )
+    assert_error(
+        create_checkout(client, {"plan_id": "plan_C", "company_id": "biz_Other"}, None),
+        403,
+        "forbidden",
+    )
+    assert_error(api_get(client, "/checkout_configurations/ch_nope"), 404, "not_found")
+
+    once = create_checkout(client, {"plan_id": "plan_C"}, key="checkout-1").json()
+    again = create_checkout(client, {"plan_id": "plan_C"}, key="checkout-1").json()
+    assert once["id"] == again["id"]  # an Idempotency-Key replays the first answer
+
+
+def test_completed_checkout_copies_metadata(client: httpx.Client, receiver: Receiver) -> None:
+    client.post("/_sim/config", json={"webhook_url": receiver.url})
+    client.post("/_sim/plans", json={"plan_id": "plan_M"})
+    config = create_checkout(client, {"plan_id": "plan_M", "metadata": {"order_id": "o7"}}).json()
+    done = client.post(
+        f"/_sim/checkout_configurations/{config['id']}/complete",
+        json={"email": "co@example.com", "shape": "pinned"},
+    )
+    assert done.status_code == 201, done.text
+    bought = done.json()
+    assert (bought["plan_id"], bought["checkout_configuration_id"]) == ("plan_M", config["id"])
+    membership = retrieve(client, bought["membership_id"], PINNED).json()
+    assert (membership["metadata"], membership["plan_id"]) == ({"order_id": "o7"}, "plan_M")
+    payment = api_get(client, f"/payments/{bought['payment_id']}", version=PINNED).json()
+    assert payment["metadata"] == {"order_id": "o7"}
+    assert payment["checkout_configuration_id"] == config["id"]
+    assert payment["billing_reason"] == "one_time"
+    wait_for(lambda: len(receiver.received) == 2)
+    for event in receiver.bodies():
+        assert event["data"]["metadata"] == {"order_id": "o7"}
+
+    # create_purchase through a known configuration copies it too; explicit keys win.
+    through = buy(
+        client, plan_id="plan_M", checkout_configuration_id=config["id"], metadata={"x": 1}
+    )
+    legacy = retrieve(client, through["membership_id"]).json()
+    assert legacy["metadata"] == {"order_id": "o7", "x": 1}
+    assert legacy["checkout_configuration_id"] == config["id"]
+    wrong_plan = client.post(
+        "/_sim/purchases", json={"plan_id": "plan_Z", "checkout_configuration_id": config["id"]}
+    )
+    assert wrong_plan.status_code == 422
+    missing = client.post("/_sim/checkout_configurations/ch_nope/complete", json={})
+    assert missing.status_code == 404
+
+
+# ----- rate limit -----------------------------------------------------------------------------
+
+
+def test_rate_limit_token_bucket(client: httpx.Client, sim: SimulatorServer) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    response = client.post("/_sim/rate_limit", json={"capacity": 3, "refill_per_second": 2})
+    assert response.json() == {"capacity": 3, "refill_per_second": 2.0}
+    assert [retrieve(client, mid).status_code for _ in range(3)] == [200, 200, 200]
+    limited = retrieve(client, mid)
+    assert_error(limited, 429, "rate_limited")
+    assert limited.headers["Retry-After"] == "1"  # under 0.5 s, rounded up to whole seconds
+    assert 1 <= int(limited.headers["retry-after-ms"]) <= 500
+    # Another key has its own bucket (and is then refused for being wrong).
+    stranger = client.get(f"/api/v1/memberships/{mid}", headers={"Authorization": "Bearer x"})
+    assert stranger.status_code == 401
+    time.sleep(int(limited.headers["retry-after-ms"]) / 1000)
+    assert retrieve(client, mid).status_code == 200  # one token refilled
+    assert retrieve(client, mid).status_code == 429
+    client.post("/_sim/rate_limit", json={"capacity": None})
+    assert [retrieve(client, mid).status_code for _ in range(5)] == [200] * 5
+    assert client.post("/_sim/rate_limit", json={"capacity": 0}).status_code == 422
+
+
+# ----- random faults --------------------------------------------------------------------------
+
+
+def test_error_rate_answers_500_and_changes_nothing(client: httpx.Client) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    settings = client.post("/_sim/faults", json={"error_rate": 1.0}).json()
+    assert settings["error_rate"] == 1.0
+    assert_error(
+        cancel(client, mid, {"cancellation_mode": "immediate"}), 500, "internal_server_error"
+    )
+    client.post("/_sim/faults", json={"error_rate": 0.0})
+    assert retrieve(client, mid).json()["status"] == "completed"
+
+    def statuses(seed: int) -> list[int]:
+        client.post("/_sim/faults", json={"error_rate": 0.5, "seed": seed})
+        return [retrieve(client, mid).status_code for _ in range(40)]
+
+    first, again, other = statuses(7), statuses(7), statuses(8)
+    assert first == again  # the dice are seeded
+    assert first != other
+    assert 8 <= first.count(500) <= 32
+    assert set(first) == {200, 500}
+
+
+def test_timeouts_hang_off_the_lock_then_answer_504(
+    client: httpx.Client, sim: SimulatorServer
+) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    other = buy(client, send_webhooks=False)["membership_id"]
+    client.post("/_sim/faults", json={"timeout_rate": 1.0, "timeout_seconds": 0.5})
+    finished: list[str] = []
+    results: dict[str, httpx.Response] = {}
+
+    def hanging_cancel() -> None:
+        results["cancel"] = cancel(client, mid, {"cancellation_mode": "immediate"})
+        finished.append("cancel")
+
+    worker = threading.Thread(target=hanging_cancel)
+    worker.start()
+    wait_for(lambda: any(c["timed_out"] for c in sim.state.calls()))
+    sim.state.set_faults(timeout_rate=0.0)
+    results["read"] = retrieve(client, other)  # served while the cancel still hangs
+    finished.append("read")
+    worker.join(5)
+
+    assert finished == ["read", "cancel"]
+    assert results["read"].status_code == 200
+    assert_error(results["cancel"], 504, "gateway_timeout")
+    # The cancel was carried out; only its answer was lost (the reply a read-back must find).
+    assert retrieve(client, mid).json()["status"] == "canceled"
+    (call,) = [c for c in sim.state.calls(mid) if c["method"] == "POST"]
+    assert (call["status"], call["timed_out"]) == (504, True)
+
+
+def test_outage_window_ends_by_itself(client: httpx.Client, sim: SimulatorServer) -> None:
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    switched = datetime.now(UTC).timestamp()
+    response = client.post("/_sim/outage", json={"enabled": True, "for_seconds": 20})
+    assert response.json() == {"enabled": True, "for_seconds": 20.0}
+    assert client.get("/_sim/faults").json()["outage"] is True
+    statuses: list[int] = []
+    while not statuses or statuses[-1] != 200:
+        statuses.append(retrieve(client, mid).status_code)
+        time.sleep(0.005)
+    calls = sim.state.calls(mid)
+    assert statuses[0] == 503
+    assert set(statuses[:-1]) == {503}
+    # 20 s of Whop time at time_scale 0.01 is 0.2 s (recorded times are truncated to ms).
+    assert parse_at(calls[-2]["at"]) - switched < 0.2 + 0.005
+    assert parse_at(calls[-1]["at"]) - switched >= 0.2 - 0.002
+    assert client.get("/_sim/faults").json()["outage"] is False
+
+
+# ----- webhook sender options -----------------------------------------------------------------
+
+
+def test_duplicate_rate_sends_events_twice(client: httpx.Client, receiver: Receiver) -> None:
+    client.post("/_sim/config", json={"webhook_url": receiver.url})
+    options = client.post("/_sim/webhooks/options", json={"duplicate_rate": 1.0}).json()
+    assert options == {"duplicate_rate": 1.0, "reorder": False, "drop": False}
+    ids = buy(client)["webhook_ids"]
+    wait_for(lambda: len(receiver.received) == 4)
+    by_id: dict[str, list[bytes]] = {}
+    for headers, body in receiver.received:
+        by_id.setdefault(headers["webhook-id"], []).append(body)
+    assert set(by_id) == set(ids)
+    assert all(len(bodies) == 2 and bodies[0] == bodies[1] for bodies in by_id.values())
+
+
+def test_reorder_holds_events_before_first_attempt() -> None:
+    receiver = Receiver()
+    scale = 0.05
+    try:
+        with SimulatorServer(
+            api_key=API_KEY, webhook_secret=SECRET, webhook_url=receiver.url, time_scale=scale
+        ) as sim:
+            sim.state.set_webhook_options(reorder=True)
+            sent: list[str] = []
+            for _ in range(8):
+                sent += sim.state.create_purchase("plan_Test")["webhook_ids"]
+            wait_for(lambda: len(receiver.received) == len(sent))
+            attempts = sim.state.deliveries()
+    finally:
+        receiver.close()
+    arrived = [headers["webhook-id"] for headers, _ in receiver.received]
+    assert sorted(arrived) == sorted(sent)
+    assert arrived != sent  # shuffled
+    assert all(d["attempt"] == 1 and d["status"] == 200 for d in attempts)
+    spread = max(parse_at(d["at"]) for d in attempts) - min(parse_at(d["at"]) for d in attempts)
+    assert spread <= 2.0 * scale + 0.1  # held at most 2 s x time_scale (plus sending)
+
+
+def test_drop_records_events_without_sending(client: httpx.Client, receiver: Receiver) -> None:
+    client.post("/_sim/config", json={"webhook_url": receiver.url})
+    client.post("/_sim/webhooks/options", json={"drop": True})
+    ids = buy(client)["webhook_ids"]
+    body = client.get("/_sim/webhooks").json()
+    assert body["pending"] == 0
+    assert [(d["webhook_id"], d["attempt"], d["error"]) for d in body["deliveries"]] == [
+        (ids[0], 0, "dropped"),
+        (ids[1], 0, "dropped"),
+    ]
+    client.post("/_sim/webhooks/options", json={})
+    buy(client)
+    wait_for(lambda: len(receiver.received) == 2)
+    assert not {h["webhook-id"] for h, _ in receiver.received} & set(ids)
+
+
+# ----- reset ----------------------------------------------------------------------------------
+
+
+def test_reset_clears_state_and_faults_but_keeps_config(
+    client: httpx.Client, sim: SimulatorServer, receiver: Receiver
+) -> None:
+    client.post("/_sim/config", json={"webhook_url": receiver.url})
+    client.post("/_sim/plans", json={"plan_id": "plan_Keep", "plan_type": "renewal"})
+    mid = buy(client, plan_id="plan_Keep", send_webhooks=False)["membership_id"]
+    config = create_checkout(client, {"plan_id": "plan_Keep"}).json()
+    client.post("/_sim/faults", json={"error_rate": 0.3, "seed": 5})
+    client.post("/_sim/rate_limit", json={"capacity": 100})
+    client.post("/_sim/forbidden", json={"enabled": True})
+    client.post("/_sim/webhooks/options", json={"drop": True})
+    client.post("/_sim/outage", json={"enabled": True})
+
+    assert client.post("/_sim/reset").json() == {"reset": True}
+    faults = client.get("/_sim/faults").json()
+    assert faults == {
+        "outage": False,
+        "forbidden": False,
+        "latency": 0.0,
+        "error_rate": 0.0,
+        "timeout_rate": 0.0,
+        "timeout_seconds": 10.0,
+        "seed": 5,
+        "rate_limit": {"capacity": None, "refill_per_second": 1.0},
+    }
+    assert client.get("/_sim/calls").json() == {"calls": []}
+    assert_error(retrieve(client, mid), 404, "not_found")
+    assert_error(
+        api_get(client, f"/checkout_configurations/{config['id']}", version=PINNED),
+        404,
+        "not_found",
+    )
+    assert api_get(client, "/plans/plan_Keep", version=PINNED).json()["plan_type"] == "renewal"
+    assert sim.state.webhook_url == receiver.url
+    ids = buy(client, plan_id="plan_Keep")["webhook_ids"]
+    wait_for(lambda: len(receiver.received) == 2)  # not dropped any more
+    assert [h["webhook-id"] for h, _ in receiver.received] == ids

@@ -78,7 +78,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "LOG_FORMAT": "console",
     }
     values.update(overrides)
-    return load_settings(**values)
+    return load_settings(_env_file=None, **values)  # a developer's .env must not leak in
 
 
 def make_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:

@@ -68,15 +68,23 @@ def test_retry_schedule_takes_fractions(monkeypatch: pytest.MonkeyPatch) -> None
     assert load_settings().RETRY_SCHEDULE == [0.01, 0.02]
 
 
-@pytest.mark.parametrize("value", ["", " , ", "1,x", "0,1", "-1", "1;2"])
+@pytest.mark.parametrize("value", [" , ", "1,x", "0,1", "-1", "1;2"])
 def test_bad_retry_schedule_names_the_setting(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     assert env_error(monkeypatch, "RETRY_SCHEDULE", value).startswith("RETRY_SCHEDULE")
 
 
-def test_empty_retry_schedule_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    message = env_error(monkeypatch, "RETRY_SCHEDULE", "")
+def test_a_blank_retry_schedule_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = env_error(monkeypatch, "RETRY_SCHEDULE", " , ")
     assert message.startswith("RETRY_SCHEDULE: ")
     assert "at least one delay" in message
+
+
+def test_an_empty_setting_means_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRY_SCHEDULE", "")
+    monkeypatch.setenv("WHOP_COMPANY_ID", "")
+    settings = load_settings()
+    assert settings.RETRY_SCHEDULE == [1, 2, 4, 10, 30, 60]
+    assert settings.WHOP_COMPANY_ID is None
 
 
 @pytest.mark.parametrize(

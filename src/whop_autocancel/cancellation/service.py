@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -83,9 +83,15 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
 class _Claim:
     id: int
     order_id: str
-    membership_id: str
+    membership_id: str | None  # None: to be found by listing the customer's memberships
     generation: int
     attempts: int
+    user_id: str | None = None
+    plan_id: str | None = None
+    checkout_configuration_id: str | None = None
+
+
+MEMBERSHIP_SEARCH_PAGES = 5
 
 
 class CancellationService:
@@ -104,6 +110,7 @@ class CancellationService:
         lease_seconds: float,
         membership_wait: float,
         version_date: str | None,
+        company_id: str | None = None,
     ) -> None:
         self._database = database
         self._catalog = catalog
@@ -117,6 +124,7 @@ class CancellationService:
         self._lease = lease_seconds
         self._membership_wait = membership_wait
         self._version_date = version_date
+        self._company_id = company_id
 
     # The job --------------------------------------------------------------------------------
 
@@ -134,6 +142,16 @@ class CancellationService:
             attempt=claim.attempts + 1,
         )
         client = self._whop()
+        if claim.membership_id is None:
+            found = self._find_membership(client, claim)
+            if isinstance(found, WhopReply):  # listing failed: retry, pause or wait as usual
+                self._record(claim, found, None)
+                return
+            if found is None:
+                self._fail_unresolved(claim)
+                return
+            claim = replace(claim, membership_id=found)
+        assert claim.membership_id is not None
         reply = client.cancel_membership(
             claim.membership_id, f"cancel-{claim.id}-{claim.generation}"
         )
@@ -144,6 +162,68 @@ class CancellationService:
         ):
             check = client.retrieve_membership(claim.membership_id)
         self._record(claim, reply, check)
+
+    def _find_membership(self, client: WhopClient, claim: _Claim) -> str | WhopReply | None:
+        """The membership of this purchase, from the customer's memberships of the plan: only
+        one whose checkout configuration or `metadata.order_id` is this order's counts."""
+        if claim.user_id is None or claim.plan_id is None:
+            return None
+        if self._version_date is None and self._company_id is None:
+            return None  # the legacy list needs company_id
+        matches: list[str] = []
+        cursor: str | None = None
+        for _ in range(MEMBERSHIP_SEARCH_PAGES):
+            page = client.list_memberships(
+                company_id=self._company_id,
+                first=50,
+                after=cursor,
+                user_id=claim.user_id,
+                plan_id=claim.plan_id,
+            )
+            if not page.ok:
+                return page
+            for item in page.items:
+                metadata = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+                same_checkout = (
+                    claim.checkout_configuration_id is not None
+                    and item.get("checkout_configuration_id") == claim.checkout_configuration_id
+                )
+                same_order = (metadata or {}).get("order_id") == claim.order_id
+                if (same_checkout or same_order) and isinstance(item.get("id"), str):
+                    matches.append(item["id"])
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        log.info(
+            "membership_search",
+            cancellation_id=claim.id,
+            order_id=claim.order_id,
+            user_id=claim.user_id,
+            plan_id=claim.plan_id,
+            matches=len(matches),
+        )
+        return matches[0] if len(set(matches)) == 1 else None
+
+    def _fail_unresolved(self, claim: _Claim) -> None:
+        now = self._clock.now()
+        with self._database.transaction() as session:
+            row = session.get(Cancellation, claim.id, with_for_update=True)
+            if row is None or row.status != Status.RUNNING.value or row.lease_owner != self._owner:
+                return
+            order = session.get(Order, row.order_id)
+            assert order is not None
+            reason = "no membership of this customer on this plan names its checkout or order"
+            if self._version_date is None and self._company_id is None:
+                reason = "set WHOP_COMPANY_ID so the customer's memberships can be listed"
+            if claim.user_id is None:
+                reason = "the payment named no Whop user to search by"
+            self._fail(
+                session,
+                row,
+                order,
+                now,
+                f"Whop never told us the membership id of this purchase ({reason})",
+            )
 
     def _claim(self, cancellation_id: int) -> _Claim | None:
         now = self._clock.now()
@@ -189,20 +269,11 @@ class CancellationService:
             row.membership_id = row.membership_id or order.whop_membership_id
             if row.membership_id is None:
                 waited = (now - row.generation_started_at).total_seconds()
-                if waited >= self._membership_wait:
-                    self._fail(
-                        session,
-                        row,
-                        order,
-                        now,
-                        "Whop never told us the membership id of this purchase "
-                        f"(waited {waited:.0f} s for membership.activated)",
-                    )
-                else:
+                if waited < self._membership_wait:  # membership.activated usually brings it
                     self._reschedule(
                         session, row, now, min(self._schedule[-1], self._membership_wait - waited)
                     )
-                return None
+                    return None
             not_before = leases.read_until(session, NOT_BEFORE_KEY)
             if not_before is not None and not_before > now:
                 self._reschedule(session, row, now, (not_before - now).total_seconds(), jitter=0.1)
@@ -213,6 +284,9 @@ class CancellationService:
                 membership_id=row.membership_id,
                 generation=row.generation,
                 attempts=row.attempts,
+                user_id=order.whop_user_id,
+                plan_id=order.plan_id,
+                checkout_configuration_id=order.checkout_configuration_id,
             )
 
     def _skip_reason(self, order: Order | None) -> str | None:
@@ -238,6 +312,7 @@ class CancellationService:
                 return
             order = session.get(Order, row.order_id)
             assert order is not None
+            row.membership_id = row.membership_id or claim.membership_id  # found by listing
             row.last_http_status = reply.status
             outcome = classify(reply)
             if outcome is not Outcome.THROTTLED:  # a 429 costs no attempt

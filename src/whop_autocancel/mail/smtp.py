@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from typing import TypeVar
 
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.settings import SmtpConfig
+
+T = TypeVar("T")
 
 
 class MailError(WhopAutocancelError):
@@ -31,8 +35,9 @@ def build_message(
     return message
 
 
-def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> None:
-    """Deliver `message`; raise `MailError` (without the password) on any failure."""
+def _session(config: SmtpConfig, timeout: float, work: Callable[[smtplib.SMTP], T]) -> T:
+    """Open a session as `SMTP_URL` says (TLS, STARTTLS, login), run `work`, quit. Every
+    failure becomes a `MailError` that names the server but never the password."""
     try:
         client: smtplib.SMTP
         if config.implicit_tls:
@@ -42,10 +47,26 @@ def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> N
         else:
             client = smtplib.SMTP(config.host, config.port, timeout=timeout)
         with client:
+            client.ehlo()
             if config.starttls:
                 client.starttls(context=ssl.create_default_context())
             if config.username:
                 client.login(config.username, config.password or "")
-            client.send_message(message)
+            return work(client)
     except (OSError, smtplib.SMTPException) as error:
         raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None
+
+
+def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> None:
+    """Deliver `message`; raise `MailError` on any failure."""
+    _session(config, timeout, lambda client: client.send_message(message))
+
+
+def check_connection(config: SmtpConfig, timeout: float) -> str:
+    """Connect and log in as `send_message` would, then quit without sending (for `check`)."""
+
+    def greeting(client: smtplib.SMTP) -> str:
+        code, text = client.noop()
+        return f"{code} {text.decode(errors='replace')}"
+
+    return _session(config, timeout, greeting)

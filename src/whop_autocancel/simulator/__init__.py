@@ -1,7 +1,9 @@
 """A minimal but faithful Whop simulator: a real HTTP server on loopback (DESIGN.md §6, §9).
 
-`SimulatorServer` serves Whop's `/api/v1` (legacy and versioned shapes, faults, idempotency) and a
+`SimulatorServer` serves Whop's `/api/v1` (legacy and versioned shapes, lists with cursor
+pagination, plans, checkout configurations, idempotency, a rate limit and fault injection) and a
 `/_sim` control API; `Simulator` is its thread-safe in-memory state, also usable in-process.
+See docs/simulator.md.
 """
 
 from whop_autocancel.simulator.server import SimulatorServer
@@ -10,6 +12,7 @@ from whop_autocancel.simulator.state import (
     ApiRequest,
     ApiResponse,
     Simulator,
+    UnknownCheckoutConfigurationError,
     UnknownMembershipError,
 )
 
@@ -20,5 +23,6 @@ __all__ = [
     "ApiResponse",
     "Simulator",
     "SimulatorServer",
+    "UnknownCheckoutConfigurationError",
     "UnknownMembershipError",
 ]

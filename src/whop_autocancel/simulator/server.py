@@ -11,6 +11,7 @@ from types import TracebackType
 import uvicorn
 
 from whop_autocancel.simulator.app import create_app
+from whop_autocancel.simulator.faults import DEFAULT_SEED
 from whop_autocancel.simulator.state import API_PREFIX, Simulator
 
 _START_TIMEOUT = 10.0
@@ -29,6 +30,7 @@ class SimulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         company_id: str = "biz_SimStore",
+        seed: int = DEFAULT_SEED,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -40,6 +42,7 @@ class SimulatorServer:
             webhook_url=webhook_url,
             time_scale=time_scale,
             company_id=company_id,
+            seed=seed,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -83,6 +86,7 @@ class SimulatorServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self._requested_port))
         self._port = sock.getsockname()[1]
+        self.state.public_url = self.url
         config = uvicorn.Config(
             create_app(self.state),
             log_level="warning",

@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from whop_autocancel.simulator.state import MembershipRecord, PaymentRecord
+    from whop_autocancel.simulator.records import MembershipRecord, PaymentRecord
 
 JSON = dict[str, Any]
 
@@ -31,6 +31,7 @@ _ERROR_TYPES = {
     429: "rate_limited",
     500: "internal_server_error",
     503: "service_unavailable",
+    504: "gateway_timeout",
 }
 
 
@@ -337,7 +338,7 @@ def versioned_payment(p: PaymentRecord) -> JSON:
                 "id": p.line_item_id,
                 "label": m.product_title,
                 "plan_id": m.plan_id,
-                "plan_title": "Lifetime" if m.billing_period_days is None else "Monthly",
+                "plan_title": m.plan_title,
                 "product_id": m.product_id,
                 "product_title": m.product_title,
                 "quantity": 1,

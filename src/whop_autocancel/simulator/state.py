@@ -1,114 +1,56 @@
-"""The simulator's in-memory state and its Whop API semantics (WHOP.md §0-§3), behind one lock.
+"""The simulator's state behind one lock: the Whop API's front door and the control operations.
 
-`Simulator.handle_api` answers `/api/v1` requests (auth, versions, faults, idempotency, cancel
-semantics) and records every call; the control methods create purchases and inject faults.
+`Simulator.handle_api` answers `/api/v1` requests: faults first (outage, throttling, the rate
+limit), then auth, version and body checks, random errors and timeouts, then the endpoint in
+`api.py`, with Idempotency-Key replay for writes; every call is recorded. The control methods
+create plans, checkout configurations and purchases and switch faults on and off.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import re
-import secrets
-import string
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from whop_autocancel.simulator import shapes
-from whop_autocancel.simulator.shapes import JSON, SUPPORTED_VERSIONS, error_body, iso
-from whop_autocancel.simulator.webhooks import Event, WebhookSender
+from whop_autocancel.simulator import plan_shapes, shapes
+from whop_autocancel.simulator.api import ApiResponse, Endpoints, error
+from whop_autocancel.simulator.faults import DEFAULT_SEED, Faults, retry_after_headers
+from whop_autocancel.simulator.listing import Query
+from whop_autocancel.simulator.records import (
+    Company,
+    MembershipRecord,
+    PaymentRecord,
+    PlanType,
+    Shape,
+    new_id,
+    now,
+)
+from whop_autocancel.simulator.shapes import JSON, SUPPORTED_VERSIONS, iso
+from whop_autocancel.simulator.store import PurchaseSpec, Store, parse_amount
+from whop_autocancel.simulator.webhooks import Event, WebhookOptions, WebhookSender
 
-Shape = Literal["legacy", "pinned"]
-TERMINAL_STATUSES = frozenset({"canceled", "expired"})
-DEFAULT_CANCEL_REASON = "Canceled via the API"
 API_PREFIX = "/api/v1"
-_ALPHANUM = string.ascii_letters + string.digits
-_MEMBERSHIP_PATH = re.compile(r"^/memberships/([^/]+)(/cancel)?/?$")
-_PAYMENT_PATH = re.compile(r"^/payments/([^/]+)/?$")
 
-
-def new_id(prefix: str, length: int = 14) -> str:
-    """A Whop-style id: prefix + random alphanumerics."""
-    return prefix + "".join(secrets.choice(_ALPHANUM) for _ in range(length))
-
-
-def _now() -> datetime:
-    """Wall-clock UTC, truncated to milliseconds like Whop's timestamps."""
-    moment = datetime.now(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+__all__ = [
+    "API_PREFIX",
+    "ApiRequest",
+    "ApiResponse",
+    "Simulator",
+    "UnknownCheckoutConfigurationError",
+    "UnknownMembershipError",
+]
 
 
 class UnknownMembershipError(KeyError):
     """No membership with that id exists in the simulator."""
 
 
-@dataclass(frozen=True)
-class Company:
-    """The business that sells (`biz_…`)."""
-
-    id: str
-    title: str = "Sim Store"
-    route: str = "sim-store"
-
-
-@dataclass(frozen=True)
-class UserRecord:
-    """The buyer."""
-
-    id: str
-    username: str
-    name: str
-    email: str
-
-
-@dataclass
-class MembershipRecord:
-    """One membership and the purchase facts both shapes render from."""
-
-    id: str
-    status: str
-    shape: Shape
-    user: UserRecord
-    member_id: str
-    company: Company
-    plan_id: str
-    product_id: str
-    product_title: str
-    product_route: str
-    amount: Decimal
-    currency: str
-    billing_reason: str
-    metadata: dict[str, Any]
-    checkout_configuration_id: str | None
-    created_at: datetime
-    updated_at: datetime
-    billing_period_days: int | None = None
-    period_end: datetime | None = None
-    cancel_at_period_end: bool = False
-    canceled_at: datetime | None = None
-    cancellation_reason: str | None = None
-    cancelation_status: str | None = None
-    most_recent_action: str | None = None
-    most_recent_action_at: datetime | None = None
-
-
-@dataclass
-class PaymentRecord:
-    """One paid payment, linked to the membership it created."""
-
-    id: str
-    membership: MembershipRecord
-    created_at: datetime
-    paid_at: datetime
-    updated_at: datetime
-    fee: Decimal
-    line_item_id: str
-    hide_membership_id: bool = False
+class UnknownCheckoutConfigurationError(KeyError):
+    """No checkout configuration with that id exists in the simulator."""
 
 
 @dataclass(frozen=True)
@@ -119,35 +61,11 @@ class ApiRequest:
     path: str
     headers: Mapping[str, str]
     body: bytes = b""
-
-
-@dataclass(frozen=True)
-class ApiResponse:
-    """Status and JSON body to send back."""
-
-    status: int
-    body: JSON
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Faults:
-    outage: bool = False
-    forbidden: bool = False
-    latency: float = 0.0
-    throttled_requests: int = 0
-    retry_after: float = 1.0
-    rejections: dict[str, int] = field(default_factory=dict)
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    query: str = ""
 
 
 class Simulator:
-    """Thread-safe in-memory Whop: memberships, payments, calls, faults and the webhook sender."""
+    """Thread-safe in-memory Whop: records, calls, faults and the webhook sender."""
 
     def __init__(
         self,
@@ -157,6 +75,7 @@ class Simulator:
         webhook_url: str | None = None,
         time_scale: float = 1.0,
         company_id: str = "biz_SimStore",
+        seed: int = DEFAULT_SEED,
     ) -> None:
         self._lock = threading.RLock()
         self.api_key = api_key
@@ -164,13 +83,22 @@ class Simulator:
         self.time_scale = time_scale
         self.company = Company(id=company_id)
         self._sender = WebhookSender(
-            webhook_secret, lock=self._lock, time_scale=time_scale, webhook_url=webhook_url
+            webhook_secret,
+            lock=self._lock,
+            time_scale=time_scale,
+            webhook_url=webhook_url,
+            seed=seed,
         )
-        self._memberships: dict[str, MembershipRecord] = {}
-        self._payments: dict[str, PaymentRecord] = {}
+        self._store = Store(self.company)
         self._calls: list[dict[str, Any]] = []
         self._idempotent: dict[tuple[str, str], ApiResponse] = {}
-        self._faults = _Faults()
+        self._faults = Faults(seed=seed)
+        self._endpoints = Endpoints(
+            store=self._store,
+            echo_cancel=self._echo_cancel,
+            forbidden=lambda: self._faults.forbidden,
+            rejection=self._faults_rejection,
+        )
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -182,7 +110,103 @@ class Simulator:
         """Stop the webhook sender thread."""
         self._sender.stop()
 
-    # ----- control operations ----------------------------------------------------------------
+    @property
+    def public_url(self) -> str:
+        """The base of purchase URLs (`<public_url>/checkout/<id>`); the server sets its own."""
+        with self._lock:
+            return self._store.public_url
+
+    @public_url.setter
+    def public_url(self, url: str) -> None:
+        with self._lock:
+            self._store.public_url = url.rstrip("/")
+
+    # ----- plans and checkout configurations -------------------------------------------------
+
+    def create_plan(
+        self,
+        plan_id: str,
+        plan_type: PlanType = "one_time",
+        product_id: str | None = None,
+        title: str | None = None,
+        *,
+        amount: str | None = None,
+        currency: str | None = None,
+    ) -> dict[str, Any]:
+        """Create (or redefine) a plan; returns it in the versioned shape."""
+        price = parse_amount(amount) if amount is not None else None
+        with self._lock:
+            record = self._store.create_plan(
+                plan_id,
+                plan_type,
+                product_id=product_id,
+                title=title,
+                amount=price,
+                currency=currency,
+            )
+            return self._plan_view(record.id)
+
+    def plan(self, plan_id: str) -> dict[str, Any] | None:
+        """The plan in the versioned shape, or None if the simulator does not know it."""
+        with self._lock:
+            return self._plan_view(plan_id) if plan_id in self._store.plans else None
+
+    def create_checkout_configuration(
+        self,
+        plan_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        redirect_url: str | None = None,
+    ) -> dict[str, Any]:
+        """What `POST /checkout_configurations` creates, in the versioned shape; the plan must
+        exist (KeyError otherwise)."""
+        with self._lock:
+            plan = self._store.plans.get(plan_id)
+            if plan is None:
+                raise KeyError(plan_id)
+            config = self._store.create_checkout_configuration(
+                plan, metadata=metadata or {}, redirect_url=redirect_url
+            )
+            return plan_shapes.checkout_configuration(config, versioned=True)
+
+    def checkout_configuration(self, checkout_configuration_id: str) -> dict[str, Any] | None:
+        """The checkout configuration in the versioned shape, or None if unknown."""
+        with self._lock:
+            config = self._store.checkout_configurations.get(checkout_configuration_id)
+            if config is None:
+                return None
+            return plan_shapes.checkout_configuration(config, versioned=True)
+
+    def complete_checkout(
+        self,
+        checkout_configuration_id: str,
+        *,
+        email: str | None = None,
+        shape: Shape = "legacy",
+        **options: Any,
+    ) -> dict[str, Any]:
+        """A buyer completes this checkout: `create_purchase` of its plan, with its id and its
+        metadata copied onto the payment and the membership (WHOP.md §6)."""
+        for name in ("plan_id", "checkout_configuration_id"):
+            if name in options:
+                raise TypeError(f"complete_checkout() takes no {name} (the checkout decides it)")
+        with self._lock:
+            config = self._store.checkout_configurations.get(checkout_configuration_id)
+            if config is None:
+                raise UnknownCheckoutConfigurationError(checkout_configuration_id)
+            plan = config.plan
+        options.setdefault(
+            "billing_reason", "one_time" if plan.plan_type == "one_time" else "subscription_create"
+        )
+        return self.create_purchase(
+            plan.id,
+            email=email,
+            shape=shape,
+            checkout_configuration_id=checkout_configuration_id,
+            **options,
+        )
+
+    # ----- purchases -------------------------------------------------------------------------
 
     def create_purchase(
         self,
@@ -194,66 +218,48 @@ class Simulator:
         shape: Shape = "legacy",
         metadata: dict[str, Any] | None = None,
         checkout_configuration_id: str | None = None,
-        amount: str = "25.00",
-        currency: str = "usd",
+        amount: str | None = None,
+        currency: str | None = None,
         send_webhooks: bool = True,
         send_activation: bool = True,
         activation_first: bool = False,
         duplicate_payment_webhook: bool = False,
         payment_has_membership_id: bool = True,
     ) -> dict[str, Any]:
-        """Simulate a buyer paying: user, member, membership, payment, then the webhooks."""
+        """Simulate a buyer paying: user, member, membership, payment, then the webhooks.
+
+        An unknown plan is created (one-time for a `one_time` billing reason, else renewal);
+        a known plan supplies the product, price and currency unless given. A known
+        checkout configuration must sell this plan, and its metadata is copied (keys given in
+        `metadata` win)."""
         if shape not in ("legacy", "pinned"):
             raise ValueError(f"shape must be 'legacy' or 'pinned', not {shape!r}")
-        try:
-            price = Decimal(amount).quantize(Decimal("0.01"))
-        except InvalidOperation as exc:
-            raise ValueError(f"amount must be a decimal string, not {amount!r}") from exc
-        now = _now()
-        local = (email or "buyer@example.com").split("@", 1)[0]
-        user_id = new_id("user_")
-        user = UserRecord(
-            id=user_id,
-            username=f"{local.lower()}{user_id[-4:].lower()}",
-            name=local.replace(".", " ").title(),
-            email=email or f"buyer-{user_id[5:].lower()}@example.com",
-        )
-        one_time = billing_reason == "one_time"
-        product_title = "Sim Product"
-        mem = MembershipRecord(
-            id=new_id("mem_"),
-            status="completed" if one_time else "active",
-            shape=shape,
-            user=user,
-            member_id=new_id("mber_", 12),
-            company=self.company,
-            plan_id=plan_id,
-            product_id=product_id or new_id("prod_", 13),
-            product_title=product_title,
-            product_route="sim-product",
-            amount=price,
-            currency=currency.lower(),
-            billing_reason=billing_reason,
-            metadata=dict(metadata or {}),
-            checkout_configuration_id=checkout_configuration_id,
-            created_at=now - timedelta(milliseconds=30),
-            updated_at=now,
-            billing_period_days=None if one_time else 30,
-            period_end=None if one_time else now + timedelta(days=30),
-        )
-        pay = PaymentRecord(
-            id=new_id("pay_"),
-            membership=mem,
-            created_at=now - timedelta(seconds=2),
-            paid_at=now - timedelta(milliseconds=50),
-            updated_at=now,
-            fee=(price * Decimal("0.0488") + Decimal("0.30")).quantize(Decimal("0.01")),
-            line_item_id=new_id("li_", 13),
-            hide_membership_id=not payment_has_membership_id,
-        )
+        price = parse_amount(amount) if amount is not None else None
         with self._lock:
-            self._memberships[mem.id] = mem
-            self._payments[pay.id] = pay
+            plan = self._store.plan_for_purchase(
+                plan_id, billing_reason, product_id=product_id, amount=price, currency=currency
+            )
+            copied: dict[str, Any] = {}
+            config = self._store.checkout_configurations.get(checkout_configuration_id or "")
+            if config is not None:
+                if config.plan.id != plan_id:
+                    raise ValueError(
+                        f"checkout configuration {config.id} sells {config.plan.id}, not {plan_id}"
+                    )
+                copied = dict(config.metadata)
+            spec = PurchaseSpec(
+                plan=plan,
+                product_id=product_id or plan.product_id,
+                email=email,
+                billing_reason=billing_reason,
+                shape=shape,
+                metadata={**copied, **(metadata or {})},
+                checkout_configuration_id=checkout_configuration_id,
+                amount=price if price is not None else plan.amount,
+                currency=(currency or plan.currency).lower(),
+                payment_has_membership_id=payment_has_membership_id,
+            )
+            pay = self._store.purchase(spec)
             webhook_ids = self._purchase_webhooks(
                 pay,
                 send=send_webhooks,
@@ -261,13 +267,19 @@ class Simulator:
                 activation_first=activation_first,
                 duplicate_payment=duplicate_payment_webhook,
             )
+        mem = pay.membership
         return {
             "payment_id": pay.id,
             "membership_id": mem.id,
-            "user_id": user.id,
+            "user_id": mem.user.id,
             "member_id": mem.member_id,
+            "plan_id": mem.plan_id,
+            "product_id": mem.product_id,
+            "checkout_configuration_id": mem.checkout_configuration_id,
             "webhook_ids": webhook_ids,
         }
+
+    # ----- inspection ------------------------------------------------------------------------
 
     def membership(self, membership_id: str) -> dict[str, Any]:
         """The legacy-shape membership plus `plan_id`; raises UnknownMembershipError."""
@@ -287,12 +299,14 @@ class Simulator:
             ]
 
     def deliveries(self) -> list[dict[str, Any]]:
-        """Every webhook delivery attempt, oldest first."""
+        """Every webhook delivery attempt (and dropped event), oldest first."""
         return self._sender.deliveries()
 
     def pending_webhooks(self) -> int:
         """Webhook events still queued (including scheduled redeliveries) or in flight."""
         return self._sender.pending()
+
+    # ----- faults ----------------------------------------------------------------------------
 
     def reject(self, membership_id: str, status: int = 422) -> None:
         """Make every cancel of this membership answer `status` (a permanent rejection)."""
@@ -308,10 +322,12 @@ class Simulator:
             self._get(membership_id)
             self._faults.rejections.pop(membership_id, None)
 
-    def set_outage(self, enabled: bool) -> None:
-        """While enabled every `/api/v1` request answers 503."""
+    def set_outage(self, enabled: bool, for_seconds: float | None = None) -> None:
+        """While on, every `/api/v1` request answers 503. With `for_seconds` the outage ends
+        by itself after `for_seconds * time_scale` seconds."""
+        scaled = None if for_seconds is None else for_seconds * self.time_scale
         with self._lock:
-            self._faults.outage = enabled
+            self._faults.set_outage(enabled, scaled)
 
     def throttle(self, requests: int, retry_after: float = 1.0) -> None:
         """Answer the next `requests` API requests 429 with `Retry-After: retry_after`."""
@@ -320,6 +336,40 @@ class Simulator:
         with self._lock:
             self._faults.throttled_requests = requests
             self._faults.retry_after = retry_after
+
+    def set_rate_limit(self, capacity: int | None, refill_per_second: float = 1.0) -> None:
+        """A token bucket per API key: `capacity` requests at once, refilled at
+        `refill_per_second` (real time, not scaled). None turns the limit off."""
+        with self._lock:
+            self._faults.rate_limit.configure(capacity, refill_per_second)
+
+    def set_faults(
+        self,
+        *,
+        error_rate: float | None = None,
+        timeout_rate: float | None = None,
+        timeout_seconds: float | None = None,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """Random faults: `error_rate` of requests answer 500 (nothing happens);
+        `timeout_rate` of requests are carried out but answer 504 after `timeout_seconds`
+        (real seconds). `seed` restarts the dice (also the webhook sender's). None keeps a
+        setting; returns the settings now in force."""
+        with self._lock:
+            self._faults.set_random(
+                error_rate=error_rate,
+                timeout_rate=timeout_rate,
+                timeout_seconds=timeout_seconds,
+                seed=seed,
+            )
+            if seed is not None:
+                self._sender.seed(seed)
+            return self._faults.describe()
+
+    def faults(self) -> dict[str, Any]:
+        """The fault settings now in force."""
+        with self._lock:
+            return self._faults.describe()
 
     def set_latency(self, seconds: float) -> None:
         """Delay every `/api/v1` answer by `seconds` (applied by the HTTP layer, off the lock)."""
@@ -338,6 +388,8 @@ class Simulator:
         with self._lock:
             self._faults.forbidden = enabled
 
+    # ----- webhooks and reset ----------------------------------------------------------------
+
     def set_webhook_url(self, url: str | None) -> None:
         """Where webhooks go from now on (None: record them as undeliverable)."""
         self._sender.set_webhook_url(url)
@@ -347,148 +399,154 @@ class Simulator:
         """The current webhook destination."""
         return self._sender.webhook_url
 
+    def set_webhook_options(
+        self, duplicate_rate: float = 0.0, reorder: bool = False, drop: bool = False
+    ) -> dict[str, Any]:
+        """From now on: send `duplicate_rate` of events twice (same webhook id); hold each
+        event a random 0-2 s (times time_scale) before its first attempt (`reorder`); or record
+        every event as dropped without sending it (`drop`)."""
+        options = WebhookOptions(duplicate_rate=duplicate_rate, reorder=reorder, drop=drop)
+        self._sender.set_options(options)
+        return self.webhook_options()
+
+    def webhook_options(self) -> dict[str, Any]:
+        options = self._sender.options
+        return {
+            "duplicate_rate": options.duplicate_rate,
+            "reorder": options.reorder,
+            "drop": options.drop,
+        }
+
+    def reset(self) -> None:
+        """Forget memberships, payments, checkout configurations, calls, stored idempotent
+        answers, webhook deliveries and queue, and switch every fault off. Plans and the
+        configuration (key, secret, webhook URL, time scale, seed) stay."""
+        with self._lock:
+            self._store.clear()
+            self._calls.clear()
+            self._idempotent.clear()
+            seed = self._faults.seed
+            self._faults = Faults(seed=seed)
+            self._sender.reset()
+            self._sender.seed(seed)
+
     # ----- the Whop API ----------------------------------------------------------------------
 
     def handle_api(self, request: ApiRequest) -> ApiResponse:
-        """Answer one `/api/v1` request with Whop's semantics and record it as a call."""
+        """Answer one `/api/v1` request with Whop's semantics and record it as a call.
+
+        A simulated timeout comes back as a 504 whose `delay` the HTTP layer waits first."""
         headers = {k.lower(): v for k, v in request.headers.items()}
         key = headers.get("idempotency-key")
         version = headers.get("api-version-date")
         sub_path = request.path.removeprefix(API_PREFIX) or "/"
-        mem_match = _MEMBERSHIP_PATH.match(sub_path)
+        query = Query.parse(request.query)
         body, body_ok = _parse_body(request.body)
+        parts = sub_path.strip("/").split("/")
         call: dict[str, Any] = {
             "method": request.method.upper(),
             "path": request.path,
-            "membership_id": mem_match.group(1) if mem_match else None,
+            "query": query.as_dict(),
+            "membership_id": parts[1] if len(parts) >= 2 and parts[0] == "memberships" else None,
             "idempotency_key": key,
             "api_version_date": version,
             "body": body,
         }
         with self._lock:
-            outcome = self._dispatch(request, headers, sub_path, body, body_ok)
-            replayed = False
-            if isinstance(outcome, ApiResponse):
-                response = outcome
-            elif key is not None and (key, request.path) in self._idempotent:
-                response, replayed = self._idempotent[(key, request.path)], True
-            else:
-                response = outcome()
-                if key is not None and response.status < 500:
-                    self._idempotent[(key, request.path)] = response
-            self._record(call, response.status, replayed)
+            response = self._admit(headers, body_ok)
+            replayed = timed_out = False
+            if response is None and self._faults.roll(self._faults.error_rate):
+                response = error(500, "Internal server error (simulated)")
+            if response is None:
+                timed_out = self._faults.roll(self._faults.timeout_rate)
+                routed = self._endpoints.route(
+                    call["method"], sub_path, query, body, versioned=version is not None
+                )
+                if isinstance(routed, ApiResponse):
+                    response = routed
+                elif key is not None and (key, request.path) in self._idempotent:
+                    response, replayed = self._idempotent[(key, request.path)], True
+                else:
+                    response = routed()
+                    if key is not None and response.status < 500:
+                        self._idempotent[(key, request.path)] = response
+            if timed_out:
+                gateway = error(504, "The request timed out (simulated)")
+                response = ApiResponse(504, gateway.body, delay=self._faults.timeout_seconds)
+            self._record(call, response.status, replayed=replayed, timed_out=timed_out)
             return ApiResponse(
-                response.status, copy.deepcopy(response.body), dict(response.headers)
+                response.status,
+                copy.deepcopy(response.body),
+                dict(response.headers),
+                response.delay,
             )
 
-    def _dispatch(
-        self,
-        request: ApiRequest,
-        headers: Mapping[str, str],
-        sub_path: str,
-        body: Any,
-        body_ok: bool,
-    ) -> ApiResponse | Callable[[], ApiResponse]:
-        """The checks that come before an endpoint runs, then the endpoint itself.
-
-        A write endpoint comes back as a callable to run only when no response is stored for
-        its Idempotency-Key; rejected requests (outage, auth, validation) are never stored.
-        """
-        if self._faults.outage:
-            return _error(503, "Service temporarily unavailable")
-        if self._faults.throttled_requests > 0:
-            self._faults.throttled_requests -= 1
-            wait = self._faults.retry_after
-            limited = _error(429, "You are being rate limited", "rate_limited")
+    def _admit(self, headers: Mapping[str, str], body_ok: bool) -> ApiResponse | None:
+        """The checks before any endpoint runs; None lets the request through."""
+        faults = self._faults
+        if faults.outage():
+            return error(503, "Service temporarily unavailable")
+        if faults.throttled_requests > 0:
+            faults.throttled_requests -= 1
+            wait = faults.retry_after
+            limited = error(429, "You are being rate limited", "rate_limited")
             limited.headers["Retry-After"] = f"{wait:g}"
             limited.headers["retry-after-ms"] = str(int(wait * 1000))
             return limited
+        wait_for_token = faults.rate_limit.wait(headers.get("authorization", ""), time.monotonic())
+        if wait_for_token is not None:
+            limited = error(429, "You are being rate limited", "rate_limited")
+            limited.headers.update(retry_after_headers(wait_for_token))
+            return limited
         if headers.get("authorization", "") != f"Bearer {self.api_key}":
-            return _error(401, "Invalid or missing API key")
+            return error(401, "Invalid or missing API key")
         version = headers.get("api-version-date")
         if version is not None and version not in SUPPORTED_VERSIONS:
             message = (
                 f"Unsupported Api-Version-Date {version!r}. "
                 f"Supported versions: {', '.join(SUPPORTED_VERSIONS)}"
             )
-            return _error(400, message, "unsupported_api_version")
+            return error(400, message, "unsupported_api_version")
         key = headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= 255:
-            return _error(400, "Idempotency-Key must be 1 to 255 characters")
+            return error(400, "Idempotency-Key must be 1 to 255 characters")
         if not body_ok:
-            return _error(400, "The request body must be a JSON object")
-        versioned = version is not None
-        method = request.method.upper()
-        if (m := _MEMBERSHIP_PATH.match(sub_path)) is not None:
-            mem_id, is_cancel = m.group(1), m.group(2) is not None
-            if method == "GET" and not is_cancel:
-                return self._retrieve_membership(mem_id, versioned)
-            if method == "POST" and is_cancel:
-                if self._faults.forbidden:
-                    msg = "The API key lacks the membership:cancel permission"
-                    return _error(403, msg)
-                try:
-                    immediate, reason = _cancel_mode(body or {}, versioned=versioned)
-                except _BadRequest as exc:
-                    return _error(400, exc.message)
-                return functools.partial(self._cancel, mem_id, versioned, immediate, reason)
-        if (p := _PAYMENT_PATH.match(sub_path)) is not None and method == "GET":
-            pay = self._payments.get(p.group(1))
-            if pay is None:
-                return _error(404, f"Payment {p.group(1)} not found")
-            return ApiResponse(200, shapes.payment(pay, versioned=versioned))
-        return _error(404, f"No route for {method} {request.path}")
-
-    def _retrieve_membership(self, membership_id: str, versioned: bool) -> ApiResponse:
-        mem = self._memberships.get(membership_id)
-        if mem is None:
-            return _error(404, f"Membership {membership_id} not found")
-        return ApiResponse(200, shapes.membership(mem, versioned=versioned))
-
-    def _cancel(
-        self, membership_id: str, versioned: bool, immediate: bool, reason: str | None
-    ) -> ApiResponse:
-        mem = self._memberships.get(membership_id)
-        if mem is None:
-            return _error(404, f"Membership {membership_id} not found")
-        rejection = self._faults.rejections.get(membership_id)
-        if rejection is not None:
-            return _error(rejection, "This membership cannot be canceled")
-        if mem.status in TERMINAL_STATUSES:
-            return _error(409, "Membership is already canceled")
-        now = _now()
-        mem.updated_at = now
-        if not immediate:
-            mem.cancel_at_period_end = True
-            mem.cancelation_status = "canceling"
-            return ApiResponse(200, shapes.membership(mem, versioned=versioned))
-        old_status = mem.status
-        mem.status = "canceled"
-        mem.canceled_at = now
-        mem.cancellation_reason = reason or DEFAULT_CANCEL_REASON
-        mem.cancel_at_period_end = False
-        mem.cancelation_status = "left"
-        mem.most_recent_action, mem.most_recent_action_at = "canceled_on", now
-        self._echo_cancel(mem, old_status)
-        return ApiResponse(200, shapes.membership(mem, versioned=versioned))
+            return error(400, "The request body must be a JSON object")
+        return None
 
     # ----- internals -------------------------------------------------------------------------
 
     def _get(self, membership_id: str) -> MembershipRecord:
-        mem = self._memberships.get(membership_id)
+        mem = self._store.memberships.get(membership_id)
         if mem is None:
             raise UnknownMembershipError(membership_id)
         return mem
 
-    def _record(self, call: dict[str, Any], status: int, replayed: bool) -> None:
-        call = {
-            "seq": len(self._calls) + 1,
-            "at": iso(_now()),
-            **call,
-            "status": status,
-            "replayed": replayed,
-        }
-        self._calls.append(call)
+    def _faults_rejection(self, membership_id: str) -> int | None:
+        return self._faults.rejections.get(membership_id)
+
+    def _plan_view(self, plan_id: str) -> dict[str, Any]:
+        record = self._store.plans[plan_id]
+        return plan_shapes.plan(
+            record,
+            versioned=True,
+            purchase_url=self._store.purchase_url(plan_id),
+            member_count=self._store.member_count(plan_id),
+        )
+
+    def _record(
+        self, call: dict[str, Any], status: int, *, replayed: bool, timed_out: bool
+    ) -> None:
+        self._calls.append(
+            {
+                "seq": len(self._calls) + 1,
+                "at": iso(now()),
+                **call,
+                "status": status,
+                "replayed": replayed,
+                "timed_out": timed_out,
+            }
+        )
 
     def _event(
         self,
@@ -504,7 +562,7 @@ class Simulator:
             event_type=event_type,
             pinned=mem.shape == "pinned",
             company_id=mem.company.id,
-            timestamp=_now(),
+            timestamp=now(),
             data=data,
             previous_attributes=previous_attributes,
         )
@@ -547,10 +605,6 @@ class Simulator:
         self._sender.enqueue(event)
 
 
-def _error(status: int, message: str, code: str | None = None) -> ApiResponse:
-    return ApiResponse(status, error_body(status, message, code))
-
-
 def _parse_body(raw: bytes) -> tuple[Any, bool]:
     """The parsed JSON body (None when empty) and whether it is acceptable (an object)."""
     if not raw.strip():
@@ -560,21 +614,3 @@ def _parse_body(raw: bytes) -> tuple[Any, bool]:
     except (ValueError, UnicodeDecodeError):
         return None, False
     return parsed, isinstance(parsed, dict)
-
-
-def _cancel_mode(body: Mapping[str, Any], *, versioned: bool) -> tuple[bool, str | None]:
-    """(immediate?, reason) from a cancel body; the default differs by model (WHOP.md §0.2)."""
-    reason = body.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise _BadRequest("reason must be a string")
-    if versioned:
-        flag = body.get("cancel_at_period_end")
-        if flag is not None and not isinstance(flag, bool):
-            raise _BadRequest("cancel_at_period_end must be a boolean")
-        return not flag, reason
-    mode = body.get("cancellation_mode")
-    if mode is None:
-        mode = "at_period_end"
-    if mode not in ("at_period_end", "immediate"):
-        raise _BadRequest("cancellation_mode must be one of: at_period_end, immediate")
-    return mode == "immediate", reason

@@ -3,11 +3,16 @@
 A background thread pops a time-ordered queue, POSTs each event to the configured URL with a 5 s
 timeout and, on a non-2xx answer or an error, redelivers at +10 s, +20 s and +40 s (times
 `time_scale`) after the previous attempt started, then drops the event.
+
+Options make delivery as untidy as Whop's "at least once, in no particular order": a fraction of
+events is sent twice (same webhook id), each event can be held back a random 0-2 s (times
+`time_scale`) before its first attempt, or every event can be dropped unsent.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +30,23 @@ RETRY_DELAYS = (10.0, 20.0, 40.0)
 MAX_ATTEMPTS = len(RETRY_DELAYS) + 1
 #: Whop's delivery timeout (not scaled).
 DELIVERY_TIMEOUT = 5.0
+#: The longest random hold before a first attempt when `reorder` is on (before `time_scale`).
+REORDER_WINDOW = 2.0
 NO_URL_ERROR = "no webhook_url"
+DROPPED_ERROR = "dropped"
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """How untidy delivery is: see the module docstring."""
+
+    duplicate_rate: float = 0.0
+    reorder: bool = False
+    drop: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.duplicate_rate <= 1.0:
+            raise ValueError("duplicate_rate must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,7 @@ class _Job:
     seq: int
     event: Event = field(compare=False)
     attempt: int = field(compare=False, default=1)
+    generation: int = field(compare=False, default=0)
 
 
 @dataclass(frozen=True)
@@ -67,9 +89,13 @@ class WebhookSender:
         lock: threading.RLock,
         time_scale: float = 1.0,
         webhook_url: str | None = None,
+        seed: int = 0,
     ) -> None:
         # Whop signs with the raw bytes of the whole `ws_…` secret; a str would be base64-decoded.
         self._signer = Webhook(secret.encode())
+        self._options = WebhookOptions()
+        self._rng = random.Random(f"webhooks-{seed}")
+        self._generation = 0
         self._cond = threading.Condition(lock)
         self._time_scale = time_scale
         self._url = webhook_url
@@ -91,10 +117,45 @@ class WebhookSender:
         with self._cond:
             self._url = url
 
-    def enqueue(self, event: Event) -> None:
-        """Queue an event for immediate first delivery."""
+    @property
+    def options(self) -> WebhookOptions:
         with self._cond:
-            self._push(_Job(due=time.monotonic(), seq=0, event=event))
+            return self._options
+
+    def set_options(self, options: WebhookOptions) -> None:
+        """Applies to events enqueued from now on."""
+        with self._cond:
+            self._options = options
+
+    def seed(self, seed: int) -> None:
+        """Restart the dice of `duplicate_rate` and `reorder`."""
+        with self._cond:
+            self._rng.seed(f"webhooks-{seed}")
+
+    def enqueue(self, event: Event) -> None:
+        """Queue an event for its first delivery (now, or after a random hold; maybe twice)."""
+        with self._cond:
+            options = self._options
+            if options.drop:
+                self._record(event, attempt=0, status=None, error=DROPPED_ERROR, at=_wall())
+                return
+            copies = 1
+            if options.duplicate_rate > 0 and self._rng.random() < options.duplicate_rate:
+                copies = 2
+            for _ in range(copies):
+                hold = 0.0
+                if options.reorder:
+                    hold = self._rng.uniform(0.0, REORDER_WINDOW) * self._time_scale
+                due = time.monotonic() + hold
+                self._push(_Job(due=due, seq=0, event=event, generation=self._generation))
+
+    def reset(self) -> None:
+        """Forget queued events, past deliveries and options (an attempt in flight is ignored)."""
+        with self._cond:
+            self._generation += 1
+            self._queue.clear()
+            self._deliveries.clear()
+            self._options = WebhookOptions()
 
     def pending(self) -> int:
         """Events queued or being delivered right now."""
@@ -171,21 +232,46 @@ class WebhookSender:
         error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
         return _Outcome(started, str(iso(wall)), response.status_code, error)
 
+    def _record(
+        self, event: Event, *, attempt: int, status: int | None, error: str | None, at: str
+    ) -> None:
+        self._deliveries.append(
+            {
+                "webhook_id": event.id,
+                "type": event.type,
+                "attempt": attempt,
+                "status": status,
+                "error": error,
+                "at": at,
+            }
+        )
+
     def _finish(self, job: _Job, outcome: _Outcome, *, retry: bool) -> None:
         with self._cond:
             self._in_flight -= 1
-            self._deliveries.append(
-                {
-                    "webhook_id": job.event.id,
-                    "type": job.event.type,
-                    "attempt": job.attempt,
-                    "status": outcome.status,
-                    "error": outcome.error,
-                    "at": outcome.at,
-                }
+            if job.generation != self._generation:
+                return  # sent before a reset: forgotten
+            self._record(
+                job.event,
+                attempt=job.attempt,
+                status=outcome.status,
+                error=outcome.error,
+                at=outcome.at,
             )
             if outcome.ok or not retry or job.attempt >= MAX_ATTEMPTS:
                 return
             delay = RETRY_DELAYS[job.attempt - 1] * self._time_scale
             due = max(outcome.started + delay, time.monotonic())
-            self._push(_Job(due=due, seq=0, event=job.event, attempt=job.attempt + 1))
+            self._push(
+                _Job(
+                    due=due,
+                    seq=0,
+                    event=job.event,
+                    attempt=job.attempt + 1,
+                    generation=job.generation,
+                )
+            )
+
+
+def _wall() -> str:
+    return str(iso(datetime.now(UTC)))

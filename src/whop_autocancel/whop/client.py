@@ -29,6 +29,19 @@ class WhopReply:
         return self.status is not None and 200 <= self.status < 300
 
     @property
+    def items(self) -> list[dict[str, Any]]:
+        """The `data` of a list page (empty when the body is not one)."""
+        data = self.body.get("data") if isinstance(self.body, dict) else None
+        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+    @property
+    def next_cursor(self) -> str | None:
+        info = self.body.get("page_info") if isinstance(self.body, dict) else None
+        if isinstance(info, dict) and info.get("has_next_page") and info.get("end_cursor"):
+            return str(info["end_cursor"])
+        return None
+
+    @property
     def membership_status(self) -> str | None:
         if isinstance(self.body, dict):
             status = self.body.get("status")
@@ -92,6 +105,59 @@ class WhopClient:
 
     def retrieve_membership(self, membership_id: str) -> WhopReply:
         return self._call("GET", f"memberships/{membership_id}")
+
+    def retrieve_plan(self, plan_id: str) -> WhopReply:
+        return self._call("GET", f"plans/{plan_id}")
+
+    def list_memberships(
+        self,
+        *,
+        company_id: str | None,
+        first: int = 10,
+        after: str | None = None,
+        user_id: str | None = None,
+        plan_id: str | None = None,
+    ) -> WhopReply:
+        """One page of memberships, with the filters named the way the API version wants."""
+        params: list[tuple[str, str]] = [("first", str(first))]
+        if after:
+            params.append(("after", after))
+        if self.version_date:
+            params += [("user_id", user_id)] if user_id else []
+            params += [("plan_ids", plan_id)] if plan_id else []
+            params += [("account_id", company_id)] if company_id else []
+        else:
+            params += [("user_ids", user_id)] if user_id else []
+            params += [("plan_ids", plan_id)] if plan_id else []
+            params += [("company_id", company_id)] if company_id else []
+        return self._call("GET", "memberships", params=params)
+
+    def list_payments(
+        self, *, company_id: str | None, first: int = 10, after: str | None = None
+    ) -> WhopReply:
+        params: list[tuple[str, str]] = [("first", str(first))]
+        if after:
+            params.append(("after", after))
+        if company_id:
+            params.append(("account_id" if self.version_date else "company_id", company_id))
+        return self._call("GET", "payments", params=params)
+
+    def create_checkout_configuration(
+        self,
+        *,
+        plan_id: str,
+        metadata: dict[str, str],
+        redirect_url: str | None,
+        company_id: str | None,
+        timeout: float,
+    ) -> WhopReply:
+        """A checkout for one order: Whop copies `metadata` onto its payment and membership."""
+        body: dict[str, Any] = {"plan_id": plan_id, "metadata": metadata, "mode": "payment"}
+        if redirect_url:
+            body["redirect_url"] = redirect_url
+        if company_id:
+            body["account_id" if self.version_date else "company_id"] = company_id
+        return self._call("POST", "checkout_configurations", json=body, timeout=timeout)
 
     def _call(self, method: str, path: str, **options: Any) -> WhopReply:
         try:

@@ -1,0 +1,165 @@
+"""`whop-autocancel check`: is everything the service needs reachable and right? One line per
+check; every check runs even when an earlier one failed, so one run shows every problem."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+from whop_autocancel.clock import SystemClock
+from whop_autocancel.db.engine import Database, sqlite_path
+from whop_autocancel.db.migrate import current_revision, head_revision
+from whop_autocancel.delivery.catalog import Catalog, load_catalog
+from whop_autocancel.delivery.methods import known_methods
+from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.smtp import check_connection
+from whop_autocancel.settings import Settings
+from whop_autocancel.whop.client import WhopClient, WhopReply
+
+CANCEL_NOTE = (
+    "note: permission to cancel memberships cannot be proven without cancelling one; the first "
+    "cancellation tells (a missing permission pauses cancellations and alerts you once)"
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _attempt(name: str, check: Callable[[], str]) -> CheckResult:
+    try:
+        return CheckResult(name, True, check())
+    except (WhopAutocancelError, OSError) as error:
+        return CheckResult(name, False, str(error))
+    except Exception as error:  # a check must report, never crash the command
+        return CheckResult(name, False, f"{type(error).__name__}: {error}")
+
+
+class _Failed(WhopAutocancelError):
+    pass
+
+
+def run_checks(settings: Settings) -> Iterator[CheckResult]:
+    yield _attempt("settings", lambda: _settings(settings))
+    catalog_box: list[Catalog] = []
+    yield _attempt("catalog", lambda: _catalog(settings, catalog_box))
+    yield _attempt("database", lambda: _database(settings))
+    yield _attempt("queue", lambda: _queue(settings))
+    yield _attempt(
+        "smtp",
+        lambda: (
+            f"{settings.smtp.describe()} answered "
+            f"{check_connection(settings.smtp, settings.SMTP_TIMEOUT)}"
+        ),
+    )
+    if settings.WHOP_API_KEY is None:
+        yield CheckResult("whop", False, "WHOP_API_KEY is not set: nothing to check at Whop")
+        return
+    client = WhopClient(
+        settings.WHOP_API_URL,
+        settings.WHOP_API_KEY.get_secret_value(),
+        version_date=settings.WHOP_API_VERSION_DATE,
+        timeout=settings.WHOP_TIMEOUT,
+        clock=SystemClock(),
+    )
+    try:
+        yield _attempt(
+            "whop memberships",
+            lambda: _readable(
+                client.list_memberships(company_id=settings.WHOP_COMPANY_ID, first=1),
+                "memberships",
+                "member:basic:read",
+                settings,
+            ),
+        )
+        yield _attempt(
+            "whop payments",
+            lambda: _readable(
+                client.list_payments(company_id=settings.WHOP_COMPANY_ID, first=1),
+                "payments",
+                "payment:basic:read",
+                settings,
+            ),
+        )
+        for plan_id in sorted(catalog_box[0].plans) if catalog_box else []:
+            yield _attempt(f"plan {plan_id}", partial(_plan, client, plan_id))
+    finally:
+        client.close()
+
+
+def _settings(settings: Settings) -> str:
+    settings.require_runtime()
+    secrets = settings.webhook_secrets
+    if any(not secret.startswith(b"ws_") for secret in secrets):
+        raise _Failed(
+            "WHOP_WEBHOOK_SECRET: Whop's secrets start with ws_; check you copied "
+            "the webhook's secret, not another value"
+        )
+    api = "legacy" if settings.WHOP_API_VERSION_DATE is None else settings.WHOP_API_VERSION_DATE
+    return f"complete; Whop API {settings.WHOP_API_URL} ({api}); {len(secrets)} webhook secret(s)"
+
+
+def _catalog(settings: Settings, box: list[Catalog]) -> str:
+    catalog = load_catalog(settings.CATALOG_PATH, known_methods())
+    box.append(catalog)
+    if not catalog.plans:
+        raise _Failed(f"{settings.CATALOG_PATH} lists no plans: nothing would be delivered")
+    return f"{settings.CATALOG_PATH}: {len(catalog.plans)} plan(s)"
+
+
+def _database(settings: Settings) -> str:
+    path = sqlite_path(settings.DATABASE_URL)
+    if path is not None and not path.exists():
+        return f"{path} does not exist yet; `serve` creates it"
+    database = Database(settings.DATABASE_URL)
+    try:
+        database.ping()
+        current, head = current_revision(database), head_revision(database)
+    finally:
+        database.dispose()
+    if current == head:
+        return f"reachable, schema at {head}"
+    if database.engine.dialect.name == "sqlite":
+        return f"reachable; schema at {current or 'nothing'} is upgraded to {head} on start"
+    raise _Failed(f"schema at {current or 'nothing'}, not {head}: run `whop-autocancel migrate`")
+
+
+def _queue(settings: Settings) -> str:
+    path = sqlite_path(settings.QUEUE_URL)
+    if path is not None and not path.exists():
+        return f"{path} does not exist yet; `serve` creates it"
+    jobs = Jobs(settings.QUEUE_URL)
+    return f"reachable, {jobs.pending()} job(s) waiting"
+
+
+def _readable(reply: WhopReply, what: str, permission: str, settings: Settings) -> str:
+    if reply.ok:
+        return f"the API key can read {what}"
+    if reply.status in (401, 403):
+        raise _Failed(f"Whop refused ({reply.describe()}): the API key needs {permission}")
+    hint = ""
+    if reply.status == 400 and settings.WHOP_COMPANY_ID is None:
+        hint = " (set WHOP_COMPANY_ID to your biz_… id)"
+    raise _Failed(f"cannot list {what}: {reply.describe()}{hint}")
+
+
+def _plan(client: WhopClient, plan_id: str) -> str:
+    reply = client.retrieve_plan(plan_id)
+    if reply.status == 404:
+        raise _Failed("does not exist for this API key: fix the plan id in the catalog")
+    if not reply.ok or not isinstance(reply.body, dict):
+        raise _Failed(f"cannot read it: {reply.describe()}")
+    plan_type = reply.body.get("plan_type")
+    if plan_type == "one_time":
+        return "exists and is one_time"
+    if plan_type == "renewal":
+        raise _Failed(
+            "is a subscription (renewal): remove it from the catalog; subscriptions "
+            "are never cancelled"
+        )
+    raise _Failed(f"has plan_type {plan_type!r}, expected one_time")

@@ -1,0 +1,111 @@
+"""`whop-autocancel check` as a real process against the simulator and a real SMTP server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support.harness import MESSAGE_PLAN, NONE_PLAN, run_cli, service_environment
+from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.simulator import SimulatorServer
+
+
+def check(
+    tmp_path: Path, simulator: SimulatorServer, sink: SmtpSink, **settings: str
+) -> tuple[int, list[str], str]:
+    values = {
+        "WHOP_API_URL": simulator.api_url,
+        "SMTP_URL": sink.url,
+        "WHOP_COMPANY_ID": "biz_SimStore",
+    }
+    env = service_environment(tmp_path, **{**values, **settings})
+    result = run_cli(tmp_path, "check", env=env)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return result.returncode, lines, result.stderr
+
+
+def line(lines: list[str], name: str) -> str:
+    [found] = [entry for entry in lines if entry.split(":")[0].split(maxsplit=1)[-1] == name]
+    return found
+
+
+def catalog(tmp_path: Path, *plans: str) -> str:
+    path = tmp_path / "check-catalog.toml"
+    path.write_text("".join(f'[plans.{plan}]\ndelivery = "none"\n\n' for plan in plans))
+    return str(path)
+
+
+def test_everything_right_passes_with_one_line_per_check(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    code, lines, stderr = check(tmp_path, simulator, smtp_sink)
+    assert code == 0, "\n".join(lines) + stderr
+    for name in (
+        "settings",
+        "catalog",
+        "database",
+        "queue",
+        "smtp",
+        "whop memberships",
+        "whop payments",
+        f"plan {MESSAGE_PLAN}",
+        f"plan {NONE_PLAN}",
+    ):
+        assert line(lines, name).startswith("ok"), name
+    assert "cannot be proven without cancelling" in lines[-1]
+    assert not (tmp_path / "service.db").exists()  # check creates nothing
+
+
+def test_a_subscription_plan_fails_the_check(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    simulator.state.create_plan("plan_Monthly1", "renewal")
+    code, lines, _ = check(
+        tmp_path,
+        simulator,
+        smtp_sink,
+        CATALOG_PATH=catalog(tmp_path, MESSAGE_PLAN, "plan_Monthly1"),
+    )
+    assert code == 1
+    assert line(lines, "plan plan_Monthly1").startswith("FAIL")
+    assert "subscription (renewal)" in line(lines, "plan plan_Monthly1")
+    assert line(lines, f"plan {MESSAGE_PLAN}").startswith("ok")
+
+
+def test_an_unknown_plan_fails_the_check(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    code, lines, _ = check(
+        tmp_path, simulator, smtp_sink, CATALOG_PATH=catalog(tmp_path, "plan_Typo1")
+    )
+    assert code == 1
+    assert "does not exist for this API key" in line(lines, "plan plan_Typo1")
+
+
+def test_a_wrong_api_key_fails_with_the_permission_named(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    code, lines, _ = check(tmp_path, simulator, smtp_sink, WHOP_API_KEY="apik_wrong")
+    assert code == 1
+    assert "401" in line(lines, "whop memberships")
+    assert "member:basic:read" in line(lines, "whop memberships")
+    assert "apik_wrong" not in "\n".join(lines)
+
+
+def test_smtp_down_and_missing_company_id_each_get_their_line(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    env_sink = SmtpSink()  # never started: nothing listens on its port
+    code, lines, _ = check(tmp_path, simulator, env_sink, WHOP_COMPANY_ID="")
+    assert code == 1
+    assert line(lines, "smtp").startswith("FAIL")
+    assert "Connection refused" in line(lines, "smtp")
+    assert "WHOP_COMPANY_ID" in line(lines, "whop memberships")
+    assert line(lines, "settings").startswith("ok")
+
+
+def test_a_webhook_secret_that_is_not_whops_fails_settings(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    code, lines, _ = check(tmp_path, simulator, smtp_sink, WHOP_WEBHOOK_SECRET="whsec_abc")
+    assert code == 1
+    assert "start with ws_" in line(lines, "settings")
