@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from support import backends
 from support.harness import (
     API_KEY,
     KEEP_PLAN,
@@ -22,6 +24,40 @@ from support.harness import (
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
+
+DATABASES = ["sqlite", "postgresql", "mariadb"]
+QUEUES = ["sqlite", "postgresql", "redis"]
+
+
+@pytest.fixture(scope="session")
+def server_databases() -> Iterator[dict[str, str]]:
+    """One migrated database per server backend for the whole run, created on first use."""
+    created: dict[str, str] = {}
+    yield created
+    for kind, url in created.items():
+        backends.drop_database(kind, url)
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, server_databases: dict[str, str]
+) -> str:
+    """Each test that takes this runs on SQLite, PostgreSQL and MariaDB, from empty tables."""
+    kind: str = request.param
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'service.db'}"
+    if kind not in server_databases:
+        server_databases[kind] = backends.create_database(kind)
+    backends.empty_tables(server_databases[kind])
+    return server_databases[kind]
+
+
+@pytest.fixture(params=QUEUES)
+def queue_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """QUEUE_URL and a QUEUE_NAME of its own, for each queue backend."""
+    kind: str = request.param
+    name = f"{backends.RUN_ID}-{uuid.uuid4().hex[:8]}"
+    return {"QUEUE_URL": backends.queue_url(kind, tmp_path), "QUEUE_NAME": name}
 
 
 @pytest.fixture

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from whop_autocancel.db import leases
 from whop_autocancel.orders.routes import checkout_router
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.worker import InProcessWorker
@@ -31,6 +33,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def readiness(runtime: Runtime) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    ready = True
+    heartbeat = None
+    try:
+        with runtime.database.transaction() as session:
+            heartbeat = leases.latest_heartbeat(session)
+        report["database"] = "ok"
+    except Exception as error:
+        report["database"] = f"unreachable: {type(error).__name__}"
+        ready = False
+    try:
+        runtime.jobs.ping()
+        report["queue"] = "ok"
+    except Exception as error:
+        report["queue"] = f"unreachable: {type(error).__name__}"
+        ready = False
+    limit = runtime.settings.WORKER_HEARTBEAT_MAX_AGE
+    if heartbeat is None:
+        report["worker"] = "no worker has ever reported"
+        ready = False
+    else:
+        age = (runtime.clock.now() - heartbeat).total_seconds()
+        report["worker_heartbeat_age"] = round(age, 1)
+        report["worker"] = "ok" if age <= limit else f"no heartbeat for {age:.0f} s (> {limit:g})"
+        ready = ready and age <= limit
+    report["status"] = "ready" if ready else "not ready"
+    return report
 
 
 def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
@@ -70,6 +102,13 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: database and queue reachable, and some worker alive recently."""
+        report = await run_in_threadpool(readiness, runtime)
+        return JSONResponse(report, status_code=200 if report["status"] == "ready" else 503)
 
     return app

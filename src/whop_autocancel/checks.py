@@ -133,7 +133,7 @@ def _queue(settings: Settings) -> str:
     path = sqlite_path(settings.QUEUE_URL)
     if path is not None and not path.exists():
         return f"{path} does not exist yet; `serve` creates it"
-    jobs = Jobs(settings.QUEUE_URL)
+    jobs = Jobs(settings.QUEUE_URL, settings.QUEUE_NAME)
     return f"reachable, {jobs.pending()} job(s) waiting"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
@@ -13,7 +13,11 @@ from rich.table import Table
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
+from whop_autocancel.runtime import Runtime
 from whop_autocancel.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from whop_autocancel.runtime import Runtime
 
 app = typer.Typer(
     help="Deliver Whop one-time purchases and cancel their memberships, unattended.",
@@ -25,6 +29,11 @@ cancellations_app = typer.Typer(
     help="Inspect and retry membership cancellations.", no_args_is_help=True
 )
 app.add_typer(cancellations_app, name="cancellations")
+deploy_app = typer.Typer(
+    help="Print ready-to-use process manager files for web and worker processes.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
 
 out = Console(highlight=False)
 log = structlog.get_logger(__name__)
@@ -51,6 +60,26 @@ def _catalog(settings: Settings) -> Catalog:
     return catalog
 
 
+def _start_runtime(settings: Settings) -> Runtime:
+    """Check everything the process needs, in the order a newcomer would fix it: catalog,
+    queue, database (SQLite migrates itself); then build the runtime."""
+    from whop_autocancel.jobs import Jobs
+    from whop_autocancel.runtime import build_runtime
+
+    catalog = _catalog(settings)
+    try:
+        Jobs(settings.QUEUE_URL, settings.QUEUE_NAME).ping()
+    except ConfigurationError:
+        raise
+    except Exception as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConfigurationError(
+            f"QUEUE_URL: cannot reach the job queue: {type(error).__name__}: {detail}"
+        ) from None
+    _prepare_database(settings, migrate_sqlite=True)
+    return build_runtime(settings, catalog=catalog)
+
+
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
     """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
     from whop_autocancel.db.engine import Database, sqlite_path
@@ -58,6 +87,13 @@ def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
 
     database = Database(settings.DATABASE_URL)
     try:
+        try:
+            database.ping()
+        except Exception as error:
+            raise ConfigurationError(
+                f"DATABASE_URL: cannot connect to {_safe_url(settings.DATABASE_URL)}: "
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            ) from None
         if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
             before, after = upgrade(database)
             if before != after:
@@ -85,13 +121,10 @@ def serve(
     import uvicorn
 
     from whop_autocancel.app import create_app
-    from whop_autocancel.runtime import build_runtime
 
     settings = _settings()
     settings.require_runtime()
-    catalog = _catalog(settings)
-    _prepare_database(settings, migrate_sqlite=True)
-    runtime = build_runtime(settings, catalog=catalog)
+    runtime = _start_runtime(settings)
     log.info(
         "serve_starting",
         host=host,
@@ -118,14 +151,11 @@ def serve(
 def worker() -> None:
     """Run a job worker alone (scale-out: any number, on any machine). SIGTERM stops it
     gracefully: running jobs finish, no new ones start."""
-    from whop_autocancel.runtime import build_runtime
     from whop_autocancel.worker import run_worker
 
     settings = _settings()
     settings.require_runtime()
-    catalog = _catalog(settings)
-    _prepare_database(settings, migrate_sqlite=True)
-    runtime = build_runtime(settings, catalog=catalog)
+    runtime = _start_runtime(settings)
     try:
         run_worker(runtime)
     finally:
@@ -331,6 +361,84 @@ def simulator(
         pass
     finally:
         server.stop()
+
+
+UserOption = Annotated[str, typer.Option("--user", help="The account the processes run as.")]
+WorkdirOption = Annotated[str, typer.Option("--workdir", help="Folder with .env and the catalog.")]
+ExecutableOption = Annotated[
+    str, typer.Option("--executable", help="The installed whop-autocancel command.")
+]
+HostOption = Annotated[str, typer.Option("--host", help="Address the web processes bind.")]
+PortOption = Annotated[int, typer.Option("--port", help="First web port (then +1, +2, …).")]
+WebOption = Annotated[int, typer.Option("--web", help="Web processes on this machine.")]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Worker processes here.")]
+StopOption = Annotated[
+    int, typer.Option("--stop-timeout", help="Seconds to wait after SIGTERM (> SHUTDOWN_TIMEOUT).")
+]
+LogOption = Annotated[str, typer.Option("--log-dir", help="Folder for the log files.")]
+
+
+@deploy_app.command("systemd")
+def deploy_systemd(
+    user: UserOption = "whop-autocancel",
+    workdir: WorkdirOption = "/opt/whop-autocancel",
+    executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
+    env_file: Annotated[
+        str, typer.Option("--env-file", help="EnvironmentFile with the settings; 'none' to omit.")
+    ] = "/etc/whop-autocancel/env",
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    web: WebOption = 2,
+    workers: WorkersOption = 2,
+    stop_timeout: StopOption = 45,
+    log_dir: LogOption = "/var/log/whop-autocancel",
+) -> None:
+    """systemd units: migrate (oneshot), web@PORT, worker@N and a target; see docs/deploy.md."""
+    from whop_autocancel.deploy import DeployOptions, render_systemd
+
+    options = DeployOptions(
+        user=user,
+        workdir=workdir,
+        executable=executable,
+        env_file=None if env_file.lower() == "none" else env_file,
+        host=host,
+        port=port,
+        web=web,
+        workers=workers,
+        stop_timeout=stop_timeout,
+        log_dir=log_dir,
+    )
+    sys.stdout.write(render_systemd(options))
+
+
+@deploy_app.command("supervisor")
+def deploy_supervisor(
+    user: UserOption = "whop-autocancel",
+    workdir: WorkdirOption = "/opt/whop-autocancel",
+    executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    web: WebOption = 2,
+    workers: WorkersOption = 2,
+    stop_timeout: StopOption = 45,
+    log_dir: LogOption = "/var/log/whop-autocancel",
+) -> None:
+    """A supervisord config for web and worker programs; see docs/deploy.md."""
+    from whop_autocancel.deploy import DeployOptions, render_supervisor
+
+    options = DeployOptions(
+        user=user,
+        workdir=workdir,
+        executable=executable,
+        env_file=None,
+        host=host,
+        port=port,
+        web=web,
+        workers=workers,
+        stop_timeout=stop_timeout,
+        log_dir=log_dir,
+    )
+    sys.stdout.write(render_supervisor(options))
 
 
 def _safe_url(url: str) -> str:

@@ -7,30 +7,51 @@ ids, and are enqueued only after the transaction that creates their row has comm
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-from huey import SqliteHuey
+from huey import PostgresHuey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from whop_autocancel.db.engine import after_commit, sqlite_path
+from whop_autocancel.db.engine import (
+    CONFLICTS,
+    after_commit,
+    is_transient_conflict,
+    sqlite_path,
+)
 from whop_autocancel.errors import ConfigurationError
 
 log = structlog.get_logger(__name__)
 
 JobHandler = Callable[..., None]
+CONFLICT_ATTEMPTS = 5
 
 
-def build_huey(queue_url: str) -> Any:
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if url.startswith("sqlite"):
+        return url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def build_huey(queue_url: str, name: str = "whop-autocancel") -> Any:
+    """The huey instance for `QUEUE_URL` (already normalised by the settings)."""
+    common: dict[str, Any] = {"results": False, "utc": True}
     path = sqlite_path(queue_url)
-    if path is None:
-        raise ConfigurationError(f"QUEUE_URL: unsupported queue backend {queue_url!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteHuey(
-        name="whop-autocancel", filename=str(path), results=False, utc=True, timeout=30
-    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteHuey(name=name, filename=str(path), timeout=30, **common)
+    if queue_url.startswith("postgresql://"):
+        return PostgresHuey(name=name, dsn=queue_url, **common)
+    if queue_url.startswith(("redis://", "rediss://")):
+        return RedisHuey(name=name, url=queue_url, **common)
+    raise ConfigurationError(f"QUEUE_URL: unsupported queue backend {queue_url.split(':')[0]}")
 
 
 class _QuietConsumer(Consumer):  # type: ignore[misc]
@@ -46,12 +67,33 @@ class _QuietConsumer(Consumer):  # type: ignore[misc]
 class Jobs:
     """Named tasks (`domain.verb`) on one huey instance."""
 
-    def __init__(self, queue_url: str) -> None:
-        self.huey = build_huey(queue_url)
+    def __init__(self, queue_url: str, name: str = "whop-autocancel") -> None:
+        try:
+            self.huey = build_huey(queue_url, name)
+        except ConfigurationError:
+            raise
+        except Exception as error:  # the driver's own error: unreachable, refused, bad auth
+            raise ConfigurationError(
+                f"QUEUE_URL: cannot use {_safe(queue_url)}: {type(error).__name__}: {error}"
+            ) from None
         self._tasks: dict[str, Any] = {}
 
     def register(self, name: str, handler: JobHandler) -> None:
-        self._tasks[name] = self.huey.task(name=name)(handler)
+        """Register `handler` as task `name`. A transaction the database aborted to break a
+        deadlock reruns the whole (idempotent) job at once instead of dropping it."""
+
+        def run(*args: Any) -> None:
+            for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+                try:
+                    handler(*args)
+                    return
+                except DBAPIError as error:
+                    if attempt == CONFLICT_ATTEMPTS or not is_transient_conflict(error):
+                        raise
+                    CONFLICTS.record(error)
+                    time.sleep(random.uniform(0.005, 0.05) * attempt)
+
+        self._tasks[name] = self.huey.task(name=name)(run)
 
     @property
     def names(self) -> list[str]:

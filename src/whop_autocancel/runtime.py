@@ -79,7 +79,7 @@ def build_runtime(
     if catalog is None:
         catalog = load_catalog(settings.CATALOG_PATH, known_methods())
     database = Database(settings.DATABASE_URL)
-    jobs = Jobs(settings.QUEUE_URL)
+    jobs = Jobs(settings.QUEUE_URL, settings.QUEUE_NAME)
     sender = settings.MAIL_FROM or "whop-autocancel@localhost"
     outbox = Outbox(
         database,

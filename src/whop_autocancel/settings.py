@@ -75,6 +75,62 @@ def parse_smtp_url(url: str) -> SmtpConfig:
     )
 
 
+_DATABASE_DRIVERS = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mysql+pymysql": "mysql+pymysql",
+    "mariadb": "mysql+pymysql",
+    "mariadb+pymysql": "mysql+pymysql",
+}
+
+
+def normalise_database_url(url: str) -> str:
+    """One spelling per backend: psycopg 3 for PostgreSQL, PyMySQL for MariaDB/MySQL."""
+    scheme, separator, rest = url.partition("://")
+    driver = _DATABASE_DRIVERS.get(scheme)
+    if not separator or driver is None:
+        raise ValueError(
+            "must be sqlite:///PATH, postgresql://USER:PASS@HOST/DB or "
+            "mysql+pymysql://USER:PASS@HOST/DB"
+        )
+    if driver == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError("must be sqlite:///PATH (three slashes, then the file)")
+        return url
+    _check_server_url(rest)
+    return f"{driver}://{rest}"
+
+
+def normalise_queue_url(url: str) -> str:
+    """sqlite:///PATH, postgresql://… in libpq's own form (huey hands it to psycopg), or
+    redis://…."""
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme == "sqlite" and rest.startswith("/") and rest != "/":
+        return url
+    if separator and scheme in ("postgresql", "postgresql+psycopg", "postgres"):
+        _check_server_url(rest)
+        return f"postgresql://{rest}"
+    if separator and scheme in ("redis", "rediss"):
+        _check_server_url(rest)
+        return url
+    raise ValueError(
+        "must be sqlite:///PATH, postgresql://USER:PASS@HOST/DB or redis://HOST:6379/0"
+    )
+
+
+def _check_server_url(rest: str) -> None:
+    parts = urlsplit("x://" + rest)
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+
+
 def _split(value: Any, separator: str | None) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(separator) if item.strip()]
@@ -112,8 +168,10 @@ class Settings(BaseSettings):
     # Storage and jobs
     DATABASE_URL: str = DEFAULT_DATABASE_URL
     QUEUE_URL: str = DEFAULT_QUEUE_URL
+    QUEUE_NAME: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")] = "whop-autocancel"
     WORKER_THREADS: Annotated[int, Field(ge=1, le=64)] = 4
     SHUTDOWN_TIMEOUT: NonNegativeSeconds = 30.0
+    WORKER_HEARTBEAT_MAX_AGE: PositiveSeconds = 120.0
 
     # Flow timings
     CANCEL_DELAY: NonNegativeSeconds = 5.0
@@ -228,15 +286,15 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("DATABASE_URL", "QUEUE_URL")
+    @field_validator("DATABASE_URL")
     @classmethod
-    def _check_storage_url(cls, value: str) -> str:
-        if not value.startswith("sqlite:///"):
-            raise ValueError(
-                "only sqlite:///PATH is supported in this release (PostgreSQL, MariaDB and "
-                "Redis come with the scale-out release)"
-            )
-        return value
+    def _check_database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("QUEUE_URL")
+    @classmethod
+    def _check_queue_url(cls, value: str) -> str:
+        return normalise_queue_url(value)
 
     @field_validator("LOG_FORMAT")
     @classmethod
@@ -251,6 +309,15 @@ class Settings(BaseSettings):
         if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        if self.WORKER_HEARTBEAT_MAX_AGE <= self.SWEEP_INTERVAL:
+            raise ValueError(
+                "WORKER_HEARTBEAT_MAX_AGE must be more than SWEEP_INTERVAL (workers beat once "
+                "per sweep interval)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_lease(self) -> Settings:

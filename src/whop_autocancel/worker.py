@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from whop_autocancel.db import leases
 from whop_autocancel.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -35,10 +36,16 @@ class SweepTicker:
         interval = self._runtime.settings.SWEEP_INTERVAL
         while not self._stop.is_set():
             try:
+                self._beat()
                 self._runtime.stuck_sweep.run()
             except Exception:
                 log.exception("stuck_sweep_failed")
             self._stop.wait(interval)
+
+    def _beat(self) -> None:
+        runtime = self._runtime
+        now = runtime.clock.now()
+        runtime.database.run(lambda session: leases.beat(session, runtime.owner, now))
 
 
 class InProcessWorker:

@@ -108,9 +108,13 @@ def make_world(
 
 @pytest.fixture
 def world(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[World]:
-    yield from make_world(tmp_path, clock, simulator, smtp_sink)
+    yield from make_world(tmp_path, clock, simulator, smtp_sink, DATABASE_URL=database_url)
 
 
 def test_a_delivered_purchase_is_cancelled_with_one_immediate_call(world: World) -> None:
@@ -148,9 +152,20 @@ def test_the_echo_of_our_own_cancel_is_recorded_and_changes_nothing(world: World
 
 @pytest.fixture
 def versioned_world(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[World]:
-    yield from make_world(tmp_path, clock, simulator, smtp_sink, WHOP_API_VERSION_DATE="2026-09-29")
+    yield from make_world(
+        tmp_path,
+        clock,
+        simulator,
+        smtp_sink,
+        DATABASE_URL=database_url,
+        WHOP_API_VERSION_DATE="2026-09-29",
+    )
 
 
 def test_the_versioned_api_gets_its_own_body(versioned_world: World) -> None:
@@ -279,9 +294,15 @@ def test_an_outage_delays_with_backoff_alerts_once_and_never_loses(world: World)
 
 @pytest.fixture
 def impatient_world(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[World]:
-    yield from make_world(tmp_path, clock, simulator, smtp_sink, CANCEL_GIVE_UP_AFTER=30)
+    yield from make_world(
+        tmp_path, clock, simulator, smtp_sink, DATABASE_URL=database_url, CANCEL_GIVE_UP_AFTER=30
+    )
 
 
 def test_after_give_up_the_row_fails_with_one_alert(impatient_world: World) -> None:

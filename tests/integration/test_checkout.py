@@ -55,9 +55,13 @@ def start(
 
 @pytest.fixture
 def service(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[tuple[Runtime, httpx.Client]]:
-    yield from start(tmp_path, clock, simulator, smtp_sink)
+    yield from start(tmp_path, clock, simulator, smtp_sink, DATABASE_URL=database_url)
 
 
 def order(runtime: Runtime, order_id: str) -> Order:
@@ -187,13 +191,18 @@ def test_unknown_orders_are_404(service: tuple[Runtime, httpx.Client]) -> None:
 
 @pytest.fixture
 def guarded(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[tuple[Runtime, httpx.Client]]:
     yield from start(
         tmp_path,
         clock,
         simulator,
         smtp_sink,
+        DATABASE_URL=database_url,
         CHECKOUT_TOKEN="s3cret-token",
         CHECKOUT_RATE_LIMIT="3/minute",
         CHECKOUT_CORS_ORIGINS="https://shop.example.com",

@@ -29,7 +29,15 @@ def test_serve_without_settings_stops_with_one_line_naming_the_setting(tmp_path:
         ("RETRY_SCHEDULE", "1,soon", "RETRY_SCHEDULE.1:"),
         ("SMTP_URL", "http://mail", "SMTP_URL: must start with smtp:// or smtps://"),
         ("ADMIN_EMAILS", "nobody", "ADMIN_EMAILS: 'nobody' is not an email address"),
-        ("DATABASE_URL", "oracle://x", "DATABASE_URL: only sqlite:///PATH is supported"),
+        ("DATABASE_URL", "oracle://x", "DATABASE_URL: must be sqlite:///PATH, postgresql://"),
+        ("DATABASE_URL", "postgresql://127.0.0.1:99999/x", "DATABASE_URL: has an invalid port"),
+        ("QUEUE_URL", "amqp://rabbit", "QUEUE_URL: must be sqlite:///PATH, postgresql://"),
+        (
+            "DATABASE_URL",
+            "postgresql://nobody@127.0.0.1:1/none",
+            "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none",
+        ),
+        ("QUEUE_URL", "redis://127.0.0.1:1/0", "QUEUE_URL: cannot reach the job queue"),
     ],
 )
 def test_invalid_settings_stop_with_one_line(
@@ -58,9 +66,9 @@ def test_an_invalid_catalog_stops_with_its_line_and_reason(tmp_path: Path) -> No
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
     first = run_cli(tmp_path, "migrate")
     assert first.returncode == 0, first.stderr
-    assert "Database migrated from empty to 0001." in first.stdout
+    assert "Database migrated from empty to 0002." in first.stdout
     second = run_cli(tmp_path, "migrate")
-    assert "already at revision 0001; nothing to do" in second.stdout
+    assert "already at revision 0002; nothing to do" in second.stdout
 
 
 def test_failed_cancellations_are_listed_and_retried(tmp_path: Path) -> None:
@@ -131,3 +139,17 @@ def test_retry_needs_an_id_or_all(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "cancellations", "retry")
     assert result.returncode == 2
     assert "give one cancellation ID or --all" in result.stderr
+
+
+def test_deploy_prints_units_and_refuses_bad_options(tmp_path: Path) -> None:
+    systemd = run_cli(tmp_path, "deploy", "systemd", "--web", "2", "--workers", "3")
+    assert systemd.returncode == 0, systemd.stderr
+    assert "# ---- /etc/systemd/system/whop-autocancel-web@.service ----" in systemd.stdout
+    assert "whop-autocancel-worker@3" in systemd.stdout
+    supervisor = run_cli(tmp_path, "deploy", "supervisor", "--workers", "0")
+    assert supervisor.returncode == 0, supervisor.stderr
+    assert "[program:whop-autocancel-web]" in supervisor.stdout
+    assert "[program:whop-autocancel-worker]" not in supervisor.stdout
+    bad = run_cli(tmp_path, "deploy", "supervisor", "--web", "0", "--workers", "0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("whop-autocancel: configuration error: --web/--workers")

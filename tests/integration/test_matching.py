@@ -17,8 +17,8 @@ from whop_autocancel.webhooks.parse import PaymentFacts
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, clock: FrozenClock) -> Iterator[Runtime]:
-    runtime = make_runtime(make_settings(tmp_path), clock)
+def runtime(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[Runtime]:
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url), clock)
     yield runtime
     runtime.close()
 

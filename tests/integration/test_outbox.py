@@ -23,10 +23,13 @@ def port() -> int:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, clock: FrozenClock, port: int) -> Iterator[Runtime]:
+def runtime(tmp_path: Path, clock: FrozenClock, port: int, database_url: str) -> Iterator[Runtime]:
     runtime = make_runtime(
         make_settings(
-            tmp_path, SMTP_URL=f"smtp://shop:s3cret-pa55@127.0.0.1:{port}", RETRY_SCHEDULE="10,20"
+            tmp_path,
+            DATABASE_URL=database_url,
+            SMTP_URL=f"smtp://shop:s3cret-pa55@127.0.0.1:{port}",
+            RETRY_SCHEDULE="10,20",
         ),
         clock,
     )

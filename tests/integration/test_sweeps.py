@@ -22,10 +22,11 @@ from whop_autocancel.webhooks.parse import PaymentFacts
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, clock: FrozenClock) -> Iterator[Runtime]:
+def runtime(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[Runtime]:
     runtime = make_runtime(
         make_settings(
             tmp_path,
+            DATABASE_URL=database_url,
             STUCK_GRACE=30,
             SWEEP_INTERVAL=60,
             EVENT_MAX_ATTEMPTS=3,

@@ -97,7 +97,7 @@ def test_an_empty_setting_means_not_set(monkeypatch: pytest.MonkeyPatch) -> None
         ("WORKER_THREADS", "0"),
         ("WEBHOOK_MAX_BYTES", "10"),
         ("WHOP_API_URL", "api.whop.com"),
-        ("DATABASE_URL", "postgresql://db/x"),
+        ("DATABASE_URL", "postgresql:///no-host"),
         ("LOG_FORMAT", "xml"),
         ("LOG_LEVEL", "LOUD"),
         ("MAIL_FROM", "shop"),

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, or_, select
 
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import CANCEL_TASK
@@ -66,57 +67,53 @@ class StuckWorkSweep:
         """One tick: skipped when another worker holds this tick's lease (unless `force`)."""
         now = self._clock.now()
         overdue = now - timedelta(seconds=self._grace)
+        skip_locked = self._database.skip_locked
+
+        def candidates(statement: Select[Any]) -> list[Any]:
+            if skip_locked:  # rows a job is updating right now are being handled already
+                statement = statement.with_for_update(skip_locked=True)
+            return list(session.scalars(statement.limit(BATCH)))
+
         with self._database.transaction() as session:
             if not force and not leases.try_acquire(
                 session, STUCK_SWEEP_LEASE, self._owner, now, self._interval * 0.9
             ):
                 return SweepReport(ran=False)
-            cancellations = list(
-                session.scalars(
-                    select(Cancellation.id)
-                    .where(
-                        or_(
-                            and_(
-                                Cancellation.status == CancellationStatus.SCHEDULED.value,
-                                Cancellation.next_attempt_at < overdue,
-                            ),
-                            and_(
-                                Cancellation.status == CancellationStatus.RUNNING.value,
-                                Cancellation.lease_until < now,
-                            ),
-                        )
+            cancellations = candidates(
+                select(Cancellation.id).where(
+                    or_(
+                        and_(
+                            Cancellation.status == CancellationStatus.SCHEDULED.value,
+                            Cancellation.next_attempt_at < overdue,
+                        ),
+                        and_(
+                            Cancellation.status == CancellationStatus.RUNNING.value,
+                            Cancellation.lease_until < now,
+                        ),
                     )
-                    .limit(BATCH)
                 )
             )
             listed = list(self._catalog.plans)
             deliveries = (
-                list(
-                    session.scalars(
-                        select(Order.id)
-                        .where(
-                            Order.status == OrderStatus.PAID.value,
-                            Order.billing_reason == ONE_TIME,
-                            Order.plan_id.in_(listed),
-                            Order.paid_at < overdue,
-                        )
-                        .limit(BATCH)
+                candidates(
+                    select(Order.id).where(
+                        Order.status == OrderStatus.PAID.value,
+                        Order.billing_reason == ONE_TIME,
+                        Order.plan_id.in_(listed),
+                        Order.paid_at < overdue,
                     )
                 )
                 if listed
                 else []
             )
-            emails = list(
-                session.scalars(
-                    select(Email.id)
-                    .where(
-                        Email.sent_at.is_(None),
-                        Email.next_attempt_at < overdue,
-                        or_(Email.lease_until.is_(None), Email.lease_until < now),
-                    )
-                    .limit(BATCH)
+            emails = candidates(
+                select(Email.id).where(
+                    Email.sent_at.is_(None),
+                    Email.next_attempt_at < overdue,
+                    or_(Email.lease_until.is_(None), Email.lease_until < now),
                 )
             )
+            leases.forget_heartbeats_before(session, now - timedelta(days=1))
             events = due_failed_events(session, now, BATCH)
             for cancellation_id in cancellations:
                 self._jobs.defer(session, CANCEL_TASK, cancellation_id)

@@ -3,18 +3,22 @@ that owns the unit of work opens it with `Database.transaction()`."""
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 _AFTER_COMMIT = "after_commit_callbacks"
 
@@ -56,8 +60,17 @@ class Database:
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, echo=echo, pool_pre_ping=path is None)
-        if self.engine.dialect.name == "sqlite":
+        options: dict[str, Any] = {"echo": echo}
+        backend = make_url(url).get_backend_name()
+        if backend != "sqlite":
+            options.update(pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+        if backend in ("mysql", "mariadb"):
+            # MariaDB's default REPEATABLE READ would let a transaction miss rows another one
+            # committed after its first read; READ COMMITTED behaves like PostgreSQL's default.
+            options.update(isolation_level="READ COMMITTED", connect_args={"charset": "utf8mb4"})
+        self.engine = create_engine(url, **options)
+        self.backend = self.engine.dialect.name
+        if self.backend == "sqlite":
             _configure_sqlite(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -76,12 +89,67 @@ class Database:
                 # The state row is the truth; the stuck-work sweep picks the work up again.
                 log.exception("after_commit_callback_failed")
 
+    @property
+    def skip_locked(self) -> bool:
+        """Whether `SELECT … FOR UPDATE SKIP LOCKED` is available (not on SQLite)."""
+        return self.backend in ("postgresql", "mysql", "mariadb")
+
+    def run(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+        """Run `work` in a transaction, again from the start when the database aborted it to
+        break a deadlock or a serialization conflict (MariaDB does so on concurrent inserts of
+        one unique key). `work` must therefore be safe to repeat (ours are idempotent)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.transaction() as session:
+                    return work(session)
+            except DBAPIError as error:
+                if attempt == attempts or not is_transient_conflict(error):
+                    raise
+                CONFLICTS.record(error)
+                time.sleep(random.uniform(0.005, 0.05) * attempt)
+        raise AssertionError("unreachable")
+
     def ping(self) -> None:
         with self.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class ConflictCounter:
+    """How many transactions were retried after a deadlock or serialization conflict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def record(self, error: BaseException) -> None:
+        with self._lock:
+            self.count += 1
+            count = self.count
+        log.warning(
+            "db_conflict_retried",
+            error=type(getattr(error, "orig", error)).__name__,
+            retried_so_far=count,
+        )
+
+
+CONFLICTS = ConflictCounter()
+
+# PostgreSQL SQLSTATEs and MariaDB/MySQL error numbers that mean "aborted: run it again".
+_RETRY_SQLSTATES = {"40001", "40P01"}
+_RETRY_MYSQL_CODES = {1205, 1213}
+
+
+def is_transient_conflict(error: BaseException) -> bool:
+    original = getattr(error, "orig", error)
+    if getattr(original, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    args = getattr(original, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRY_MYSQL_CODES:
+        return True
+    return "database is locked" in str(original)
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:

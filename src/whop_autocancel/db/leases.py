@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, select, update
+from sqlalchemy import String, delete, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
@@ -54,3 +54,28 @@ def extend_until(session: Session, key: str, holder: str, until: datetime) -> No
     if current.until < until:
         current.until = until
         current.holder = holder
+
+
+HEARTBEAT_PREFIX = "heartbeat:"
+
+
+def beat(session: Session, owner: str, now: datetime) -> None:
+    """Record that worker `owner` is alive now."""
+    key = HEARTBEAT_PREFIX + owner
+    if not session.execute(update(Lease).where(Lease.key == key).values(until=now)).rowcount:  # type: ignore[attr-defined]
+        insert_once(session, Lease(key=key, holder=owner, until=now))
+
+
+def latest_heartbeat(session: Session) -> datetime | None:
+    """When the most recently alive worker last beat (None: no worker ever did)."""
+    return session.execute(
+        select(func.max(Lease.until)).where(Lease.key.startswith(HEARTBEAT_PREFIX))
+    ).scalar_one_or_none()
+
+
+def forget_heartbeats_before(session: Session, moment: datetime) -> int:
+    """Drop the heartbeats of workers gone since `moment` (restarts leave one row each)."""
+    result = session.execute(
+        delete(Lease).where(Lease.key.startswith(HEARTBEAT_PREFIX), Lease.until < moment)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from whop_autocancel.db.base import Base, UTCDateTime
+from whop_autocancel.db.base import Base, LongText, UTCDateTime
 
 
 class Email(Base):
@@ -18,8 +18,8 @@ class Email(Base):
     kind: Mapped[str] = mapped_column(String(50), index=True)
     to_address: Mapped[str] = mapped_column(String(320))
     subject: Mapped[str] = mapped_column(String(300))
-    text_body: Mapped[str] = mapped_column(Text)
-    html_body: Mapped[str | None] = mapped_column(Text, default=None)
+    text_body: Mapped[str] = mapped_column(LongText)
+    html_body: Mapped[str | None] = mapped_column(LongText, default=None)
     order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True, default=None)
     alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

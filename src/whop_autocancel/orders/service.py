@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.db.locks import lock_keys
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.matching import find_order_for_payment
@@ -29,6 +30,21 @@ def new_order_id() -> str:
     return "ord_" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y")
 
 
+def purchase_keys(
+    payment_id: str | None,
+    membership_id: str | None,
+    order_id: str | None,
+    checkout_configuration_id: str | None,
+) -> list[str | None]:
+    """The lock keys of one purchase: any two of its events share at least one."""
+    return [
+        f"payment:{payment_id}" if payment_id else None,
+        f"membership:{membership_id}" if membership_id else None,
+        f"order:{order_id}" if order_id else None,
+        f"checkout:{checkout_configuration_id}" if checkout_configuration_id else None,
+    ]
+
+
 def must_deliver(catalog: Catalog, order: Order) -> bool:
     """The safety rule: only one-time purchases of listed plans are delivered (and cancelled)."""
     return catalog.is_listed(order.plan_id) and order.billing_reason == ONE_TIME
@@ -43,6 +59,15 @@ class OrderService:
 
     def apply_payment(self, session: Session, facts: PaymentFacts, now: datetime) -> Order:
         """Record a succeeded payment on its order (found or new) and start delivery."""
+        lock_keys(
+            session,
+            purchase_keys(
+                facts.payment_id,
+                facts.membership_id,
+                facts.order_id,
+                facts.checkout_configuration_id,
+            ),
+        )
         match = find_order_for_payment(session, facts, self._window, now)
         order = match.order
         if order is None:
@@ -98,6 +123,12 @@ class OrderService:
     ) -> Order:
         """`membership.activated` (or a live `membership.updated`): attach the membership id to
         its order, or create a pending order that the payment will find. Never delivers."""
+        lock_keys(
+            session,
+            purchase_keys(
+                None, facts.membership_id, facts.order_id, facts.checkout_configuration_id
+            ),
+        )
         order = self._find_order_for_membership(session, facts)
         if order is None:
             order = Order(

@@ -92,7 +92,7 @@ class Inbox:
     def _store_and_apply(
         self, event_id: str, envelope: Envelope, body: bytes, now: datetime
     ) -> str:
-        with self._database.transaction() as session:
+        def store_and_apply(session: Session) -> str:
             if session.get(WebhookEvent, event_id) is not None:
                 return "duplicate"
             event = WebhookEvent(
@@ -107,6 +107,8 @@ class Inbox:
                 return "duplicate"  # a concurrent delivery of the same event won
             self._apply_recording(session, event, envelope, now)
             return event.status
+
+        return self._database.run(store_and_apply)
 
     def _apply_recording(
         self, session: Session, event: WebhookEvent, envelope: Envelope, now: datetime

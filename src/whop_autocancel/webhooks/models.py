@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from whop_autocancel.db.base import Base, UTCDateTime
+from whop_autocancel.db.base import Base, LongText, UTCDateTime
 
 
 class EventStatus(enum.StrEnum):
@@ -23,7 +23,7 @@ class WebhookEvent(Base):
 
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100))
-    payload: Mapped[str] = mapped_column(Text)  # the raw body, exactly as signed
+    payload: Mapped[str] = mapped_column(LongText)  # the raw body, exactly as signed
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(20), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,98 @@
+"""The real database and queue servers the suites run against, each test run in its own
+database (PostgreSQL, MariaDB) or under its own queue name (Redis, PostgreSQL queue).
+
+Servers come from TEST_POSTGRES_URL, TEST_MARIADB_URL and TEST_REDIS_URL (defaults: the
+machine's local services). A server that is down skips its tests locally, with the reason, and
+fails them under CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from whop_autocancel.db.engine import Database
+from whop_autocancel.db.migrate import upgrade
+from whop_autocancel.db.models import Base
+
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SERVERS = {"postgresql": POSTGRES_URL, "mariadb": MARIADB_URL, "redis": REDIS_URL}
+RUN_ID = f"wa{os.getpid()}{uuid.uuid4().hex[:6]}"
+
+
+def require(kind: str) -> str:
+    """The server URL of `kind`, or skip (fail under CI) when nothing answers there."""
+    url = SERVERS[kind]
+    parts = urlsplit(url.replace("+pymysql", "").replace("+psycopg", ""))
+    default_port = {"postgresql": 5432, "mariadb": 3306, "redis": 6379}[kind]
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2
+        ):
+            pass
+    except OSError as error:
+        message = f"{kind} is not reachable at {parts.hostname}:{parts.port} ({error})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI needs every backend")
+        pytest.skip(message)
+    return url
+
+
+def create_database(kind: str) -> str:
+    """A fresh, migrated database for this test run; returns its URL."""
+    server = make_url(require(kind))
+    name = f"{RUN_ID}_{kind}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        quoted = f'"{name}"' if kind == "postgresql" else f"`{name}`"
+        extra = " CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci" if kind == "mariadb" else ""
+        connection.execute(text(f"CREATE DATABASE {quoted}{extra}"))
+    admin.dispose()
+    url = server.set(database=name).render_as_string(hide_password=False)
+    database = Database(url)
+    upgrade(database)
+    database.dispose()
+    return url
+
+
+def drop_database(kind: str, url: str) -> None:
+    server = make_url(SERVERS[kind])
+    name = make_url(url).database
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        if kind == "postgresql":
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"
+                ),
+                {"name": name},
+            )
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        else:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+    admin.dispose()
+
+
+def empty_tables(url: str) -> None:
+    """Delete every row (children first), so each test starts from an empty schema."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+    engine.dispose()
+
+
+def queue_url(kind: str, tmp_path: object) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/queue.db"
+    if kind == "postgresql":
+        return require("postgresql").replace("postgresql+psycopg://", "postgresql://")
+    return require("redis")
