@@ -117,7 +117,9 @@ def smtp_sink() -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment, Any]]:
+def deployment(
+    tmp_path: Path, smtp_sink: SmtpSink, backend_pair: dict[str, str]
+) -> Iterator[tuple[Deployment, Any]]:
     with SimulatorServer(
         api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
     ) as simulator:
@@ -125,6 +127,7 @@ def deployment(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment
             tmp_path,
             simulator,
             smtp_sink,
+            **backend_pair,
             CANCEL_LEASE="3",
             WHOP_TIMEOUT="1.2",
             CHECKOUT_TOKEN=CHECKOUT_TOKEN,

@@ -1,0 +1,84 @@
+"""The whole flow through a real consumer on each queue backend (SQLite, PostgreSQL, Redis),
+and the readiness endpoint that watches the workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from sqlalchemy import select
+
+from support.harness import MESSAGE_PLAN, ServiceServer, make_runtime, make_settings
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.simulator import SimulatorServer
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_purchases_are_delivered_and_cancelled_through_each_queue_backend(
+    tmp_path: Path,
+    queue_settings: dict[str, str],
+    database_url: str,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        DATABASE_URL=database_url,
+        WHOP_API_URL=simulator.api_url,
+        SMTP_URL=smtp_sink.url,
+        CANCEL_DELAY=0.3,
+        SWEEP_INTERVAL=1,
+        STUCK_GRACE=1,
+        RETRY_SCHEDULE="0.3,0.6",
+        **queue_settings,
+    )
+    runtime = make_runtime(settings)
+    server = ServiceServer(runtime, with_worker=True)
+    try:
+        with server.running(), httpx.Client(base_url=server.url) as http:
+            simulator.state.set_webhook_url(f"{server.url}/webhooks/whop")
+            purchases = [
+                simulator.state.create_purchase(MESSAGE_PLAN, email=f"q{n}@example.com")
+                for n in range(3)
+            ]
+
+            def all_cancelled() -> bool:
+                with runtime.database.transaction() as session:
+                    statuses = list(session.scalars(select(Cancellation.status)))
+                return statuses == ["canceled"] * 3
+
+            wait_for(all_cancelled, 30, "three cancellations")
+            for purchase in purchases:
+                assert simulator.state.membership(purchase["membership_id"])["status"] == (
+                    "canceled"
+                )
+            wait_for(lambda: len(smtp_sink.messages) == 6, 15, "3 deliveries + 3 notices")
+            ready = http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["worker"] == "ok"
+    finally:
+        runtime.close()
+
+
+def test_readyz_fails_without_a_worker_and_says_why(tmp_path: Path, database_url: str) -> None:
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url))
+    server = ServiceServer(runtime, with_worker=False)
+    try:
+        with server.running(), httpx.Client(base_url=server.url) as http:
+            response = http.get("/readyz")
+            assert response.status_code == 503
+            body = response.json()
+            assert (body["database"], body["queue"]) == ("ok", "ok")
+            assert body["worker"] == "no worker has ever reported"
+            assert http.get("/healthz").status_code == 200
+    finally:
+        runtime.close()
