@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import FINAL_STATUSES, Cancellation
@@ -32,6 +34,7 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink, free_port
 from whop_autocancel.orders.models import Order
+from whop_autocancel.settings import load_settings
 from whop_autocancel.simulator import SimulatorServer
 
 API_KEY = "sim_demo_key"
@@ -123,18 +126,27 @@ def _purchases() -> list[Purchase]:
     ]
 
 
+def _storage(folder: Path) -> dict[str, str]:
+    """The caller's DATABASE_URL and QUEUE_URL when set (PostgreSQL, MariaDB, Redis), else
+    temporary SQLite files; always a queue name of the demo's own."""
+    return {
+        "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{folder / 'demo.db'}",
+        "QUEUE_URL": os.environ.get("QUEUE_URL") or f"sqlite:///{folder / 'demo-queue.db'}",
+        "QUEUE_NAME": f"whop-autocancel-demo-{folder.name[-8:]}",
+    }
+
+
 def _service_environment(
     folder: Path, simulator: SimulatorServer, sink: SmtpSink
 ) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WHOP_", "SMTP_"))}
+    environment.update(_storage(folder))
     environment.update(
         {
             "WHOP_API_KEY": API_KEY,
             "WHOP_API_URL": simulator.api_url,
             "WHOP_WEBHOOK_SECRET": SECRET,
             "WHOP_TIMEOUT": "2",
-            "DATABASE_URL": f"sqlite:///{folder / 'demo.db'}",
-            "QUEUE_URL": f"sqlite:///{folder / 'demo-queue.db'}",
             "CATALOG_PATH": str(folder / "catalog.toml"),
             "ADMIN_EMAILS": ADMIN,
             "MAIL_FROM": "shop@demo-shop.test",
@@ -173,10 +185,14 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
     folder = Path(tempfile.mkdtemp(prefix="whop-autocancel-demo-"))
     (folder / "catalog.toml").write_text(CATALOG)
     started = time.monotonic()
-    console.print(
-        "[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on "
+    since = datetime.now(UTC)
+    database_url = load_settings(_env_file=None, **_storage(folder)).DATABASE_URL
+    where = (
         f"a temporary SQLite database in {folder}"
+        if database_url.startswith("sqlite")
+        else make_url(database_url).render_as_string(hide_password=True)
     )
+    console.print(f"[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on {where}")
     service: subprocess.Popen[bytes] | None = None
     log_file = (folder / "service.log").open("wb")
     try:
@@ -186,12 +202,26 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                 api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.05
             ) as simulator,
         ):
+            environment = _service_environment(folder, simulator, sink)
+            if not database_url.startswith("sqlite"):  # SQLite migrates itself on start
+                migrated = subprocess.run(
+                    [sys.executable, "-m", "whop_autocancel", "migrate"],
+                    env=environment,
+                    cwd=folder,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=120,
+                )
+                if migrated.returncode != 0:
+                    console.print(f"[red]migrate failed:[/red] {migrated.stderr.strip()}")
+                    return False
             port = free_port()
             service_url = f"http://127.0.0.1:{port}"
             simulator.state.set_webhook_url(f"{service_url}/webhooks/whop")
             service = subprocess.Popen(
                 [sys.executable, "-m", "whop_autocancel", "serve", "--port", str(port)],
-                env=_service_environment(folder, simulator, sink),
+                env=environment,
                 cwd=folder,  # no .env of the caller's is read
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -208,7 +238,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             purchases = _purchases()
             normal = [p for p in purchases if "outage" not in p.scenario]
             during_outage = [p for p in purchases if "outage" in p.scenario]
-            database = Database(f"sqlite:///{folder / 'demo.db'}")
+            database = Database(database_url)
             try:
                 console.print(f"service up at {service_url}; {len(normal)} purchases…")
                 _buy(simulator, normal)
@@ -232,7 +262,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                     "every purchase to settle",
                 )
                 outcomes = _outcomes(database, simulator, sink, purchases)
-                ok = _report(console, database, sink, purchases, outcomes)
+                ok = _report(console, database, sink, purchases, outcomes, since)
             finally:
                 database.dispose()
             environment = _service_environment(folder, simulator, sink)
@@ -296,7 +326,10 @@ def _settled(database: Database, simulator: SimulatorServer, purchases: list[Pur
             row = cancellations.get(orders[purchase.payment_id].id)
             if row is None or row.status not in FINAL_STATUSES:
                 return False
-        unsent = session.scalars(select(Email.id).where(Email.sent_at.is_(None))).first()
+        order_ids = [orders[p.payment_id].id for p in purchases]
+        unsent = session.scalars(
+            select(Email.id).where(Email.sent_at.is_(None), Email.order_id.in_(order_ids))
+        ).first()
     return unsent is None
 
 
@@ -343,6 +376,7 @@ def _report(
     sink: SmtpSink,
     purchases: list[Purchase],
     outcomes: dict[int, Outcome],
+    since: datetime,
 ) -> bool:
     table = Table(title="What happened to each purchase")
     for column in (
@@ -379,7 +413,9 @@ def _report(
         m for m in sink.to(ADMIN) if rejected.membership_id in m.subject and "by hand" in m.subject
     ]
     with database.transaction() as session:
-        alerts = list(session.scalars(select(Alert).order_by(Alert.id)))
+        alerts = list(
+            session.scalars(select(Alert).where(Alert.created_at >= since).order_by(Alert.id))
+        )
     kinds = [a.kind for a in alerts]
     console.print(f"Alerts raised: {', '.join(kinds) or 'none'}")
     checks = {

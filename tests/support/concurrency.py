@@ -54,6 +54,7 @@ class Result:
     memberships_cancelled_once: int = 0
     successful_cancel_calls: int = 0
     conflicts_retried: int = 0
+    redeliveries: int = 0
     seconds: float = 0.0
     send_seconds: float = 0.0
 
@@ -75,6 +76,7 @@ class Result:
             ("successful cancel calls", self.successful_cancel_calls),
             ("memberships cancelled exactly once", self.memberships_cancelled_once),
             ("deadlocks/conflicts retried", self.conflicts_retried),
+            ("redeliveries after a broken connection", self.redeliveries),
             ("webhooks sent in (s)", round(self.send_seconds, 1)),
             ("all settled in (s)", round(self.seconds, 1)),
         ]
@@ -182,14 +184,26 @@ def run(
                 (early if number % 3 == 0 else sends).append((rng.choice(urls), activation))
             rng.shuffle(sends)
             started = time.monotonic()
+            lock = threading.Lock()
             with (
                 httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64)) as http,
                 ThreadPoolExecutor(max_workers=32) as pool,
             ):
 
                 def post(item: tuple[str, bytes]) -> int:
+                    """Send like Whop: a connection that breaks is delivered again."""
                     url, body = item
-                    return http.post(url, content=body, headers=signed_headers(body)).status_code
+                    for attempt in range(3):
+                        try:
+                            return http.post(
+                                url, content=body, headers=signed_headers(body)
+                            ).status_code
+                        except httpx.TransportError:
+                            if attempt == 2:
+                                raise
+                            with lock:
+                                result.redeliveries += 1
+                    raise AssertionError("unreachable")
 
                 # A third of the activations go first; the rest race their payments.
                 statuses = list(pool.map(post, early)) + list(pool.map(post, sends))
