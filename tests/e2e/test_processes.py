@@ -217,3 +217,38 @@ def test_the_demo_passes(tmp_path: Path) -> None:
     assert result.stdout.count("PASS") == 5
     assert "FAIL" not in result.stdout
     assert "1 failed cancellation(s)" in result.stdout
+
+
+def test_sigterm_on_web_finishes_the_request_in_flight(
+    deployment: tuple[Deployment, Any],
+) -> None:
+    import threading
+
+    service, simulator = deployment
+    simulator.state.set_latency(1.5)  # the checkout's Whop call is slow
+    web = service.processes[0]
+    answers: list[int] = []
+
+    def checkout() -> None:
+        response = httpx.post(
+            f"{service.url}/api/checkouts",
+            json={"plan_id": MESSAGE_PLAN},
+            headers={"Authorization": f"Bearer {CHECKOUT_TOKEN}"},
+            timeout=30,
+        )
+        answers.append(response.status_code)
+
+    simulator.state.create_plan(MESSAGE_PLAN)
+    request = threading.Thread(target=checkout)
+    request.start()
+
+    def order_created() -> bool:  # the order is stored just before the slow Whop call
+        with service.database.transaction() as session:
+            return session.scalars(select(Order.id)).first() is not None
+
+    wait_for(order_created, 10, "the checkout to reach its Whop call")
+    web.send_signal(signal.SIGTERM)
+    request.join(timeout=30)
+    assert answers == [201]
+    web.wait(timeout=30)
+    assert web.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once done
