@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
@@ -29,11 +30,7 @@ cancellations_app = typer.Typer(
     help="Inspect and retry membership cancellations.", no_args_is_help=True
 )
 app.add_typer(cancellations_app, name="cancellations")
-deploy_app = typer.Typer(
-    help="Print ready-to-use process manager files for web and worker processes.",
-    no_args_is_help=True,
-)
-app.add_typer(deploy_app, name="deploy")
+
 
 out = Console(highlight=False)
 log = structlog.get_logger(__name__)
@@ -378,13 +375,24 @@ StopOption = Annotated[
 LogOption = Annotated[str, typer.Option("--log-dir", help="Folder for the log files.")]
 
 
-@deploy_app.command("systemd")
-def deploy_systemd(
+class ProcessManager(StrEnum):
+    systemd = "systemd"
+    supervisor = "supervisor"
+
+
+@app.command()
+def deploy(
+    kind: Annotated[ProcessManager, typer.Argument(help="systemd or supervisor.")],
     user: UserOption = "whop-autocancel",
     workdir: WorkdirOption = "/opt/whop-autocancel",
     executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
     env_file: Annotated[
-        str, typer.Option("--env-file", help="EnvironmentFile with the settings; 'none' to omit.")
+        str,
+        typer.Option(
+            "--env-file",
+            help="systemd: EnvironmentFile with the settings ('none' to omit); supervisor "
+            "reads .env from --workdir.",
+        ),
     ] = "/etc/whop-autocancel/env",
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
@@ -393,14 +401,16 @@ def deploy_systemd(
     stop_timeout: StopOption = 45,
     log_dir: LogOption = "/var/log/whop-autocancel",
 ) -> None:
-    """systemd units: migrate (oneshot), web@PORT, worker@N and a target; see docs/deploy.md."""
-    from whop_autocancel.deploy import DeployOptions, render_systemd
+    """Print ready-to-use process manager files for web and worker processes: systemd units
+    (migrate, web@PORT, worker@N, a target) or a supervisord config. See docs/deploy.md."""
+    from whop_autocancel.deploy import DeployOptions, render_supervisor, render_systemd
 
+    systemd = kind is ProcessManager.systemd
     options = DeployOptions(
         user=user,
         workdir=workdir,
         executable=executable,
-        env_file=None if env_file.lower() == "none" else env_file,
+        env_file=env_file if systemd and env_file.lower() != "none" else None,
         host=host,
         port=port,
         web=web,
@@ -408,37 +418,7 @@ def deploy_systemd(
         stop_timeout=stop_timeout,
         log_dir=log_dir,
     )
-    sys.stdout.write(render_systemd(options))
-
-
-@deploy_app.command("supervisor")
-def deploy_supervisor(
-    user: UserOption = "whop-autocancel",
-    workdir: WorkdirOption = "/opt/whop-autocancel",
-    executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 8000,
-    web: WebOption = 2,
-    workers: WorkersOption = 2,
-    stop_timeout: StopOption = 45,
-    log_dir: LogOption = "/var/log/whop-autocancel",
-) -> None:
-    """A supervisord config for web and worker programs; see docs/deploy.md."""
-    from whop_autocancel.deploy import DeployOptions, render_supervisor
-
-    options = DeployOptions(
-        user=user,
-        workdir=workdir,
-        executable=executable,
-        env_file=None,
-        host=host,
-        port=port,
-        web=web,
-        workers=workers,
-        stop_timeout=stop_timeout,
-        log_dir=log_dir,
-    )
-    sys.stdout.write(render_supervisor(options))
+    sys.stdout.write(render_systemd(options) if systemd else render_supervisor(options))
 
 
 def _safe_url(url: str) -> str:
