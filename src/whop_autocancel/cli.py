@@ -194,6 +194,45 @@ def check() -> None:
         raise WhopAutocancelError(f"{failed} check(s) failed")
 
 
+@app.command()
+def sweep(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be done; change nothing.")
+    ] = False,
+) -> None:
+    """Run the sweeps now: stuck work (re-enqueue what a crash left), then Whop (recover
+    purchases whose webhook never came, cancel memberships that are still live)."""
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=False)
+    from whop_autocancel.runtime import build_runtime
+
+    runtime = build_runtime(settings)
+    try:
+        stuck = runtime.stuck_sweep.run(force=True, dry_run=dry_run)
+        would = "would re-enqueue" if dry_run else "re-enqueued"
+        out.print(
+            f"stuck work: {would} {stuck.cancellations} cancellation(s), {stuck.deliveries} "
+            f"delivery(ies), {stuck.emails} email(s), {stuck.events} event(s)"
+        )
+        whop = runtime.whop_sweep.run(force=True, dry_run=dry_run)
+        recovered = "would recover" if dry_run else "recovered"
+        again = "would cancel again" if dry_run else "cancelling again"
+        out.print(
+            f"whop: {whop.payments_seen} payment(s) read, {recovered} "
+            f"{len(whop.recovered_payments)} whose webhook never came"
+            + (f" ({', '.join(whop.recovered_payments[:10])})" if whop.recovered_payments else "")
+        )
+        out.print(
+            f"whop: {whop.memberships_seen} membership(s) read, {again} "
+            f"{len(whop.recancelled)} still live"
+            + (f" ({', '.join(whop.recancelled[:10])})" if whop.recancelled else "")
+        )
+        if whop.stopped:
+            raise WhopAutocancelError(f"the Whop sweep stopped early: {whop.stopped}")
+    finally:
+        runtime.close()
+
+
 @cancellations_app.command("failed")
 def cancellations_failed() -> None:
     """List the cancellations that finally failed and need a human."""

@@ -147,6 +147,7 @@ def _service_environment(
             "WHOP_API_URL": simulator.api_url,
             "WHOP_WEBHOOK_SECRET": SECRET,
             "WHOP_TIMEOUT": "2",
+            "WHOP_COMPANY_ID": "biz_SimStore",
             "CATALOG_PATH": str(folder / "catalog.toml"),
             "ADMIN_EMAILS": ADMIN,
             "MAIL_FROM": "shop@demo-shop.test",

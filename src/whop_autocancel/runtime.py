@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from whop_autocancel.alerts.service import Alerts
 from whop_autocancel.cancellation.service import CANCEL_TASK, CancellationService
 from whop_autocancel.cancellation.sweeps import StuckWorkSweep
+from whop_autocancel.cancellation.whop_sweep import WhopSweep
 from whop_autocancel.clock import Clock, SystemClock
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.catalog import Catalog, load_catalog
@@ -47,6 +48,7 @@ class Runtime:
     cancellations: CancellationService
     stuck_sweep: StuckWorkSweep
     checkouts: CheckoutService
+    whop_sweep: WhopSweep
     owner: str
     _whop: WhopClient | None = None
     _whop_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -148,6 +150,22 @@ def build_runtime(
         company_id=settings.WHOP_COMPANY_ID,
         timeout=settings.CHECKOUT_TIMEOUT,
     )
+    whop_sweep = WhopSweep(
+        database,
+        catalog,
+        orders,
+        cancellations,
+        jobs,
+        alerts,
+        clock,
+        lambda: runtime_box[0].whop(),
+        owner=owner,
+        interval=settings.WHOP_SWEEP_INTERVAL,
+        lookback=settings.WHOP_SWEEP_LOOKBACK,
+        overlap=settings.WHOP_SWEEP_OVERLAP,
+        company_id=settings.WHOP_COMPANY_ID,
+        versioned=settings.WHOP_API_VERSION_DATE is not None,
+    )
     runtime = Runtime(
         settings=settings,
         clock=clock,
@@ -162,6 +180,7 @@ def build_runtime(
         cancellations=cancellations,
         stuck_sweep=stuck_sweep,
         checkouts=checkouts,
+        whop_sweep=whop_sweep,
         owner=owner,
     )
     runtime_box.append(runtime)

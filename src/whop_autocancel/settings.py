@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     WEBHOOK_TOLERANCE: PositiveSeconds = 300.0
     WEBHOOK_MAX_BYTES: Annotated[int, Field(ge=1024)] = 1024 * 1024
     SWEEP_INTERVAL: PositiveSeconds = 60.0
+    WHOP_SWEEP_INTERVAL: PositiveSeconds = 300.0
+    WHOP_SWEEP_LOOKBACK: PositiveSeconds = 259200.0
+    WHOP_SWEEP_OVERLAP: NonNegativeSeconds = 600.0
     STUCK_GRACE: NonNegativeSeconds = 30.0
     EVENT_MAX_ATTEMPTS: Annotated[int, Field(ge=1)] = 5
 

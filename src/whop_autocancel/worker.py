@@ -7,6 +7,7 @@ each takes a database lease anyway, so a plain thread per worker process drives 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import structlog
@@ -33,14 +34,21 @@ class SweepTicker:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        interval = self._runtime.settings.SWEEP_INTERVAL
+        settings = self._runtime.settings
+        next_whop_sweep = 0.0  # monotonic time; the first tick sweeps Whop too
         while not self._stop.is_set():
             try:
                 self._beat()
                 self._runtime.stuck_sweep.run()
             except Exception:
                 log.exception("stuck_sweep_failed")
-            self._stop.wait(interval)
+            if time.monotonic() >= next_whop_sweep:
+                next_whop_sweep = time.monotonic() + settings.WHOP_SWEEP_INTERVAL
+                try:
+                    self._runtime.whop_sweep.run()
+                except Exception:
+                    log.exception("whop_sweep_failed")
+            self._stop.wait(settings.SWEEP_INTERVAL)
 
     def _beat(self) -> None:
         runtime = self._runtime

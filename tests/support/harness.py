@@ -188,6 +188,7 @@ def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
         {
             "WHOP_API_KEY": API_KEY,
             "WHOP_WEBHOOK_SECRET": SECRET,
+            "WHOP_COMPANY_ID": "biz_SimStore",
             "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
             "QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
             "ADMIN_EMAILS": ADMIN,

@@ -585,7 +585,6 @@ class CancellationService:
 
     def retry(self, session: Session, cancellation_id: int) -> Cancellation:
         """Schedule a failed (or skipped) cancellation again, as a new attempt generation."""
-        now = self._clock.now()
         row = session.get(Cancellation, cancellation_id, with_for_update=True)
         if row is None:
             raise RetryRefused(f"there is no cancellation #{cancellation_id}")
@@ -594,6 +593,23 @@ class CancellationService:
                 f"cancellation #{cancellation_id} is {row.status}; only failed or skipped ones "
                 "can be retried"
             )
+        self._new_generation(session, row, "retried by an admin")
+        return row
+
+    def reopen(self, session: Session, cancellation_id: int, reason: str) -> bool:
+        """A membership we believed inactive is live at Whop (the Whop sweep saw it): cancel
+        it again, as a new generation. False when the row is not a finished success."""
+        row = session.get(Cancellation, cancellation_id, with_for_update=True)
+        if row is None or row.status not in (
+            Status.CANCELED.value,
+            Status.ALREADY_INACTIVE.value,
+        ):
+            return False
+        self._new_generation(session, row, reason)
+        return True
+
+    def _new_generation(self, session: Session, row: Cancellation, reason: str) -> None:
+        now = self._clock.now()
         row.status = Status.SCHEDULED.value
         row.generation += 1
         row.generation_started_at = now
@@ -601,15 +617,16 @@ class CancellationService:
         row.next_attempt_at = now
         row.lease_until = None
         row.lease_owner = None
+        row.last_error = reason
         row.updated_at = now
         self._jobs.defer(session, CANCEL_TASK, row.id)
         log.info(
-            "cancellation_retry_scheduled",
+            "cancellation_scheduled_again",
             cancellation_id=row.id,
             order_id=row.order_id,
             generation=row.generation,
+            reason=reason,
         )
-        return row
 
 
 def failed_cancellations(session: Session) -> list[tuple[Cancellation, Order]]:

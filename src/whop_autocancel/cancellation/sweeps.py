@@ -63,8 +63,9 @@ class StuckWorkSweep:
         self._interval = interval
         self._grace = grace
 
-    def run(self, *, force: bool = False) -> SweepReport:
-        """One tick: skipped when another worker holds this tick's lease (unless `force`)."""
+    def run(self, *, force: bool = False, dry_run: bool = False) -> SweepReport:
+        """One tick: skipped when another worker holds this tick's lease (unless `force`).
+        `dry_run` counts what it would enqueue and changes nothing."""
         now = self._clock.now()
         overdue = now - timedelta(seconds=self._grace)
         skip_locked = self._database.skip_locked
@@ -75,7 +76,7 @@ class StuckWorkSweep:
             return list(session.scalars(statement.limit(BATCH)))
 
         with self._database.transaction() as session:
-            if not force and not leases.try_acquire(
+            if not (force or dry_run) and not leases.try_acquire(
                 session, STUCK_SWEEP_LEASE, self._owner, now, self._interval * 0.9
             ):
                 return SweepReport(ran=False)
@@ -113,8 +114,16 @@ class StuckWorkSweep:
                     or_(Email.lease_until.is_(None), Email.lease_until < now),
                 )
             )
-            leases.forget_heartbeats_before(session, now - timedelta(days=1))
             events = due_failed_events(session, now, BATCH)
+            if dry_run:
+                return SweepReport(
+                    ran=True,
+                    cancellations=len(cancellations),
+                    deliveries=len(deliveries),
+                    emails=len(emails),
+                    events=len(events),
+                )
+            leases.forget_heartbeats_before(session, now - timedelta(days=1))
             for cancellation_id in cancellations:
                 self._jobs.defer(session, CANCEL_TASK, cancellation_id)
             for order_id in deliveries:

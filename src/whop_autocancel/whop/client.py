@@ -7,6 +7,7 @@ It never retries by itself: the cancellation state machine decides what a reply 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -117,30 +118,39 @@ class WhopClient:
         after: str | None = None,
         user_id: str | None = None,
         plan_id: str | None = None,
+        created_after: datetime | None = None,
     ) -> WhopReply:
         """One page of memberships, with the filters named the way the API version wants."""
-        params: list[tuple[str, str]] = [("first", str(first))]
-        if after:
-            params.append(("after", after))
-        if self.version_date:
-            params += [("user_id", user_id)] if user_id else []
-            params += [("plan_ids", plan_id)] if plan_id else []
-            params += [("account_id", company_id)] if company_id else []
-        else:
-            params += [("user_ids", user_id)] if user_id else []
-            params += [("plan_ids", plan_id)] if plan_id else []
-            params += [("company_id", company_id)] if company_id else []
+        params = self._page(first, after, company_id, created_after)
+        params += [("plan_ids", plan_id)] if plan_id else []
+        if user_id:
+            params.append(("user_id" if self.version_date else "user_ids", user_id))
         return self._call("GET", "memberships", params=params)
 
     def list_payments(
-        self, *, company_id: str | None, first: int = 10, after: str | None = None
+        self,
+        *,
+        company_id: str | None,
+        first: int = 10,
+        after: str | None = None,
+        created_after: datetime | None = None,
     ) -> WhopReply:
+        """One page of payments, newest first."""
+        params = self._page(first, after, company_id, created_after)
+        return self._call("GET", "payments", params=params)
+
+    def _page(
+        self, first: int, after: str | None, company_id: str | None, created_after: datetime | None
+    ) -> list[tuple[str, str]]:
         params: list[tuple[str, str]] = [("first", str(first))]
         if after:
             params.append(("after", after))
         if company_id:
             params.append(("account_id" if self.version_date else "company_id", company_id))
-        return self._call("GET", "payments", params=params)
+        if created_after is not None:
+            moment = created_after.astimezone(UTC).isoformat(timespec="milliseconds")
+            params.append(("created_after", moment.replace("+00:00", "Z")))
+        return params
 
     def create_checkout_configuration(
         self,

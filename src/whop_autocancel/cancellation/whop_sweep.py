@@ -1,0 +1,293 @@
+"""The Whop sweep (DESIGN §5): Whop gives up on a webhook after three retries, so the service
+asks Whop itself, on a schedule, under a database lease:
+
+(a) missed webhooks — payments created since the last sweep (with an overlap) that we do not
+    know are applied exactly as their webhook would have been;
+(b) live memberships — memberships of listed one-time plans that Whop still shows live (any
+    status but `canceled`/`expired`; a live one-time membership is `completed`) although our
+    cancellation finished are cancelled again; a delivered order with no cancellation gets one.
+
+Every call respects the API key's shared "not before" time after a 429.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from whop_autocancel.alerts.models import AlertKind
+from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.service import (
+    NOT_BEFORE_KEY,
+    CancellationService,
+    schedule_cancellation,
+)
+from whop_autocancel.clock import Clock
+from whop_autocancel.db import leases
+from whop_autocancel.db.engine import Database
+from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import ONE_TIME, OrderService
+from whop_autocancel.webhooks.parse import EventDataError, PaymentFacts, payment_facts
+from whop_autocancel.whop.client import WhopClient, WhopReply
+from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
+
+log = structlog.get_logger(__name__)
+
+WHOP_SWEEP_LEASE = "sweep:whop"
+PAYMENTS_WATERMARK = "sweep:whop:payments"
+PAGE_SIZE = 100
+MAX_PAGES = 100
+
+
+class _Stop(Exception):
+    """Whop answered badly or asked us to wait: end this sweep, keep what was done."""
+
+
+@dataclass
+class WhopSweepReport:
+    ran: bool
+    dry_run: bool = False
+    payments_seen: int = 0
+    recovered_payments: list[str] = field(default_factory=list)
+    memberships_seen: int = 0
+    recancelled: list[str] = field(default_factory=list)
+    stopped: str | None = None
+
+
+class WhopSweep:
+    def __init__(
+        self,
+        database: Database,
+        catalog: Catalog,
+        orders: OrderService,
+        cancellations: CancellationService,
+        jobs: Jobs,
+        alerts: Alerts,
+        clock: Clock,
+        whop: Callable[[], WhopClient],
+        *,
+        owner: str,
+        interval: float,
+        lookback: float,
+        overlap: float,
+        company_id: str | None,
+        versioned: bool,
+    ) -> None:
+        self._database = database
+        self._catalog = catalog
+        self._orders = orders
+        self._cancellations = cancellations
+        self._jobs = jobs
+        self._alerts = alerts
+        self._clock = clock
+        self._whop = whop
+        self._owner = owner
+        self._interval = interval
+        self._lookback = lookback
+        self._overlap = overlap
+        self._company_id = company_id
+        self._versioned = versioned
+
+    def run(self, *, force: bool = False, dry_run: bool = False) -> WhopSweepReport:
+        """One sweep; skipped when another worker holds this interval's lease (unless `force`).
+        `dry_run` reports what it would do and changes nothing."""
+        now = self._clock.now()
+        if not (force or dry_run) and not self._database.run(
+            lambda s: leases.try_acquire(
+                s, WHOP_SWEEP_LEASE, self._owner, now, self._interval * 0.9
+            )
+        ):
+            return WhopSweepReport(ran=False)
+        report = WhopSweepReport(ran=True, dry_run=dry_run)
+        if not self._versioned and self._company_id is None:
+            report.stopped = "WHOP_COMPANY_ID is not set: Whop's lists need it"
+            log.error("whop_sweep_not_configured", reason=report.stopped)
+            return report
+        try:
+            self._missed_payments(now, report)
+            self._live_memberships(now, report)
+        except _Stop as stop:
+            report.stopped = str(stop)
+            log.warning("whop_sweep_stopped", reason=report.stopped)
+        log.info(
+            "whop_sweep",
+            dry_run=dry_run,
+            payments_seen=report.payments_seen,
+            recovered=len(report.recovered_payments),
+            memberships_seen=report.memberships_seen,
+            recancelled=len(report.recancelled),
+        )
+        return report
+
+    # (a) payments whose webhook never came -----------------------------------------------------
+
+    def _missed_payments(self, now: datetime, report: WhopSweepReport) -> None:
+        watermark = self._database.run(lambda s: leases.read_until(s, PAYMENTS_WATERMARK))
+        since = (watermark or now - timedelta(seconds=self._lookback)) - timedelta(
+            seconds=self._overlap
+        )
+        for item in self._pages(
+            lambda client, after: client.list_payments(
+                company_id=self._company_id, first=PAGE_SIZE, after=after, created_after=since
+            )
+        ):
+            report.payments_seen += 1
+            if item.get("status") != "paid":
+                continue
+            try:
+                facts = payment_facts(item)
+            except EventDataError as error:
+                log.warning("whop_sweep_unreadable_payment", error=str(error))
+                continue
+            if self._known_payment(facts.payment_id):
+                continue
+            report.recovered_payments.append(facts.payment_id)
+            if not report.dry_run:
+                self._database.run(partial(self._apply, facts=facts, now=now))
+                log.warning(
+                    "missed_webhook_recovered",
+                    payment_id=facts.payment_id,
+                    membership_id=facts.membership_id,
+                    plan_id=facts.plan_id,
+                )
+        if report.dry_run:
+            return
+        self._database.run(lambda s: leases.extend_until(s, PAYMENTS_WATERMARK, self._owner, now))
+        if report.recovered_payments:
+            self._alert_recovered(now, report.recovered_payments)
+
+    def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> None:
+        self._orders.apply_payment(session, facts, now)
+
+    def _known_payment(self, payment_id: str) -> bool:
+        with self._database.transaction() as session:
+            found = session.scalars(
+                select(Order.id).where(Order.whop_payment_id == payment_id).limit(1)
+            ).first()
+        return found is not None
+
+    def _alert_recovered(self, now: datetime, payment_ids: list[str]) -> None:
+        shown = ", ".join(payment_ids[:20]) + (" …" if len(payment_ids) > 20 else "")
+
+        def raise_alert(session: Any) -> None:
+            self._alerts.raise_once(
+                session,
+                AlertKind.MISSED_WEBHOOKS_RECOVERED,
+                f"missed_webhooks_recovered:{now.isoformat()}",
+                AlertContent(
+                    subject=f"{len(payment_ids)} purchase(s) recovered whose webhook never came",
+                    summary=(
+                        "Whop did not deliver the payment webhook of these purchases (it gives up "
+                        "after three retries). The sweep found them through Whop's API and "
+                        "handled them as usual: delivery and cancellation follow."
+                    ),
+                    details=[("Payments", shown)],
+                    steps=[
+                        "Nothing to do for these purchases.",
+                        "If this repeats, check that Whop can reach /webhooks/whop (Whop "
+                        "disables a webhook whose deliveries fail for three days).",
+                    ],
+                ),
+                now,
+            )
+
+        self._database.run(raise_alert)
+
+    # (b) memberships that are still live ------------------------------------------------------
+
+    def _live_memberships(self, now: datetime, report: WhopSweepReport) -> None:
+        since = now - timedelta(seconds=self._lookback)
+        for plan in self._catalog.plans.values():
+            if not plan.cancel:
+                continue
+            for item in self._pages(
+                partial(self._membership_page, plan_id=plan.plan_id, since=since)
+            ):
+                report.memberships_seen += 1
+                membership_id, status = item.get("id"), item.get("status")
+                if not isinstance(membership_id, str) or status in INACTIVE_STATUSES:
+                    continue
+                if self._cancel_again(membership_id, str(status), now, report.dry_run):
+                    report.recancelled.append(membership_id)
+
+    def _membership_page(
+        self, client: WhopClient, after: str | None, *, plan_id: str, since: datetime
+    ) -> WhopReply:
+        return client.list_memberships(
+            company_id=self._company_id,
+            first=PAGE_SIZE,
+            after=after,
+            plan_id=plan_id,
+            created_after=since,
+        )
+
+    def _cancel_again(self, membership_id: str, status: str, now: datetime, dry_run: bool) -> bool:
+        """Whether our delivered one-time order of this live membership needs cancelling."""
+
+        def decide(session: Any) -> bool:
+            order = session.scalars(
+                select(Order).where(
+                    Order.whop_membership_id == membership_id,
+                    Order.status == OrderStatus.DELIVERED.value,
+                    Order.billing_reason == ONE_TIME,
+                )
+            ).first()
+            if order is None:
+                return False  # not ours (or not delivered): `backfill` is for those
+            row = session.scalars(
+                select(Cancellation).where(Cancellation.order_id == order.id)
+            ).first()
+            if row is None:
+                if not dry_run:
+                    created = schedule_cancellation(session, order, now, now)
+                    if created is not None:
+                        self._jobs.defer(session, "cancellation.run", created.id)
+                return True
+            if row.status not in ("canceled", "already_inactive"):
+                return False  # still in progress, or failed and already alerted
+            if dry_run:
+                return True
+            return self._cancellations.reopen(
+                session, row.id, f"Whop still shows the membership '{status}'; cancelling again"
+            )
+
+        return self._database.run(decide)
+
+    # Paging -----------------------------------------------------------------------------------
+
+    def _pages(
+        self, fetch: Callable[[WhopClient, str | None], WhopReply]
+    ) -> Iterator[dict[str, Any]]:
+        client = self._whop()
+        cursor: str | None = None
+        for _ in range(MAX_PAGES):
+            not_before = self._database.run(lambda s: leases.read_until(s, NOT_BEFORE_KEY))
+            if not_before is not None and not_before > self._clock.now():
+                raise _Stop(f"Whop asked to wait until {not_before.isoformat()}")
+            page = fetch(client, cursor)
+            if page.status == 429:
+                wait = page.retry_after if page.retry_after is not None else 60.0
+                until = self._clock.now() + timedelta(seconds=wait)
+                self._database.run(
+                    partial(
+                        leases.extend_until, key=NOT_BEFORE_KEY, holder=self._owner, until=until
+                    )
+                )
+                raise _Stop(f"Whop rate-limited the sweep for {wait:g} s")
+            if not page.ok:
+                raise _Stop(f"listing failed: {page.describe()}")
+            yield from page.items
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+        raise _Stop(f"more than {MAX_PAGES} pages: continuing next sweep")

@@ -1,0 +1,167 @@
+"""The Whop sweep against the simulator: purchases whose webhook never came are recovered, and
+memberships still live at Whop are cancelled again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from support.harness import MESSAGE_PLAN, UNLISTED_PLAN, drain, make_runtime, make_settings
+from whop_autocancel.alerts.models import Alert
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.service import mark_inactive_from_webhook
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.simulator import SimulatorServer
+
+
+@pytest.fixture
+def runtime(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, database_url: str
+) -> Iterator[Runtime]:
+    runtime = make_runtime(
+        make_settings(
+            tmp_path,
+            DATABASE_URL=database_url,
+            WHOP_API_URL=simulator.api_url,
+            WHOP_COMPANY_ID="biz_SimStore",
+        ),
+        clock,
+    )
+    yield runtime
+    runtime.close()
+
+
+def lost_purchase(simulator: SimulatorServer, plan: str = MESSAGE_PLAN) -> dict[str, Any]:
+    """A purchase whose webhooks Whop never delivered."""
+    return simulator.state.create_purchase(plan, email="lost@example.com", send_webhooks=False)
+
+
+def orders(runtime: Runtime) -> dict[str, Order]:
+    with runtime.database.transaction() as session:
+        return {o.whop_payment_id or "": o for o in session.scalars(select(Order))}
+
+
+def payment_lists(simulator: SimulatorServer) -> list[dict[str, Any]]:
+    return [c for c in simulator.state.calls() if c["path"].endswith("/payments")]
+
+
+def test_purchases_whose_webhook_never_came_are_recovered_once(
+    runtime: Runtime, simulator: SimulatorServer, clock: FrozenClock
+) -> None:
+    listed = [lost_purchase(simulator), lost_purchase(simulator)]
+    unlisted = lost_purchase(simulator, UNLISTED_PLAN)
+
+    preview = runtime.whop_sweep.run(dry_run=True)
+    assert sorted(preview.recovered_payments) == sorted(
+        p["payment_id"] for p in [*listed, unlisted]
+    )
+    assert orders(runtime) == {}  # a dry run changes nothing
+
+    report = runtime.whop_sweep.run(force=True)
+    assert report.stopped is None
+    assert len(report.recovered_payments) == 3
+    found = orders(runtime)
+    assert {p["payment_id"] for p in [*listed, unlisted]} == set(found)
+    assert all(o.status == "paid" for o in found.values())
+    queued = sorted(t.name for t in runtime.jobs.huey.pending())
+    assert queued.count("delivery.deliver") == 2  # only the listed plan is delivered
+    with runtime.database.transaction() as session:
+        [alert] = list(session.scalars(select(Alert)))
+    assert alert.kind == "missed_webhooks_recovered"
+    assert listed[0]["payment_id"] in alert.text_body
+
+    clock.advance(60)
+    again = runtime.whop_sweep.run(force=True)
+    assert again.recovered_payments == []
+    first, second = payment_lists(simulator)[-2:]
+    assert second["query"]["created_after"][0] > first["query"]["created_after"][0]
+
+    drain(runtime)
+    clock.advance(5)
+    with runtime.database.transaction() as session:
+        ids = list(session.scalars(select(Cancellation.id)))
+    for cancellation_id in ids:
+        runtime.cancellations.run(cancellation_id)
+    for purchase in listed:
+        assert simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
+    assert simulator.state.membership(unlisted["membership_id"])["status"] == "completed"
+
+
+def test_a_membership_still_live_at_whop_is_cancelled_again(
+    runtime: Runtime, simulator: SimulatorServer, clock: FrozenClock
+) -> None:
+    purchase = lost_purchase(simulator)
+    runtime.whop_sweep.run(force=True)
+    drain(runtime)
+    # A wrong "deactivated" webhook made us believe the membership was gone.
+    with runtime.database.transaction() as session:
+        assert mark_inactive_from_webhook(session, purchase["membership_id"], clock.now()) == 1
+    assert runtime.whop_sweep.run(force=True, dry_run=True).recancelled == [
+        purchase["membership_id"]
+    ]
+    report = runtime.whop_sweep.run(force=True)
+    assert report.recancelled == [purchase["membership_id"]]
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+    assert (row.status, row.generation) == ("scheduled", 2)
+    runtime.cancellations.run(row.id)
+    assert simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
+    # Cancelled now: the next sweep leaves it alone.
+    assert runtime.whop_sweep.run(force=True).recancelled == []
+
+
+def test_a_429_stops_the_sweep_and_is_shared_with_cancellations(
+    runtime: Runtime, simulator: SimulatorServer
+) -> None:
+    lost_purchase(simulator)
+    simulator.state.throttle(1, retry_after=30)
+    report = runtime.whop_sweep.run(force=True)
+    assert report.stopped is not None
+    assert "rate-limited" in report.stopped
+    calls_before = len(simulator.state.calls())
+    waiting = runtime.whop_sweep.run(force=True)
+    assert waiting.stopped is not None
+    assert "wait until" in waiting.stopped
+    assert len(simulator.state.calls()) == calls_before  # no call before Retry-After
+    assert orders(runtime) == {}
+
+
+def test_one_worker_sweeps_whop_per_interval(runtime: Runtime, clock: FrozenClock) -> None:
+    other = make_runtime(runtime.settings, clock)  # another worker process
+    try:
+        assert runtime.whop_sweep.run().ran
+        assert not other.whop_sweep.run().ran
+        clock.advance(300)
+        assert other.whop_sweep.run().ran
+        assert not runtime.whop_sweep.run().ran
+    finally:
+        other.close()
+
+
+def test_the_sweep_command_reports_and_a_dry_run_changes_nothing(
+    tmp_path: Path, simulator: SimulatorServer
+) -> None:
+    from support.harness import run_cli, service_environment
+
+    env = service_environment(tmp_path, WHOP_API_URL=simulator.api_url)
+    assert run_cli(tmp_path, "migrate", env=env).returncode == 0
+    purchase = lost_purchase(simulator)
+    dry = run_cli(tmp_path, "sweep", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would recover 1 whose webhook never came" in dry.stdout
+    assert purchase["payment_id"] in dry.stdout
+    real = run_cli(tmp_path, "sweep", env=env)
+    assert real.returncode == 0, real.stderr
+    assert "recovered 1 whose webhook never came" in real.stdout
+    assert "stuck work: re-enqueued 0 cancellation(s)" in real.stdout
+    again = run_cli(tmp_path, "sweep", env=env)
+    assert "recovered 0 whose webhook never came" in again.stdout
+    unconfigured = run_cli(tmp_path, "sweep", env={**env, "WHOP_COMPANY_ID": ""})
+    assert unconfigured.returncode == 1
+    assert "WHOP_COMPANY_ID is not set" in unconfigured.stderr
