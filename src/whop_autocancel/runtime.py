@@ -93,7 +93,14 @@ def build_runtime(
         retry_schedule=settings.RETRY_SCHEDULE,
         lease_seconds=settings.SMTP_TIMEOUT * 3 + 5,
     )
-    alerts = Alerts(outbox, settings.ADMIN_EMAILS)
+    alerts = Alerts(
+        outbox,
+        settings.ADMIN_EMAILS,
+        throttle=settings.ALERT_THROTTLE,
+        chat_webhook_url=(
+            settings.ALERT_WEBHOOK_URL.get_secret_value() if settings.ALERT_WEBHOOK_URL else None
+        ),
+    )
     orders = OrderService(catalog, jobs, alerts, settings.MATCH_WINDOW)
     inbox = Inbox(
         database,
@@ -136,6 +143,7 @@ def build_runtime(
         database,
         catalog,
         jobs,
+        alerts,
         clock,
         owner=owner,
         interval=settings.SWEEP_INTERVAL,

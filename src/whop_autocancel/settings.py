@@ -195,6 +195,8 @@ class Settings(BaseSettings):
     SMTP_TIMEOUT: PositiveSeconds = 10.0
     MAIL_FROM: str | None = None
     SUPPORT_EMAIL: str | None = None
+    ALERT_THROTTLE: NonNegativeSeconds = 900.0
+    ALERT_WEBHOOK_URL: SecretStr | None = None
 
     # Catalog and logs
     CATALOG_PATH: Path = Path("catalog.toml")
@@ -225,6 +227,16 @@ class Settings(BaseSettings):
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
                 raise ValueError(f"{origin!r} is not an origin such as https://shop.example.com")
+        return value
+
+    @field_validator("ALERT_WEBHOOK_URL")
+    @classmethod
+    def _check_alert_webhook(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in (
+            "http",
+            "https",
+        ):
+            raise ValueError("must be the https:// URL of a Discord or Slack incoming webhook")
         return value
 
     @field_validator("CHECKOUT_REDIRECT_URL")

@@ -149,6 +149,7 @@ def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -
         runtime.database,
         runtime.catalog,
         runtime.jobs,
+        runtime.alerts,
         clock,
         owner="another-worker",
         interval=60,

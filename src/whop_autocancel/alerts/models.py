@@ -34,3 +34,6 @@ class Alert(Base):
     order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # When an email/chat message about it went out (itself or in a digest); None: folded and
+    # waiting for its kind's next digest.
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

@@ -12,15 +12,16 @@ from datetime import datetime
 from uuid import uuid4
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.db.engine import insert_once
 from whop_autocancel.mail.outbox import Outbox
-from whop_autocancel.mail.render import render_email
+from whop_autocancel.mail.render import RenderedEmail, render_email
 
 log = structlog.get_logger(__name__)
+DIGEST_DETAILS = 20  # alerts shown in full in a digest; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,22 @@ class AlertContent:
 
 
 class Alerts:
-    def __init__(self, outbox: Outbox, admin_emails: Sequence[str]) -> None:
+    """Raising alerts. The first of a kind goes out at once; more of the same kind within
+    `throttle` seconds are folded into one digest (sent by `flush_digests`), so a burst of
+    failures is one email, not a flood."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        admin_emails: Sequence[str],
+        *,
+        throttle: float = 0.0,
+        chat_webhook_url: str | None = None,
+    ) -> None:
         self._outbox = outbox
         self._admins = list(admin_emails)
+        self._throttle = throttle
+        self._chat_url = chat_webhook_url
 
     def raise_once(
         self,
@@ -45,7 +59,7 @@ class Alerts:
         now: datetime,
         order_id: str | None = None,
     ) -> Alert | None:
-        """Record the alert and email the admins, unless `dedupe_key` was raised before."""
+        """Record the alert and notify the admins, unless `dedupe_key` was raised before."""
         email = render_email(
             "alert",
             content.subject,
@@ -65,18 +79,78 @@ class Alerts:
         if not insert_once(session, alert):
             log.info("alert_already_raised", kind=kind.value, dedupe_key=dedupe_key)
             return None
+        last = self._last_notified(session, kind.value)
+        if last is not None and (now - last).total_seconds() < self._throttle:
+            log.warning("alert_folded", kind=kind.value, alert_id=alert.id, order_id=order_id)
+            return alert  # goes out in the next digest of its kind
+        alert.notified_at = now
+        self._notify(session, kind.value, email, now, order_id=order_id, alert_id=alert.id)
+        log.warning("alert_raised", kind=kind.value, alert_id=alert.id, order_id=order_id)
+        return alert
+
+    def flush_digests(self, session: Session, now: datetime) -> int:
+        """Send one digest per kind whose folded alerts' throttle window is over."""
+        sent = 0
+        pending_kinds = session.scalars(
+            select(Alert.kind).where(Alert.notified_at.is_(None)).distinct()
+        ).all()
+        for kind in pending_kinds:
+            last = self._last_notified(session, kind)
+            if last is not None and (now - last).total_seconds() < self._throttle:
+                continue
+            folded = list(
+                session.scalars(
+                    select(Alert)
+                    .where(Alert.kind == kind, Alert.notified_at.is_(None))
+                    .order_by(Alert.id)
+                    .with_for_update()
+                )
+            )
+            if not folded:
+                continue
+            shown, rest = folded[:DIGEST_DETAILS], len(folded) - DIGEST_DETAILS
+            subject = f"{len(folded)} more {kind.replace('_', ' ')} alert(s)"
+            email = render_email(
+                "alert_digest",
+                subject,
+                kind=kind,
+                alerts=[(a.subject, a.text_body) for a in shown],
+                more=max(rest, 0),
+            )
+            for alert in folded:
+                alert.notified_at = now
+            self._notify(session, kind, email, now, alert_id=folded[0].id)
+            log.warning("alert_digest_sent", kind=kind, alerts=len(folded))
+            sent += 1
+        return sent
+
+    def _last_notified(self, session: Session, kind: str) -> datetime | None:
+        return session.scalar(select(func.max(Alert.notified_at)).where(Alert.kind == kind))
+
+    def _notify(
+        self,
+        session: Session,
+        kind: str,
+        email: RenderedEmail,
+        now: datetime,
+        *,
+        alert_id: int,
+        order_id: str | None = None,
+    ) -> None:
         for address in self._admins:
             self._outbox.queue(
                 session,
-                kind=f"alert:{kind.value}",
+                kind=f"alert:{kind}",
                 to=address,
                 email=email,
                 now=now,
                 order_id=order_id,
-                alert_id=alert.id,
+                alert_id=alert_id,
             )
-        log.warning("alert_raised", kind=kind.value, alert_id=alert.id, order_id=order_id)
-        return alert
+        if self._chat_url:
+            self._outbox.queue_chat(
+                session, self._chat_url, f"{email.subject}\n\n{email.text}", now, alert_id
+            )
 
     def open_incident(
         self, session: Session, kind: AlertKind, content: AlertContent, now: datetime

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Select, and_, or_, select
 
+from whop_autocancel.alerts.service import Alerts
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import CANCEL_TASK
 from whop_autocancel.clock import Clock
@@ -37,6 +38,7 @@ class SweepReport:
     deliveries: int = 0
     emails: int = 0
     events: int = 0
+    digests: int = 0
 
     @property
     def total(self) -> int:
@@ -49,6 +51,7 @@ class StuckWorkSweep:
         database: Database,
         catalog: Catalog,
         jobs: Jobs,
+        alerts: Alerts,
         clock: Clock,
         *,
         owner: str,
@@ -58,6 +61,7 @@ class StuckWorkSweep:
         self._database = database
         self._catalog = catalog
         self._jobs = jobs
+        self._alerts = alerts
         self._clock = clock
         self._owner = owner
         self._interval = interval
@@ -124,6 +128,7 @@ class StuckWorkSweep:
                     events=len(events),
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
+            digests = self._alerts.flush_digests(session, now)
             for cancellation_id in cancellations:
                 self._jobs.defer(session, CANCEL_TASK, cancellation_id)
             for order_id in deliveries:
@@ -138,6 +143,7 @@ class StuckWorkSweep:
             deliveries=len(deliveries),
             emails=len(emails),
             events=len(events),
+            digests=digests,
         )
         if report.total:
             log.warning(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+import httpx
 import structlog
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
@@ -21,6 +22,18 @@ from whop_autocancel.settings import SmtpConfig
 log = structlog.get_logger(__name__)
 
 SEND_TASK = "mail.send"
+CHAT_KIND = "chat"
+
+
+def post_chat(url: str, text: str, timeout: float) -> None:
+    """POST one message to a Discord- or Slack-compatible incoming webhook (Discord reads
+    `content`, Slack `text`; each ignores the other). Raises `MailError` to be retried."""
+    try:
+        response = httpx.post(url, json={"content": text[:1900], "text": text}, timeout=timeout)
+    except httpx.HTTPError as error:
+        raise MailError(f"chat webhook unreachable: {type(error).__name__}") from None
+    if response.status_code >= 300:
+        raise MailError(f"chat webhook answered HTTP {response.status_code}")
 
 
 class Outbox:
@@ -75,6 +88,30 @@ class Outbox:
         self._jobs.defer(session, SEND_TASK, row.id)
         return row
 
+    def queue_chat(
+        self, session: Session, webhook_url: str, text: str, now: datetime, alert_id: int
+    ) -> Email | None:
+        """A chat message (Discord/Slack-compatible webhook) through the same outbox, with the
+        same retries. The URL holds the channel's token: it is stored, never logged."""
+        message = RenderedEmail(subject=text.splitlines()[0][:300], text=text, html="")
+        return self.queue(
+            session, kind=CHAT_KIND, to=webhook_url, email=message, now=now, alert_id=alert_id
+        )
+
+    def _delivery(self, row: Email) -> Callable[[], None]:
+        if row.kind == CHAT_KIND:
+            url, text = row.to_address, row.text_body
+            return lambda: post_chat(url, text, self._timeout)
+        message = build_message(
+            self._sender,
+            row.to_address,
+            row.subject,
+            row.text_body,
+            row.html_body or None,
+            message_id=f"wa{row.id}",
+        )
+        return lambda: send_message(self._smtp, message, self._timeout)
+
     def send(self, email_id: int) -> None:
         """The `mail.send` job: send one message at least once, retrying until it goes."""
         now = self._clock.now()
@@ -93,17 +130,10 @@ class Outbox:
                 return  # sent already, not due yet, or another worker has it
             row = session.get(Email, email_id)
             assert row is not None
-            message = build_message(
-                self._sender,
-                row.to_address,
-                row.subject,
-                row.text_body,
-                row.html_body,
-                message_id=f"wa{row.id}",
-            )
+            deliver = self._delivery(row)
             kind, attempts = row.kind, row.attempts
         try:
-            send_message(self._smtp, message, self._timeout)
+            deliver()
         except MailError as error:
             delay = self._schedule[min(attempts, len(self._schedule) - 1)]
             delay *= random.uniform(0.9, 1.1)
