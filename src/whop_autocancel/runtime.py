@@ -111,6 +111,8 @@ def build_runtime(
         tolerance=settings.WEBHOOK_TOLERANCE,
         retry_schedule=settings.RETRY_SCHEDULE,
         max_attempts=settings.EVENT_MAX_ATTEMPTS,
+        signature_alert_at=settings.SIGNATURE_FAILURES_ALERT_AT,
+        signature_window=settings.SIGNATURE_FAILURES_WINDOW,
     )
     delivery = DeliveryService(
         database,

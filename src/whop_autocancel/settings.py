@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     WHOP_SWEEP_OVERLAP: NonNegativeSeconds = 600.0
     STUCK_GRACE: NonNegativeSeconds = 30.0
     EVENT_MAX_ATTEMPTS: Annotated[int, Field(ge=1)] = 5
+    SIGNATURE_FAILURES_ALERT_AT: Annotated[int, Field(ge=1)] = 20
+    SIGNATURE_FAILURES_WINDOW: PositiveSeconds = 300.0
 
     # Mail and alerts
     ADMIN_EMAILS: Annotated[list[str], NoDecode] = []

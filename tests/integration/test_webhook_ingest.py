@@ -286,3 +286,25 @@ def test_membership_activated_first_then_payment_matches_the_same_order(service:
     assert order.id == pending.id
     assert order.status == "paid"
     assert service.queued() == ["delivery.deliver"]
+
+
+@pytest.fixture
+def touchy(tmp_path: Path, clock: FrozenClock) -> Iterator[Service]:
+    runtime = make_runtime(
+        make_settings(tmp_path, SIGNATURE_FAILURES_ALERT_AT=5, SIGNATURE_FAILURES_WINDOW=60),
+        clock,
+    )
+    server = ServiceServer(runtime)
+    with server.running(), httpx.Client(base_url=server.url, timeout=10) as http:
+        yield Service(runtime, http, clock, tmp_path)
+    runtime.close()
+
+
+def test_a_burst_of_bad_signatures_raises_one_alert(touchy: Service) -> None:
+    for _ in range(12):
+        assert post_event(touchy.http, payment(), secret="ws_the_old_secret").status_code == 401
+    with touchy.runtime.database.transaction() as session:
+        alerts = list(session.scalars(select(Alert)))
+    assert [a.kind for a in alerts] == ["webhook_signature_failures"]
+    assert "WHOP_WEBHOOK_SECRET" in alerts[0].text_body
+    assert touchy.count(WebhookEvent) == 0

@@ -24,7 +24,8 @@ RANK = {
 TERMINAL = {S.REFUNDED, S.DISPUTED}
 
 # DESIGN §5: pending → paid → delivered, paid → delivery_failed → delivered,
-# paid|delivered|delivery_failed → refunded|disputed. Nothing else.
+# paid|delivered|delivery_failed → refunded|disputed; and pending → refunded|disputed, because a
+# refund or dispute can arrive before its payment's webhook. Nothing else.
 EXPECTED_EDGES = {
     (S.PENDING, S.PAID),
     (S.PAID, S.DELIVERED),
@@ -32,7 +33,7 @@ EXPECTED_EDGES = {
     (S.DELIVERY_FAILED, S.DELIVERED),
     *(
         (source, target)
-        for source in (S.PAID, S.DELIVERED, S.DELIVERY_FAILED)
+        for source in (S.PENDING, S.PAID, S.DELIVERED, S.DELIVERY_FAILED)
         for target in TERMINAL
     ),
 }

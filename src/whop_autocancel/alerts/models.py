@@ -21,6 +21,8 @@ class AlertKind(enum.StrEnum):
     LOW_STOCK = "low_stock"
     WEBHOOK_SIGNATURE_FAILURES = "webhook_signature_failures"
     MISSED_WEBHOOKS_RECOVERED = "missed_webhooks_recovered"
+    ORDER_REFUNDED = "order_refunded"
+    ORDER_DISPUTED = "order_disputed"
 
 
 class Alert(Base):

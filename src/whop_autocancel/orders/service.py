@@ -17,7 +17,7 @@ from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.matching import find_order_for_payment
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.states import transition
-from whop_autocancel.webhooks.parse import MembershipFacts, PaymentFacts
+from whop_autocancel.webhooks.parse import ClaimFacts, MembershipFacts, PaymentFacts
 
 log = structlog.get_logger(__name__)
 
@@ -158,6 +158,85 @@ class OrderService:
         order.plan_id = order.plan_id or facts.plan_id
         session.flush()
         self._attach_membership_to_cancellation(session, order, now)
+        return order
+
+    def apply_claim(self, session: Session, claim: ClaimFacts, now: datetime) -> Order:
+        """Record a refund or dispute on its order and tell the admin once per claim. The
+        order moves to refunded/disputed if it can, never backwards; a claim that comes before
+        its payment creates the order, so the late payment cannot deliver it."""
+        lock_keys(session, purchase_keys(claim.payment_id, None, None, None))
+        order = session.scalars(
+            select(Order).where(Order.whop_payment_id == claim.payment_id)
+        ).first()
+        if order is None:
+            order = Order(
+                id=new_order_id(),
+                status=OrderStatus.PENDING.value,
+                created_at=now,
+                whop_payment_id=claim.payment_id,
+                order_metadata={},
+            )
+            session.add(order)
+        was = order.status
+        target = OrderStatus.REFUNDED if claim.kind == "refund" else OrderStatus.DISPUTED
+        transition(order, target, f"{claim.kind} {claim.claim_id}")
+        key = f"{claim.kind}s"
+        entries = [
+            e for e in (order.order_metadata or {}).get(key, []) if e.get("id") != claim.claim_id
+        ]
+        entries.append(
+            {
+                "id": claim.claim_id,
+                "status": claim.status,
+                "amount": claim.amount,
+                "reason": claim.reason,
+                "at": now.isoformat(),
+            }
+        )
+        order.order_metadata = {**(order.order_metadata or {}), key: entries}
+        session.flush()
+        log.warning(
+            "order_claim",
+            order_id=order.id,
+            payment_id=claim.payment_id,
+            kind=claim.kind,
+            claim_id=claim.claim_id,
+            status=claim.status,
+        )
+        delivered = was in (OrderStatus.DELIVERED.value, OrderStatus.DELIVERY_FAILED.value)
+        self._alerts.raise_once(
+            session,
+            AlertKind.ORDER_REFUNDED if claim.kind == "refund" else AlertKind.ORDER_DISPUTED,
+            f"{claim.kind}:{claim.claim_id}",
+            AlertContent(
+                subject=f"{claim.kind.capitalize()} on order {order.id} ({claim.payment_id})",
+                summary=(
+                    f"Whop reports a {claim.kind} ({claim.status or 'new'}) of payment "
+                    f"{claim.payment_id}. The order was {was}"
+                    + (": the product had already been delivered." if delivered else ".")
+                    + " A membership not yet cancelled will not be cancelled now."
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Customer", order.email or "unknown"),
+                    ("Payment", claim.payment_id),
+                    ("Amount", claim.amount or "-"),
+                    ("Reason", claim.reason or "-"),
+                ],
+                steps=[
+                    "Look at the payment in the Whop dashboard.",
+                    "If the product was delivered, decide whether to revoke it (e.g. rotate "
+                    "an account's password or disable a license key).",
+                ]
+                + (
+                    ["Answer the dispute in Whop before its deadline."]
+                    if claim.kind == "dispute"
+                    else []
+                ),
+            ),
+            now,
+            order_id=order.id,
+        )
         return order
 
     def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:

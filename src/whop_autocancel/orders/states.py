@@ -10,7 +10,8 @@ log = structlog.get_logger(__name__)
 
 S = OrderStatus
 ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
-    S.PENDING: frozenset({S.PAID}),
+    # A refund or dispute can come before the payment's own webhook (no ordering guarantee).
+    S.PENDING: frozenset({S.PAID, S.REFUNDED, S.DISPUTED}),
     S.PAID: frozenset({S.DELIVERED, S.DELIVERY_FAILED, S.REFUNDED, S.DISPUTED}),
     S.DELIVERY_FAILED: frozenset({S.DELIVERED, S.REFUNDED, S.DISPUTED}),
     S.DELIVERED: frozenset({S.REFUNDED, S.DISPUTED}),

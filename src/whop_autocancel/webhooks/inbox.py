@@ -4,6 +4,8 @@ by the stuck-work sweep with backoff; only an event that cannot be stored at all
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,6 +26,7 @@ from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.webhooks.parse import (
     Envelope,
     PayloadError,
+    claim_facts,
     membership_facts,
     parse_envelope,
     payment_facts,
@@ -36,6 +39,24 @@ REAPPLY_TASK = "webhooks.reapply"
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
+
+
+class RejectionCounter:
+    """Signature rejections in a sliding window, per process; `add` says when the count
+    reaches the threshold (once per crossing)."""
+
+    def __init__(self, threshold: int, window: float) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._times: deque[datetime] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: datetime) -> bool:
+        with self._lock:
+            self._times.append(now)
+            while self._times and (now - self._times[0]).total_seconds() > self.window:
+                self._times.popleft()
+            return len(self._times) == self.threshold
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,8 @@ class Inbox:
         tolerance: float,
         retry_schedule: Sequence[float],
         max_attempts: int,
+        signature_alert_at: int = 20,
+        signature_window: float = 300.0,
     ) -> None:
         self._database = database
         self._orders = orders
@@ -65,6 +88,7 @@ class Inbox:
         self._tolerance = tolerance
         self._schedule = list(retry_schedule)
         self._max_attempts = max_attempts
+        self._rejections = RejectionCounter(signature_alert_at, signature_window)
 
     def ingest(self, body: bytes, headers: Mapping[str, str]) -> IngestResult:
         now = self._clock.now()
@@ -72,6 +96,8 @@ class Inbox:
             verified = verify_signature(body, headers, self._secrets, now, self._tolerance)
         except SignatureError as error:
             log.warning("webhook_rejected", reason=str(error), http_status=401)
+            if self._rejections.add(now):
+                self._alert_signature_failures(now, str(error))
             return IngestResult(401, {"error": str(error)})
         try:
             envelope = parse_envelope(body)
@@ -158,6 +184,9 @@ class Inbox:
             else:
                 self._orders.apply_membership_live(session, facts, now)
             return True
+        if kind.startswith(("refund.", "dispute.")) and kind != "dispute_alert.created":
+            self._orders.apply_claim(session, claim_facts(kind, envelope.data), now)
+            return True
         return False
 
     def reapply(self, event_id: str) -> None:
@@ -174,6 +203,37 @@ class Inbox:
             log.info(
                 "webhook_reapplied", event_id=event.id, status=event.status, attempt=event.attempts
             )
+
+    def _alert_signature_failures(self, now: datetime, last_reason: str) -> None:
+        """Many refused signatures in a short time: most likely the wrong secret is set."""
+
+        def raise_alert(session: Session) -> None:
+            self._alerts.raise_once(
+                session,
+                AlertKind.WEBHOOK_SIGNATURE_FAILURES,
+                f"webhook_signature_failures:{now:%Y-%m-%dT%H}",
+                AlertContent(
+                    subject="Webhooks are being refused: check WHOP_WEBHOOK_SECRET",
+                    summary=(
+                        f"{self._rejections.threshold} or more webhooks were refused for their "
+                        f"signature within {self._rejections.window:g} s (last reason: "
+                        f"{last_reason}). If they are Whop's, purchases are not being recorded "
+                        "from webhooks (the Whop sweep still finds them, later)."
+                    ),
+                    steps=[
+                        "Copy the webhook's secret (ws_…) from Whop's dashboard into "
+                        "WHOP_WEBHOOK_SECRET and restart; during a rotation list both secrets, "
+                        "space-separated.",
+                        "If the requests are not Whop's, nothing needs doing: they were refused.",
+                    ],
+                ),
+                now,
+            )
+
+        try:
+            self._database.run(raise_alert)
+        except (OperationalError, DBInterfaceError):
+            log.exception("signature_alert_failed")
 
     def _alert_apply_failed(self, session: Session, event: WebhookEvent, now: datetime) -> None:
         self._alerts.raise_once(

@@ -66,6 +66,34 @@ class MembershipFacts:
         return _text(self.metadata.get("order_id"))
 
 
+@dataclass(frozen=True)
+class ClaimFacts:
+    """A refund or a dispute of a payment."""
+
+    kind: str  # "refund" or "dispute"
+    claim_id: str
+    payment_id: str
+    status: str | None
+    amount: str | None
+    reason: str | None
+
+
+def claim_facts(event_type: str, data: dict[str, Any]) -> ClaimFacts:
+    """Read `refund.*` / `dispute.*` data: the payment as `payment.id` or `payment_id`."""
+    claim_id = _text(data.get("id"))
+    payment_id = _nested_id(data, "payment")
+    if claim_id is None or payment_id is None:
+        raise EventDataError(f"{event_type} has no id or no payment id")
+    return ClaimFacts(
+        kind=event_type.partition(".")[0],
+        claim_id=claim_id,
+        payment_id=payment_id,
+        status=_text(data.get("status")),
+        amount=_amount(data.get("amount") or data.get("total")),
+        reason=_text(data.get("reason")),
+    )
+
+
 def parse_envelope(body: bytes) -> Envelope:
     try:
         document = json.loads(body)

@@ -1,0 +1,138 @@
+"""refund.* and dispute.* webhooks: recorded on the order, one alert per claim, and an order
+never moves backwards whatever the order of events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from support.harness import (
+    MESSAGE_PLAN,
+    ServiceServer,
+    drain,
+    event_body,
+    make_runtime,
+    make_settings,
+    post_event,
+)
+from whop_autocancel.alerts.models import Alert
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+
+
+@pytest.fixture
+def service(
+    tmp_path: Path, clock: FrozenClock, database_url: str
+) -> Iterator[tuple[Runtime, httpx.Client]]:
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url), clock)
+    server = ServiceServer(runtime)
+    with server.running(), httpx.Client(base_url=server.url, timeout=10) as http:
+        yield runtime, http
+    runtime.close()
+
+
+def payment(payment_id: str) -> bytes:
+    return event_body(
+        "payment.succeeded.legacy.json",
+        id=payment_id,
+        plan={"id": MESSAGE_PLAN, "metadata": {}},
+        metadata={},
+        checkout_configuration_id=None,
+    )
+
+
+def claim(
+    kind: str, claim_id: str, payment_id: str, status: str = "pending", event: str = "created"
+) -> bytes:
+    data = {
+        "id": claim_id,
+        "status": status,
+        "amount": 25.0,
+        "reason": "requested",
+        "payment": {"id": payment_id},
+    }
+    return json.dumps(
+        {"id": f"msg_{uuid.uuid4().hex}", "type": f"{kind}.{event}", "data": data}
+    ).encode()
+
+
+def the_order(runtime: Runtime, payment_id: str) -> Order:
+    with runtime.database.transaction() as session:
+        return session.scalars(select(Order).where(Order.whop_payment_id == payment_id)).one()
+
+
+def kinds(runtime: Runtime) -> list[str]:
+    with runtime.database.transaction() as session:
+        return [a.kind for a in session.scalars(select(Alert).order_by(Alert.id))]
+
+
+def test_a_refund_after_delivery_is_recorded_alerted_once_and_stops_the_cancel(
+    service: tuple[Runtime, httpx.Client], clock: FrozenClock
+) -> None:
+    runtime, http = service
+    post_event(http, payment("pay_Refund1"))
+    drain(runtime)
+    assert the_order(runtime, "pay_Refund1").status == "delivered"
+    assert post_event(http, claim("refund", "rf_1", "pay_Refund1")).json() == {"status": "handled"}
+    post_event(http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    order = the_order(runtime, "pay_Refund1")
+    assert order.status == "refunded"
+    assert [(r["id"], r["status"]) for r in order.order_metadata["refunds"]] == [
+        ("rf_1", "succeeded")
+    ]
+    assert kinds(runtime) == ["order_refunded"]  # once per refund, not per event
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+    clock.advance(5)
+    runtime.cancellations.run(row.id)
+    with runtime.database.transaction() as session:
+        row = session.get(Cancellation, row.id)
+        assert row is not None
+        assert (row.status, row.last_error) == ("skipped", "the order is refunded")
+
+
+def test_a_refund_before_its_payment_means_the_payment_delivers_nothing(
+    service: tuple[Runtime, httpx.Client],
+) -> None:
+    runtime, http = service
+    post_event(http, claim("refund", "rf_2", "pay_Early1"))
+    post_event(http, payment("pay_Early1"))
+    drain(runtime)
+    order = the_order(runtime, "pay_Early1")
+    assert order.status == "refunded"
+    assert order.delivered_at is None
+    with runtime.database.transaction() as session:
+        assert session.scalars(select(Cancellation)).first() is None
+
+
+def test_a_dispute_is_recorded_and_a_late_payment_does_not_undo_it(
+    service: tuple[Runtime, httpx.Client],
+) -> None:
+    runtime, http = service
+    post_event(http, payment("pay_Dispute1"))
+    post_event(http, claim("dispute", "dp_1", "pay_Dispute1"))
+    duplicate_payment = json.loads(payment("pay_Dispute1"))
+    post_event(http, json.dumps(duplicate_payment).encode())
+    order = the_order(runtime, "pay_Dispute1")
+    assert order.status == "disputed"
+    assert order.order_metadata["disputes"][0]["id"] == "dp_1"
+    with runtime.database.transaction() as session:
+        [alert] = list(session.scalars(select(Alert)))
+    assert alert.kind == "order_disputed"
+    assert "Answer the dispute in Whop" in alert.text_body
+
+
+def test_a_claim_without_a_payment_id_is_stored_failed(
+    service: tuple[Runtime, httpx.Client],
+) -> None:
+    _, http = service
+    body = json.dumps({"id": "msg_claim_bad", "type": "refund.created", "data": {"id": "rf"}})
+    assert post_event(http, body.encode()).json() == {"status": "failed"}
