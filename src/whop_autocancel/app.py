@@ -89,7 +89,17 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    @app.post("/webhooks/whop")
+    @app.post(
+        "/webhooks/whop",
+        # The body is read raw (the signature covers its exact bytes): describe it for clients
+        # and fuzzers all the same.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    )
     async def receive_webhook(request: Request) -> JSONResponse:
         """Whop's webhooks (Standard Webhooks signed). 200 once stored; 401 bad signature;
         400 not an event; 413 too large; 503 database down (Whop retries)."""
