@@ -233,6 +233,92 @@ def sweep(
         runtime.close()
 
 
+@app.command()
+def backfill(
+    plan: Annotated[str, typer.Option("--plan", help="A listed one-time plan (plan_…).")],
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only memberships created after YYYY-MM-DD.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List them; cancel nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Cancel the live memberships of a listed one-time plan sold before the service ran."""
+    from datetime import UTC, datetime
+
+    from rich.progress import Progress
+
+    from whop_autocancel.cancellation.backfill import Backfill, BackfillRefused
+    from whop_autocancel.runtime import build_runtime
+
+    try:
+        start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
+    except ValueError:
+        raise typer.BadParameter("use YYYY-MM-DD", param_hint="--since") from None
+    settings = _settings()
+    settings.require("WHOP_API_KEY")
+    _prepare_database(settings, migrate_sqlite=False)
+    runtime = build_runtime(settings)
+    try:
+        job = Backfill(
+            runtime.database,
+            runtime.catalog,
+            runtime.cancellations,
+            runtime.clock,
+            runtime.whop,
+            company_id=settings.WHOP_COMPANY_ID,
+            versioned=settings.WHOP_API_VERSION_DATE is not None,
+        )
+        try:
+            job.check_plan(plan)
+        except BackfillRefused as error:
+            raise WhopAutocancelError(f"Not backfilling: {error}") from None
+        live = job.live_memberships(plan, start)
+        out.print(
+            f"{len(live)} live membership(s) of {plan}"
+            + (f" created after {since}" if since else "")
+            + "."
+        )
+        table = Table()
+        for column in ("Membership", "Status", "Customer", "Created"):
+            table.add_column(column, no_wrap=True)
+        for membership in live[:50]:
+            table.add_row(
+                membership.membership_id,
+                membership.status,
+                membership.email or "-",
+                membership.created_at or "-",
+            )
+        if live:
+            out.print(table)
+        if len(live) > 50:
+            out.print(f"… and {len(live) - 50} more.")
+        if dry_run or not live:
+            out.print("Dry run: nothing cancelled." if dry_run else "Nothing to cancel.")
+            return
+        if not yes and not typer.confirm(f"Cancel these {len(live)} membership(s) now?"):
+            raise WhopAutocancelError("Not cancelled.")
+        outcomes: dict[str, int] = {}
+        with Progress(console=out) as progress:
+            task = progress.add_task("cancelling", total=len(live))
+            for membership in live:
+                status = job.cancel(plan, membership)
+                outcomes[status] = outcomes.get(status, 0) + 1
+                progress.advance(task)
+        out.print(
+            "Done: "
+            + ", ".join(f"{count} {status}" for status, count in sorted(outcomes.items()))
+            + "."
+        )
+        if outcomes.get("scheduled"):
+            out.print("Scheduled ones are retried by the workers (Whop asked to wait or failed).")
+        if outcomes.get("failed"):
+            raise WhopAutocancelError(
+                f"{outcomes['failed']} failed: see `whop-autocancel cancellations failed`"
+            )
+    finally:
+        runtime.close()
+
+
 @cancellations_app.command("failed")
 def cancellations_failed() -> None:
     """List the cancellations that finally failed and need a human."""
