@@ -552,6 +552,15 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _register_ops() -> None:
+    from whop_autocancel import cli_ops  # imports from this module inside its functions
+
+    cli_ops.register(app)
+
+
+_register_ops()
+
+
 def main() -> None:
     try:
         app()
