@@ -29,6 +29,16 @@ DATABASES = ["sqlite", "postgresql", "mariadb"]
 QUEUES = ["sqlite", "postgresql", "redis"]
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the counts the chaos and concurrency scenarios collected."""
+    from support.reporting import COUNTS
+
+    if COUNTS:
+        terminalreporter.section("scenario counts")
+        for text in COUNTS:
+            terminalreporter.write_line(text)
+
+
 @pytest.fixture(scope="session")
 def server_databases() -> Iterator[dict[str, str]]:
     """One migrated database per server backend for the whole run, created on first use."""

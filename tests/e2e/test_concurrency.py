@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from support import backends, concurrency
+from support.reporting import show
 
 pytestmark = pytest.mark.e2e
 PURCHASES = int(os.environ.get("WA_CONCURRENCY_PURCHASES", "120"))
@@ -31,7 +32,7 @@ def test_every_purchase_exactly_once_under_concurrency(
         "QUEUE_NAME": f"{backends.RUN_ID}-{uuid.uuid4().hex[:8]}",
     }
     result = concurrency.run(tmp_path, backend, PURCHASES, settle_seconds=240)
-    print(f"\n{database_kind} + {queue_kind} queue\n{result.table()}")
+    show(f"\n== concurrency: {database_kind} + {queue_kind} queue ==\n{result.table()}")
     assert all(status < 500 for status in result.statuses), result.statuses
     assert result.orders == PURCHASES  # no stray order from a race
     assert result.orders_with_payment == result.distinct_payments == PURCHASES

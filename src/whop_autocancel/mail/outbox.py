@@ -108,7 +108,7 @@ class Outbox:
             row.subject,
             row.text_body,
             row.html_body or None,
-            message_id=f"wa{row.id}",
+            message_id=f"whop-autocancel.{row.id}.{int(row.created_at.timestamp())}",
         )
         return lambda: send_message(self._smtp, message, self._timeout)
 

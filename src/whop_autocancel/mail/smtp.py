@@ -6,7 +6,7 @@ import smtplib
 import ssl
 from collections.abc import Callable
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from typing import TypeVar
 
 from whop_autocancel.errors import WhopAutocancelError
@@ -28,7 +28,9 @@ def build_message(
     message["Subject"] = subject
     message["Date"] = formatdate(localtime=False)
     domain = sender.rpartition("@")[2] or "localhost"
-    message["Message-ID"] = make_msgid(idstring=message_id, domain=domain)
+    # The same for every try of one outbox row, so a resend after a crash (at-least-once) is
+    # recognisably the same message to mail servers and clients.
+    message["Message-ID"] = f"<{message_id}@{domain}>"
     message.set_content(text)
     if html:
         message.add_alternative(html, subtype="html")
