@@ -183,6 +183,7 @@ def test_api_key_loses_permission_for_a_while(tmp_path: Path) -> None:
 
         wait(all_refused_twice, 60, "every cancellation to be refused twice")
         assert cluster.cancellation_statuses()["failed"] == 0
+        wait(lambda: bool(cluster.alerts("whop_auth")), 30, "the sweep's whop_auth alert")
         cluster.state.set_forbidden(False)
         wait(cluster.settled, 60, "every cancellation to finish once the key works")
 

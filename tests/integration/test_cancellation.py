@@ -326,9 +326,16 @@ def test_a_forbidden_key_pauses_everything_with_one_alert_then_resumes(world: Wo
             assert row.status == "scheduled"
             assert row.last_http_status == 403
         world.clock.advance(4.5)
+    assert world.alerts() == []  # the sweep gathers the paused orders into one alert
+    world.runtime.stuck_sweep.run(force=True)
+    world.runtime.stuck_sweep.run(force=True)  # still open: not raised again
     [alert] = world.alerts()
     assert alert.kind == "whop_auth"
     assert "membership:cancel" in alert.text_body
+    assert "3 cancellation(s) below are paused" in alert.text_body
+    for purchase in purchases:
+        assert purchase["order_id"] in alert.text_body
+        assert purchase["membership_id"] in alert.text_body
     world.simulator.state.set_forbidden(False)
     for purchase in purchases:
         assert world.run(purchase["cancellation_id"]).status == "canceled"

@@ -477,7 +477,8 @@ class CancellationService:
     def _pause_for_auth(
         self, session: Session, row: Cancellation, now: datetime, reply: WhopReply
     ) -> None:
-        row.last_error = reply.describe()
+        """401/403: nothing fails; the row pauses until the last retry interval. The stuck-work
+        sweep raises one `whop_auth` alert listing every paused order (`alert_paused_for_auth`)."""
         permission = "membership:cancel (and member:basic:read, member:email:read)"
         if self._version_date:
             permission = "membership:cancel / member:manage"
@@ -486,28 +487,8 @@ class CancellationService:
             if reply.status == 401
             else f"the API key lacks the {permission} permission"
         )
+        row.last_error = f"{reply.describe()} — {problem}"
         log.error("whop_auth_refused", cancellation_id=row.id, status=reply.status)
-        self._alerts.open_incident(
-            session,
-            AlertKind.WHOP_AUTH,
-            AlertContent(
-                subject="Whop refused the API key: membership cancellations are paused",
-                summary=(
-                    f"Whop answered {reply.describe()} — {problem}. Nothing has failed: "
-                    "cancellations are paused and resume by themselves once the key works."
-                ),
-                details=[
-                    ("Affected membership", row.membership_id or "-"),
-                    ("Order", row.order_id),
-                ],
-                steps=[
-                    "In Whop: Dashboard → Developer → API keys, check the key in WHOP_API_KEY.",
-                    f"Give it the {permission} permission (or create a new key and update "
-                    "WHOP_API_KEY, then restart).",
-                ],
-            ),
-            now,
-        )
         self._reschedule(session, row, now, self._schedule[-1], jitter=0.1)
 
     def _fail(
@@ -636,4 +617,4 @@ def failed_cancellations(session: Session) -> list[tuple[Cancellation, Order]]:
         .where(Cancellation.status == Status.FAILED.value)
         .order_by(Cancellation.updated_at)
     )
-    return [(cancellation, order) for cancellation, order in rows.tuples()]
+    return [(cancellation, order) for cancellation, order in rows.all()]

@@ -5,13 +5,15 @@ number of workers can run the schedule and only one does each tick."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, func, or_, select, true
+from sqlalchemy.orm import Session
 
-from whop_autocancel.alerts.service import Alerts
+from whop_autocancel.alerts.models import Alert, AlertKind
+from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import CANCEL_TASK
 from whop_autocancel.clock import Clock
@@ -29,6 +31,57 @@ log = structlog.get_logger(__name__)
 
 STUCK_SWEEP_LEASE = "sweep:stuck"
 BATCH = 500
+
+
+AUTH_ALERT_LISTED = 50
+
+
+def alert_paused_for_auth(session: Session, alerts: Alerts, now: datetime) -> None:
+    """Cancellations paused by a 401/403: one `whop_auth` alert (an incident, open until a
+    cancel works again) that lists the affected orders, not one alert per order."""
+    # A cancel that worked resolved the last incident: rows paused before that are only
+    # waiting for their next try, and must not open a new one.
+    resolved = session.scalar(
+        select(func.max(Alert.resolved_at)).where(Alert.kind == AlertKind.WHOP_AUTH.value)
+    )
+    paused = session.execute(
+        select(Cancellation, Order)
+        .join(Order, Order.id == Cancellation.order_id)
+        .where(
+            Cancellation.status == CancellationStatus.SCHEDULED.value,
+            Cancellation.last_http_status.in_((401, 403)),
+            Cancellation.updated_at > resolved if resolved is not None else true(),
+        )
+        .order_by(Cancellation.id)
+        .limit(500)
+    ).all()
+    if not paused:
+        return
+    details = [
+        (order.id, f"{row.membership_id or '-'} · {order.email or 'unknown customer'}")
+        for row, order in paused[:AUTH_ALERT_LISTED]
+    ]
+    if len(paused) > AUTH_ALERT_LISTED:
+        details.append(("…", f"and {len(paused) - AUTH_ALERT_LISTED} more"))
+    alerts.open_incident(
+        session,
+        AlertKind.WHOP_AUTH,
+        AlertContent(
+            subject="Whop refused the API key: membership cancellations are paused",
+            summary=(
+                f"Whop answered {paused[0][0].last_error}. Nothing has failed: the "
+                f"{len(paused)} cancellation(s) below are paused and resume by themselves once "
+                "the key works."
+            ),
+            details=details,
+            steps=[
+                "In Whop: Dashboard → Developer → API keys, check the key in WHOP_API_KEY.",
+                "Give it the permission named above (or create a new key, update WHOP_API_KEY "
+                "and restart).",
+            ],
+        ),
+        now,
+    )
 
 
 @dataclass(frozen=True)
@@ -128,6 +181,7 @@ class StuckWorkSweep:
                     events=len(events),
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
+            alert_paused_for_auth(session, self._alerts, now)
             digests = self._alerts.flush_digests(session, now)
             for cancellation_id in cancellations:
                 self._jobs.defer(session, CANCEL_TASK, cancellation_id)
