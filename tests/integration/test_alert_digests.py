@@ -3,17 +3,14 @@ a chat webhook (Discord/Slack-compatible) through the outbox."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from support.harness import ADMIN, drain, make_runtime, make_settings
+from support.receiver import Receiver
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent
 from whop_autocancel.clock import FrozenClock
@@ -22,44 +19,17 @@ from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.runtime import Runtime
 
 
-class ChatReceiver:
-    """A chat webhook on loopback that records what it gets and can fail on demand."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.failing = False
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if receiver.failing else 204
-                if not receiver.failing:
-                    receiver.received.append(json.loads(body))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/webhooks/1/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.fixture
-def chat() -> Iterator[ChatReceiver]:
-    receiver = ChatReceiver()
+def chat() -> Iterator[Receiver]:
+    """A Discord/Slack-style incoming webhook on loopback."""
+    receiver = Receiver(path="/api/webhooks/1/token")
     yield receiver
-    receiver.stop()
+    receiver.close()
 
 
 @pytest.fixture
 def runtime(
-    tmp_path: Path, clock: FrozenClock, smtp_sink: SmtpSink, chat: ChatReceiver, database_url: str
+    tmp_path: Path, clock: FrozenClock, smtp_sink: SmtpSink, chat: Receiver, database_url: str
 ) -> Iterator[Runtime]:
     runtime = make_runtime(
         make_settings(
@@ -93,7 +63,7 @@ def raise_alert(runtime: Runtime, number: int, kind: AlertKind = AlertKind.DELIV
 
 
 def test_a_burst_is_one_email_now_and_one_digest_later(
-    runtime: Runtime, clock: FrozenClock, smtp_sink: SmtpSink, chat: ChatReceiver
+    runtime: Runtime, clock: FrozenClock, smtp_sink: SmtpSink, chat: Receiver
 ) -> None:
     for number in range(1, 39):
         raise_alert(runtime, number)
@@ -101,8 +71,8 @@ def test_a_burst_is_one_email_now_and_one_digest_later(
     drain(runtime)
     subjects = sorted(m.subject for m in smtp_sink.to(ADMIN))
     assert subjects == ["Problem 1", "Problem 99"]
-    assert len(chat.received) == 2
-    assert all(message["text"] and message["content"] for message in chat.received)
+    assert len(chat.accepted()) == 2
+    assert all(message["text"] and message["content"] for message in chat.accepted())
 
     clock.advance(600)
     assert runtime.stuck_sweep.run(force=True).digests == 0  # still within the throttle
@@ -119,11 +89,11 @@ def test_a_burst_is_one_email_now_and_one_digest_later(
     with runtime.database.transaction() as session:
         assert session.scalars(select(Alert).where(Alert.notified_at.is_(None))).first() is None
     assert runtime.stuck_sweep.run(force=True).digests == 0
-    assert len(chat.received) == 3
+    assert len(chat.accepted()) == 3
 
 
 def test_a_chat_webhook_that_fails_is_retried(
-    runtime: Runtime, clock: FrozenClock, chat: ChatReceiver
+    runtime: Runtime, clock: FrozenClock, chat: Receiver
 ) -> None:
     chat.failing = True
     raise_alert(runtime, 1)
@@ -136,4 +106,4 @@ def test_a_chat_webhook_that_fails_is_retried(
     chat.failing = False
     clock.advance(12)
     runtime.outbox.send(row.id)
-    assert [m["text"].splitlines()[0] for m in chat.received] == ["Problem 1"]
+    assert [m["text"].splitlines()[0] for m in chat.accepted()] == ["Problem 1"]

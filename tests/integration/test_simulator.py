@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from support.receiver import Receiver
 from whop_autocancel.simulator import SUPPORTED_VERSIONS, SimulatorServer
 
 API_KEY = "sim_test_key"
@@ -24,47 +23,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ----- a tiny webhook receiver --------------------------------------------------------------
-
-
-class Receiver:
-    """An HTTP server on 127.0.0.1 that records deliveries and fails the first `fail_first`."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.fail_first = fail_first
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                with receiver._lock:
-                    receiver.received.append((dict(self.headers.items()), body))
-                    failing = len(receiver.received) <= receiver.fail_first
-                self.send_response(500 if failing else 200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/webhooks/whop"
-
-    def bodies(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [json.loads(body) for _, body in self.received]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 # ----- fixtures and helpers -----------------------------------------------------------------

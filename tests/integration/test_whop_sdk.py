@@ -11,7 +11,6 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -31,50 +30,13 @@ from whop_sdk.memberships.types.post_membership_updated_payload import (
 from whop_sdk.payments.types.post_payment_succeeded_payload import PostPaymentSucceededPayload
 from whop_sdk.types import Membership, MembershipLegacy, Payment, PaymentLegacy, Plan
 
+from support.receiver import Receiver
 from whop_autocancel.simulator import SimulatorServer
 
 API_KEY = "sim_sdk_key"
 SECRET = "ws_5b1e0c9a7d3f42e68a0b9c1d2e3f4a5b6c7d8e9f0a1b2c3d"
 COMPANY = "biz_SimStore"
 LEGACY_HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-
-
-class Receiver:
-    """Records raw webhook deliveries (headers and exact body bytes) and answers 200."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                with receiver._lock:
-                    receiver.received.append((dict(self.headers.items()), body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        ).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/webhooks/whop"
-
-    def snapshot(self) -> list[tuple[dict[str, str], bytes]]:
-        with self._lock:
-            return list(self.received)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
