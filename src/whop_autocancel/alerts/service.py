@@ -169,8 +169,3 @@ class Alerts:
             )
             closed += result.rowcount  # type: ignore[attr-defined]
         return closed
-
-
-def open_incident_kinds(session: Session) -> list[str]:
-    rows = session.execute(select(Alert.kind).where(Alert.dedupe_key.like("%:open")))
-    return [row[0] for row in rows]

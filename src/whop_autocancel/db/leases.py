@@ -35,10 +35,6 @@ def try_acquire(session: Session, key: str, holder: str, now: datetime, seconds:
     return insert_once(session, Lease(key=key, holder=holder, until=until))
 
 
-def release(session: Session, key: str, holder: str, now: datetime) -> None:
-    session.execute(update(Lease).where(Lease.key == key, Lease.holder == holder).values(until=now))
-
-
 def read_until(session: Session, key: str) -> datetime | None:
     return session.execute(select(Lease.until).where(Lease.key == key)).scalar_one_or_none()
 
