@@ -48,7 +48,7 @@ PACK, SETUP, KEEP, MONTHLY, LIFETIME = (
     "plan_DemoLifetime",
 )
 SETTLE_SECONDS = 40.0
-OUTAGE = 5.0
+OUTAGE_LIMIT = 30.0
 
 CATALOG = f"""
 [plans.{PACK}]
@@ -249,14 +249,21 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                     "the purchases to settle",
                 )
                 console.print(
-                    f"Whop goes down (every API call answers 503) for {OUTAGE:g} s "
-                    f"while {len(during_outage)} more purchases come in…"
+                    "Whop goes down (every API call answers 503) until the retry schedule is "
+                    f"used up, while {len(during_outage)} more purchases come in…"
                 )
+                outage_started = time.monotonic()
                 simulator.state.set_outage(True)
                 _buy(simulator, during_outage)
-                time.sleep(OUTAGE)  # the cancellations hit the outage and back off meanwhile
+                # The cancellations hit the outage and back off until the service says Whop is
+                # unreachable (one alert); a fixed pause would depend on the machine's speed.
+                _wait_until(
+                    lambda: _alerted(database, "whop_unreachable", since),
+                    OUTAGE_LIMIT,
+                    "the 'Whop unreachable' alert",
+                )
                 simulator.state.set_outage(False)
-                console.print("…Whop is back.")
+                console.print(f"…Whop is back after {time.monotonic() - outage_started:.1f} s.")
                 _wait_until(
                     lambda: _settled(database, simulator, purchases),
                     SETTLE_SECONDS,
@@ -311,6 +318,14 @@ def _buy(simulator: SimulatorServer, purchases: list[Purchase]) -> None:
         purchase.membership_id = created["membership_id"]
         if purchase.expect_cancel == "failed":
             state.reject(purchase.membership_id, 422)
+
+
+def _alerted(database: Database, kind: str, since: datetime) -> bool:
+    with database.transaction() as session:
+        found = session.scalars(
+            select(Alert.id).where(Alert.kind == kind, Alert.created_at >= since)
+        ).first()
+    return found is not None
 
 
 def _settled(database: Database, simulator: SimulatorServer, purchases: list[Purchase]) -> bool:
