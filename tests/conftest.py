@@ -19,6 +19,7 @@ from support.harness import (
     MESSAGE_PLAN,
     NONE_PLAN,
     SECRET,
+    STOCK_PLAN,
     UNLISTED_PLAN,
 )
 from whop_autocancel.clock import FrozenClock
@@ -88,7 +89,7 @@ def simulator() -> Iterator[SimulatorServer]:
         api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
     )
     server.start()
-    for plan in (MESSAGE_PLAN, NONE_PLAN, KEEP_PLAN, UNLISTED_PLAN):
+    for plan in (MESSAGE_PLAN, NONE_PLAN, KEEP_PLAN, UNLISTED_PLAN, STOCK_PLAN):
         server.state.create_plan(plan)
     try:
         yield server

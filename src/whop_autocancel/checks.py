@@ -12,8 +12,10 @@ from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.migrate import current_revision, head_revision
 from whop_autocancel.delivery.catalog import Catalog, load_catalog
 from whop_autocancel.delivery.methods import known_methods
+from whop_autocancel.delivery.stock import stock_levels
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.mail.smtp import check_connection
 from whop_autocancel.settings import Settings
 from whop_autocancel.whop.client import WhopClient, WhopReply
@@ -49,6 +51,10 @@ def run_checks(settings: Settings) -> Iterator[CheckResult]:
     catalog_box: list[Catalog] = []
     yield _attempt("catalog", lambda: _catalog(settings, catalog_box))
     yield _attempt("database", lambda: _database(settings))
+    if catalog_box and catalog_box[0].stock_pools():
+        yield _attempt("stock", lambda: _stock(settings, catalog_box[0]))
+    if settings.EMAIL_TEMPLATES_DIR is not None:
+        yield _attempt("email templates", lambda: _templates(settings))
     yield _attempt("queue", lambda: _queue(settings))
     yield _attempt(
         "smtp",
@@ -127,6 +133,40 @@ def _database(settings: Settings) -> str:
     if database.engine.dialect.name == "sqlite":
         return f"reachable; schema at {current or 'nothing'} is upgraded to {head} on start"
     raise _Failed(f"schema at {current or 'nothing'}, not {head}: run `whop-autocancel migrate`")
+
+
+def _stock(settings: Settings, catalog: Catalog) -> str:
+    """The key is set, and every pool the catalog uses has items (an empty pool makes buyers
+    wait: their orders are paid, not delivered)."""
+    settings.require("STOCK_ENCRYPTION_KEY")
+    path = sqlite_path(settings.DATABASE_URL)
+    if path is not None and not path.exists():
+        raise _Failed("no items: import them with `whop-autocancel stock import POOL FILE` first")
+    database = Database(settings.DATABASE_URL)
+    try:
+        if current_revision(database) != head_revision(database):
+            return "key set; levels shown once the schema is current (see the database check)"
+        with database.transaction() as session:
+            levels = stock_levels(session, catalog)
+    finally:
+        database.dispose()
+    used = [level for level in levels if level.plans]
+    empty = [level.pool for level in used if level.available == 0]
+    summary = "; ".join(
+        f"{level.pool}: {level.available} available" + (" (low)" if level.low else "")
+        for level in used
+    )
+    if empty:
+        raise _Failed(
+            f"{summary}. Empty: {', '.join(empty)}: buyers would wait; import items with "
+            "`whop-autocancel stock import POOL FILE`"
+        )
+    return f"key set; {summary}"
+
+
+def _templates(settings: Settings) -> str:
+    EmailTemplates(settings.EMAIL_TEMPLATES_DIR).check()
+    return f"{settings.EMAIL_TEMPLATES_DIR}: customer templates render"
 
 
 def _queue(settings: Settings) -> str:

@@ -212,7 +212,8 @@ def sweep(
         would = "would re-enqueue" if dry_run else "re-enqueued"
         out.print(
             f"stuck work: {would} {stuck.cancellations} cancellation(s), {stuck.deliveries} "
-            f"delivery(ies), {stuck.emails} email(s), {stuck.events} event(s)"
+            f"delivery(ies), {stuck.emails} email(s), {stuck.events} event(s), "
+            f"{stuck.stock_pools} stock pool(s) with waiting orders"
         )
         whop = runtime.whop_sweep.run(force=True, dry_run=dry_run)
         recovered = "would recover" if dry_run else "recovered"

@@ -30,7 +30,9 @@ LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most t
 
 def register(app: typer.Typer) -> None:
     """Add the recovery commands to `app`."""
-    app.command("orders")(orders)
+    orders_app = typer.Typer(help="List orders; send a delivery email again.")
+    orders_app.callback(invoke_without_command=True)(orders)
+    app.add_typer(orders_app, name="orders")
     events_app = typer.Typer(
         help="Inspect, replay and ignore stored webhook events.", no_args_is_help=True
     )
@@ -39,6 +41,9 @@ def register(app: typer.Typer) -> None:
     events_app.command("ignore")(events_ignore)
     app.add_typer(events_app, name="events")
     app.command("cancel")(cancel)
+    from whop_autocancel import cli_stock
+
+    cli_stock.register(app, orders_app)
 
 
 @contextmanager
@@ -83,6 +88,7 @@ def _short(text: str | None, width: int = ERROR_WIDTH) -> str:
 
 
 def orders(
+    context: typer.Context,
     status: Annotated[
         OrderStatus | None, typer.Option("--status", help="Only orders in this status.")
     ] = None,
@@ -91,8 +97,12 @@ def orders(
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
 ) -> None:
-    """List orders, newest first, with their payment, membership and cancellation."""
+    """List orders, newest first, with their payment, membership and cancellation
+    (`orders resend ID` sends an order's delivery email again)."""
     from whop_autocancel.cli import out
+
+    if context.invoked_subcommand is not None:
+        return
     from whop_autocancel.ops import list_orders
 
     with _session() as session:
@@ -121,12 +131,14 @@ def orders(
         table.add_column(column, overflow="fold")
     for row in rows:
         order, cancellation = row.order, row.cancellation
+        waiting = order.waiting_for_stock and order.status == OrderStatus.DELIVERY_FAILED.value
         table.add_row(
             *(
                 escape(value)
                 for value in (
                     order.id,
-                    order.status,
+                    order.status
+                    + (f" (waiting for stock {order.waiting_for_stock})" if waiting else ""),
                     order.plan_id or "-",
                     order.email or "-",
                     order.whop_payment_id or "-",

@@ -29,7 +29,7 @@ from whop_autocancel.errors import ConfigurationError
 
 log = structlog.get_logger(__name__)
 
-JobHandler = Callable[..., None]
+JobHandler = Callable[..., object]  # the return value is ignored
 CONFLICT_ATTEMPTS = 5
 
 
@@ -94,6 +94,11 @@ class Jobs:
                     time.sleep(random.uniform(0.005, 0.05) * attempt)
 
         self._tasks[name] = self.huey.task(name=name)(run)
+
+    def run_here(self, name: str, *args: Any) -> None:
+        """Run a registered task in this thread now, exactly as a worker would (with the same
+        conflict retries), without the queue: for the CLI and tests."""
+        self._tasks[name].call_local(*args)
 
     @property
     def names(self) -> list[str]:

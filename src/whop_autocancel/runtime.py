@@ -17,8 +17,11 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.catalog import Catalog, load_catalog
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.delivery.service import DeliveryService
+from whop_autocancel.delivery.stock import SERVE_TASK
+from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.outbox import SEND_TASK, Outbox
+from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.orders.checkout import CheckoutService
 from whop_autocancel.orders.service import DELIVER_TASK, OrderService
 from whop_autocancel.settings import Settings
@@ -80,6 +83,17 @@ def build_runtime(
     owner = instance_name()
     if catalog is None:
         catalog = load_catalog(settings.CATALOG_PATH, known_methods())
+    sealer = settings.sealer
+    stock_pools = catalog.stock_pools()
+    if stock_pools and sealer is None:
+        plans = ", ".join(plan.plan_id for plans in stock_pools.values() for plan in plans)
+        raise ConfigurationError(
+            f"STOCK_ENCRYPTION_KEY is not set, but the catalog delivers from stock ({plans}): "
+            "stock items are stored encrypted; create a key with `whop-autocancel stock keygen`, "
+            "set it and keep a copy in a safe place"
+        )
+    templates = EmailTemplates(settings.EMAIL_TEMPLATES_DIR)
+    templates.check()
     database = Database(settings.DATABASE_URL)
     jobs = Jobs(settings.QUEUE_URL, settings.QUEUE_NAME)
     sender = settings.MAIL_FROM or "whop-autocancel@localhost"
@@ -92,6 +106,7 @@ def build_runtime(
         timeout=settings.SMTP_TIMEOUT,
         retry_schedule=settings.RETRY_SCHEDULE,
         lease_seconds=settings.SMTP_TIMEOUT * 3 + 5,
+        sealer=sealer,
     )
     alerts = Alerts(
         outbox,
@@ -124,6 +139,8 @@ def build_runtime(
         admin_emails=settings.ADMIN_EMAILS,
         support_email=settings.SUPPORT_EMAIL,
         cancel_delay=settings.CANCEL_DELAY,
+        sealer=sealer,
+        templates=templates,
     )
     runtime_box: list[Runtime] = []
     cancellations = CancellationService(
@@ -201,6 +218,7 @@ def build_runtime(
 def _register_tasks(runtime: Runtime) -> None:
     jobs = runtime.jobs
     jobs.register(DELIVER_TASK, runtime.delivery.deliver)
+    jobs.register(SERVE_TASK, runtime.delivery.serve_waiting)
     jobs.register(CANCEL_TASK, runtime.cancellations.run)
     jobs.register(SEND_TASK, runtime.outbox.send)
     jobs.register(REAPPLY_TASK, runtime.inbox.reapply)

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.sealing import Sealer
 
 DEFAULT_DATABASE_URL = "sqlite:///whop-autocancel.db"
 DEFAULT_QUEUE_URL = "sqlite:///whop-autocancel-queue.db"
@@ -199,9 +200,11 @@ class Settings(BaseSettings):
     SUPPORT_EMAIL: str | None = None
     ALERT_THROTTLE: NonNegativeSeconds = 900.0
     ALERT_WEBHOOK_URL: SecretStr | None = None
+    EMAIL_TEMPLATES_DIR: Path | None = None
 
-    # Catalog and logs
+    # Catalog, stock and logs
     CATALOG_PATH: Path = Path("catalog.toml")
+    STOCK_ENCRYPTION_KEY: SecretStr | None = None
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "json"
 
@@ -303,6 +306,24 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("STOCK_ENCRYPTION_KEY")
+    @classmethod
+    def _check_stock_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().split():
+            return None
+        try:
+            Sealer(value.get_secret_value())
+        except ConfigurationError as error:
+            raise ValueError(str(error).removeprefix("STOCK_ENCRYPTION_KEY: ")) from None
+        return value
+
+    @field_validator("EMAIL_TEMPLATES_DIR")
+    @classmethod
+    def _check_templates_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -354,6 +375,13 @@ class Settings(BaseSettings):
         return [part.encode() for part in self.WHOP_WEBHOOK_SECRET.get_secret_value().split()]
 
     @property
+    def sealer(self) -> Sealer | None:
+        """The stock cipher, or None when no key is set (then nothing can be sold from stock)."""
+        if self.STOCK_ENCRYPTION_KEY is None:
+            return None
+        return Sealer(self.STOCK_ENCRYPTION_KEY.get_secret_value())
+
+    @property
     def smtp(self) -> SmtpConfig:
         return parse_smtp_url(self.SMTP_URL.get_secret_value())
 
@@ -379,6 +407,10 @@ _REQUIRED_HELP = {
     "ADMIN_EMAILS": "set it to the comma-separated addresses that receive alerts",
     "MAIL_FROM": "set it to the sender address of every email, e.g. shop@example.com",
     "WHOP_COMPANY_ID": "set it to your biz_… company id",
+    "STOCK_ENCRYPTION_KEY": (
+        "stock items are stored encrypted; create a key with `whop-autocancel stock keygen`, "
+        "set it and keep a copy in a safe place (items cannot be read without it)"
+    ),
 }
 
 

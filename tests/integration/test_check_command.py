@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.harness import MESSAGE_PLAN, NONE_PLAN, run_cli, service_environment
+from support.harness import (
+    MESSAGE_PLAN,
+    NONE_PLAN,
+    STOCK_CATALOG,
+    STOCK_POOL,
+    run_cli,
+    service_environment,
+)
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
 
@@ -109,3 +116,25 @@ def test_a_webhook_secret_that_is_not_whops_fails_settings(
     code, lines, _ = check(tmp_path, simulator, smtp_sink, WHOP_WEBHOOK_SECRET="whsec_abc")
     assert code == 1
     assert "start with ws_" in line(lines, "settings")
+
+
+def test_stock_check_names_empty_pools_and_passes_once_stocked(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
+    code, lines, _ = check(tmp_path, simulator, smtp_sink)
+    assert code == 1
+    assert line(lines, "stock").startswith("FAIL stock: no items: import them")
+    items = tmp_path / "keys.txt"
+    items.write_text("KEY-A\nKEY-B\nKEY-C\n")
+    env = service_environment(tmp_path)
+    imported = run_cli(tmp_path, "stock", "import", STOCK_POOL, str(items), env=env)
+    assert imported.returncode == 0, imported.stderr
+    code, lines, stderr = check(tmp_path, simulator, smtp_sink)
+    assert code == 0, "\n".join(lines) + stderr
+    assert "keys: 3 available" in line(lines, "stock")
+    assert "KEY-A" not in "\n".join(lines) + stderr  # levels only, never contents
+
+    code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY="")
+    assert code == 1
+    assert "STOCK_ENCRYPTION_KEY is not set" in line(lines, "stock")

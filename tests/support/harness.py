@@ -33,6 +33,10 @@ MESSAGE_PLAN = "plan_Message1"
 NONE_PLAN = "plan_NoneDelivery1"
 KEEP_PLAN = "plan_KeepMembership1"
 UNLISTED_PLAN = "plan_Unlisted1"
+STOCK_PLAN = "plan_Stock1"
+STOCK_POOL = "keys"
+# A fixed Fernet key for tests (never a production key).
+STOCK_KEY = "TyjXqm3540C7ZKIhDUizLMzTcmCByiRbCwTGU4w4hfY="
 
 CATALOG = f"""
 [plans.{MESSAGE_PLAN}]
@@ -51,6 +55,22 @@ delivery = "message"
 message = "Welcome."
 cancel = false
 """
+
+# The test catalog plus a stock plan (write it to tmp_path/catalog.toml before make_settings or
+# service_environment to use it).
+STOCK_CATALOG = (
+    CATALOG
+    + f"""
+[plans.{STOCK_PLAN}]
+name = "Game account"
+delivery = "stock:{STOCK_POOL}"
+message = "Log in at https://game.example and change the password."
+on_refund = "void"
+
+[pools.{STOCK_POOL}]
+low_stock = 2
+"""
+)
 
 
 def free_port() -> int:
@@ -73,6 +93,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "MAIL_FROM": "shop@shop.test",
         "SMTP_URL": "smtp://127.0.0.1:9",
         "CATALOG_PATH": str(catalog),
+        "STOCK_ENCRYPTION_KEY": STOCK_KEY,
         "CANCEL_DELAY": 5,
         "WHOP_TIMEOUT": 5,
         "LOG_FORMAT": "console",
@@ -182,7 +203,9 @@ def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
     environment = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("WHOP_", "SMTP_", "DATABASE_", "QUEUE_", "CANCEL_", "ADMIN_"))
+        if not key.startswith(
+            ("WHOP_", "SMTP_", "DATABASE_", "QUEUE_", "CANCEL_", "ADMIN_", "STOCK_", "EMAIL_")
+        )
     }
     environment.update(
         {
@@ -194,6 +217,7 @@ def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
             "ADMIN_EMAILS": ADMIN,
             "MAIL_FROM": "shop@shop.test",
             "CATALOG_PATH": str(catalog),
+            "STOCK_ENCRYPTION_KEY": STOCK_KEY,
             "LOG_FORMAT": "json",
             "COLUMNS": "200",
         }

@@ -133,14 +133,55 @@ def test_unknown_delivery_method() -> None:
     message = catalog_error(text)
     assert_at(message, 5, "unknown delivery method 'carrier_pigeon'")
     assert "plan_B" in message
-    assert "message, none" in message
+    assert "message, none, stock" in message
 
 
-def test_stock_is_not_known_yet() -> None:
-    assert "stock" not in KNOWN
-    assert_at(
-        catalog_error('[plans.plan_A]\ndelivery = "stock:keys"\n'), 1, "unknown delivery method"
+def test_stock_plan_names_its_pool() -> None:
+    catalog = parse_catalog(
+        '[plans.plan_A]\ndelivery = "stock:keys"\non_refund = "void"\n'
+        '[plans.plan_B]\ndelivery = "stock:keys"\n'
+        "[pools.keys]\nlow_stock = 2\n",
+        KNOWN,
+        FILE,
     )
+    plan = catalog.plans["plan_A"]
+    assert (plan.method, plan.pool, plan.on_refund) == ("stock", "keys", "void")
+    assert catalog.plans["plan_B"].on_refund == "keep"
+    assert sorted(catalog.stock_pools()) == ["keys"]
+    assert [p.plan_id for p in catalog.stock_pools()["keys"]] == ["plan_A", "plan_B"]
+    assert catalog.low_stock_threshold("keys") == 2
+    assert catalog.low_stock_threshold("other") == 5  # the default
+
+
+@pytest.mark.parametrize(
+    ("entry", "line", "reason"),
+    [
+        ('delivery = "stock"', 2, "needs a pool name"),
+        ('delivery = "stock:"', 2, "needs a pool name"),
+        ('delivery = "stock:a b"', 2, "needs a pool name"),
+        ('delivery = "none:x"', 2, "takes no ':' argument"),
+        ('delivery = "stock:k"\non_refund = "burn"', 2, 'on_refund must be "keep" or "void"'),
+        ('delivery = "none"\non_refund = "void"', 2, "applies to stock plans only"),
+    ],
+)
+def test_stock_plan_errors(entry: str, line: int, reason: str) -> None:
+    assert_at(catalog_error(f"# c\n[plans.plan_A]\n{entry}\n"), line, reason)
+
+
+@pytest.mark.parametrize(
+    ("pools", "reason"),
+    [
+        ("[pools.keys]\nlow_stock = -1\n", "low_stock must be a whole number"),
+        ("[pools.keys]\nlow_stock = true\n", "low_stock must be a whole number"),
+        ("[pools.keys]\nlow_stok = 3\n", "unknown key 'low_stok'"),
+        ('[pools."bad pool"]\nlow_stock = 3\n', "a pool name is"),
+        ("pools = 3\n", "'pools' must be a table"),
+    ],
+)
+def test_pool_errors(pools: str, reason: str) -> None:
+    message = catalog_error(pools)
+    assert message.startswith(f"{FILE}:1: "), message
+    assert reason in message
 
 
 @pytest.mark.parametrize("value", ['""', "1", "true"])
@@ -165,7 +206,7 @@ def test_unknown_key() -> None:
     )
     message = catalog_error(text)
     assert_at(message, 4, "unknown key 'colour'")
-    assert "allowed: cancel, delivery, link, message, name, subject" in message
+    assert "allowed: cancel, delivery, link, message, name, on_refund, subject" in message
 
 
 @pytest.mark.parametrize("value", ['"no"', "0", '"false"', "[]"])

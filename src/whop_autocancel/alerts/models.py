@@ -19,6 +19,7 @@ class AlertKind(enum.StrEnum):
     PLAN_NOT_ONE_TIME = "plan_not_one_time"
     EVENT_APPLY_FAILED = "event_apply_failed"
     LOW_STOCK = "low_stock"
+    OUT_OF_STOCK = "out_of_stock"
     WEBHOOK_SIGNATURE_FAILURES = "webhook_signature_failures"
     MISSED_WEBHOOKS_RECOVERED = "missed_webhooks_recovered"
     ORDER_REFUNDED = "order_refunded"

@@ -160,12 +160,14 @@ class Alerts:
 
     def resolve_incidents(self, session: Session, kinds: Sequence[AlertKind], now: datetime) -> int:
         """Close open incidents of `kinds` (a later failure opens a new one)."""
-        closed = 0
-        for kind in kinds:
-            result = session.execute(
-                update(Alert)
-                .where(Alert.dedupe_key == f"{kind.value}:open")
-                .values(dedupe_key=f"{kind.value}:resolved:{uuid4().hex}", resolved_at=now)
-            )
-            closed += result.rowcount  # type: ignore[attr-defined]
-        return closed
+        return sum(self.resolve(session, f"{kind.value}:open", now) for kind in kinds)
+
+    def resolve(self, session: Session, dedupe_key: str, now: datetime) -> int:
+        """Mark the alert with `dedupe_key` resolved and free its key, so the same trouble
+        raises a new alert if it comes back."""
+        result = session.execute(
+            update(Alert)
+            .where(Alert.dedupe_key == dedupe_key)
+            .values(dedupe_key=f"{dedupe_key}:resolved:{uuid4().hex}"[:200], resolved_at=now)
+        )
+        return result.rowcount  # type: ignore[attr-defined,no-any-return]

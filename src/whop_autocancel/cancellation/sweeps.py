@@ -20,6 +20,7 @@ from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.delivery.stock import SERVE_TASK, pools_to_serve
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.outbox import SEND_TASK
@@ -92,10 +93,11 @@ class SweepReport:
     emails: int = 0
     events: int = 0
     digests: int = 0
+    stock_pools: int = 0  # pools whose waiting orders are served again
 
     @property
     def total(self) -> int:
-        return self.cancellations + self.deliveries + self.emails + self.events
+        return self.cancellations + self.deliveries + self.emails + self.events + self.stock_pools
 
 
 class StuckWorkSweep:
@@ -172,6 +174,7 @@ class StuckWorkSweep:
                 )
             )
             events = due_failed_events(session, now, BATCH)
+            pools = pools_to_serve(session)
             if dry_run:
                 return SweepReport(
                     ran=True,
@@ -179,6 +182,7 @@ class StuckWorkSweep:
                     deliveries=len(deliveries),
                     emails=len(emails),
                     events=len(events),
+                    stock_pools=len(pools),
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
             alert_paused_for_auth(session, self._alerts, now)
@@ -191,6 +195,8 @@ class StuckWorkSweep:
                 self._jobs.defer(session, SEND_TASK, email_id)
             for event_id in events:
                 self._jobs.defer(session, REAPPLY_TASK, event_id)
+            for pool in pools:
+                self._jobs.defer(session, SERVE_TASK, pool)
         report = SweepReport(
             ran=True,
             cancellations=len(cancellations),
@@ -198,6 +204,7 @@ class StuckWorkSweep:
             emails=len(emails),
             events=len(events),
             digests=digests,
+            stock_pools=len(pools),
         )
         if report.total:
             log.warning(
@@ -206,5 +213,6 @@ class StuckWorkSweep:
                 deliveries=report.deliveries,
                 emails=report.emails,
                 events=report.events,
+                stock_pools=report.stock_pools,
             )
         return report

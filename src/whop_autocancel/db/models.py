@@ -5,8 +5,19 @@ from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.base import Base
 from whop_autocancel.db.leases import Lease
 from whop_autocancel.db.locks import Lock
+from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order
 from whop_autocancel.webhooks.models import WebhookEvent
 
-__all__ = ["Alert", "Base", "Cancellation", "Email", "Lease", "Lock", "Order", "WebhookEvent"]
+__all__ = [
+    "Alert",
+    "Base",
+    "Cancellation",
+    "Email",
+    "Lease",
+    "Lock",
+    "Order",
+    "StockItem",
+    "WebhookEvent",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,15 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from whop_autocancel.errors import ConfigurationError
 
-_ALLOWED_KEYS = {"name", "delivery", "subject", "message", "link", "cancel"}
+_ALLOWED_KEYS = {"name", "delivery", "subject", "message", "link", "cancel", "on_refund"}
+_POOL_KEYS = {"low_stock"}
 _PLAN_ID = re.compile(r"^plan_[A-Za-z0-9]+$")
+POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+POOL_NAME_HELP = (
+    "a pool name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+DEFAULT_LOW_STOCK = 5
+ON_REFUND = ("keep", "void")
 
 # Merchant text is a template too ({{ order_id }}, {{ email }}, …): sandboxed, since it is data.
 # Strict: a typo such as {{ ordr_id }} stops start-up instead of mailing customers a blank.
@@ -29,16 +36,23 @@ _SAMPLE = {"order_id": "ord_sample", "email": "buyer@example.com", "plan_name": 
 class CatalogPlan:
     plan_id: str
     name: str
-    delivery: str  # "message" | "none" (later: "stock:<pool>")
+    delivery: str  # "message" | "none" | "stock:<pool>"
     subject: str
     message: str
     link: str | None
     cancel: bool
+    on_refund: str = "keep"  # stock plans: "void" retires the delivered item on a refund/dispute
 
     @property
     def method(self) -> str:
         """The delivery method's name without its argument (`stock:keys` → `stock`)."""
         return self.delivery.partition(":")[0]
+
+    @property
+    def pool(self) -> str | None:
+        """The stock pool this plan delivers from (None for other methods)."""
+        method, _, argument = self.delivery.partition(":")
+        return argument if method == "stock" else None
 
     def render_message(self, **context: Any) -> str:
         return _merchant_templates.from_string(self.message).render(**context)
@@ -51,12 +65,25 @@ class CatalogPlan:
 class Catalog:
     path: Path | None
     plans: dict[str, CatalogPlan]
+    low_stock: dict[str, int] = field(default_factory=dict)  # per pool, from [pools.<name>]
 
     def get(self, plan_id: str | None) -> CatalogPlan | None:
         return self.plans.get(plan_id) if plan_id else None
 
     def is_listed(self, plan_id: str | None) -> bool:
         return self.get(plan_id) is not None
+
+    def stock_pools(self) -> dict[str, list[CatalogPlan]]:
+        """Every pool a plan delivers from, with those plans."""
+        pools: dict[str, list[CatalogPlan]] = {}
+        for plan in self.plans.values():
+            if plan.pool is not None:
+                pools.setdefault(plan.pool, []).append(plan)
+        return pools
+
+    def low_stock_threshold(self, pool: str) -> int:
+        """Alert when a pool has this many available items or fewer."""
+        return self.low_stock.get(pool, DEFAULT_LOW_STOCK)
 
 
 def load_catalog(path: Path, known_methods: frozenset[str]) -> Catalog:
@@ -85,11 +112,12 @@ def parse_catalog(text: str, known_methods: frozenset[str], path: Path | None = 
         line = found.group(1) if found else "1"
         raise ConfigurationError(f"{where}:{line}: invalid TOML: {error}") from None
 
-    unknown_top = set(document) - {"plans"}
+    unknown_top = set(document) - {"plans", "pools"}
     if unknown_top:
         name = sorted(unknown_top)[0]
         raise ConfigurationError(
-            f"{where}:{_line_of(text, name)}: unknown top-level key {name!r} (expected [plans.…])"
+            f"{where}:{_line_of(text, name)}: unknown top-level key {name!r} "
+            "(expected [plans.…] or [pools.…])"
         )
     raw_plans = document.get("plans", {})
     if not isinstance(raw_plans, dict):
@@ -101,7 +129,33 @@ def parse_catalog(text: str, known_methods: frozenset[str], path: Path | None = 
             plans[plan_id] = _parse_plan(plan_id, entry, known_methods)
         except ValueError as error:
             raise ConfigurationError(f"{where}:{line}: plan {plan_id}: {error}") from None
-    return Catalog(path=path, plans=plans)
+    return Catalog(path=path, plans=plans, low_stock=_parse_pools(document, text, where))
+
+
+def _parse_pools(document: dict[str, Any], text: str, where: str) -> dict[str, int]:
+    raw_pools = document.get("pools", {})
+    if not isinstance(raw_pools, dict):
+        raise ConfigurationError(f"{where}:{_line_of(text, 'pools')}: 'pools' must be a table")
+    thresholds: dict[str, int] = {}
+    for pool, entry in raw_pools.items():
+        line = _line_of(text, pool)
+        if not POOL_NAME.match(pool):
+            raise ConfigurationError(f"{where}:{line}: pool {pool!r}: {POOL_NAME_HELP}")
+        if not isinstance(entry, dict):
+            raise ConfigurationError(f"{where}:{line}: pool {pool}: must be a table")
+        unknown = set(entry) - _POOL_KEYS
+        if unknown:
+            raise ConfigurationError(
+                f"{where}:{line}: pool {pool}: unknown key {sorted(unknown)[0]!r} "
+                f"(allowed: {', '.join(sorted(_POOL_KEYS))})"
+            )
+        threshold = entry.get("low_stock", DEFAULT_LOW_STOCK)
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ConfigurationError(
+                f"{where}:{line}: pool {pool}: low_stock must be a whole number ≥ 0"
+            )
+        thresholds[pool] = threshold
+    return thresholds
 
 
 def _parse_plan(plan_id: str, entry: Any, known_methods: frozenset[str]) -> CatalogPlan:
@@ -116,11 +170,21 @@ def _parse_plan(plan_id: str, entry: Any, known_methods: frozenset[str]) -> Cata
         )
     delivery = entry.get("delivery")
     if not isinstance(delivery, str) or not delivery:
-        raise ValueError('needs delivery = "message" or "none"')
-    if delivery.partition(":")[0] not in known_methods:
+        raise ValueError('needs delivery = "message", "none" or "stock:<pool>"')
+    method, colon, pool = delivery.partition(":")
+    if method not in known_methods:
         raise ValueError(
             f"unknown delivery method {delivery!r} (known: {', '.join(sorted(known_methods))})"
         )
+    if method == "stock" and not POOL_NAME.match(pool):
+        raise ValueError(f'delivery = "stock:<pool>" needs a pool name: {POOL_NAME_HELP}')
+    if method != "stock" and colon:
+        raise ValueError(f"delivery method {method!r} takes no ':' argument")
+    on_refund = entry.get("on_refund", "keep")
+    if on_refund not in ON_REFUND:
+        raise ValueError('on_refund must be "keep" or "void"')
+    if on_refund == "void" and method != "stock":
+        raise ValueError('on_refund = "void" applies to stock plans only (nothing to void)')
     name = _string(entry, "name", plan_id)
     message = _string(entry, "message", "")
     if delivery == "message" and not message.strip():
@@ -134,11 +198,11 @@ def _parse_plan(plan_id: str, entry: Any, known_methods: frozenset[str]) -> Cata
     cancel = entry.get("cancel", True)
     if not isinstance(cancel, bool):
         raise ValueError("cancel must be true or false")
-    for field, template in (("message", message), ("subject", subject)):
+    for key, template in (("message", message), ("subject", subject)):
         try:  # compile and render once: unknown filters and names fail now, not per order
             _merchant_templates.from_string(template).render(**{**_SAMPLE, "plan_name": name})
         except TemplateError as error:
-            raise ValueError(f"{field} is not a valid template: {error.message}") from None
+            raise ValueError(f"{key} is not a valid template: {error.message}") from None
     return CatalogPlan(
         plan_id=plan_id,
         name=name,
@@ -147,6 +211,7 @@ def _parse_plan(plan_id: str, entry: Any, known_methods: frozenset[str]) -> Cata
         message=message,
         link=link,
         cancel=cancel,
+        on_refund=on_refund,
     )
 
 

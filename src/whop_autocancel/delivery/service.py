@@ -1,28 +1,55 @@
 """The delivery job: idempotent per order. Marks the order delivered, queues the customer email
-and the admin notice, and schedules the cancellation — all in one transaction."""
+and the admin notice, and schedules the cancellation — all in one transaction (a stock item is
+taken in that transaction too)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import schedule_cancellation
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
-from whop_autocancel.delivery.catalog import Catalog
-from whop_autocancel.delivery.methods import METHODS, DeliveryContext, DeliveryError
+from whop_autocancel.delivery import stock
+from whop_autocancel.delivery.catalog import Catalog, CatalogPlan
+from whop_autocancel.delivery.methods import (
+    METHODS,
+    Delivery,
+    DeliveryContext,
+    DeliveryError,
+    OutOfStock,
+    WaitingInLine,
+)
+from whop_autocancel.delivery.stock import SERVE_TASK
+from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.outbox import Outbox
-from whop_autocancel.mail.render import render_email
+from whop_autocancel.mail.render import PACKAGE_TEMPLATES, EmailTemplates, render_email
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import must_deliver
 from whop_autocancel.orders.states import transition
+from whop_autocancel.sealing import Sealer
 
 log = structlog.get_logger(__name__)
+
+
+class ResendError(WhopAutocancelError):
+    """The order's delivery email cannot be sent again; the message says why."""
+
+
+@dataclass(frozen=True)
+class Resent:
+    order_id: str
+    to: str
+    summary: str
 
 
 class DeliveryService:
@@ -38,6 +65,8 @@ class DeliveryService:
         admin_emails: Sequence[str],
         support_email: str | None,
         cancel_delay: float,
+        sealer: Sealer | None = None,
+        templates: EmailTemplates = PACKAGE_TEMPLATES,
     ) -> None:
         self._database = database
         self._catalog = catalog
@@ -48,115 +77,307 @@ class DeliveryService:
         self._admins = list(admin_emails)
         self._support = support_email
         self._cancel_delay = cancel_delay
+        self._sealer = sealer
+        self._templates = templates
 
     def deliver(self, order_id: str) -> None:
         """The `delivery.deliver` job."""
-        now = self._clock.now()
         with self._database.transaction() as session:
             order = session.get(Order, order_id, with_for_update=True)
-            if order is None or order.status != OrderStatus.PAID.value:
-                return  # delivered already (or not paid): a duplicate job is harmless
+            if order is not None:
+                self._deliver_locked(session, order, self._clock.now())
+
+    def serve_waiting(self, pool: str) -> int:
+        """The `stock.serve` job: deliver the orders waiting for `pool`, oldest payment first,
+        one transaction each, until they are all served or the pool is empty again."""
+        with self._database.transaction() as session:
+            backlog = len(stock.waiting_orders(session, pool))
+        served = 0
+        for _ in range(backlog):
+            with self._database.transaction() as session:
+                statement = (
+                    select(Order)
+                    .where(
+                        Order.waiting_for_stock == pool,
+                        Order.status == OrderStatus.DELIVERY_FAILED.value,
+                    )
+                    .order_by(Order.paid_at, Order.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=self._database.skip_locked)
+                )
+                order = session.scalars(statement).first()
+                if order is None:
+                    break
+                outcome = self._deliver_locked(session, order, self._clock.now())
+            if outcome == "delivered":
+                served += 1
+            elif outcome in ("out_of_stock", "waiting"):
+                break  # empty again, or another job is serving the orders ahead of this one
+        if backlog:
+            log.info("stock_waiting_served", pool=pool, served=served, waiting=backlog - served)
+        return served
+
+    def _deliver_locked(self, session: Session, order: Order, now: datetime) -> str:
+        """Deliver one locked order; returns what happened (for `serve_waiting`)."""
+        waiting = order.status == OrderStatus.DELIVERY_FAILED.value and order.waiting_for_stock
+        if order.status != OrderStatus.PAID.value and not waiting:
+            return "not_applicable"  # delivered already (or not paid): a duplicate is harmless
+        plan = self._catalog.get(order.plan_id)
+        if plan is None or not must_deliver(self._catalog, order):
+            log.info("delivery_not_applicable", order_id=order.id, plan_id=order.plan_id)
+            order.waiting_for_stock = None
+            return "not_applicable"
+        try:
+            delivery = METHODS[plan.method].deliver(self._context(session, order, plan, now))
+        except WaitingInLine as line:
+            self._wait_for_stock(session, order, plan, line)
+            self._jobs.defer(session, SERVE_TASK, line.pool)
+            return "waiting"
+        except OutOfStock as empty:
+            self._wait_for_stock(session, order, plan, empty)
+            self._alert_out_of_stock(session, order, plan, empty.pool, now)
+            return "out_of_stock"
+        except DeliveryError as error:
+            order.waiting_for_stock = None
+            self._fail(session, order, plan, error, now)
+            return "failed"
+        self._complete(session, order, plan, delivery, now)
+        return "delivered"
+
+    def _context(
+        self, session: Session, order: Order, plan: CatalogPlan, now: datetime
+    ) -> DeliveryContext:
+        return DeliveryContext(
+            session=session,
+            order=order,
+            plan=plan,
+            support_email=self._support,
+            templates=self._templates,
+            now=now,
+            sealer=self._sealer,
+            skip_locked=self._database.skip_locked,
+        )
+
+    def _wait_for_stock(
+        self, session: Session, order: Order, plan: CatalogPlan, reason: DeliveryError
+    ) -> None:
+        order.delivery_error = str(reason)
+        order.delivery_method = plan.delivery
+        order.waiting_for_stock = plan.pool
+        transition(order, OrderStatus.DELIVERY_FAILED, "waiting for stock")
+        log.warning(
+            "delivery_waiting_for_stock",
+            order_id=order.id,
+            payment_id=order.whop_payment_id,
+            pool=plan.pool,
+            reason=str(reason),
+        )
+
+    def _alert_out_of_stock(
+        self, session: Session, order: Order, plan: CatalogPlan, pool: str, now: datetime
+    ) -> None:
+        self._alerts.raise_once(
+            session,
+            AlertKind.OUT_OF_STOCK,
+            f"out_of_stock:{order.id}",
+            AlertContent(
+                subject=f"Out of stock: order {order.id} is waiting for pool {pool}",
+                summary=(
+                    f"The customer paid for {plan.name}, but pool {pool!r} has no item left. "
+                    "The order waits: it is delivered by itself, in payment order, as soon as "
+                    "stock is added. The membership was NOT cancelled and will be after "
+                    "delivery."
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Customer", order.email or "unknown"),
+                    ("Payment", order.whop_payment_id or "-"),
+                    ("Plan", f"{plan.name} ({plan.plan_id})"),
+                    ("Pool", pool),
+                ],
+                steps=[
+                    f"Add items: whop-autocancel stock import {pool} FILE",
+                    "Check the levels: whop-autocancel stock levels",
+                    "Or stop selling the plan in Whop until you have stock.",
+                ],
+            ),
+            now,
+            order_id=order.id,
+        )
+
+    def _fail(
+        self,
+        session: Session,
+        order: Order,
+        plan: CatalogPlan,
+        error: DeliveryError,
+        now: datetime,
+    ) -> None:
+        order.delivery_error = str(error)
+        order.delivery_method = plan.delivery
+        transition(order, OrderStatus.DELIVERY_FAILED, "delivery failed")
+        log.warning(
+            "delivery_failed",
+            order_id=order.id,
+            plan_id=order.plan_id,
+            payment_id=order.whop_payment_id,
+            error=str(error),
+        )
+        self._alerts.raise_once(
+            session,
+            AlertKind.DELIVERY_FAILED,
+            f"delivery_failed:{order.id}",
+            AlertContent(
+                subject=f"Order {order.id} could not be delivered",
+                summary=(
+                    f"The customer paid for {plan.name} but nothing was delivered: "
+                    f"{error} The membership was NOT cancelled."
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Customer", order.email or "unknown"),
+                    ("Payment", order.whop_payment_id or "-"),
+                    ("Membership", order.whop_membership_id or "-"),
+                    ("Plan", f"{plan.name} ({plan.plan_id})"),
+                ],
+                steps=[
+                    "Fix the cause named above (e.g. give the API key member:email:read).",
+                    "Deliver the product yourself, or contact the customer in Whop.",
+                    "Then cancel the membership in the Whop dashboard if it should not "
+                    "stay active.",
+                ],
+            ),
+            now,
+            order_id=order.id,
+        )
+
+    def _complete(
+        self,
+        session: Session,
+        order: Order,
+        plan: CatalogPlan,
+        delivery: Delivery,
+        now: datetime,
+    ) -> None:
+        if delivery.customer_email is not None and order.email:
+            self._outbox.queue(
+                session,
+                kind="delivery",
+                to=order.email,
+                email=delivery.customer_email,
+                now=now,
+                order_id=order.id,
+                dedupe_key=f"delivery:{order.id}:customer",
+                sealed=delivery.sealed,
+            )
+        notice = render_email(
+            "admin_delivered",
+            f"Delivered: {plan.name} to {order.email or 'unknown customer'} ({order.id})",
+            order_id=order.id,
+            plan_name=plan.name,
+            plan_id=plan.plan_id,
+            method=delivery.summary,
+            email=order.email,
+            payment_id=order.whop_payment_id,
+            membership_id=order.whop_membership_id,
+            amount=order.amount,
+            currency=(order.currency or "").upper(),
+            cancel=plan.cancel,
+            cancel_delay=f"{self._cancel_delay:g}",
+        )
+        for address in self._admins:
+            self._outbox.queue(
+                session,
+                kind="admin_delivered",
+                to=address,
+                email=notice,
+                now=now,
+                order_id=order.id,
+                dedupe_key=f"delivery:{order.id}:admin:{address}",
+            )
+        if order.waiting_for_stock:
+            self._alerts.resolve(session, f"out_of_stock:{order.id}", now)
+        order.waiting_for_stock = None
+        order.delivery_method = plan.delivery
+        order.delivery_error = None
+        order.delivered_at = now
+        transition(order, OrderStatus.DELIVERED, "delivered")
+        log.info(
+            "delivered",
+            order_id=order.id,
+            payment_id=order.whop_payment_id,
+            membership_id=order.whop_membership_id,
+            method=plan.delivery,
+        )
+        if delivery.pool is not None:
+            self._check_low_stock(session, delivery.pool, now)
+        if plan.cancel:
+            cancellation = schedule_cancellation(
+                session, order, now + timedelta(seconds=self._cancel_delay), now
+            )
+            if cancellation is not None:
+                self._jobs.defer(
+                    session, "cancellation.run", cancellation.id, delay=self._cancel_delay
+                )
+
+    def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
+        threshold = self._catalog.low_stock_threshold(pool)
+        left = stock.available_count(session, pool)
+        if left > threshold:
+            return
+        self._alerts.raise_once(
+            session,
+            AlertKind.LOW_STOCK,
+            stock.low_stock_key(pool),
+            AlertContent(
+                subject=f"Low stock: pool {pool} has {left} item(s) left",
+                summary=(
+                    f"Pool {pool!r} is down to {left} available item(s) (alert threshold "
+                    f"{threshold}). When it is empty, new orders wait (paid, not delivered, "
+                    "membership not cancelled) until stock is added."
+                ),
+                details=[("Pool", pool), ("Available", str(left)), ("Threshold", str(threshold))],
+                steps=[
+                    f"Add items: whop-autocancel stock import {pool} FILE",
+                    "This alert is raised once; it re-arms when the pool is above the "
+                    "threshold again.",
+                ],
+            ),
+            now,
+        )
+
+    def resend(self, order_id: str) -> Resent:
+        """Queue the customer's delivery email again, with the same item (`orders resend`)."""
+        now = self._clock.now()
+        with self._database.transaction() as session:
+            order = session.get(Order, order_id)
+            if order is None:
+                raise ResendError(f"no order {order_id} (see `whop-autocancel orders`)")
+            if order.status != OrderStatus.DELIVERED.value:
+                raise ResendError(
+                    f"order {order_id} is {order.status}, not delivered: there is nothing to "
+                    "send again"
+                )
             plan = self._catalog.get(order.plan_id)
-            if plan is None or not must_deliver(self._catalog, order):
-                log.info("delivery_not_applicable", order_id=order.id, plan_id=order.plan_id)
-                return
-            method = METHODS[plan.method]
+            if plan is None:
+                raise ResendError(
+                    f"order {order_id}'s plan {order.plan_id} is no longer in the catalog"
+                )
             try:
-                delivery = method.deliver(
-                    DeliveryContext(
-                        session=session, order=order, plan=plan, support_email=self._support
-                    )
-                )
+                delivery = METHODS[plan.method].resend(self._context(session, order, plan, now))
             except DeliveryError as error:
-                order.delivery_error = str(error)
-                order.delivery_method = plan.delivery
-                transition(order, OrderStatus.DELIVERY_FAILED, "delivery failed")
-                log.warning(
-                    "delivery_failed",
-                    order_id=order.id,
-                    plan_id=order.plan_id,
-                    payment_id=order.whop_payment_id,
-                    error=str(error),
-                )
-                self._alerts.raise_once(
-                    session,
-                    AlertKind.DELIVERY_FAILED,
-                    f"delivery_failed:{order.id}",
-                    AlertContent(
-                        subject=f"Order {order.id} could not be delivered",
-                        summary=(
-                            f"The customer paid for {plan.name} but nothing was delivered: "
-                            f"{error} The membership was NOT cancelled."
-                        ),
-                        details=[
-                            ("Order", order.id),
-                            ("Customer", order.email or "unknown"),
-                            ("Payment", order.whop_payment_id or "-"),
-                            ("Membership", order.whop_membership_id or "-"),
-                            ("Plan", f"{plan.name} ({plan.plan_id})"),
-                        ],
-                        steps=[
-                            "Fix the cause named above (e.g. give the API key member:email:read).",
-                            "Deliver the product yourself, or contact the customer in Whop.",
-                            "Then cancel the membership in the Whop dashboard if it should not "
-                            "stay active.",
-                        ],
-                    ),
-                    now,
-                    order_id=order.id,
-                )
-                return
-            if delivery.customer_email is not None and order.email:
-                self._outbox.queue(
-                    session,
-                    kind="delivery",
-                    to=order.email,
-                    email=delivery.customer_email,
-                    now=now,
-                    order_id=order.id,
-                    dedupe_key=f"delivery:{order.id}:customer",
-                )
-            notice = render_email(
-                "admin_delivered",
-                f"Delivered: {plan.name} to {order.email or 'unknown customer'} ({order.id})",
+                raise ResendError(f"cannot resend order {order_id}: {error}") from None
+            assert delivery.customer_email is not None
+            assert order.email is not None
+            self._outbox.queue(
+                session,
+                kind="delivery",
+                to=order.email,
+                email=delivery.customer_email,
+                now=now,
                 order_id=order.id,
-                plan_name=plan.name,
-                plan_id=plan.plan_id,
-                method=delivery.summary,
-                email=order.email,
-                payment_id=order.whop_payment_id,
-                membership_id=order.whop_membership_id,
-                amount=order.amount,
-                currency=(order.currency or "").upper(),
-                cancel=plan.cancel,
-                cancel_delay=f"{self._cancel_delay:g}",
+                dedupe_key=f"delivery:{order.id}:resend:{uuid.uuid4().hex}",
+                sealed=delivery.sealed,
             )
-            for address in self._admins:
-                self._outbox.queue(
-                    session,
-                    kind="admin_delivered",
-                    to=address,
-                    email=notice,
-                    now=now,
-                    order_id=order.id,
-                    dedupe_key=f"delivery:{order.id}:admin:{address}",
-                )
-            order.delivery_method = plan.delivery
-            order.delivery_error = None
-            order.delivered_at = now
-            transition(order, OrderStatus.DELIVERED, "delivered")
-            log.info(
-                "delivered",
-                order_id=order.id,
-                payment_id=order.whop_payment_id,
-                membership_id=order.whop_membership_id,
-                method=plan.delivery,
-            )
-            if plan.cancel:
-                cancellation = schedule_cancellation(
-                    session, order, now + timedelta(seconds=self._cancel_delay), now
-                )
-                if cancellation is not None:
-                    self._jobs.defer(
-                        session, "cancellation.run", cancellation.id, delay=self._cancel_delay
-                    )
+            log.info("delivery_resent", order_id=order.id, method=plan.delivery)
+            return Resent(order_id=order.id, to=order.email, summary=delivery.summary)

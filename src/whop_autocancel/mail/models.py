@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, LongText, UTCDateTime
@@ -20,6 +20,8 @@ class Email(Base):
     subject: Mapped[str] = mapped_column(String(300))
     text_body: Mapped[str] = mapped_column(LongText)
     html_body: Mapped[str | None] = mapped_column(LongText, default=None)
+    # The bodies are Fernet tokens (the email carries a stock item): see `sealing.py`.
+    sealed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True, default=None)
     alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

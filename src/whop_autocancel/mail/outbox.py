@@ -13,10 +13,12 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once
+from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.render import RenderedEmail
 from whop_autocancel.mail.smtp import MailError, build_message, send_message
+from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import SmtpConfig
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,7 @@ class Outbox:
         timeout: float,
         retry_schedule: Sequence[float],
         lease_seconds: float,
+        sealer: Sealer | None = None,
     ) -> None:
         self._database = database
         self._jobs = jobs
@@ -57,6 +60,7 @@ class Outbox:
         self._timeout = timeout
         self._schedule = list(retry_schedule)
         self._lease = lease_seconds
+        self._sealer = sealer
 
     def queue(
         self,
@@ -69,15 +73,21 @@ class Outbox:
         order_id: str | None = None,
         alert_id: int | None = None,
         dedupe_key: str | None = None,
+        sealed: bool = False,
     ) -> Email | None:
-        """Add a message to the outbox (None when `dedupe_key` was queued before)."""
+        """Add a message to the outbox (None when `dedupe_key` was queued before). `sealed`:
+        the body holds a secret (a stock item) and is stored encrypted."""
+        text, html = email.text, email.html
+        if sealed:
+            text, html = self._require_sealer().seal(text), self._require_sealer().seal(html)
         row = Email(
             dedupe_key=dedupe_key,
             kind=kind,
             to_address=to,
             subject=email.subject,
-            text_body=email.text,
-            html_body=email.html,
+            text_body=text,
+            html_body=html,
+            sealed=sealed,
             order_id=order_id,
             alert_id=alert_id,
             created_at=now,
@@ -98,16 +108,25 @@ class Outbox:
             session, kind=CHAT_KIND, to=webhook_url, email=message, now=now, alert_id=alert_id
         )
 
+    def _require_sealer(self) -> Sealer:
+        if self._sealer is None:
+            raise ConfigurationError("STOCK_ENCRYPTION_KEY is not set: sealed email unavailable")
+        return self._sealer
+
     def _delivery(self, row: Email) -> Callable[[], None]:
         if row.kind == CHAT_KIND:
             url, text = row.to_address, row.text_body
             return lambda: post_chat(url, text, self._timeout)
+        text, html = row.text_body, row.html_body
+        if row.sealed:
+            text = self._require_sealer().open(text)
+            html = self._require_sealer().open(html) if html else html
         message = build_message(
             self._sender,
             row.to_address,
             row.subject,
-            row.text_body,
-            row.html_body or None,
+            text,
+            html or None,
             message_id=f"whop-autocancel.{row.id}.{int(row.created_at.timestamp())}",
         )
         return lambda: send_message(self._smtp, message, self._timeout)

@@ -1,12 +1,44 @@
-"""Email templates (Jinja2): every email has a plain-text and an HTML part."""
+"""Email templates (Jinja2): every email has a plain-text and an HTML part.
+
+Customer emails (`delivery_*`) can be overridden by the merchant: `EMAIL_TEMPLATES_DIR` is
+searched first, the package's templates after. Admin emails always use the package's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    BaseLoader,
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    PackageLoader,
+    StrictUndefined,
+    TemplateError,
+    TemplateSyntaxError,
+    select_autoescape,
+)
+
+from whop_autocancel.errors import ConfigurationError
+
+_COMMON_SAMPLE: dict[str, Any] = {
+    "subject": "Your purchase: Sample",
+    "plan_name": "Sample",
+    "order_id": "ord_sample",
+    "email": "buyer@example.com",
+    "message": "Thank you for your purchase.",
+    "link": "https://example.com/download",
+    "support_email": "support@example.com",
+}
+# The customer templates and what each may use: an override is rendered with it at start-up,
+# so a typo stops the service instead of mailing customers a broken email.
+CUSTOMER_TEMPLATES: dict[str, dict[str, Any]] = {
+    "delivery_message": _COMMON_SAMPLE,
+    "delivery_stock": {**_COMMON_SAMPLE, "item": "user@example.com:correct-horse-battery"},
+}
 
 
 @dataclass(frozen=True)
@@ -16,10 +48,9 @@ class RenderedEmail:
     html: str
 
 
-@cache
-def _environment() -> Environment:
+def _environment_with(loader: BaseLoader) -> Environment:
     return Environment(
-        loader=PackageLoader("whop_autocancel", "mail/templates"),
+        loader=loader,
         autoescape=select_autoescape(["html"]),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -28,12 +59,62 @@ def _environment() -> Environment:
     )
 
 
+@cache
+def _environment() -> Environment:
+    return _environment_with(PackageLoader("whop_autocancel", "mail/templates"))
+
+
+class EmailTemplates:
+    """Renders emails from the package's templates, or the merchant's overrides first."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        if directory is None:
+            self._environment = _environment()
+        else:
+            self._environment = _environment_with(
+                ChoiceLoader(
+                    [
+                        FileSystemLoader(directory),
+                        PackageLoader("whop_autocancel", "mail/templates"),
+                    ]
+                )
+            )
+
+    def render(self, template: str, subject: str, **context: Any) -> RenderedEmail:
+        """Render `template.txt` and `template.html` with the same context."""
+        context = {"subject": subject, **context}
+        return RenderedEmail(
+            subject=subject,
+            text=self._environment.get_template(f"{template}.txt").render(context),
+            html=self._environment.get_template(f"{template}.html").render(context),
+        )
+
+    def check(self) -> None:
+        """Render every customer template once; a broken override is a `ConfigurationError`
+        naming the file and line."""
+        if self.directory is None:
+            return
+        for template, sample in CUSTOMER_TEMPLATES.items():
+            for suffix in ("txt", "html"):
+                name = f"{template}.{suffix}"
+                try:
+                    self._environment.get_template(name).render(sample)
+                except TemplateSyntaxError as error:
+                    where = error.filename or name
+                    raise ConfigurationError(
+                        f"EMAIL_TEMPLATES_DIR: {where}:{error.lineno}: {error.message}"
+                    ) from None
+                except TemplateError as error:
+                    raise ConfigurationError(
+                        f"EMAIL_TEMPLATES_DIR: {name}: {error.message} ({template} may use: "
+                        f"{', '.join(sorted(sample))})"
+                    ) from None
+
+
 def render_email(template: str, subject: str, **context: Any) -> RenderedEmail:
-    """Render `template.txt` and `template.html` with the same context."""
-    environment = _environment()
-    context = {"subject": subject, **context}
-    return RenderedEmail(
-        subject=subject,
-        text=environment.get_template(f"{template}.txt").render(context),
-        html=environment.get_template(f"{template}.html").render(context),
-    )
+    """Render one of the package's own templates (admin emails, alerts)."""
+    return PACKAGE_TEMPLATES.render(template, subject, **context)
+
+
+PACKAGE_TEMPLATES = EmailTemplates()

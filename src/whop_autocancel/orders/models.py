@@ -44,4 +44,6 @@ class Order(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     delivery_method: Mapped[str | None] = mapped_column(String(64), default=None)
     delivery_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # The stock pool this order waits for (delivery_failed for want of stock); None otherwise.
+    waiting_for_stock: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     order_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.db.locks import lock_keys
+from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.matching import find_order_for_payment
@@ -204,6 +205,7 @@ class OrderService:
             status=claim.status,
         )
         delivered = was in (OrderStatus.DELIVERED.value, OrderStatus.DELIVERY_FAILED.value)
+        item_details, item_steps = self._settle_stock_item(session, order, claim, now)
         self._alerts.raise_once(
             session,
             AlertKind.ORDER_REFUNDED if claim.kind == "refund" else AlertKind.ORDER_DISPUTED,
@@ -222,11 +224,17 @@ class OrderService:
                     ("Payment", claim.payment_id),
                     ("Amount", claim.amount or "-"),
                     ("Reason", claim.reason or "-"),
+                    *item_details,
                 ],
                 steps=[
                     "Look at the payment in the Whop dashboard.",
-                    "If the product was delivered, decide whether to revoke it (e.g. rotate "
-                    "an account's password or disable a license key).",
+                    *(
+                        item_steps
+                        or [
+                            "If the product was delivered, decide whether to revoke it (e.g. "
+                            "rotate an account's password or disable a license key).",
+                        ]
+                    ),
                 ]
                 + (
                     ["Answer the dispute in Whop before its deadline."]
@@ -238,6 +246,31 @@ class OrderService:
             order_id=order.id,
         )
         return order
+
+    def _settle_stock_item(
+        self, session: Session, order: Order, claim: ClaimFacts, now: datetime
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """A stock order's item on a refund or dispute: voided when the plan says
+        `on_refund = "void"`, else kept by the customer. Returns the alert's extra lines."""
+        item = stock.item_for_order(session, order.id)
+        if item is None:
+            return [], []
+        plan = self._catalog.get(order.plan_id)
+        if plan is None or plan.on_refund != "void":
+            return [("Stock item", f"#{item.id} ({item.pool}), kept by the customer")], [
+                "The customer keeps the stock item (on_refund = keep). To retire it, rotate "
+                f"the account or key yourself, then run: whop-autocancel stock void {item.id}",
+            ]
+        result = stock.void_item(session, item.id, f"{claim.kind} {claim.claim_id}", now)
+        log.warning(
+            "stock_item_voided", order_id=order.id, item_id=item.id, pool=item.pool, by=claim.kind
+        )
+        state = "voided now" if result.changed else "void already"
+        return [("Stock item", f"#{item.id} ({item.pool}), {state}")], [
+            f"Stock item #{item.id} was marked void (on_refund = void): it will never be handed "
+            "out again. Rotate it where it lives (change the account's password, disable the "
+            "license key) so the customer's copy stops working.",
+        ]
 
     def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:
         if facts.order_id:

@@ -1,0 +1,203 @@
+"""Stock commands: `stock keygen|import|levels|void|show` and `orders resend`. `register(app)`
+adds them to the main typer app; the logic lives in `delivery/stock_ops.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from whop_autocancel.runtime import Runtime
+
+stock_app = typer.Typer(
+    help="Stock pools: import items, see levels, void an item.", no_args_is_help=True
+)
+
+
+def register(app: typer.Typer, orders_app: typer.Typer) -> None:
+    app.add_typer(stock_app, name="stock")
+    orders_app.command("resend")(orders_resend)
+
+
+@contextmanager
+def _runtime() -> Iterator[Runtime]:
+    """The runtime on a current schema (SQLite migrates itself, as `serve` does: importing
+    stock may be the first thing done on a new machine)."""
+    from whop_autocancel.cli import _prepare_database, _settings
+    from whop_autocancel.runtime import build_runtime
+
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=True)
+    runtime = build_runtime(settings)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@stock_app.command("keygen")
+def keygen() -> None:
+    """Print a new STOCK_ENCRYPTION_KEY. Keep a copy somewhere safe: without it the stored
+    items cannot be read."""
+    from whop_autocancel.sealing import generate_key
+
+    typer.echo(generate_key())
+
+
+@stock_app.command("import")
+def import_(
+    pool: Annotated[str, typer.Argument(help="The pool, as in the catalog's stock:<pool>.")],
+    file: Annotated[Path, typer.Argument(help="One item per line, or a CSV file with --column.")],
+    column: Annotated[
+        str | None,
+        typer.Option("--column", help="Read this CSV column: its header name, or a number from 1."),
+    ] = None,
+    delimiter: Annotated[str, typer.Option("--delimiter", help="The CSV field separator.")] = ",",
+    no_header: Annotated[
+        bool,
+        typer.Option("--no-header", help="The CSV file has no header row (--column N)."),
+    ] = False,
+    any_pool: Annotated[
+        bool,
+        typer.Option("--any-pool", help="Import into a pool no plan in the catalog uses yet."),
+    ] = False,
+) -> None:
+    """Add items to a pool. Blank lines and duplicates (in the file, or already in stock in any
+    pool) are skipped and counted. Orders waiting for the pool are then delivered, oldest
+    payment first."""
+    from whop_autocancel.cli import out
+    from whop_autocancel.delivery.stock import StockError, read_items
+    from whop_autocancel.delivery.stock_ops import import_stock
+
+    if len(delimiter) != 1:
+        raise StockError("--delimiter must be one character")
+    parsed = read_items(file, column=column, delimiter=delimiter, header=not no_header)
+    with _runtime() as runtime:
+        report = import_stock(runtime, pool, parsed, any_pool=any_pool)
+    out.print(
+        escape(
+            f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
+            f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
+            f"{report.already_in_stock} already in stock). Available now: {report.available}."
+        ),
+        soft_wrap=True,
+    )
+    if report.waiting:
+        served = min(report.waiting, report.available)
+        out.print(
+            escape(
+                f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
+                f"{served} of them now, oldest payment first"
+                + (
+                    f"; {report.waiting - served} still wait for more stock."
+                    if served < report.waiting
+                    else "."
+                )
+            ),
+            soft_wrap=True,
+        )
+
+
+@stock_app.command("levels")
+def levels() -> None:
+    """A table per pool: available, assigned, void, the low-stock threshold, waiting orders."""
+    from whop_autocancel.cli import out
+    from whop_autocancel.delivery.stock_ops import stock_levels
+
+    with _runtime() as runtime:
+        rows = stock_levels(runtime)
+    if not rows:
+        out.print("No stock pools: no plan in the catalog uses stock:<pool>, and none is stored.")
+        return
+    table = Table(title="Stock levels")
+    for name in ("Pool", "Available", "Assigned", "Void", "Threshold", "Waiting", "Plans"):
+        table.add_column(name, justify="right" if name not in ("Pool", "Plans") else "left")
+    for row in rows:
+        table.add_row(
+            escape(row.pool),
+            f"{row.available}" + (" LOW" if row.low else ""),
+            str(row.assigned),
+            str(row.void),
+            str(row.threshold),
+            str(row.waiting),
+            escape(", ".join(row.plans) or "(not in the catalog)"),
+        )
+    out.print(table)
+    if any(row.waiting for row in rows):
+        out.print(
+            "Orders are waiting for stock: `whop-autocancel stock import POOL FILE` adds "
+            "items, and they are delivered oldest payment first."
+        )
+
+
+@stock_app.command("void")
+def void(
+    item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (kept with the item).")
+    ] = "voided by the admin",
+) -> None:
+    """Take an item out of circulation: an available one is never handed out; an assigned one
+    stays with its order, marked void (rotate it where it lives)."""
+    from whop_autocancel.cli import out
+    from whop_autocancel.delivery.stock_ops import void_stock
+
+    with _runtime() as runtime:
+        result = void_stock(runtime, item_id, reason)
+    name = f"Stock item #{result.item_id} (pool {result.pool})"
+    if not result.changed:
+        out.print(escape(f"{name} is already void; nothing to do."), soft_wrap=True)
+    elif result.order_id:
+        out.print(
+            escape(
+                f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
+                "where it lives (password, license server) so that copy stops working."
+            ),
+            soft_wrap=True,
+        )
+    else:
+        out.print(escape(f"{name} is void now; it will never be handed out."), soft_wrap=True)
+
+
+@stock_app.command("show")
+def show(
+    item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
+) -> None:
+    """Print one item, decrypted, with its status and order (for support; never logged)."""
+    from whop_autocancel.cli import out
+    from whop_autocancel.delivery.stock_ops import show_item
+
+    with _runtime() as runtime:
+        item, content = show_item(runtime, item_id)
+    out.print(
+        escape(
+            f"Stock item #{item.id} · pool {item.pool} · {item.status}"
+            + (f" · order {item.order_id}" if item.order_id else "")
+            + (f" · void: {item.void_reason}" if item.void_reason else "")
+        ),
+        soft_wrap=True,
+    )
+    typer.echo(content)
+
+
+def orders_resend(
+    order_id: Annotated[str, typer.Argument(metavar="ID", help="The order (ord_…).")],
+) -> None:
+    """Send the customer's delivery email again, with the same item (stock) or message."""
+    from whop_autocancel.cli import out
+
+    with _runtime() as runtime:
+        resent = runtime.delivery.resend(order_id)
+    out.print(
+        escape(
+            f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
+            f"to {resent.to}; a running worker sends it."
+        ),
+        soft_wrap=True,
+    )

@@ -1,0 +1,368 @@
+"""Stock pools: items handed out exactly once, imported and voided by the admin.
+
+Exactly once, on every database: the item is taken inside the transaction that marks the order
+delivered (the order row is locked first), by `SELECT … FOR UPDATE SKIP LOCKED` where the
+database has it (PostgreSQL, MariaDB) and under SQLite's single writer elsewhere; the update is
+a compare-and-set on `status = 'available'`, and `order_id` is UNIQUE, so even a bug above could
+not give one item to two orders or two items to one order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from whop_autocancel.delivery.catalog import POOL_NAME, POOL_NAME_HELP, Catalog
+from whop_autocancel.delivery.models import StockItem, StockStatus
+from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.sealing import Sealer
+
+SERVE_TASK = "stock.serve"  # deliver the orders waiting for a pool, in payment order
+MAX_ITEM_CHARS = 10_000
+_LOOKUP_BATCH = 500
+# Items locked by deliveries still running are not "out of stock": wait for those to commit.
+_BUSY_ROUNDS = 100
+_BUSY_PAUSE = 0.02
+
+
+class StockError(WhopAutocancelError):
+    """A stock command cannot do what was asked; the message says why."""
+
+
+class StockBusy(WhopAutocancelError):
+    """Every available item stayed locked by other deliveries: try the delivery again later."""
+
+
+def claim_item(
+    session: Session, pool: str, order_id: str, now: datetime, *, skip_locked: bool
+) -> StockItem | None:
+    """Assign the oldest available item of `pool` to the order, or None when there is none."""
+    for _ in range(_BUSY_ROUNDS):
+        statement = (
+            select(StockItem)
+            .where(StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value)
+            .order_by(StockItem.id)
+            .limit(1)
+        )
+        if skip_locked:
+            statement = statement.with_for_update(skip_locked=True)
+        item = session.scalars(statement).first()
+        if item is not None:
+            taken = session.execute(
+                update(StockItem)
+                .where(StockItem.id == item.id, StockItem.status == StockStatus.AVAILABLE.value)
+                .values(status=StockStatus.ASSIGNED.value, order_id=order_id, assigned_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if taken.rowcount == 1:  # type: ignore[attr-defined]
+                session.refresh(item)
+                return item
+            continue  # (only without row locks) another delivery took it first
+        if not skip_locked or available_count(session, pool) == 0:
+            return None
+        # Available items exist but other transactions hold them: if one of those rolls back,
+        # its item is free again. Wait for them rather than call the pool empty.
+        time.sleep(_BUSY_PAUSE)
+    raise StockBusy(f"every available item of pool {pool!r} stayed locked; will retry")
+
+
+def low_stock_key(pool: str) -> str:
+    """The dedupe key of a pool's open low-stock alert (freed when the pool is refilled)."""
+    return f"low_stock:{pool}:open"
+
+
+def available_count(session: Session, pool: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(StockItem)
+            .where(StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value)
+        )
+        or 0
+    )
+
+
+def item_for_order(session: Session, order_id: str) -> StockItem | None:
+    return session.scalars(select(StockItem).where(StockItem.order_id == order_id)).first()
+
+
+def waiting_orders(session: Session, pool: str) -> list[str]:
+    """Ids of the orders waiting for stock from `pool`, in payment order."""
+    return list(
+        session.scalars(
+            select(Order.id)
+            .where(
+                Order.waiting_for_stock == pool,
+                Order.status == OrderStatus.DELIVERY_FAILED.value,
+            )
+            .order_by(Order.paid_at, Order.id)  # served in the order their customers paid
+        )
+    )
+
+
+def pools_to_serve(session: Session) -> list[str]:
+    """Pools that have orders waiting and items available: their `stock.serve` job is due (a
+    lost job, or stock that came back from a rolled-back delivery)."""
+    pools = session.scalars(
+        select(Order.waiting_for_stock)
+        .where(
+            Order.waiting_for_stock.is_not(None),
+            Order.status == OrderStatus.DELIVERY_FAILED.value,
+        )
+        .distinct()
+    ).all()
+    return [pool for pool in pools if pool is not None and available_count(session, pool)]
+
+
+def waits_behind(session: Session, pool: str, order: Order) -> int:
+    """How many orders paid before `order` are still waiting for this pool."""
+    assert order.paid_at is not None
+    earlier = (Order.paid_at < order.paid_at) | (
+        (Order.paid_at == order.paid_at) & (Order.id < order.id)
+    )
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(
+                Order.waiting_for_stock == pool,
+                Order.status == OrderStatus.DELIVERY_FAILED.value,
+                Order.id != order.id,
+                earlier,
+            )
+        )
+        or 0
+    )
+
+
+# Import ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedItems:
+    items: list[str] = field(default_factory=list)
+    blank: int = 0
+    duplicate_in_file: int = 0
+
+
+def read_items(
+    path: Path, *, column: str | None = None, delimiter: str = ",", header: bool = True
+) -> ParsedItems:
+    """Read one item per line, or (with `column`) one column of a CSV file: `column` is a
+    header name, or a 1-based number (`header=False`: the file has no header row). Blank
+    entries and repeats within the file are skipped and counted."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise StockError(f"{path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise StockError(f"{path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise StockError(f"cannot read {path}: {error.strerror}") from None
+    if column is None:
+        return items_for(text.splitlines(), where=str(path))
+    return items_for(_csv_values(text, column, delimiter, header, path), where=str(path))
+
+
+def _csv_values(text: str, column: str, delimiter: str, header: bool, path: Path) -> list[str]:
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as error:
+        raise StockError(f"{path}: not valid CSV: {error}") from None
+    names = [name.strip() for name in rows[0]] if header and rows else []
+    body = rows[1:] if header else rows
+    if column.isdigit():
+        index = int(column) - 1
+        if index < 0:
+            raise StockError("--column counts from 1")
+    elif not header:
+        raise StockError("--column must be a number when the file has no header row")
+    elif column in names:
+        index = names.index(column)
+    else:
+        raise StockError(
+            f"{path}: no column {column!r} in the header (columns: {', '.join(names) or '-'})"
+        )
+    values = []
+    for number, row in enumerate(body, start=2 if header else 1):
+        if not any(cell.strip() for cell in row):
+            values.append("")
+        elif index >= len(row):
+            raise StockError(f"{path}: row {number} has no column {column}")
+        else:
+            values.append(row[index])
+    return values
+
+
+def items_for(values: Iterable[str], *, where: str = "input") -> ParsedItems:
+    """Skip and count blank entries and repeats; refuse an entry too long to be an item."""
+    parsed = ParsedItems()
+    seen: set[str] = set()
+    for number, raw in enumerate(values, start=1):
+        value = raw.strip()
+        if not value:
+            parsed.blank += 1
+            continue
+        if len(value) > MAX_ITEM_CHARS:
+            raise StockError(
+                f"{where}: entry {number} is {len(value)} characters long (at most "
+                f"{MAX_ITEM_CHARS}); is this the right file or column?"
+            )
+        if value in seen:
+            parsed.duplicate_in_file += 1
+            continue
+        seen.add(value)
+        parsed.items.append(value)
+    return parsed
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    pool: str
+    added: int
+    blank: int
+    duplicate_in_file: int
+    already_in_stock: int
+    available: int  # in the pool after the import
+    waiting: int  # orders waiting for this pool, now served in payment order
+
+    @property
+    def skipped(self) -> int:
+        return self.blank + self.duplicate_in_file + self.already_in_stock
+
+
+def import_items(
+    session: Session, sealer: Sealer, pool: str, parsed: ParsedItems, now: datetime
+) -> ImportReport:
+    """Add the items that are not in stock yet (in any pool, under any configured key)."""
+    check_pool_name(pool)
+    by_fingerprint: dict[str, str] = {}
+    lookups: dict[str, str] = {}  # every key's fingerprint → the item's stored fingerprint
+    for item in parsed.items:
+        prints = sealer.fingerprints(item)
+        by_fingerprint[prints[0]] = item
+        for fingerprint in prints:
+            lookups[fingerprint] = prints[0]
+    known: set[str] = set()
+    candidates = list(lookups)
+    for start in range(0, len(candidates), _LOOKUP_BATCH):
+        batch = candidates[start : start + _LOOKUP_BATCH]
+        for found in session.scalars(
+            select(StockItem.fingerprint).where(StockItem.fingerprint.in_(batch))
+        ):
+            known.add(lookups[found])
+    new = [(fp, item) for fp, item in by_fingerprint.items() if fp not in known]
+    session.add_all(
+        StockItem(
+            pool=pool,
+            content=sealer.seal(item),
+            fingerprint=fingerprint,
+            status=StockStatus.AVAILABLE.value,
+            created_at=now,
+        )
+        for fingerprint, item in new
+    )
+    session.flush()
+    return ImportReport(
+        pool=pool,
+        added=len(new),
+        blank=parsed.blank,
+        duplicate_in_file=parsed.duplicate_in_file,
+        already_in_stock=len(known),
+        available=available_count(session, pool),
+        waiting=len(waiting_orders(session, pool)),
+    )
+
+
+def check_pool_name(pool: str) -> None:
+    if not POOL_NAME.match(pool):
+        raise StockError(f"pool {pool!r}: {POOL_NAME_HELP}")
+
+
+# Levels and voiding ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolLevel:
+    pool: str
+    available: int
+    assigned: int
+    void: int
+    threshold: int
+    waiting: int
+    plans: list[str]
+
+    @property
+    def low(self) -> bool:
+        return self.available <= self.threshold
+
+
+def stock_levels(session: Session, catalog: Catalog) -> list[PoolLevel]:
+    """One row per pool in the catalog or in the database."""
+    counts: dict[str, dict[str, int]] = {}
+    for pool, status, count in session.execute(
+        select(StockItem.pool, StockItem.status, func.count()).group_by(
+            StockItem.pool, StockItem.status
+        )
+    ):
+        counts.setdefault(pool, {})[status] = count
+    waiting: dict[str, int] = dict(
+        session.execute(  # type: ignore[arg-type]
+            select(Order.waiting_for_stock, func.count())
+            .where(
+                Order.waiting_for_stock.is_not(None),
+                Order.status == OrderStatus.DELIVERY_FAILED.value,
+            )
+            .group_by(Order.waiting_for_stock)
+        ).all()
+    )
+    in_catalog = catalog.stock_pools()
+    return [
+        PoolLevel(
+            pool=pool,
+            available=counts.get(pool, {}).get(StockStatus.AVAILABLE.value, 0),
+            assigned=counts.get(pool, {}).get(StockStatus.ASSIGNED.value, 0),
+            void=counts.get(pool, {}).get(StockStatus.VOID.value, 0),
+            threshold=catalog.low_stock_threshold(pool),
+            waiting=waiting.get(pool, 0),
+            plans=[plan.name for plan in in_catalog.get(pool, [])],
+        )
+        for pool in sorted(set(counts) | set(in_catalog) | set(waiting))
+    ]
+
+
+@dataclass(frozen=True)
+class VoidResult:
+    item_id: int
+    pool: str
+    was: str
+    order_id: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.was != StockStatus.VOID.value
+
+
+def void_item(
+    session: Session, item_id: int, reason: str, now: datetime, *, lock: bool = True
+) -> VoidResult:
+    """Take an item out of circulation (an available one is never handed out; an assigned one
+    stays with its order, marked void so everyone knows it must be rotated)."""
+    item = session.get(StockItem, item_id, with_for_update=lock)
+    if item is None:
+        raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock levels`)")
+    was = item.status
+    if was != StockStatus.VOID.value:
+        item.status = StockStatus.VOID.value
+        item.voided_at = now
+        item.void_reason = reason
+    return VoidResult(item_id=item.id, pool=item.pool, was=was, order_id=item.order_id)

@@ -1,0 +1,103 @@
+"""The admin's stock operations (`whop-autocancel stock …`), on top of `stock.py`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from whop_autocancel.delivery import stock
+from whop_autocancel.delivery.models import StockItem
+from whop_autocancel.delivery.stock import (
+    SERVE_TASK,
+    ImportReport,
+    ParsedItems,
+    PoolLevel,
+    StockError,
+    VoidResult,
+)
+from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.sealing import Sealer
+
+if TYPE_CHECKING:
+    from whop_autocancel.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+def _sealer(runtime: Runtime) -> Sealer:
+    sealer = runtime.settings.sealer
+    if sealer is None:
+        runtime.settings.require("STOCK_ENCRYPTION_KEY")
+        raise ConfigurationError("STOCK_ENCRYPTION_KEY is not set")  # (require raised)
+    return sealer
+
+
+def import_stock(
+    runtime: Runtime, pool: str, parsed: ParsedItems, *, any_pool: bool = False
+) -> ImportReport:
+    """Add items to `pool` in one transaction; waiting orders are then served in payment order
+    and an open low-stock alert is resolved when the pool is above its threshold again."""
+    stock.check_pool_name(pool)
+    pools = runtime.catalog.stock_pools()
+    if pool not in pools and not any_pool:
+        known = ", ".join(sorted(pools)) or "none"
+        raise StockError(
+            f"no plan in the catalog delivers from pool {pool!r} (stock pools in the catalog: "
+            f"{known}); check the name, or pass --any-pool to import into it anyway"
+        )
+    sealer = _sealer(runtime)
+    now = runtime.clock.now()
+    try:
+        with runtime.database.transaction() as session:
+            report = stock.import_items(session, sealer, pool, parsed, now)
+            if report.available > runtime.catalog.low_stock_threshold(pool):
+                runtime.alerts.resolve(session, stock.low_stock_key(pool), now)
+            if report.waiting and report.available:
+                runtime.jobs.defer(session, SERVE_TASK, pool)
+    except IntegrityError:
+        raise StockError(
+            "another import added some of the same items at the same moment; run this import "
+            "again (items already in stock are skipped)"
+        ) from None
+    log.info(
+        "stock_imported",
+        pool=pool,
+        added=report.added,
+        skipped=report.skipped,
+        available=report.available,
+        waiting=report.waiting,
+    )
+    return report
+
+
+def stock_levels(runtime: Runtime) -> list[PoolLevel]:
+    with runtime.database.transaction() as session:
+        return stock.stock_levels(session, runtime.catalog)
+
+
+def void_stock(runtime: Runtime, item_id: int, reason: str) -> VoidResult:
+    with runtime.database.transaction() as session:
+        result = stock.void_item(session, item_id, reason, runtime.clock.now())
+    if result.changed:
+        log.warning(
+            "stock_item_voided",
+            item_id=item_id,
+            pool=result.pool,
+            was=result.was,
+            order_id=result.order_id,
+        )
+    return result
+
+
+def show_item(runtime: Runtime, item_id: int) -> tuple[StockItem, str]:
+    """The item and its decrypted content, for the admin (never logged)."""
+    sealer = _sealer(runtime)
+    with runtime.database.transaction() as session:
+        item = session.get(StockItem, item_id)
+        if item is None:
+            raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock levels`)")
+        session.expunge(item)
+    log.info("stock_item_shown", item_id=item_id, pool=item.pool)
+    return item, sealer.open(item.content)
