@@ -12,7 +12,7 @@ from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.migrate import current_revision, head_revision
 from whop_autocancel.delivery.catalog import Catalog, load_catalog
 from whop_autocancel.delivery.methods import known_methods
-from whop_autocancel.delivery.stock import stock_levels
+from whop_autocancel.delivery.stock import stock_levels, unreadable_items
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.render import EmailTemplates
@@ -148,8 +148,17 @@ def _stock(settings: Settings, catalog: Catalog) -> str:
             return "key set; levels shown once the schema is current (see the database check)"
         with database.transaction() as session:
             levels = stock_levels(session, catalog)
+            sealer = settings.sealer
+            assert sealer is not None
+            unreadable = unreadable_items(session, sealer)
     finally:
         database.dispose()
+    if unreadable:
+        named = ", ".join(f"{pool} (item #{item_id})" for pool, item_id in unreadable)
+        raise _Failed(
+            f"STOCK_ENCRYPTION_KEY cannot decrypt the stored items of {named}: is it the key "
+            "they were imported with? (after a rotation: new key first, old key after)"
+        )
     used = [level for level in levels if level.plans]
     empty = [level.pool for level in used if level.available == 0]
     summary = "; ".join(

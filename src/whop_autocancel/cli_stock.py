@@ -1,4 +1,4 @@
-"""Stock commands: `stock keygen|import|levels|void|show` and `orders resend`. `register(app)`
+"""Stock commands: `stock keygen|import|levels|void|show|rekey` and `orders resend`. `register(app)`
 adds them to the main typer app; the logic lives in `delivery/stock_ops.py`."""
 
 from __future__ import annotations
@@ -167,14 +167,19 @@ def void(
 
 @stock_app.command("show")
 def show(
-    item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
+    reference: Annotated[
+        str,
+        typer.Argument(
+            metavar="ITEM|ORDER", help="The item's number, or the order (ord_…) that holds it."
+        ),
+    ],
 ) -> None:
     """Print one item, decrypted, with its status and order (for support; never logged)."""
     from whop_autocancel.cli import out
     from whop_autocancel.delivery.stock_ops import show_item
 
     with _runtime() as runtime:
-        item, content = show_item(runtime, item_id)
+        item, content = show_item(runtime, reference)
     out.print(
         escape(
             f"Stock item #{item.id} · pool {item.pool} · {item.status}"
@@ -184,6 +189,31 @@ def show(
         soft_wrap=True,
     )
     typer.echo(content)
+
+
+@stock_app.command("rekey")
+def rekey() -> None:
+    """After a key rotation (new key first in STOCK_ENCRYPTION_KEY, old keys after): encrypt
+    every item and stored email again with the new key, so the old keys can be removed."""
+    from whop_autocancel.cli import out
+    from whop_autocancel.delivery.stock_ops import rekey_stock
+
+    with _runtime() as runtime:
+        sealer = runtime.settings.sealer
+        keys = sealer.key_count if sealer else 0
+        report = rekey_stock(runtime)
+    out.print(
+        escape(
+            f"Re-encrypted {report.items} item(s) and {report.emails} email(s) with the first "
+            "key of STOCK_ENCRYPTION_KEY."
+            + (
+                " You can now remove the older key(s) from the setting, on every machine."
+                if keys > 1
+                else ""
+            )
+        ),
+        soft_wrap=True,
+    )
 
 
 def orders_resend(

@@ -59,7 +59,11 @@ class Sealer:
         ]
 
     def __repr__(self) -> str:  # never show the keys
-        return f"Sealer(keys={len(self._fingerprint_keys)})"
+        return f"Sealer(keys={self.key_count})"
+
+    @property
+    def key_count(self) -> int:
+        return len(self._fingerprint_keys)
 
     def seal(self, text: str) -> str:
         return self._fernet.encrypt(text.encode("utf-8")).decode("ascii")

@@ -199,14 +199,15 @@ class Cluster:
 
     # ----- purchases -------------------------------------------------------------------------
 
-    def buy(self, n: int, *, send_webhooks: bool = True) -> list[dict[str, Any]]:
-        """`n` purchases of the message plan, buyer<k>@example.com each (k counts on)."""
+    def buy(
+        self, n: int, *, send_webhooks: bool = True, plan: str = MESSAGE_PLAN
+    ) -> list[dict[str, Any]]:
+        """`n` purchases of `plan` (the message plan unless told), buyer<k>@example.com each
+        (k counts on)."""
         made = []
         for _ in range(n):
             email = f"buyer{len(self.purchases)}@example.com"
-            purchase = self.state.create_purchase(
-                MESSAGE_PLAN, email=email, send_webhooks=send_webhooks
-            )
+            purchase = self.state.create_purchase(plan, email=email, send_webhooks=send_webhooks)
             purchase["email"] = email
             self.purchases.append(purchase)
             made.append(purchase)

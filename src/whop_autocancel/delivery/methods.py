@@ -16,7 +16,7 @@ from whop_autocancel.delivery.models import StockStatus
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.mail.render import EmailTemplates, RenderedEmail
 from whop_autocancel.orders.models import Order
-from whop_autocancel.sealing import Sealer
+from whop_autocancel.sealing import Sealer, SealError
 
 NO_EMAIL = (
     "Whop sent no customer email for this payment, so the product cannot be emailed "
@@ -34,6 +34,16 @@ class OutOfStock(DeliveryError):
     def __init__(self, pool: str) -> None:
         super().__init__(f"pool {pool!r} is out of stock")
         self.pool = pool
+
+
+class StockUnreadable(DeliveryError):
+    """The item cannot be decrypted with STOCK_ENCRYPTION_KEY (a changed or missing key): the
+    order waits, the item stays available, and the admin is told to fix the key."""
+
+    def __init__(self, pool: str, item_id: int, reason: str) -> None:
+        super().__init__(f"stock item #{item_id} of pool {pool!r} cannot be read: {reason}")
+        self.pool = pool
+        self.item_id = item_id
 
 
 class WaitingInLine(DeliveryError):
@@ -130,18 +140,30 @@ class StockDelivery:
         if not order.email:
             raise DeliveryError(NO_EMAIL)  # checked first: an item must not go to nobody
         item = stock.item_for_order(context.session, order.id)
+        item_id = item.id if item is not None else 0
         if item is None:
             ahead = stock.waits_behind(context.session, pool, order)
             if ahead and stock.available_count(context.session, pool):
                 raise WaitingInLine(pool, ahead)
             if ahead:
                 raise OutOfStock(pool)
-            item = stock.claim_item(
-                context.session, pool, order.id, context.now, skip_locked=context.skip_locked
-            )
-            if item is None:
-                raise OutOfStock(pool)
-        return self._email(context, item.id, item.content, pool)
+        try:
+            # A savepoint: if the item cannot be decrypted, its assignment is undone.
+            with context.session.begin_nested():
+                if item is None:
+                    item = stock.claim_item(
+                        context.session,
+                        pool,
+                        order.id,
+                        context.now,
+                        skip_locked=context.skip_locked,
+                    )
+                    if item is None:
+                        raise OutOfStock(pool)
+                item_id = item.id
+                return self._email(context, item.id, item.content, pool)
+        except SealError as error:
+            raise StockUnreadable(pool, item_id, str(error)) from None
 
     def resend(self, context: DeliveryContext) -> Delivery:
         order, pool = context.order, self._pool(context)

@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from whop_autocancel.alerts.models import AlertKind
+from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import schedule_cancellation
 from whop_autocancel.clock import Clock
@@ -26,6 +26,7 @@ from whop_autocancel.delivery.methods import (
     DeliveryContext,
     DeliveryError,
     OutOfStock,
+    StockUnreadable,
     WaitingInLine,
 )
 from whop_autocancel.delivery.stock import SERVE_TASK
@@ -111,8 +112,11 @@ class DeliveryService:
                 outcome = self._deliver_locked(session, order, self._clock.now())
             if outcome == "delivered":
                 served += 1
-            elif outcome in ("out_of_stock", "waiting"):
-                break  # empty again, or another job is serving the orders ahead of this one
+            elif outcome == "out_of_stock":
+                self._alert_still_waiting(pool)
+                break
+            elif outcome in ("unreadable", "waiting"):
+                break  # the key is wrong, or another job is serving the orders ahead of this one
         if backlog:
             log.info("stock_waiting_served", pool=pool, served=served, waiting=backlog - served)
         return served
@@ -133,6 +137,10 @@ class DeliveryService:
             self._wait_for_stock(session, order, plan, line)
             self._jobs.defer(session, SERVE_TASK, line.pool)
             return "waiting"
+        except StockUnreadable as unreadable:
+            self._wait_for_stock(session, order, plan, unreadable)
+            self._alert_unreadable(session, unreadable, now)
+            return "unreadable"  # nothing more can be served from this pool until fixed
         except OutOfStock as empty:
             self._wait_for_stock(session, order, plan, empty)
             self._alert_out_of_stock(session, order, plan, empty.pool, now)
@@ -203,6 +211,53 @@ class DeliveryService:
             ),
             now,
             order_id=order.id,
+        )
+
+    def _alert_still_waiting(self, pool: str) -> None:
+        """The pool ran dry again while orders wait: those that waited only for their turn
+        (stock was there when they came) now wait for stock, and the admin hears of each."""
+        now = self._clock.now()
+        with self._database.transaction() as session:
+            waiting = stock.waiting_orders(session, pool)
+            alerted = set(
+                session.scalars(
+                    select(Alert.order_id).where(
+                        Alert.kind == AlertKind.OUT_OF_STOCK.value, Alert.order_id.in_(waiting)
+                    )
+                )
+            )
+            for order_id in waiting:
+                if order_id in alerted:
+                    continue
+                order = session.get(Order, order_id, with_for_update=True)
+                plan = self._catalog.get(order.plan_id) if order is not None else None
+                if order is None or plan is None or order.waiting_for_stock != pool:
+                    continue
+                order.delivery_error = str(OutOfStock(pool))
+                self._alert_out_of_stock(session, order, plan, pool, now)
+
+    def _alert_unreadable(self, session: Session, error: StockUnreadable, now: datetime) -> None:
+        self._alerts.raise_once(
+            session,
+            AlertKind.DELIVERY_FAILED,
+            unreadable_key(error.pool),
+            AlertContent(
+                subject=f"Stock of pool {error.pool} cannot be decrypted: deliveries wait",
+                summary=(
+                    f"{error} Orders of this pool wait (paid, not delivered, membership not "
+                    "cancelled) and are delivered by themselves, in payment order, once the "
+                    "item can be read."
+                ),
+                details=[("Pool", error.pool), ("Item", f"#{error.item_id}")],
+                steps=[
+                    "Check STOCK_ENCRYPTION_KEY on every web and worker machine: it must hold "
+                    "the key the items were imported with (after a rotation: the new key "
+                    "first, then the old one, space-separated). Restart after changing it.",
+                    "`whop-autocancel check` tells whether the key opens the stored items.",
+                    f"If only this item is damaged: whop-autocancel stock void {error.item_id}",
+                ],
+            ),
+            now,
         )
 
     def _fail(
@@ -310,6 +365,7 @@ class DeliveryService:
             method=plan.delivery,
         )
         if delivery.pool is not None:
+            self._alerts.resolve(session, unreadable_key(delivery.pool), now)
             self._check_low_stock(session, delivery.pool, now)
         if plan.cancel:
             cancellation = schedule_cancellation(
@@ -381,3 +437,8 @@ class DeliveryService:
             )
             log.info("delivery_resent", order_id=order.id, method=plan.delivery)
             return Resent(order_id=order.id, to=order.email, summary=delivery.summary)
+
+
+def unreadable_key(pool: str) -> str:
+    """The dedupe key of a pool's open 'cannot decrypt' alert (freed by the next delivery)."""
+    return f"stock_unreadable:{pool}:open"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from sqlalchemy.orm import Session
 from whop_autocancel.delivery.catalog import POOL_NAME, POOL_NAME_HELP, Catalog
 from whop_autocancel.delivery.models import StockItem, StockStatus
 from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.sealing import Sealer
+from whop_autocancel.sealing import Sealer, SealError
 
 SERVE_TASK = "stock.serve"  # deliver the orders waiting for a pool, in payment order
 MAX_ITEM_CHARS = 10_000
+_LINE_BREAK = re.compile(r"\r\n|\n|\r")
 _LOOKUP_BATCH = 500
 # Items locked by deliveries still running are not "out of stock": wait for those to commit.
 _BUSY_ROUNDS = 100
@@ -168,8 +171,11 @@ def read_items(
         raise StockError(f"{path} is not UTF-8 (byte {error.start}); save it as UTF-8") from None
     except OSError as error:
         raise StockError(f"cannot read {path}: {error.strerror}") from None
-    if column is None:
-        return items_for(text.splitlines(), where=str(path))
+    if column is None:  # lines end in \n, \r\n or \r; nothing else splits an item
+        lines = _LINE_BREAK.split(text)
+        if lines and not lines[-1]:
+            lines.pop()  # the break that ends the last line starts no new one
+        return items_for(lines, where=str(path))
     return items_for(_csv_values(text, column, delimiter, header, path), where=str(path))
 
 
@@ -366,3 +372,75 @@ def void_item(
         item.voided_at = now
         item.void_reason = reason
     return VoidResult(item_id=item.id, pool=item.pool, was=was, order_id=item.order_id)
+
+
+# Key rotation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RekeyReport:
+    items: int
+    emails: int
+
+
+def rekey(session: Session, sealer: Sealer, *, batch: int = 500) -> RekeyReport:
+    """Encrypt every item (and every email that carries one) again with the first key, and
+    fingerprint it under that key: afterwards the older keys can be removed."""
+    items = emails = 0
+    last = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(StockItem)
+                .where(StockItem.id > last)
+                .order_by(StockItem.id)
+                .limit(batch)
+                .with_for_update()
+            )
+        )
+        if not rows:
+            break
+        for item in rows:
+            content = sealer.open(item.content)
+            item.content = sealer.seal(content)
+            item.fingerprint = sealer.fingerprint(content)
+        items += len(rows)
+        last = rows[-1].id
+        session.flush()
+    last = 0
+    while True:
+        messages = list(
+            session.scalars(
+                select(Email)
+                .where(Email.sealed.is_(True), Email.id > last)
+                .order_by(Email.id)
+                .limit(batch)
+                .with_for_update()
+            )
+        )
+        if not messages:
+            break
+        for message in messages:
+            message.text_body = sealer.seal(sealer.open(message.text_body))
+            if message.html_body:
+                message.html_body = sealer.seal(sealer.open(message.html_body))
+        emails += len(messages)
+        last = messages[-1].id
+        session.flush()
+    return RekeyReport(items=items, emails=emails)
+
+
+def unreadable_items(session: Session, sealer: Sealer) -> list[tuple[str, int]]:
+    """For each pool, its newest item if the configured keys cannot open it (a wrong key)."""
+    newest = session.execute(
+        select(StockItem.pool, func.max(StockItem.id)).group_by(StockItem.pool)
+    ).all()
+    failing = []
+    for pool, item_id in newest:
+        item = session.get(StockItem, item_id)
+        assert item is not None
+        try:
+            sealer.open(item.content)
+        except SealError:
+            failing.append((pool, item_id))
+    return failing

@@ -91,13 +91,29 @@ def void_stock(runtime: Runtime, item_id: int, reason: str) -> VoidResult:
     return result
 
 
-def show_item(runtime: Runtime, item_id: int) -> tuple[StockItem, str]:
-    """The item and its decrypted content, for the admin (never logged)."""
+def show_item(runtime: Runtime, reference: int | str) -> tuple[StockItem, str]:
+    """An item (by number, or the order id that holds it) and its decrypted content, for the
+    admin (never logged)."""
+    sealer = _sealer(runtime)
+    reference = str(reference)
+    with runtime.database.transaction() as session:
+        if reference.isdigit():
+            item = session.get(StockItem, int(reference))
+            missing = f"no stock item #{reference} (see `whop-autocancel stock levels`)"
+        else:
+            item = stock.item_for_order(session, reference)
+            missing = f"order {reference} holds no stock item (see `whop-autocancel orders`)"
+        if item is None:
+            raise StockError(missing)
+        session.expunge(item)
+    log.info("stock_item_shown", item_id=item.id, pool=item.pool)
+    return item, sealer.open(item.content)
+
+
+def rekey_stock(runtime: Runtime) -> stock.RekeyReport:
+    """Re-encrypt everything under the first key of STOCK_ENCRYPTION_KEY (after a rotation)."""
     sealer = _sealer(runtime)
     with runtime.database.transaction() as session:
-        item = session.get(StockItem, item_id)
-        if item is None:
-            raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock levels`)")
-        session.expunge(item)
-    log.info("stock_item_shown", item_id=item_id, pool=item.pool)
-    return item, sealer.open(item.content)
+        report = stock.rekey(session, sealer)
+    log.warning("stock_rekeyed", items=report.items, emails=report.emails)
+    return report

@@ -18,7 +18,7 @@ from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.render import RenderedEmail
 from whop_autocancel.mail.smtp import MailError, build_message, send_message
-from whop_autocancel.sealing import Sealer
+from whop_autocancel.sealing import Sealer, SealError
 from whop_autocancel.settings import SmtpConfig
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,13 @@ def post_chat(url: str, text: str, timeout: float) -> None:
         raise MailError(f"chat webhook unreachable: {type(error).__name__}") from None
     if response.status_code >= 300:
         raise MailError(f"chat webhook answered HTTP {response.status_code}")
+
+
+def _failing(error: MailError) -> Callable[[], None]:
+    def attempt() -> None:
+        raise error
+
+    return attempt
 
 
 class Outbox:
@@ -149,8 +156,11 @@ class Outbox:
                 return  # sent already, not due yet, or another worker has it
             row = session.get(Email, email_id)
             assert row is not None
-            deliver = self._delivery(row)
             kind, attempts = row.kind, row.attempts
+            try:
+                deliver = self._delivery(row)
+            except SealError as error:  # a changed key: retried, and visible, until fixed
+                deliver = _failing(MailError(str(error)))
         try:
             deliver()
         except MailError as error:

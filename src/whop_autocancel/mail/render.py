@@ -5,6 +5,7 @@ searched first, the package's templates after. Admin emails always use the packa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,7 @@ _COMMON_SAMPLE: dict[str, Any] = {
     "link": "https://example.com/download",
     "support_email": "support@example.com",
 }
+OPTIONAL = ("link", "support_email")  # None when the merchant did not set them
 # The customer templates and what each may use: an override is rendered with it at start-up,
 # so a typo stops the service instead of mailing customers a broken email.
 CUSTOMER_TEMPLATES: dict[str, dict[str, Any]] = {
@@ -48,14 +50,23 @@ class RenderedEmail:
     html: str
 
 
+def _blank_if_none(value: Any) -> Any:
+    """An optional value that is not set prints as nothing, never as "None"."""
+    return "" if value is None else value
+
+
 def _environment_with(loader: BaseLoader) -> Environment:
     return Environment(
         loader=loader,
         autoescape=select_autoescape(["html"]),
         undefined=StrictUndefined,
+        finalize=_blank_if_none,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        # Templates are read once: an edit to an override takes effect at the next start, after
+        # the start-up check, never half-checked in a running process.
+        auto_reload=False,
     )
 
 
@@ -95,8 +106,9 @@ class EmailTemplates:
         naming the file and line."""
         if self.directory is None:
             return
-        for template, sample in CUSTOMER_TEMPLATES.items():
-            for suffix in ("txt", "html"):
+        for template, full in CUSTOMER_TEMPLATES.items():
+            bare = {**full, **dict.fromkeys(OPTIONAL, None), "message": ""}
+            for suffix, sample in itertools.product(("txt", "html"), (full, bare)):
                 name = f"{template}.{suffix}"
                 try:
                     self._environment.get_template(name).render(sample)

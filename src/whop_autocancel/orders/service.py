@@ -181,6 +181,10 @@ class OrderService:
         was = order.status
         target = OrderStatus.REFUNDED if claim.kind == "refund" else OrderStatus.DISPUTED
         transition(order, target, f"{claim.kind} {claim.claim_id}")
+        if order.waiting_for_stock and order.status == target.value:
+            # Refunded while waiting for stock: it no longer waits, and must not be served.
+            order.waiting_for_stock = None
+            self._alerts.resolve(session, f"out_of_stock:{order.id}", now)
         key = f"{claim.kind}s"
         entries = [
             e for e in (order.order_metadata or {}).get(key, []) if e.get("id") != claim.claim_id
