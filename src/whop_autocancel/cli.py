@@ -18,6 +18,7 @@ from whop_autocancel.runtime import Runtime
 from whop_autocancel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from whop_autocancel.db.engine import Database
     from whop_autocancel.runtime import Runtime
 
 app = typer.Typer(
@@ -77,6 +78,17 @@ def _start_runtime(settings: Settings) -> Runtime:
     return build_runtime(settings, catalog=catalog)
 
 
+def _ping(database: Database) -> None:
+    """One clear line when the database cannot be reached, not a driver's traceback."""
+    try:
+        database.ping()
+    except Exception as error:
+        raise ConfigurationError(
+            f"DATABASE_URL: cannot connect to {_safe_url(database.url)}: "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        ) from None
+
+
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
     """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
     from whop_autocancel.db.engine import Database, sqlite_path
@@ -84,13 +96,7 @@ def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
 
     database = Database(settings.DATABASE_URL)
     try:
-        try:
-            database.ping()
-        except Exception as error:
-            raise ConfigurationError(
-                f"DATABASE_URL: cannot connect to {_safe_url(settings.DATABASE_URL)}: "
-                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-            ) from None
+        _ping(database)
         if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
             before, after = upgrade(database)
             if before != after:
@@ -168,6 +174,7 @@ def migrate() -> None:
     settings = _settings()
     database = Database(settings.DATABASE_URL)
     try:
+        _ping(database)
         before, after = upgrade(database)
     finally:
         database.dispose()

@@ -1,15 +1,17 @@
 """`whop-autocancel demo`: the whole after-purchase job, for real, in under a minute.
 
 It starts the Whop simulator and an SMTP sink in this process, runs `whop-autocancel serve` as
-a real child process on a temporary SQLite database, makes a dozen purchases (both webhook
+a real child process on a temporary SQLite database, makes fifteen purchases (both webhook
 shapes, a duplicate, a renewal, an unlisted plan, a delivery-only plan, a membership Whop
-refuses to cancel, and a Whop outage in the middle), waits until everything has settled and
-prints what happened to each. It exits 0 only if every outcome is the expected one.
+refuses to cancel, license keys sold from stock until the pool runs dry and is refilled with
+`whop-autocancel stock import`, and a Whop outage in the middle), waits until everything has
+settled and prints what happened to each. It exits 0 only if every outcome is the expected one.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,28 +27,34 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import FINAL_STATUSES, Cancellation
 from whop_autocancel.db.engine import Database
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink, free_port
-from whop_autocancel.orders.models import Order
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.sealing import generate_key
 from whop_autocancel.settings import load_settings
 from whop_autocancel.simulator import SimulatorServer
 
 API_KEY = "sim_demo_key"
 SECRET = "ws_demo_0f3a9c27e4b14d8fa6c2b5e81d907a3c"  # noqa: S105 (the demo's own simulator)
 ADMIN = "admin@demo-shop.test"
-PACK, SETUP, KEEP, MONTHLY, LIFETIME = (
+PACK, SETUP, KEEP, MONTHLY, LIFETIME, KEYS = (
     "plan_DemoPack",
     "plan_DemoSetup",
     "plan_DemoKeep",
     "plan_DemoMonthly",
     "plan_DemoLifetime",
+    "plan_DemoKeys",
 )
+POOL = "demo-keys"
+LOW_STOCK = 1  # the pool's alert threshold: raised when the first of the two keys is sold
+WIDTH = 148  # the purchases table fits without truncation
 SETTLE_SECONDS = 40.0
 OUTAGE_LIMIT = 30.0
 
@@ -72,6 +80,17 @@ cancel = false
 [plans.{MONTHLY}]
 name = "Demo Monthly"
 delivery = "none"
+
+# Sold from stock: each buyer gets one license key of the pool, imported with
+# `whop-autocancel stock import {POOL} FILE`.
+[plans.{KEYS}]
+name = "Demo License Key"
+delivery = "stock:{POOL}"
+subject = "Your license key: {{{{ plan_name }}}}"
+message = "Thanks for buying! Enter this key in the app to activate it."
+
+[pools.{POOL}]
+low_stock = {LOW_STOCK}
 """
 
 
@@ -82,6 +101,7 @@ class Purchase:
     plan_id: str
     expect_cancel: str  # "canceled", "failed" or "untouched"
     options: dict[str, Any] = field(default_factory=dict)
+    phase: str = "first"  # "first" batch, "restock" (when the pool is empty) or "outage"
     payment_id: str = ""
     membership_id: str = ""
     email: str = ""
@@ -120,10 +140,26 @@ def _purchases() -> list[Purchase]:
         Purchase(7, "plan not in catalog", LIFETIME, "untouched"),
         Purchase(8, "cancel = false plan", KEEP, "untouched"),
         Purchase(9, "Whop refuses cancel", PACK, "failed"),
-        Purchase(10, "during Whop outage", PACK, "canceled"),
-        Purchase(11, "during Whop outage", SETUP, "canceled", {"shape": "pinned"}),
-        Purchase(12, "during Whop outage", PACK, "canceled"),
+        Purchase(10, "license key from stock", KEYS, "canceled"),
+        Purchase(11, "license key from stock", KEYS, "canceled", {"shape": "pinned"}),
+        Purchase(12, "pool empty → served after import", KEYS, "canceled", phase="restock"),
+        Purchase(13, "during Whop outage", PACK, "canceled", phase="outage"),
+        Purchase(14, "during Whop outage", SETUP, "canceled", {"shape": "pinned"}, "outage"),
+        Purchase(15, "during Whop outage", PACK, "canceled", phase="outage"),
     ]
+
+
+@dataclass
+class Waiting:
+    """Purchase 12 as it was while the pool was empty, before the import that served it."""
+
+    order_id: str
+    order_status: str
+    cancellation: bool  # a cancellation row existed
+    membership: str
+    cancel_calls: int
+    alert_subject: str
+    calls_before_import: int = 0  # the simulator's API call count when the import started
 
 
 def _storage(folder: Path) -> dict[str, str]:
@@ -137,7 +173,7 @@ def _storage(folder: Path) -> dict[str, str]:
 
 
 def _service_environment(
-    folder: Path, simulator: SimulatorServer, sink: SmtpSink
+    folder: Path, simulator: SimulatorServer, sink: SmtpSink, stock_key: str
 ) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WHOP_", "SMTP_"))}
     environment.update(_storage(folder))
@@ -149,6 +185,7 @@ def _service_environment(
             "WHOP_TIMEOUT": "2",
             "WHOP_COMPANY_ID": "biz_SimStore",
             "CATALOG_PATH": str(folder / "catalog.toml"),
+            "STOCK_ENCRYPTION_KEY": stock_key,  # a new one per run, as `stock keygen` prints
             "ADMIN_EMAILS": ADMIN,
             "MAIL_FROM": "shop@demo-shop.test",
             "SMTP_URL": sink.url,
@@ -164,6 +201,51 @@ def _service_environment(
     )
     environment.pop("CANCEL_GIVE_UP_AFTER", None)
     return environment
+
+
+def _cli(environment: dict[str, str], folder: Path, *args: str) -> subprocess.Popen[str]:
+    """Start `whop-autocancel ARGS…` as the merchant would, on the demo's database."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "whop_autocancel", *args],
+        env={**environment, "COLUMNS": str(WIDTH)},
+        cwd=folder,  # no .env of the caller's is read
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    """Wait for a `_cli` process: its exit code and its output (stderr when stdout is empty
+    or the command failed)."""
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    code = process.returncode
+    shown = stdout.rstrip() if code == 0 and stdout.strip() else (stdout + stderr).rstrip()
+    return code, shown
+
+
+def _import_keys(
+    console: Console, environment: dict[str, str], folder: Path, name: str, keys: list[str]
+) -> bool:
+    """`whop-autocancel stock import demo-keys FILE`, run as a merchant would."""
+    (folder / name).write_text("".join(f"{key}\n" for key in keys))
+    plural = "s" if len(keys) > 1 else ""
+    console.print(
+        f"[bold]$ whop-autocancel stock import {POOL} {name}[/bold]  ({len(keys)} key{plural})"
+    )
+    code, output = _finish(_cli(environment, folder, "stock", "import", POOL, name))
+    console.print(output, markup=False)
+    return code == 0
+
+
+def _new_keys(count: int) -> list[str]:
+    return [
+        "DEMO-" + "-".join(secrets.token_hex(2).upper() for _ in range(3)) for _ in range(count)
+    ]
 
 
 def _wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -182,7 +264,7 @@ def _healthy(url: str) -> bool:
 
 
 def run_demo(console: Console, *, keep: bool = False) -> bool:
-    console = Console(width=max(console.width, 132), highlight=False)
+    console = Console(width=max(console.width, WIDTH), highlight=False)
     folder = Path(tempfile.mkdtemp(prefix="whop-autocancel-demo-"))
     (folder / "catalog.toml").write_text(CATALOG)
     started = time.monotonic()
@@ -195,6 +277,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
     )
     console.print(f"[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on {where}")
     service: subprocess.Popen[bytes] | None = None
+    listings: dict[str, subprocess.Popen[str]] = {}  # `whop-autocancel …` shown at the end
     log_file = (folder / "service.log").open("wb")
     try:
         with (
@@ -203,19 +286,21 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                 api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.05
             ) as simulator,
         ):
-            environment = _service_environment(folder, simulator, sink)
-            if not database_url.startswith("sqlite"):  # SQLite migrates itself on start
-                migrated = subprocess.run(
-                    [sys.executable, "-m", "whop_autocancel", "migrate"],
-                    env=environment,
-                    cwd=folder,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                    timeout=120,
+            environment = _service_environment(folder, simulator, sink, generate_key())
+            earlier = _earlier_orders(database_url)
+            if earlier:
+                # Fake purchases do not belong in a real shop's database; and alerts are raised
+                # once and throttled per database, so the checks need a database of their own.
+                console.print(
+                    f"[red]The demo needs an empty database:[/red] {where} already holds "
+                    f"{earlier} order(s). Point DATABASE_URL at a new, empty database."
                 )
-                if migrated.returncode != 0:
-                    console.print(f"[red]migrate failed:[/red] {migrated.stderr.strip()}")
+                return False
+            if not database_url.startswith("sqlite"):  # SQLite migrates itself on start
+                code, output = _finish(_cli(environment, folder, "migrate"))
+                if code != 0:
+                    console.print("[red]migrate failed:[/red]")
+                    console.print("\n".join(output.splitlines()[-3:]), markup=False)
                     return False
             port = free_port()
             service_url = f"http://127.0.0.1:{port}"
@@ -236,55 +321,20 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                 console.print("[red]The service did not start:[/red]")
                 console.print((folder / "service.log").read_text()[-3000:])
                 return False
-            purchases = _purchases()
-            normal = [p for p in purchases if "outage" not in p.scenario]
-            during_outage = [p for p in purchases if "outage" in p.scenario]
             database = Database(database_url)
             try:
-                console.print(f"service up at {service_url}; {len(normal)} purchases…")
-                _buy(simulator, normal)
-                _wait_until(
-                    lambda: _settled(database, simulator, normal),
-                    SETTLE_SECONDS,
-                    "the purchases to settle",
+                ok = _buy_and_check(
+                    console, environment, folder, database, simulator, sink, since, listings
                 )
-                console.print(
-                    "Whop goes down (every API call answers 503) until the retry schedule is "
-                    f"used up, while {len(during_outage)} more purchases come in…"
-                )
-                outage_started = time.monotonic()
-                simulator.state.set_outage(True)
-                _buy(simulator, during_outage)
-                # The cancellations hit the outage and back off until the service says Whop is
-                # unreachable (one alert); a fixed pause would depend on the machine's speed.
-                _wait_until(
-                    lambda: _alerted(database, "whop_unreachable", since),
-                    OUTAGE_LIMIT,
-                    "the 'Whop unreachable' alert",
-                )
-                simulator.state.set_outage(False)
-                console.print(f"…Whop is back after {time.monotonic() - outage_started:.1f} s.")
-                _wait_until(
-                    lambda: _settled(database, simulator, purchases),
-                    SETTLE_SECONDS,
-                    "every purchase to settle",
-                )
-                outcomes = _outcomes(database, simulator, sink, purchases)
-                ok = _report(console, database, sink, purchases, outcomes, since)
             finally:
                 database.dispose()
-            environment = _service_environment(folder, simulator, sink)
-            listing = subprocess.run(
-                [sys.executable, "-m", "whop_autocancel", "cancellations", "failed"],
-                env={**environment, "COLUMNS": "132"},
-                cwd=folder,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-            )
-            console.print("[bold]$ whop-autocancel cancellations failed[/bold]")
-            console.print(listing.stdout.rstrip() or listing.stderr.rstrip(), markup=False)
+            listings["cancellations failed"] = _cli(environment, folder, "cancellations", "failed")
+            for command in ("cancellations failed", "stock levels"):
+                if command in listings:
+                    code, output = _finish(listings[command])
+                    console.print(f"[bold]$ whop-autocancel {command}[/bold]")
+                    console.print(output, markup=False)
+                    ok = ok and code == 0
             service.send_signal(signal.SIGTERM)
             service.wait(timeout=30)
             log_file.flush()
@@ -299,14 +349,108 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
         keep = True
         return False
     finally:
-        if service is not None and service.poll() is None:
-            service.kill()
-            service.wait()
+        for process in [*listings.values(), service]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
         log_file.close()
         if keep:
             console.print(f"kept {folder} (database, queue, service.log)")
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _earlier_orders(database_url: str) -> int:
+    """How many orders the database holds already (0 when it has no schema yet or cannot be
+    reached: `migrate` or `serve` then says what is wrong)."""
+    database = Database(database_url)
+    try:
+        if not inspect(database.engine).has_table(Order.__tablename__):
+            return 0
+        with database.transaction() as session:
+            return int(session.scalar(select(func.count()).select_from(Order)) or 0)
+    except SQLAlchemyError:
+        return 0
+    finally:
+        database.dispose()
+
+
+def _buy_and_check(
+    console: Console,
+    environment: dict[str, str],
+    folder: Path,
+    database: Database,
+    simulator: SimulatorServer,
+    sink: SmtpSink,
+    since: datetime,
+    listings: dict[str, subprocess.Popen[str]],
+) -> bool:
+    purchases = _purchases()
+    first = [p for p in purchases if p.phase == "first"]
+    from_stock = [p for p in first if p.plan_id == KEYS]
+    late = next(p for p in purchases if p.phase == "restock")
+    during_outage = [p for p in purchases if p.phase == "outage"]
+    keys = _new_keys(2)
+    if not _import_keys(console, environment, folder, f"{POOL}.txt", keys):
+        return False
+    console.print(f"{len(first)} purchases, {len(from_stock)} of them license keys from stock…")
+    _buy(simulator, first)
+    _wait_until(
+        lambda: _delivered(database, from_stock), SETTLE_SECONDS, "the stock purchases' delivery"
+    )
+    # The two keys are gone: the next buyer must wait (paid, not delivered, not cancelled).
+    _buy(simulator, [late])
+    waiting: list[Waiting] = []
+    _wait_until(
+        lambda: (
+            _settled(database, simulator, first)
+            and _waiting(database, simulator, sink, late, waiting)
+        ),
+        SETTLE_SECONDS,
+        "the first purchases to settle and the next stock buyer to wait",
+    )
+    seen = waiting[0]
+    console.print(
+        f"#{late.number} bought while pool {POOL} is empty: order {seen.order_status}, "
+        f"{'a' if seen.cancellation else 'no'} cancellation, membership {seen.membership} "
+        f"in Whop; the admin got '{seen.alert_subject}'."
+    )
+    seen.calls_before_import = len(simulator.state.calls())
+    more = _new_keys(1)
+    if not _import_keys(console, environment, folder, f"{POOL}-more.txt", more):
+        return False
+    keys += more
+    _wait_until(
+        lambda: _settled(database, simulator, [*first, late]),
+        SETTLE_SECONDS,
+        "the waiting stock purchase to be served",
+    )
+    console.print(
+        "Whop goes down (every API call answers 503) until the retry schedule is "
+        f"used up, while {len(during_outage)} more purchases come in…"
+    )
+    # No stock is sold after #12: the pool's levels are final now. The listing runs while Whop
+    # is down (each CLI start takes a second or two) and is shown at the end.
+    listings["stock levels"] = _cli(environment, folder, "stock", "levels")
+    outage_started = time.monotonic()
+    simulator.state.set_outage(True)
+    _buy(simulator, during_outage)
+    # The cancellations hit the outage and back off until the service says Whop is
+    # unreachable (one alert); a fixed pause would depend on the machine's speed.
+    _wait_until(
+        lambda: _alerted(database, "whop_unreachable", since),
+        OUTAGE_LIMIT,
+        "the 'Whop unreachable' alert",
+    )
+    simulator.state.set_outage(False)
+    console.print(f"…Whop is back after {time.monotonic() - outage_started:.1f} s.")
+    _wait_until(
+        lambda: _settled(database, simulator, purchases),
+        SETTLE_SECONDS,
+        "every purchase to settle",
+    )
+    outcomes = _outcomes(database, simulator, sink, purchases)
+    return _report(console, database, simulator, sink, purchases, outcomes, since, keys, seen)
 
 
 def _buy(simulator: SimulatorServer, purchases: list[Purchase]) -> None:
@@ -326,6 +470,57 @@ def _alerted(database: Database, kind: str, since: datetime) -> bool:
             select(Alert.id).where(Alert.kind == kind, Alert.created_at >= since)
         ).first()
     return found is not None
+
+
+def _delivered(database: Database, purchases: list[Purchase]) -> bool:
+    payments = [p.payment_id for p in purchases]
+    with database.transaction() as session:
+        statuses = list(
+            session.scalars(select(Order.status).where(Order.whop_payment_id.in_(payments)))
+        )
+    return len(statuses) == len(payments) and all(
+        status == OrderStatus.DELIVERED.value for status in statuses
+    )
+
+
+def _waiting(
+    database: Database,
+    simulator: SimulatorServer,
+    sink: SmtpSink,
+    purchase: Purchase,
+    seen: list[Waiting],
+) -> bool:
+    """True once the order waits for stock and the admin has the out-of-stock alert email
+    (and the low-stock one, raised earlier); then `seen` holds the state observed."""
+    with database.transaction() as session:
+        order = session.scalars(
+            select(Order).where(Order.whop_payment_id == purchase.payment_id)
+        ).first()
+        if order is None or order.waiting_for_stock != POOL:
+            return False
+        cancellation = session.scalars(
+            select(Cancellation.id).where(Cancellation.order_id == order.id)
+        ).first()
+        order_id, status = order.id, order.status
+    admin = sink.to(ADMIN)
+    alert = next(
+        (m for m in admin if m.subject.startswith("Out of stock") and order_id in m.subject), None
+    )
+    low = any(m.subject.startswith(f"Low stock: pool {POOL} ") for m in admin)
+    if alert is None or not low:
+        return False
+    calls = simulator.state.calls(purchase.membership_id)
+    seen.append(
+        Waiting(
+            order_id=order_id,
+            order_status=status,
+            cancellation=cancellation is not None,
+            membership=simulator.state.membership(purchase.membership_id)["status"],
+            cancel_calls=len([c for c in calls if c["method"] == "POST"]),
+            alert_subject=alert.subject,
+        )
+    )
+    return True
 
 
 def _settled(database: Database, simulator: SimulatorServer, purchases: list[Purchase]) -> bool:
@@ -386,13 +581,25 @@ def _outcomes(
     return results
 
 
+def _key_recipients(sink: SmtpSink, keys: list[str]) -> dict[str, list[str]]:
+    """Every recipient of every email that carries each key (in either part)."""
+    messages = sink.messages
+    return {
+        key: [r for m in messages if key in m.text or key in m.html for r in m.recipients]
+        for key in keys
+    }
+
+
 def _report(
     console: Console,
     database: Database,
+    simulator: SimulatorServer,
     sink: SmtpSink,
     purchases: list[Purchase],
     outcomes: dict[int, Outcome],
     since: datetime,
+    keys: list[str],
+    seen: Waiting,
 ) -> bool:
     table = Table(title="What happened to each purchase")
     for column in (
@@ -434,6 +641,19 @@ def _report(
         )
     kinds = [a.kind for a in alerts]
     console.print(f"Alerts raised: {', '.join(kinds) or 'none'}")
+    recipients = _key_recipients(sink, keys)
+    console.print(
+        "License keys emailed: "
+        + ", ".join(f"{key} → {' + '.join(to) or 'nobody'}" for key, to in recipients.items())
+    )
+    stock_buyers = {p.email for p in purchases if p.plan_id == KEYS}
+    late = next(p for p in purchases if p.phase == "restock")
+    late_posts = [c for c in simulator.state.calls(late.membership_id) if c["method"] == "POST"]
+    admin = sink.to(ADMIN)
+    out_of_stock = [
+        m for m in admin if m.subject.startswith("Out of stock") and seen.order_id in m.subject
+    ]
+    low_stock = [m for m in admin if m.subject.startswith(f"Low stock: pool {POOL} ")]
     checks = {
         "every purchase ended as expected": all(o.ok for o in outcomes.values()),
         "exactly one alert email for the refused cancel": len(failure_alerts) == 1,
@@ -445,6 +665,22 @@ def _report(
         ]
         == [True],
         "the renewal raised its one safety alert": kinds.count("plan_not_one_time") == 1,
+        f"each of the {len(keys)} license keys emailed exactly once, to one buyer each": all(
+            len(to) == 1 for to in recipients.values()
+        )
+        and {to[0] for to in recipients.values() if to} == stock_buyers
+        and len(stock_buyers) == len(keys),
+        f"#{late.number} waited ({OrderStatus.DELIVERY_FAILED.value}) and was not cancelled "
+        "before its delivery": seen.order_status == OrderStatus.DELIVERY_FAILED.value
+        and not seen.cancellation
+        and seen.membership != "canceled"
+        and seen.cancel_calls == 0
+        and bool(late_posts)
+        and all(c["seq"] > seen.calls_before_import for c in late_posts)
+        and outcomes[late.number].ok,
+        f"the out-of-stock alert for #{late.number} reached the admin": len(out_of_stock) == 1,
+        f"one low-stock alert for pool {POOL}, emailed to the admin": kinds.count("low_stock") == 1
+        and len(low_stock) == 1,
     }
     if failure_alerts:
         console.print(

@@ -214,9 +214,11 @@ def test_the_demo_passes(tmp_path: Path) -> None:
         env={**service_environment(tmp_path), "COLUMNS": "160"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("PASS") == 5
+    assert result.stdout.count("PASS") == 9
     assert "FAIL" not in result.stdout
     assert "1 failed cancellation(s)" in result.stdout
+    assert "pool empty → served after import" in result.stdout
+    assert "Stock levels" in result.stdout  # the `stock levels` listing
 
 
 def test_sigterm_on_web_finishes_the_request_in_flight(

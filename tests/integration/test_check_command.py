@@ -8,11 +8,13 @@ from support.harness import (
     MESSAGE_PLAN,
     NONE_PLAN,
     STOCK_CATALOG,
+    STOCK_KEY,
     STOCK_POOL,
     run_cli,
     service_environment,
 )
 from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.sealing import generate_key
 from whop_autocancel.simulator import SimulatorServer
 
 
@@ -138,3 +140,16 @@ def test_stock_check_names_empty_pools_and_passes_once_stocked(
     code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY="")
     assert code == 1
     assert "STOCK_ENCRYPTION_KEY is not set" in line(lines, "stock")
+
+    other = generate_key()  # a machine set up with another key
+    code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY=other)
+    assert code == 1
+    assert "cannot decrypt the stored items of keys (item #3)" in line(lines, "stock")
+    # Rotation: the new key first, the old after; rekey; then the new key alone works.
+    rotated = service_environment(tmp_path, STOCK_ENCRYPTION_KEY=f"{other} {STOCK_KEY}")
+    rekeyed = run_cli(tmp_path, "stock", "rekey", env=rotated)
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert "Re-encrypted 3 item(s) and 0 email(s)" in rekeyed.stdout
+    assert "remove the older key" in rekeyed.stdout
+    code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY=other)
+    assert code == 0, "\n".join(lines)

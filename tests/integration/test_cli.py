@@ -63,6 +63,17 @@ def test_an_invalid_catalog_stops_with_its_line_and_reason(tmp_path: Path) -> No
     assert f'{catalog}:1: plan plan_A: delivery = "message" needs a message' in line
 
 
+@pytest.mark.parametrize("command", [("migrate",), ("stock", "levels"), ("orders",)])
+def test_an_unreachable_database_is_one_line_for_every_command(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    env = service_environment(tmp_path, DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    result = run_cli(tmp_path, *command, env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none" in line
+
+
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
     first = run_cli(tmp_path, "migrate")
     assert first.returncode == 0, first.stderr

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from support.harness import (
     MESSAGE_PLAN,
+    STOCK_CATALOG,
     STOCK_KEY,
     STOCK_POOL,
     drain,
@@ -173,3 +174,31 @@ def test_an_unset_optional_value_never_prints_as_none(
         [mail] = world.mail_to(buyer["email"])
         assert mail.text.strip() == "THE-ITEM|link=|support="
         assert MESSAGE_PLAN  # the message plan is untouched by this override
+
+
+def test_orders_follow_their_plan_to_a_renamed_pool(world: StockWorld, tmp_path: Path) -> None:
+    waiting = world.pay()
+    world.drain()
+    assert world.order(waiting["order_id"]).waiting_for_stock == STOCK_POOL
+    renamed = tmp_path / "renamed.toml"  # the merchant renamed the pool while it was empty
+    renamed.write_text(STOCK_CATALOG.replace(f"stock:{STOCK_POOL}", "stock:accounts"))
+    restarted = make_runtime(
+        make_settings(
+            tmp_path,
+            DATABASE_URL=world.runtime.settings.DATABASE_URL,
+            SMTP_URL=world.runtime.settings.SMTP_URL.get_secret_value(),
+            CATALOG_PATH=str(renamed),
+        ),
+        world.clock,
+    )
+    try:
+        report = import_stock(restarted, "accounts", items_for(["RENAMED-1"]))
+        assert report.waiting == 0  # still filed under the old name until the sweep
+        assert restarted.stuck_sweep.run(force=True).stock_pools == 1
+        assert world.order(waiting["order_id"]).waiting_for_stock == "accounts"
+        drain(restarted)
+    finally:
+        restarted.close()
+    assert world.order(waiting["order_id"]).status == "delivered"
+    [mail] = world.mail_to(waiting["email"])
+    assert "RENAMED-1" in mail.text

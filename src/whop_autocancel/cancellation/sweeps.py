@@ -20,7 +20,7 @@ from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.catalog import Catalog
-from whop_autocancel.delivery.stock import SERVE_TASK, pools_to_serve
+from whop_autocancel.delivery.stock import SERVE_TASK, follow_renamed_pools, pools_to_serve
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.outbox import SEND_TASK
@@ -174,6 +174,8 @@ class StuckWorkSweep:
                 )
             )
             events = due_failed_events(session, now, BATCH)
+            if not dry_run:
+                follow_renamed_pools(session, self._catalog)
             pools = pools_to_serve(session)
             if dry_run:
                 return SweepReport(

@@ -126,6 +126,36 @@ def pools_to_serve(session: Session) -> list[str]:
     return [pool for pool in pools if pool is not None and available_count(session, pool)]
 
 
+def follow_renamed_pools(session: Session, catalog: Catalog) -> int:
+    """Orders waiting for a pool their plan no longer uses (the catalog changed while they
+    waited) wait for the plan's current pool instead; returns how many moved."""
+    moved = 0
+    pairs = session.execute(
+        select(Order.plan_id, Order.waiting_for_stock)
+        .where(
+            Order.waiting_for_stock.is_not(None),
+            Order.status == OrderStatus.DELIVERY_FAILED.value,
+        )
+        .distinct()
+    ).all()
+    for plan_id, pool in pairs:
+        plan = catalog.get(plan_id)
+        if plan is None or plan.pool is None or plan.pool == pool:
+            continue
+        result = session.execute(
+            update(Order)
+            .where(
+                Order.plan_id == plan_id,
+                Order.waiting_for_stock == pool,
+                Order.status == OrderStatus.DELIVERY_FAILED.value,
+            )
+            .values(waiting_for_stock=plan.pool)
+            .execution_options(synchronize_session=False)
+        )
+        moved += result.rowcount  # type: ignore[attr-defined]
+    return moved
+
+
 def waits_behind(session: Session, pool: str, order: Order) -> int:
     """How many orders paid before `order` are still waiting for this pool."""
     assert order.paid_at is not None
