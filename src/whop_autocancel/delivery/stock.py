@@ -216,7 +216,7 @@ def _csv_values(text: str, column: str, delimiter: str, header: bool, path: Path
         raise StockError(f"{path}: not valid CSV: {error}") from None
     names = [name.strip() for name in rows[0]] if header and rows else []
     body = rows[1:] if header else rows
-    if column.isdigit():
+    if column.isascii() and column.isdigit():
         index = int(column) - 1
         if index < 0:
             raise StockError("--column counts from 1")
