@@ -63,12 +63,14 @@ def _session() -> Iterator[Session]:
 
 
 @contextmanager
-def _runtime() -> Iterator[Runtime]:
+def _runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
+    """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
+    upgraded, as `serve` does, for commands that may come first on a new machine)."""
     from whop_autocancel.cli import _prepare_database, _settings
     from whop_autocancel.runtime import build_runtime
 
     settings = _settings()
-    _prepare_database(settings, migrate_sqlite=False)
+    _prepare_database(settings, migrate_sqlite=migrate_sqlite)
     runtime = build_runtime(settings)
     try:
         yield runtime

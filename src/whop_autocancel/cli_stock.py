@@ -3,8 +3,7 @@ adds them to the main typer app; the logic lives in `delivery/stock_ops.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,20 +24,11 @@ def register(app: typer.Typer, orders_app: typer.Typer) -> None:
     orders_app.command("resend")(orders_resend)
 
 
-@contextmanager
-def _runtime() -> Iterator[Runtime]:
-    """The runtime on a current schema (SQLite migrates itself, as `serve` does: importing
-    stock may be the first thing done on a new machine)."""
-    from whop_autocancel.cli import _prepare_database, _settings
-    from whop_autocancel.runtime import build_runtime
+def _runtime() -> AbstractContextManager[Runtime]:
+    """Importing stock may be the first thing done on a new machine: SQLite migrates itself."""
+    from whop_autocancel.cli_ops import _runtime as runtime
 
-    settings = _settings()
-    _prepare_database(settings, migrate_sqlite=True)
-    runtime = build_runtime(settings)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
+    return runtime(migrate_sqlite=True)
 
 
 @stock_app.command("keygen")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,18 +42,6 @@ from whop_autocancel.simulator import SimulatorServer
 
 KEEP_STOCK_PLAN = "plan_StockKeep1"
 ITEMS = [f"player{n}@game.example:Secr3t-{uuid.uuid4().hex[:12]}" for n in range(1, 9)]
-
-
-@pytest.fixture
-def world(
-    tmp_path: Path,
-    clock: FrozenClock,
-    simulator: SimulatorServer,
-    smtp_sink: SmtpSink,
-    database_url: str,
-) -> Iterator[StockWorld]:
-    with stock_world(tmp_path, clock, simulator, smtp_sink, database_url) as built:
-        yield built
 
 
 def membership_status(world: StockWorld, membership_id: str) -> str:

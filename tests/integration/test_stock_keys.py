@@ -5,7 +5,6 @@ alerted when the pool runs dry again; an unset optional value never prints as "N
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,18 +31,6 @@ from whop_autocancel.sealing import Sealer, SealError, generate_key
 from whop_autocancel.simulator import SimulatorServer
 
 OTHER_KEY = generate_key()
-
-
-@pytest.fixture
-def world(
-    tmp_path: Path,
-    clock: FrozenClock,
-    simulator: SimulatorServer,
-    smtp_sink: SmtpSink,
-    database_url: str,
-) -> Iterator[StockWorld]:
-    with stock_world(tmp_path, clock, simulator, smtp_sink, database_url) as built:
-        yield built
 
 
 def import_with(world: StockWorld, key: str, *items: str) -> None:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 import structlog
 from sqlalchemy import select
@@ -40,6 +41,10 @@ from whop_autocancel.orders.states import transition
 from whop_autocancel.sealing import Sealer
 
 log = structlog.get_logger(__name__)
+
+
+# What one delivery attempt did (`serve_waiting` goes on or stops by it).
+Outcome = Literal["delivered", "waiting", "out_of_stock", "unreadable", "failed", "not_applicable"]
 
 
 class ResendError(WhopAutocancelError):
@@ -121,7 +126,7 @@ class DeliveryService:
             log.info("stock_waiting_served", pool=pool, served=served, waiting=backlog - served)
         return served
 
-    def _deliver_locked(self, session: Session, order: Order, now: datetime) -> str:
+    def _deliver_locked(self, session: Session, order: Order, now: datetime) -> Outcome:
         """Deliver one locked order; returns what happened (for `serve_waiting`)."""
         waiting = order.status == OrderStatus.DELIVERY_FAILED.value and order.waiting_for_stock
         if order.status != OrderStatus.PAID.value and not waiting:
