@@ -32,6 +32,7 @@ from whop_autocancel.delivery.service import ResendError
 from whop_autocancel.delivery.stock import items_for
 from whop_autocancel.delivery.stock_ops import show_item, stock_levels, void_stock
 from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
@@ -125,6 +126,10 @@ def test_a_paid_stock_order_gets_one_item_by_email_and_is_then_cancelled(
 def test_items_and_the_emails_carrying_them_are_encrypted_at_rest(
     world: StockWorld, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    # Log to this test's captured stderr (an earlier in-process test may have pointed the
+    # handler at its own, finished capture). INFO: at DEBUG the test's own SMTP sink
+    # (aiosmtpd, logger mail.log) echoes every line it receives, the item included.
+    configure_logging("INFO", "console")
     world.import_items(*ITEMS[:3])
     buyer = world.pay()
     world.drain()
