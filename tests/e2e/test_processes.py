@@ -15,7 +15,14 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from support.harness import API_KEY, MESSAGE_PLAN, SECRET, free_port, service_environment
+from support.harness import (
+    API_KEY,
+    MESSAGE_PLAN,
+    SECRET,
+    STOCK_KEY,
+    free_port,
+    service_environment,
+)
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database
 from whop_autocancel.mail.models import Email
@@ -182,7 +189,7 @@ def test_a_worker_killed_mid_cancellation_is_finished_by_the_sweep(
     ):
         assert f'"event": "{event}"' in logs
     assert purchase["membership_id"] in logs
-    for secret in (API_KEY, SECRET, SMTP_PASSWORD, CHECKOUT_TOKEN):
+    for secret in (API_KEY, SECRET, SMTP_PASSWORD, CHECKOUT_TOKEN, STOCK_KEY):
         assert secret not in logs
 
 
