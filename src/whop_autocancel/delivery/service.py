@@ -116,6 +116,9 @@ class DeliveryService:
                     break
                 outcome = self._deliver_locked(session, order, self._clock.now())
             if outcome == "delivered":
+                if not served:  # the pool can be read (again): close a 'cannot decrypt' alert
+                    with self._database.transaction() as session:
+                        self._alerts.resolve(session, unreadable_key(pool), self._clock.now())
                 served += 1
             elif outcome == "out_of_stock":
                 self._alert_still_waiting(pool)
@@ -370,7 +373,6 @@ class DeliveryService:
             method=plan.delivery,
         )
         if delivery.pool is not None:
-            self._alerts.resolve(session, unreadable_key(delivery.pool), now)
             self._check_low_stock(session, delivery.pool, now)
         if plan.cancel:
             cancellation = schedule_cancellation(
@@ -383,7 +385,7 @@ class DeliveryService:
 
     def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
         threshold = self._catalog.low_stock_threshold(pool)
-        left = stock.available_count(session, pool)
+        left = stock.available_at_most(session, pool, threshold + 1)
         if left > threshold:
             return
         self._alerts.raise_once(

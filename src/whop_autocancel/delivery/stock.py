@@ -67,7 +67,10 @@ def claim_item(
                 .execution_options(synchronize_session=False)
             )
             if taken.rowcount == 1:  # type: ignore[attr-defined]
-                session.refresh(item)
+                # What the update wrote, without reading the row back.
+                item.status, item.order_id = StockStatus.ASSIGNED.value, order_id
+                item.assigned_at = now
+                session.expunge(item)  # (so the session does not write it again)
                 return item
             continue  # (only without row locks) another delivery took it first
         if not skip_locked or available_count(session, pool) == 0:
@@ -92,6 +95,18 @@ def available_count(session: Session, pool: str) -> int:
         )
         or 0
     )
+
+
+def available_at_most(session: Session, pool: str, limit: int) -> int:
+    """The pool's available items, counted up to `limit` only (the low-stock check needs no
+    more, and a big pool is not scanned on every delivery)."""
+    first = (
+        select(StockItem.id)
+        .where(StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value)
+        .limit(limit)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(first)) or 0)
 
 
 def item_for_order(session: Session, order_id: str) -> StockItem | None:
