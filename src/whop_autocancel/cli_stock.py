@@ -70,6 +70,7 @@ def import_(
     parsed = read_items(file, column=column, delimiter=delimiter, header=not no_header)
     with _runtime() as runtime:
         report = import_stock(runtime, pool, parsed, any_pool=any_pool)
+        threshold = runtime.catalog.low_stock_threshold(pool)
     out.print(
         escape(
             f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
@@ -89,6 +90,15 @@ def import_(
                     if served < report.waiting
                     else "."
                 )
+            ),
+            soft_wrap=True,
+        )
+    left = report.available - min(report.waiting, report.available)
+    if left <= threshold:
+        out.print(
+            escape(
+                f"Still low: {left} item(s) left once the waiting orders are served, at or "
+                f"below the pool's low-stock threshold ({threshold})."
             ),
             soft_wrap=True,
         )

@@ -234,18 +234,18 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     )
 
     first = shell("stock", "import", STOCK_POOL, items)
-    assert first.stdout.strip() == summary(STOCK_POOL, 3, 2, 2, 0, 3)
+    assert first.stdout.splitlines()[0] == summary(STOCK_POOL, 3, 2, 2, 0, 3)
     assert messages(first) == []
     [imported] = [event for event in log_events(first) if event["event"] == "stock_imported"]
     counts = {key: imported[key] for key in ("pool", "added", "skipped", "available", "waiting")}
     assert counts == {"pool": STOCK_POOL, "added": 3, "skipped": 4, "available": 3, "waiting": 0}
 
     again = shell("stock", "import", STOCK_POOL, items)
-    assert again.stdout.strip() == summary(STOCK_POOL, 0, 2, 2, 3, 3)
+    assert again.stdout.splitlines()[0] == summary(STOCK_POOL, 0, 2, 2, 3, 3)
 
     more = write_items(tmp_path, "more.txt", ACCOUNT_C, ACCOUNT_D, ACCOUNT_A)
     third = shell("stock", "import", STOCK_POOL, more)
-    assert third.stdout.strip() == summary(STOCK_POOL, 1, 0, 0, 2, 4)
+    assert third.stdout.splitlines()[0] == summary(STOCK_POOL, 1, 0, 0, 2, 4)
 
     stored = stored_items(shell.database_url)
     assert sorted(stored) == sorted(ALL_ACCOUNTS)  # stripped, each once
@@ -328,9 +328,10 @@ def test_csv_import_by_column_name_number_and_delimiter(shell: Shell, tmp_path: 
         f"{ACCOUNT_A.split(':')[0]},other,repeat\n"
     )
     by_name = shell("stock", "import", STOCK_POOL, str(csv_file), "--column", "email")
-    assert by_name.stdout.strip() == summary(STOCK_POOL, 2, 1, 1, 0, 2)
+    assert by_name.stdout.splitlines()[0] == summary(STOCK_POOL, 2, 1, 1, 0, 2)
+    assert "Still low: 2 item(s) left" in by_name.stdout  # threshold 2
     by_number = shell("stock", "import", STOCK_POOL, str(csv_file), "--column", "2")
-    assert by_number.stdout.strip() == summary(STOCK_POOL, 3, 1, 0, 0, 5)
+    assert by_number.stdout.splitlines()[0] == summary(STOCK_POOL, 3, 1, 0, 0, 5)
 
     stored = stored_items(shell.database_url)
     assert "line one\nline two" in stored
@@ -343,7 +344,7 @@ def test_csv_import_by_column_name_number_and_delimiter(shell: Shell, tmp_path: 
         "stock", "import", STOCK_POOL, str(semicolons), "--column", "1", "--delimiter", ";",
         "--no-header",
     )  # fmt: skip
-    assert no_header.stdout.strip() == summary(STOCK_POOL, 2, 0, 1, 0, 7)
+    assert no_header.stdout.splitlines()[0] == summary(STOCK_POOL, 2, 0, 1, 0, 7)
 
     wrong = shell("stock", "import", STOCK_POOL, str(csv_file), "--column", "passwd", ok=False)
     assert wrong.returncode == 1
@@ -385,10 +386,10 @@ def test_an_unknown_pool_is_refused_unless_any_pool(shell: Shell, tmp_path: Path
     ]
 
     allowed = shell("stock", "import", "spare", items, "--any-pool")
-    assert allowed.stdout.strip() == summary("spare", 2, 0, 0, 0, 2)
+    assert allowed.stdout.splitlines()[0] == summary("spare", 2, 0, 0, 0, 2)
     # Items are unique across pools: the same accounts are not added to `keys` as well.
     same = shell("stock", "import", STOCK_POOL, items)
-    assert same.stdout.strip() == summary(STOCK_POOL, 0, 0, 0, 2, 0)
+    assert same.stdout.splitlines()[0] == summary(STOCK_POOL, 0, 0, 0, 2, 0)
 
     levels = shell("stock", "levels")
     assert levels_row(levels.stdout, "spare") == [
@@ -490,11 +491,11 @@ def test_a_changed_key_cannot_read_old_items_and_rotation_can(shell: Shell, tmp_
     assert shown.stdout.splitlines()[1] == ACCOUNT_A
     # Duplicates stored under the old key are still found under the new one…
     again = shell("stock", "import", STOCK_POOL, items, STOCK_ENCRYPTION_KEY=rotated)
-    assert again.stdout.strip() == summary(STOCK_POOL, 0, 0, 0, 2, 2)
+    assert again.stdout.splitlines()[0] == summary(STOCK_POOL, 0, 0, 0, 2, 2)
     # …and new items are sealed with the new (first) key.
     more = write_items(tmp_path, "more.txt", ACCOUNT_C, ACCOUNT_A)
     added = shell("stock", "import", STOCK_POOL, more, STOCK_ENCRYPTION_KEY=rotated)
-    assert added.stdout.strip() == summary(STOCK_POOL, 1, 0, 0, 1, 3)
+    assert added.stdout.splitlines()[0] == summary(STOCK_POOL, 1, 0, 0, 1, 3)
     database = Database(shell.database_url)
     try:
         with database.transaction() as session:
@@ -576,6 +577,8 @@ def test_levels_void_and_resend_with_real_orders(
         summary(STOCK_POOL, 1, 0, 0, 1, 1),
         "1 order(s) were waiting for this pool: the worker delivers 1 of them now, oldest "
         "payment first.",
+        "Still low: 0 item(s) left once the waiting orders are served, at or below the pool's "
+        "low-stock threshold (2).",
     ]
     levels = shell("stock", "levels")
     # (The voided item left "assigned": it counts as void now, still held by its order.)
@@ -695,3 +698,13 @@ def test_a_worker_delivers_and_resends_without_logging_the_item(
     for event in ('"event": "delivered"', '"event": "email_sent"', '"event": "cancelled"'):
         assert event in worker_log
     assert_never_in_clear(shell, worker_log)
+
+
+def test_an_import_that_leaves_the_pool_low_says_so(shell: Shell, tmp_path: Path) -> None:
+    low = shell("stock", "import", STOCK_POOL, write_items(tmp_path, "two.txt", "K-1", "K-2"))
+    assert "Available now: 2." in low.stdout
+    assert "Still low: 2 item(s) left once the waiting orders are served" in low.stdout
+    assert "low-stock threshold (2)" in low.stdout
+    enough = shell("stock", "import", STOCK_POOL, write_items(tmp_path, "one.txt", "K-3"))
+    assert "Available now: 3." in enough.stdout
+    assert "Still low" not in enough.stdout
