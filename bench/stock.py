@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -35,6 +35,7 @@ from support.harness import (
     make_runtime,
     make_settings,
 )
+from support.stock import paid_orders
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import items_for
 from whop_autocancel.delivery.stock_ops import import_stock
@@ -42,28 +43,6 @@ from whop_autocancel.logs import configure_logging
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import DELIVER_TASK
 from whop_autocancel.runtime import Runtime
-
-
-def paid_orders(runtime: Runtime, plan: str, count: int, prefix: str) -> list[str]:
-    now = datetime.now(UTC)
-    ids = [f"ord_{prefix}{n:05d}" for n in range(count)]
-    with runtime.database.transaction() as session:
-        for n, order_id in enumerate(ids):
-            session.add(
-                Order(
-                    id=order_id,
-                    whop_payment_id=f"pay_{prefix}{n:05d}",
-                    whop_membership_id=f"mem_{prefix}{n:05d}",
-                    plan_id=plan,
-                    email=f"{prefix}{n}@example.com",
-                    billing_reason="one_time",
-                    status="paid",
-                    created_at=now,
-                    paid_at=now + timedelta(microseconds=n),
-                    order_metadata={},
-                )
-            )
-    return ids
 
 
 def deliver_all(runtime: Runtime, order_ids: list[str], threads: int) -> float:
@@ -102,8 +81,9 @@ def run(kind: str, orders: int, threads: int) -> tuple[float, float, bool]:
         try:
             buyers = orders + orders // 5
             import_stock(runtime, STOCK_POOL, items_for(f"KEY-{n:06d}" for n in range(orders)))
-            stock_ids = paid_orders(runtime, STOCK_PLAN, buyers, "s")
-            message_ids = paid_orders(runtime, MESSAGE_PLAN, buyers, "m")
+            now = datetime.now(UTC)
+            stock_ids = paid_orders(runtime, STOCK_PLAN, buyers, "s", now)
+            message_ids = paid_orders(runtime, MESSAGE_PLAN, buyers, "m", now)
             message_seconds = deliver_all(runtime, message_ids, threads)
             stock_seconds = deliver_all(runtime, stock_ids, threads)
             with runtime.database.transaction() as session:

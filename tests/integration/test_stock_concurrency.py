@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from support.harness import STOCK_CATALOG, STOCK_PLAN, STOCK_POOL, make_runtime, make_settings
 from support.reporting import show
+from support.stock import paid_orders
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
@@ -40,24 +40,7 @@ def test_sixty_concurrent_deliveries_share_forty_items_exactly_once(
         keys = [f"KEY-{n:04d}-{'x' * 8}" for n in range(ITEMS)]
         report = import_stock(runtime, STOCK_POOL, items_for(keys))
         assert (report.added, report.available) == (ITEMS, ITEMS)
-        now = clock.now()
-        order_ids = [f"ord_race{n:03d}" for n in range(ORDERS)]
-        with runtime.database.transaction() as session:
-            for n, order_id in enumerate(order_ids):
-                session.add(
-                    Order(
-                        id=order_id,
-                        whop_payment_id=f"pay_race{n:03d}",
-                        whop_membership_id=f"mem_race{n:03d}",
-                        plan_id=STOCK_PLAN,
-                        email=f"buyer{n}@example.com",
-                        billing_reason="one_time",
-                        status=OrderStatus.PAID.value,
-                        created_at=now,
-                        paid_at=now + timedelta(milliseconds=n),
-                        order_metadata={},
-                    )
-                )
+        order_ids = paid_orders(runtime, STOCK_PLAN, ORDERS, "race", clock.now())
         conflicts_before = CONFLICTS.count
         barrier = threading.Barrier(ORDERS)
         errors: list[BaseException] = []

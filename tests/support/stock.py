@@ -202,3 +202,28 @@ def stock_world(
             yield StockWorld(runtime, clock, simulator, sink, http, server.url)
     finally:
         runtime.close()
+
+
+def paid_orders(
+    runtime: Runtime, plan: str, count: int, prefix: str, paid_at: datetime
+) -> list[str]:
+    """`count` paid one-time orders of `plan`, written directly (no webhook), paid one
+    millisecond apart from `paid_at` on: the raw material of a delivery race."""
+    ids = [f"ord_{prefix}{n:05d}" for n in range(count)]
+    with runtime.database.transaction() as session:
+        for n, order_id in enumerate(ids):
+            session.add(
+                Order(
+                    id=order_id,
+                    whop_payment_id=f"pay_{prefix}{n:05d}",
+                    whop_membership_id=f"mem_{prefix}{n:05d}",
+                    plan_id=plan,
+                    email=f"{prefix}{n}@example.com",
+                    billing_reason="one_time",
+                    status="paid",
+                    created_at=paid_at,
+                    paid_at=paid_at + timedelta(milliseconds=n),
+                    order_metadata={},
+                )
+            )
+    return ids

@@ -154,7 +154,6 @@ class DeliveryService:
             self._alert_out_of_stock(session, order, plan, empty.pool, now)
             return "out_of_stock"
         except DeliveryError as error:
-            order.waiting_for_stock = None
             self._fail(session, order, plan, error, now)
             return "failed"
         self._complete(session, order, plan, delivery, now)
@@ -177,17 +176,7 @@ class DeliveryService:
     def _wait_for_stock(
         self, session: Session, order: Order, plan: CatalogPlan, reason: DeliveryError
     ) -> None:
-        order.delivery_error = str(reason)
-        order.delivery_method = plan.delivery
-        order.waiting_for_stock = plan.pool
-        transition(order, OrderStatus.DELIVERY_FAILED, "waiting for stock")
-        log.warning(
-            "delivery_waiting_for_stock",
-            order_id=order.id,
-            payment_id=order.whop_payment_id,
-            pool=plan.pool,
-            reason=str(reason),
-        )
+        _mark_failed(order, plan, reason, waiting_for=plan.pool)
 
     def _alert_out_of_stock(
         self, session: Session, order: Order, plan: CatalogPlan, pool: str, now: datetime
@@ -276,16 +265,7 @@ class DeliveryService:
         error: DeliveryError,
         now: datetime,
     ) -> None:
-        order.delivery_error = str(error)
-        order.delivery_method = plan.delivery
-        transition(order, OrderStatus.DELIVERY_FAILED, "delivery failed")
-        log.warning(
-            "delivery_failed",
-            order_id=order.id,
-            plan_id=order.plan_id,
-            payment_id=order.whop_payment_id,
-            error=str(error),
-        )
+        _mark_failed(order, plan, error, waiting_for=None)
         self._alerts.raise_once(
             session,
             AlertKind.DELIVERY_FAILED,
@@ -449,3 +429,26 @@ class DeliveryService:
 def unreadable_key(pool: str) -> str:
     """The dedupe key of a pool's open 'cannot decrypt' alert (freed by the next delivery)."""
     return f"stock_unreadable:{pool}:open"
+
+
+def _mark_failed(
+    order: Order, plan: CatalogPlan, error: DeliveryError, *, waiting_for: str | None
+) -> None:
+    """`delivery_failed`, with why; `waiting_for`: the pool whose stock it waits for (it is
+    then delivered by itself when stock comes), or None (the admin must act)."""
+    order.delivery_error = str(error)
+    order.delivery_method = plan.delivery
+    order.waiting_for_stock = waiting_for
+    transition(
+        order,
+        OrderStatus.DELIVERY_FAILED,
+        "waiting for stock" if waiting_for else "delivery failed",
+    )
+    log.warning(
+        "delivery_waiting_for_stock" if waiting_for else "delivery_failed",
+        order_id=order.id,
+        plan_id=order.plan_id,
+        payment_id=order.whop_payment_id,
+        pool=waiting_for,
+        error=str(error),
+    )
