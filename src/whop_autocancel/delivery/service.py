@@ -303,15 +303,8 @@ class DeliveryService:
         now: datetime,
     ) -> None:
         if delivery.customer_email is not None and order.email:
-            self._outbox.queue(
-                session,
-                kind="delivery",
-                to=order.email,
-                email=delivery.customer_email,
-                now=now,
-                order_id=order.id,
-                dedupe_key=f"delivery:{order.id}:customer",
-                sealed=delivery.sealed,
+            self._queue_customer_email(
+                session, order, delivery, now, f"delivery:{order.id}:customer"
             )
         notice = render_email(
             "admin_delivered",
@@ -410,20 +403,29 @@ class DeliveryService:
                 delivery = METHODS[plan.method].resend(self._context(session, order, plan, now))
             except DeliveryError as error:
                 raise ResendError(f"cannot resend order {order_id}: {error}") from None
-            assert delivery.customer_email is not None
-            assert order.email is not None
-            self._outbox.queue(
-                session,
-                kind="delivery",
-                to=order.email,
-                email=delivery.customer_email,
-                now=now,
-                order_id=order.id,
-                dedupe_key=f"delivery:{order.id}:resend:{uuid.uuid4().hex}",
-                sealed=delivery.sealed,
+            to = self._queue_customer_email(
+                session, order, delivery, now, f"delivery:{order.id}:resend:{uuid.uuid4().hex}"
             )
             log.info("delivery_resent", order_id=order.id, method=plan.delivery)
-            return Resent(order_id=order.id, to=order.email, summary=delivery.summary)
+            return Resent(order_id=order.id, to=to, summary=delivery.summary)
+
+    def _queue_customer_email(
+        self, session: Session, order: Order, delivery: Delivery, now: datetime, dedupe_key: str
+    ) -> str:
+        """The customer's delivery email into the outbox (sealed when it carries an item)."""
+        assert delivery.customer_email is not None
+        assert order.email is not None
+        self._outbox.queue(
+            session,
+            kind="delivery",
+            to=order.email,
+            email=delivery.customer_email,
+            now=now,
+            order_id=order.id,
+            dedupe_key=dedupe_key,
+            sealed=delivery.sealed,
+        )
+        return order.email
 
 
 def unreadable_key(pool: str) -> str:
