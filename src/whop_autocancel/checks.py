@@ -74,24 +74,14 @@ def run_checks(settings: Settings) -> Iterator[CheckResult]:
         clock=SystemClock(),
     )
     try:
-        yield _attempt(
-            "whop memberships",
-            lambda: _readable(
-                client.list_memberships(company_id=settings.WHOP_COMPANY_ID, first=1),
-                "memberships",
-                "member:basic:read",
-                settings,
-            ),
-        )
-        yield _attempt(
-            "whop payments",
-            lambda: _readable(
-                client.list_payments(company_id=settings.WHOP_COMPANY_ID, first=1),
-                "payments",
-                "payment:basic:read",
-                settings,
-            ),
-        )
+        for what, listing, permission in (
+            ("memberships", client.list_memberships, "member:basic:read"),
+            ("payments", client.list_payments, "payment:basic:read"),
+        ):
+            yield _attempt(
+                f"whop {what}",
+                partial(_readable, listing, what, permission, settings),
+            )
         for plan_id in sorted(catalog_box[0].plans) if catalog_box else []:
             yield _attempt(f"plan {plan_id}", partial(_plan, client, plan_id))
     finally:
@@ -186,7 +176,10 @@ def _queue(settings: Settings) -> str:
     return f"reachable, {jobs.pending()} job(s) waiting"
 
 
-def _readable(reply: WhopReply, what: str, permission: str, settings: Settings) -> str:
+def _readable(
+    listing: Callable[..., WhopReply], what: str, permission: str, settings: Settings
+) -> str:
+    reply = listing(company_id=settings.WHOP_COMPANY_ID, first=1)
     if reply.ok:
         return f"the API key can read {what}"
     if reply.status in (401, 403):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,10 +16,11 @@ from rich.table import Table
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
-from whop_autocancel.runtime import Runtime
 from whop_autocancel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from whop_autocancel.db.engine import Database
     from whop_autocancel.runtime import Runtime
 
@@ -70,9 +73,8 @@ def _start_runtime(settings: Settings) -> Runtime:
     except ConfigurationError:
         raise
     except Exception as error:
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ConfigurationError(
-            f"QUEUE_URL: cannot reach the job queue: {type(error).__name__}: {detail}"
+            f"QUEUE_URL: cannot reach the job queue: {_first_line(error)}"
         ) from None
     _prepare_database(settings, migrate_sqlite=True)
     return build_runtime(settings, catalog=catalog)
@@ -84,9 +86,14 @@ def _ping(database: Database) -> None:
         database.ping()
     except Exception as error:
         raise ConfigurationError(
-            f"DATABASE_URL: cannot connect to {_safe_url(database.url)}: "
-            f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            f"DATABASE_URL: cannot connect to {_safe_url(database.url)}: {_first_line(error)}"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """`Type: first line of the message` (a driver's message can run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
@@ -110,6 +117,36 @@ def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
             )
     finally:
         database.dispose()
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    """A transaction on the configured database, its schema current (no catalog or queue)."""
+    from whop_autocancel.db.engine import Database
+
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=False)
+    database = Database(settings.DATABASE_URL)
+    try:
+        with database.transaction() as session:
+            yield session
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def _runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
+    """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
+    upgraded, as `serve` does, for commands that may come first on a new machine)."""
+    from whop_autocancel.runtime import build_runtime
+
+    settings = _settings()
+    _prepare_database(settings, migrate_sqlite=migrate_sqlite)
+    runtime = build_runtime(settings)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
 
 
 @app.command()
@@ -209,12 +246,7 @@ def sweep(
 ) -> None:
     """Run the sweeps now: stuck work (re-enqueue what a crash left), then Whop (recover
     purchases whose webhook never came, cancel memberships that are still live)."""
-    settings = _settings()
-    _prepare_database(settings, migrate_sqlite=False)
-    from whop_autocancel.runtime import build_runtime
-
-    runtime = build_runtime(settings)
-    try:
+    with _runtime() as runtime:
         stuck = runtime.stuck_sweep.run(force=True, dry_run=dry_run)
         would = "would re-enqueue" if dry_run else "re-enqueued"
         out.print(
@@ -237,8 +269,6 @@ def sweep(
         )
         if whop.stopped:
             raise WhopAutocancelError(f"the Whop sweep stopped early: {whop.stopped}")
-    finally:
-        runtime.close()
 
 
 @app.command()
@@ -256,17 +286,14 @@ def backfill(
     from rich.progress import Progress
 
     from whop_autocancel.cancellation.backfill import Backfill, BackfillRefused
-    from whop_autocancel.runtime import build_runtime
 
     try:
         start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
     except ValueError:
         raise typer.BadParameter("use YYYY-MM-DD", param_hint="--since") from None
-    settings = _settings()
-    settings.require("WHOP_API_KEY")
-    _prepare_database(settings, migrate_sqlite=False)
-    runtime = build_runtime(settings)
-    try:
+    with _runtime() as runtime:
+        settings = runtime.settings
+        settings.require("WHOP_API_KEY")
         job = Backfill(
             runtime.database,
             runtime.catalog,
@@ -323,8 +350,6 @@ def backfill(
             raise WhopAutocancelError(
                 f"{outcomes['failed']} failed: see `whop-autocancel cancellations failed`"
             )
-    finally:
-        runtime.close()
 
 
 @cancellations_app.command("failed")

@@ -4,24 +4,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Sequence
+from typing import Annotated
 
 import click
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from whop_autocancel.ops import DEFAULT_LIMIT, OpsError
-from whop_autocancel.orders.models import OrderStatus
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.ops import (
+    DEFAULT_LIMIT,
+    OpsError,
+    cancel_membership,
+    cancel_target,
+    format_time,
+    ignore_event,
+    list_events,
+    list_orders,
+    replay_event,
+)
+from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.webhooks.models import EventStatus
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-    from whop_autocancel.runtime import Runtime
 
 ERROR_WIDTH = 80
 
@@ -46,47 +50,34 @@ def register(app: typer.Typer) -> None:
     cli_stock.register(app, orders_app)
 
 
-@contextmanager
-def _session() -> Iterator[Session]:
-    """A read transaction on the configured database (no catalog or queue needed)."""
-    from whop_autocancel.cli import _prepare_database, _settings
-    from whop_autocancel.db.engine import Database
-
-    settings = _settings()
-    _prepare_database(settings, migrate_sqlite=False)
-    database = Database(settings.DATABASE_URL)
-    try:
-        with database.transaction() as session:
-            yield session
-    finally:
-        database.dispose()
-
-
-@contextmanager
-def _runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
-    """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
-    upgraded, as `serve` does, for commands that may come first on a new machine)."""
-    from whop_autocancel.cli import _prepare_database, _settings
-    from whop_autocancel.runtime import build_runtime
-
-    settings = _settings()
-    _prepare_database(settings, migrate_sqlite=migrate_sqlite)
-    runtime = build_runtime(settings)
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-def _time(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
 def _short(text: str | None, width: int = ERROR_WIDTH) -> str:
     if not text:
         return "-"
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _print_listing(
+    noun: str,
+    filters: dict[str, str | None],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+) -> None:
+    """A table of `rows`, newest first, titled with the count and the filters given; or one
+    line when there are none."""
+    from whop_autocancel.cli import out
+
+    given = [f"{name} {value}" for name, value in filters.items() if value]
+    where = f" with {' and '.join(given)}" if given else ""
+    if not rows:
+        out.print(escape(f"No {noun}s{where}."))
+        return
+    table = Table(title=escape(f"{len(rows)} {noun}(s){where}, newest first"))
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for cells in rows:
+        table.add_row(*(escape(cell) for cell in cells))
+    out.print(table)
 
 
 def orders(
@@ -101,58 +92,47 @@ def orders(
 ) -> None:
     """List orders, newest first, with their payment, membership and cancellation
     (`orders resend ID` sends an order's delivery email again)."""
-    from whop_autocancel.cli import out
+    from whop_autocancel.cli import _session
 
     if context.invoked_subcommand is not None:
         return
-    from whop_autocancel.ops import list_orders
-
     with _session() as session:
         rows = list_orders(
             session, status=status.value if status else None, email=email, limit=limit
         )
-    filters = [f"status {status.value}"] if status else []
-    filters += [f"email {email}"] if email else []
-    where = f" with {' and '.join(filters)}" if filters else ""
-    if not rows:
-        out.print(escape(f"No orders{where}."))
-        return
-    table = Table(title=escape(f"{len(rows)} order(s){where}, newest first"))
-    for column in (
-        "ID",
-        "Status",
-        "Plan",
-        "Email",
-        "Payment",
-        "Membership",
-        "Cancellation",
-        "Created",
-        "Paid",
-        "Delivered",
-    ):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        order, cancellation = row.order, row.cancellation
-        waiting = order.waiting_for_stock and order.status == OrderStatus.DELIVERY_FAILED.value
-        table.add_row(
-            *(
-                escape(value)
-                for value in (
-                    order.id,
-                    order.status
-                    + (f" (waiting for stock {order.waiting_for_stock})" if waiting else ""),
-                    order.plan_id or "-",
-                    order.email or "-",
-                    order.whop_payment_id or "-",
-                    order.whop_membership_id or "-",
-                    f"{cancellation.status} (#{cancellation.id})" if cancellation else "-",
-                    _time(order.created_at),
-                    _time(order.paid_at),
-                    _time(order.delivered_at),
-                )
-            )
-        )
-    out.print(table)
+    _print_listing(
+        "order",
+        {"status": status.value if status else None, "email": email},
+        (
+            "ID",
+            "Status",
+            "Plan",
+            "Email",
+            "Payment",
+            "Membership",
+            "Cancellation",
+            "Created",
+            "Paid",
+            "Delivered",
+        ),
+        [_order_cells(row.order, row.cancellation) for row in rows],
+    )
+
+
+def _order_cells(order: Order, cancellation: Cancellation | None) -> tuple[str, ...]:
+    waiting = order.waiting_for_stock and order.status == OrderStatus.DELIVERY_FAILED.value
+    return (
+        order.id,
+        order.status + (f" (waiting for stock {order.waiting_for_stock})" if waiting else ""),
+        order.plan_id or "-",
+        order.email or "-",
+        order.whop_payment_id or "-",
+        order.whop_membership_id or "-",
+        f"{cancellation.status} (#{cancellation.id})" if cancellation else "-",
+        format_time(order.created_at),
+        format_time(order.paid_at),
+        format_time(order.delivered_at),
+    )
 
 
 def events_list(
@@ -165,37 +145,28 @@ def events_list(
     limit: LimitOption = DEFAULT_LIMIT,
 ) -> None:
     """List stored webhook events, newest first."""
-    from whop_autocancel.cli import out
-    from whop_autocancel.ops import list_events
+    from whop_autocancel.cli import _session, out
 
     with _session() as session:
         rows = list_events(
             session, status=status.value if status else None, event_type=event_type, limit=limit
         )
-    filters = [f"status {status.value}"] if status else []
-    filters += [f"type {event_type}"] if event_type else []
-    where = f" with {' and '.join(filters)}" if filters else ""
-    if not rows:
-        out.print(escape(f"No events{where}."))
-        return
-    table = Table(title=escape(f"{len(rows)} event(s){where}, newest first"))
-    for column in ("ID", "Type", "Status", "Attempts", "Received", "Last error"):
-        table.add_column(column, overflow="fold")
-    for stored in rows:
-        table.add_row(
-            *(
-                escape(value)
-                for value in (
-                    stored.id,
-                    stored.type,
-                    stored.status,
-                    str(stored.attempts),
-                    _time(stored.received_at),
-                    _short(stored.last_error),
-                )
+    _print_listing(
+        "event",
+        {"status": status.value if status else None, "type": event_type},
+        ("ID", "Type", "Status", "Attempts", "Received", "Last error"),
+        [
+            (
+                stored.id,
+                stored.type,
+                stored.status,
+                str(stored.attempts),
+                format_time(stored.received_at),
+                _short(stored.last_error),
             )
-        )
-    out.print(table)
+            for stored in rows
+        ],
+    )
     if any(stored.status == EventStatus.FAILED.value for stored in rows):
         out.print(
             "Apply a failed event again with `whop-autocancel events replay ID`, or stop "
@@ -207,8 +178,7 @@ def events_replay(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
     """Apply a stored event again now, as if it had just arrived (whatever its status)."""
-    from whop_autocancel.cli import out
-    from whop_autocancel.ops import replay_event
+    from whop_autocancel.cli import _runtime, out
 
     with _runtime() as runtime:
         result = replay_event(runtime, event_id)
@@ -237,8 +207,7 @@ def events_ignore(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
     """Mark a failed event ignored, so the sweep stops retrying it (handled ones are refused)."""
-    from whop_autocancel.cli import out
-    from whop_autocancel.ops import ignore_event
+    from whop_autocancel.cli import _runtime, out
 
     with _runtime() as runtime:
         result = ignore_event(runtime, event_id)
@@ -263,8 +232,7 @@ def cancel(
 ) -> None:
     """Cancel the Whop membership of a known order now, recorded like any other cancellation.
     Only one-time purchases of plans listed in the catalog (and not `cancel = false`)."""
-    from whop_autocancel.cli import out
-    from whop_autocancel.ops import cancel_membership, cancel_target
+    from whop_autocancel.cli import _runtime, out
 
     with _runtime() as runtime:
         runtime.settings.require("WHOP_API_KEY")
@@ -303,8 +271,8 @@ def cancel(
     elif result.status == "scheduled":
         message = (
             f"{head} is not cancelled yet (last error: {result.last_error or 'none'}). The "
-            f"{row} is scheduled to try again at {_time(result.next_attempt_at)} UTC; a running "
-            "worker does it."
+            f"{row} is scheduled to try again at {format_time(result.next_attempt_at)} UTC; a "
+            "running worker does it."
         )
     elif result.status == "running":
         message = (

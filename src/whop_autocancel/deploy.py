@@ -165,23 +165,6 @@ def _long_running(options: DeployOptions, log_name: str) -> list[str]:
     ]
 
 
-def _process_unit_section(description: str) -> list[str]:
-    """[Unit] of a web or worker process: after the migration, part of the target."""
-    return [
-        "[Unit]",
-        f"Description={description}",
-        # Wants=, not Requires=: a migration that failed (say, the database was still down after
-        # a reboot) must not leave this process dead for good. The process itself refuses to
-        # start on an old schema, and Restart= tries again until the migration has gone through.
-        f"Wants=network-online.target {MIGRATE_UNIT}",
-        f"After=network-online.target {MIGRATE_UNIT}",
-        f"PartOf={TARGET_UNIT}",
-        # Keep restarting (every RestartSec) however often it fails, instead of giving up after
-        # five quick failures.
-        "StartLimitIntervalSec=0",
-    ]
-
-
 def _migrate_unit(options: DeployOptions) -> str:
     lines = [
         "[Unit]",
@@ -205,31 +188,38 @@ def _migrate_unit(options: DeployOptions) -> str:
 
 
 def _web_unit(options: DeployOptions) -> str:
-    lines = [
-        *_process_unit_section("whop-autocancel web process on port %i"),
-        "",
-        "[Service]",
-        "Type=exec",
-        *_service_identity(options),
-        f"ExecStart={options.executable} serve --no-worker --host {options.host} --port %i",
-        *_long_running(options, "web-%i"),
-        "",
-        "[Install]",
-        f"WantedBy={TARGET_UNIT}",
-        "",
-    ]
-    return "\n".join(lines)
+    return _process_unit(
+        options,
+        "whop-autocancel web process on port %i",
+        f"serve --no-worker --host {options.host} --port %i",
+        "web-%i",
+    )
 
 
 def _worker_unit(options: DeployOptions) -> str:
+    return _process_unit(options, "whop-autocancel worker %i", "worker", "worker-%i")
+
+
+def _process_unit(options: DeployOptions, description: str, command: str, log_name: str) -> str:
+    """A web or worker template unit: after the migration, part of the target, restarted."""
     lines = [
-        *_process_unit_section("whop-autocancel worker %i"),
+        "[Unit]",
+        f"Description={description}",
+        # Wants=, not Requires=: a migration that failed (say, the database was still down after
+        # a reboot) must not leave this process dead for good. The process itself refuses to
+        # start on an old schema, and Restart= tries again until the migration has gone through.
+        f"Wants=network-online.target {MIGRATE_UNIT}",
+        f"After=network-online.target {MIGRATE_UNIT}",
+        f"PartOf={TARGET_UNIT}",
+        # Keep restarting (every RestartSec) however often it fails, instead of giving up after
+        # five quick failures.
+        "StartLimitIntervalSec=0",
         "",
         "[Service]",
         "Type=exec",
         *_service_identity(options),
-        f"ExecStart={options.executable} worker",
-        *_long_running(options, "worker-%i"),
+        f"ExecStart={options.executable} {command}",
+        *_long_running(options, log_name),
         "",
         "[Install]",
         f"WantedBy={TARGET_UNIT}",

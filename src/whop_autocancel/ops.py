@@ -159,6 +159,13 @@ def _written_tables(session: Session) -> Iterator[set[str]]:
         event.remove(session, "after_flush", record)
 
 
+def _locked_event(session: Session, event_id: str) -> WebhookEvent:
+    stored = session.get(WebhookEvent, event_id, with_for_update=True)
+    if stored is None:
+        raise UnknownEvent(f"no event {event_id} (see `whop-autocancel events list`)")
+    return stored
+
+
 def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
     """Apply a stored event again now, as if it had just arrived, whatever its status: the
     event row is locked, its stored body applied in one transaction, follow-up jobs enqueued
@@ -166,9 +173,7 @@ def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
 
     def replay(session: Session) -> ReplayResult:
         now = runtime.clock.now()
-        stored = session.get(WebhookEvent, event_id, with_for_update=True)
-        if stored is None:
-            raise UnknownEvent(f"no event {event_id} (see `whop-autocancel events list`)")
+        stored = _locked_event(session, event_id)
         previous = stored.status
         try:
             envelope = parse_envelope(stored.payload.encode("utf-8"))
@@ -216,19 +221,17 @@ def ignore_event(runtime: Runtime, event_id: str) -> IgnoreResult:
 
     def ignore(session: Session) -> IgnoreResult:
         now = runtime.clock.now()
-        stored = session.get(WebhookEvent, event_id, with_for_update=True)
-        if stored is None:
-            raise UnknownEvent(f"no event {event_id} (see `whop-autocancel events list`)")
+        stored = _locked_event(session, event_id)
         previous = stored.status
         if previous == EventStatus.HANDLED.value:
             raise OpsError(
                 f"event {event_id} ({stored.type}) was handled"
-                + (f" at {_when(stored.handled_at)}" if stored.handled_at else "")
+                + (f" at {format_time(stored.handled_at)}" if stored.handled_at else "")
                 + ": it was applied, so there is nothing to stop retrying"
             )
         if previous == EventStatus.IGNORED.value:
             return IgnoreResult(stored.id, stored.type, previous, changed=False)
-        note = f"ignored by an admin at {_when(now)} UTC (it was {previous}"
+        note = f"ignored by an admin at {format_time(now)} UTC (it was {previous}"
         note += f": {stored.last_error})" if stored.last_error else ")"
         stored.status = EventStatus.IGNORED.value
         stored.last_error = note[:2000]
@@ -427,5 +430,6 @@ def _result(membership_id: str, row: Cancellation, action: str) -> CancelResult:
     )
 
 
-def _when(moment: datetime | None) -> str:
+def format_time(moment: datetime | None) -> str:
+    """A stored (UTC) time as admins read it; `-` when there is none."""
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
