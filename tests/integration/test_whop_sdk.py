@@ -8,7 +8,6 @@ with httpx and validated with the SDK's legacy models; webhooks are verified wit
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +29,7 @@ from whop_sdk.memberships.types.post_membership_updated_payload import (
 from whop_sdk.payments.types.post_payment_succeeded_payload import PostPaymentSucceededPayload
 from whop_sdk.types import Membership, MembershipLegacy, Payment, PaymentLegacy, Plan
 
+from support.harness import wait_for
 from support.receiver import Receiver
 from whop_autocancel.simulator import SimulatorServer
 
@@ -55,13 +55,6 @@ def whop(sim: SimulatorServer) -> Iterator[Whop]:
         max_retries=0,
     )
     http.close()
-
-
-def wait_for_deliveries(sim: SimulatorServer, count: int) -> None:
-    deadline = datetime.now(UTC) + timedelta(seconds=5)
-    while not (sim.state.pending_webhooks() == 0 and len(sim.state.deliveries()) >= count):
-        assert datetime.now(UTC) < deadline, "webhooks were not delivered in time"
-        threading.Event().wait(0.01)
 
 
 def parse_at(text: str) -> float:
@@ -238,9 +231,8 @@ def test_without_a_version_the_sdk_cannot_parse_legacy_json(sim: SimulatorServer
 
 
 def test_legacy_json_validates_with_the_sdk_legacy_models(sim: SimulatorServer) -> None:
-    config = sim.state.create_plan(
-        "plan_L", "one_time"
-    ) and sim.state.create_checkout_configuration("plan_L", metadata={"order_id": "ord_9"})
+    sim.state.create_plan("plan_L", "one_time")
+    config = sim.state.create_checkout_configuration("plan_L", metadata={"order_id": "ord_9"})
     bought = sim.state.complete_checkout(config["id"], email="leg@example.com", send_webhooks=False)
     sim.state.create_purchase("plan_Other", send_webhooks=False)
 
@@ -288,7 +280,7 @@ def test_webhooks_verify_with_unwrap_and_parse_with_sdk_models(sim: SimulatorSer
                 headers=LEGACY_HEADERS,
             )
             assert response.status_code == 200
-        wait_for_deliveries(sim, 6)
+        wait_for(lambda: sim.state.pending_webhooks() == 0, what="the webhooks")
         received = receiver.snapshot()
     finally:
         receiver.close()

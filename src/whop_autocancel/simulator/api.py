@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from whop_autocancel.simulator import listing, plan_shapes, shapes
 from whop_autocancel.simulator.listing import BadRequest, Query
@@ -46,11 +46,12 @@ def ok(body: JSON) -> ApiResponse:
 
 
 Routed = ApiResponse | Callable[[], ApiResponse]
+R = TypeVar("R")
 
 
 @dataclass
 class Endpoints:
-    """The API over one store. `forbidden` and `rejections` are faults that only cancel has."""
+    """The API over one store. `forbidden` and `rejection` are faults that only cancel has."""
 
     store: Store
     echo_cancel: Callable[[MembershipRecord, str], None]
@@ -108,22 +109,14 @@ class Endpoints:
         return ok(shapes.membership(mem, versioned=versioned))
 
     def _list_memberships(self, query: Query, versioned: bool) -> ApiResponse:
-        owned = self._owner(query, versioned)
-        if isinstance(owned, ApiResponse):
-            return owned
-        order = listing.membership_order(query, versioned=versioned)
-        matches = listing.membership_filter(query, versioned=versioned)
-        page = listing.page_arguments(query, order)
-        items = [m for m in self.store.memberships.values() if owned and matches(m)]
-        return ok(
-            listing.paginate(
-                items,
-                listing.MEMBERSHIP_ORDERS[order],
-                order=order,
-                descending=listing.direction(query),
-                page=page,
-                render=functools.partial(shapes.membership, versioned=versioned),
-            )
+        return self._list(
+            query,
+            versioned,
+            self.store.memberships.values(),
+            orders=listing.MEMBERSHIP_ORDERS,
+            order=functools.partial(listing.membership_order, versioned=versioned),
+            matches=functools.partial(listing.membership_filter, versioned=versioned),
+            render=functools.partial(shapes.membership, versioned=versioned),
         )
 
     def _cancel(
@@ -156,22 +149,14 @@ class Endpoints:
     # ----- payments --------------------------------------------------------------------------
 
     def _list_payments(self, query: Query, versioned: bool) -> ApiResponse:
-        owned = self._owner(query, versioned)
-        if isinstance(owned, ApiResponse):
-            return owned
-        order = listing.payment_order(query)
-        matches = listing.payment_filter(query)
-        page = listing.page_arguments(query, order)
-        items = [p for p in self.store.payments.values() if owned and matches(p)]
-        return ok(
-            listing.paginate(
-                items,
-                listing.PAYMENT_ORDERS[order],
-                order=order,
-                descending=listing.direction(query),
-                page=page,
-                render=functools.partial(shapes.payment, versioned=versioned),
-            )
+        return self._list(
+            query,
+            versioned,
+            self.store.payments.values(),
+            orders=listing.PAYMENT_ORDERS,
+            order=listing.payment_order,
+            matches=listing.payment_filter,
+            render=functools.partial(shapes.payment, versioned=versioned),
         )
 
     # ----- plans and checkout configurations -------------------------------------------------
@@ -222,6 +207,37 @@ class Endpoints:
         return create
 
     # ----- helpers ---------------------------------------------------------------------------
+
+    def _list(
+        self,
+        query: Query,
+        versioned: bool,
+        records: Iterable[R],
+        *,
+        orders: Mapping[str, Callable[[R], listing.SortKey]],
+        order: Callable[[Query], str],
+        matches: Callable[[Query], Callable[[R], bool]],
+        render: Callable[[R], JSON],
+    ) -> ApiResponse:
+        """A list endpoint: the owner check, then the query's order, filters and page of
+        `records` (each read from the query by `order` and `matches`)."""
+        owned = self._owner(query, versioned)
+        if isinstance(owned, ApiResponse):
+            return owned
+        chosen = order(query)
+        predicate = matches(query)
+        page = listing.page_arguments(query, chosen)
+        items = [r for r in records if owned and predicate(r)]
+        return ok(
+            listing.paginate(
+                items,
+                orders[chosen],
+                order=chosen,
+                descending=listing.direction(query),
+                page=page,
+                render=render,
+            )
+        )
 
     def _owner(self, query: Query, versioned: bool) -> bool | ApiResponse:
         """Whether the list may show anything: the legacy `company_id` is required and must be

@@ -59,13 +59,13 @@ class PlanBody(_Strict):
     currency: str | None = None
 
 
-class RejectBody(BaseModel):
+class RejectBody(_Strict):
     """`POST /_sim/memberships/{id}/reject`."""
 
     status: int = Field(default=422, ge=400, le=599)
 
 
-class ToggleBody(BaseModel):
+class ToggleBody(_Strict):
     """`POST /_sim/forbidden`."""
 
     enabled: bool
@@ -78,7 +78,7 @@ class OutageBody(_Strict):
     for_seconds: float | None = Field(default=None, ge=0)
 
 
-class ThrottleBody(BaseModel):
+class ThrottleBody(_Strict):
     """`POST /_sim/throttle`: the next `requests` API requests answer 429."""
 
     requests: int = Field(ge=0)
@@ -101,7 +101,7 @@ class FaultsBody(_Strict):
     seed: int | None = None
 
 
-class LatencyBody(BaseModel):
+class LatencyBody(_Strict):
     """`POST /_sim/latency`: every API answer waits this long."""
 
     seconds: float = Field(ge=0)
@@ -115,7 +115,7 @@ class WebhookOptionsBody(_Strict):
     drop: bool = False
 
 
-class ConfigBody(BaseModel):
+class ConfigBody(_Strict):
     """`POST /_sim/config`."""
 
     webhook_url: str | None

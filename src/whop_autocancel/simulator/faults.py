@@ -92,11 +92,11 @@ class Faults:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def outage(self, moment: float | None = None) -> bool:
+    def outage(self) -> bool:
         """Whether an outage is on now; a window that has ended switches itself off."""
         if self.outage_until is None:
             return False
-        if (time.monotonic() if moment is None else moment) < self.outage_until:
+        if time.monotonic() < self.outage_until:
             return True
         self.outage_until = None
         return False

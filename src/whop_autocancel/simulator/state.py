@@ -236,9 +236,6 @@ class Simulator:
             raise ValueError(f"shape must be 'legacy' or 'pinned', not {shape!r}")
         price = parse_amount(amount) if amount is not None else None
         with self._lock:
-            plan = self._store.plan_for_purchase(
-                plan_id, billing_reason, product_id=product_id, amount=price, currency=currency
-            )
             copied: dict[str, Any] = {}
             config = self._store.checkout_configurations.get(checkout_configuration_id or "")
             if config is not None:
@@ -247,6 +244,9 @@ class Simulator:
                         f"checkout configuration {config.id} sells {config.plan.id}, not {plan_id}"
                     )
                 copied = dict(config.metadata)
+            plan = self._store.plan_for_purchase(
+                plan_id, billing_reason, product_id=product_id, amount=price, currency=currency
+            )
             spec = PurchaseSpec(
                 plan=plan,
                 product_id=product_id or plan.product_id,
@@ -488,16 +488,13 @@ class Simulator:
             return error(503, "Service temporarily unavailable")
         if faults.throttled_requests > 0:
             faults.throttled_requests -= 1
-            wait = faults.retry_after
-            limited = error(429, "You are being rate limited", "rate_limited")
-            limited.headers["Retry-After"] = f"{wait:g}"
-            limited.headers["retry-after-ms"] = str(int(wait * 1000))
-            return limited
+            wait = faults.retry_after  # sent as given, not rounded
+            return _rate_limited(
+                {"Retry-After": f"{wait:g}", "retry-after-ms": str(int(wait * 1000))}
+            )
         wait_for_token = faults.rate_limit.wait(headers.get("authorization", ""), time.monotonic())
         if wait_for_token is not None:
-            limited = error(429, "You are being rate limited", "rate_limited")
-            limited.headers.update(retry_after_headers(wait_for_token))
-            return limited
+            return _rate_limited(retry_after_headers(wait_for_token))
         if headers.get("authorization", "") != f"Bearer {self.api_key}":
             return error(401, "Invalid or missing API key")
         version = headers.get("api-version-date")
@@ -603,6 +600,11 @@ class Simulator:
         else:
             event = self._event("membership.deactivated", mem, shapes.legacy_membership(mem))
         self._sender.enqueue(event)
+
+
+def _rate_limited(headers: dict[str, str]) -> ApiResponse:
+    limited = error(429, "You are being rate limited", "rate_limited")
+    return ApiResponse(limited.status, limited.body, headers)
 
 
 def _parse_body(raw: bytes) -> tuple[Any, bool]:
