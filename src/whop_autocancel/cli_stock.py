@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from whop_autocancel.runtime import Runtime
 
 stock_app = typer.Typer(
-    help="Stock pools: import items, see levels, void an item.", no_args_is_help=True
+    help="Stock pools: import, levels, void, show, keygen, rekey.", no_args_is_help=True
 )
 
 
@@ -26,7 +26,7 @@ def register(app: typer.Typer, orders_app: typer.Typer) -> None:
 
 def _runtime() -> AbstractContextManager[Runtime]:
     """Importing stock may be the first thing done on a new machine: SQLite migrates itself."""
-    from whop_autocancel.cli_ops import _runtime as runtime
+    from whop_autocancel.cli import _runtime as runtime
 
     return runtime(migrate_sqlite=True)
 
@@ -93,7 +93,7 @@ def import_(
             ),
             soft_wrap=True,
         )
-    left = report.available - min(report.waiting, report.available)
+    left = report.left_after_waiting
     if left <= threshold:
         out.print(
             escape(
@@ -199,8 +199,7 @@ def rekey() -> None:
     from whop_autocancel.delivery.stock_ops import rekey_stock
 
     with _runtime() as runtime:
-        sealer = runtime.settings.sealer
-        keys = sealer.key_count if sealer else 0
+        keys = runtime.sealer.key_count if runtime.sealer else 0
         report = rekey_stock(runtime)
     out.print(
         escape(

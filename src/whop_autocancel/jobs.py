@@ -97,7 +97,7 @@ class Jobs:
 
     def run_here(self, name: str, *args: Any) -> None:
         """Run a registered task in this thread now, exactly as a worker would (with the same
-        conflict retries), without the queue: for the CLI and tests."""
+        conflict retries), without the queue: for tests and benchmarks."""
         self._tasks[name].call_local(*args)
 
     @property

@@ -24,6 +24,7 @@ from whop_autocancel.mail.outbox import SEND_TASK, Outbox
 from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.orders.checkout import CheckoutService
 from whop_autocancel.orders.service import DELIVER_TASK, OrderService
+from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import Settings
 from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
 from whop_autocancel.whop.client import WhopClient
@@ -53,6 +54,7 @@ class Runtime:
     checkouts: CheckoutService
     whop_sweep: WhopSweep
     owner: str
+    sealer: Sealer | None = None  # STOCK_ENCRYPTION_KEY's cipher (None: no key, no stock)
     _whop: WhopClient | None = None
     _whop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -209,6 +211,7 @@ def build_runtime(
         checkouts=checkouts,
         whop_sweep=whop_sweep,
         owner=owner,
+        sealer=sealer,
     )
     runtime_box.append(runtime)
     _register_tasks(runtime)

@@ -24,8 +24,9 @@ from support.harness import (
     make_runtime,
     make_settings,
     post_event,
+    wait_for,
 )
-from support.stock import StockWorld, stock_world, wait_for
+from support.stock import StockWorld, stock_world
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.service import ResendError
@@ -376,29 +377,41 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
             assert item.status == "assigned"
             items[buyer["order_id"]] = item.id
 
-        # on_refund = "void": a refund voids the item and the alert says to rotate it.
+        # on_refund = "void": a pending refund does not void yet (it may fail)…
         response = post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"]))
         assert response.json() == {"status": "handled"}
         item = world.item_of(refunded["order_id"])
         assert item is not None
+        assert item.status == "assigned"
+        [alert] = world.alerts("order_refunded")
+        assert "voided only if the refund succeeds" in alert.text_body
+        # …once it succeeds, the item is void and a second alert says to rotate it.
+        world.clock.advance(60)
+        post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
+        item = world.item_of(refunded["order_id"])
+        assert item is not None
         assert (item.status, item.void_reason) == ("void", "refund rf_S1")
         assert item.voided_at == world.clock.now()
-        [alert] = world.alerts("order_refunded")
+        [_, alert] = world.alerts("order_refunded")
         assert alert.order_id == refunded["order_id"]
         assert f"#{items[refunded['order_id']]} ({STOCK_POOL}), voided now" in alert.text_body
         assert "will never be handed out again" in alert.text_body
         assert "Rotate it" in alert.text_body
-        # The refund's later event changes nothing and raises nothing more.
+        # The same update again changes nothing and raises nothing more.
         post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
-        assert len(world.alerts("order_refunded")) == 1
+        assert len(world.alerts("order_refunded")) == 2
         assert world.order(refunded["order_id"]).status == "refunded"
 
-        # A dispute does the same.
-        post_event(world.http, claim_event("dispute", "dp_S1", disputed["payment_id"]))
+        # A dispute voids it only once lost; one the merchant wins keeps it.
+        post_event(world.http, claim_event("dispute", "dp_S1", disputed["payment_id"], "won"))
+        item = world.item_of(disputed["order_id"])
+        assert item is not None
+        assert item.status == "assigned"
+        post_event(world.http, claim_event("dispute", "dp_S1", disputed["payment_id"], "lost"))
         item = world.item_of(disputed["order_id"])
         assert item is not None
         assert (item.status, item.void_reason) == ("void", "dispute dp_S1")
-        [alert] = world.alerts("order_disputed")
+        [_, alert] = world.alerts("order_disputed")
         assert f"#{items[disputed['order_id']]} ({STOCK_POOL}), voided now" in alert.text_body
         assert "Rotate it" in alert.text_body
 
@@ -407,7 +420,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         item = world.item_of(kept["order_id"])
         assert item is not None
         assert (item.status, item.order_id) == ("assigned", kept["order_id"])
-        [_, alert] = world.alerts("order_refunded")
+        [_, _, alert] = world.alerts("order_refunded")
         assert alert.order_id == kept["order_id"]
         assert "kept by the customer" in alert.text_body
         assert f"whop-autocancel stock void {items[kept['order_id']]}" in alert.text_body

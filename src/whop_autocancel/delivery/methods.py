@@ -143,7 +143,7 @@ class StockDelivery:
         item_id = item.id if item is not None else 0
         if item is None:
             ahead = stock.waits_behind(context.session, pool, order)
-            if ahead and stock.available_count(context.session, pool):
+            if ahead and stock.available_count(context.session, pool, at_most=1):
                 raise WaitingInLine(pool, ahead)
             if ahead:
                 raise OutOfStock(pool)

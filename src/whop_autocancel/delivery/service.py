@@ -103,11 +103,8 @@ class DeliveryService:
             with self._database.transaction() as session:
                 statement = (
                     select(Order)
-                    .where(
-                        Order.waiting_for_stock == pool,
-                        Order.status == OrderStatus.DELIVERY_FAILED.value,
-                    )
-                    .order_by(Order.paid_at, Order.id)
+                    .where(stock.waiting(pool))
+                    .order_by(*stock.PAYMENT_ORDER)
                     .limit(1)
                     .with_for_update(skip_locked=self._database.skip_locked)
                 )
@@ -358,7 +355,7 @@ class DeliveryService:
 
     def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
         threshold = self._catalog.low_stock_threshold(pool)
-        left = stock.available_at_most(session, pool, threshold + 1)
+        left = stock.available_count(session, pool, at_most=threshold + 1)
         if left > threshold:
             return
         self._alerts.raise_once(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel.delivery.catalog import POOL_NAME, POOL_NAME_HELP, Catalog
@@ -73,7 +73,7 @@ def claim_item(
                 session.expunge(item)  # (so the session does not write it again)
                 return item
             continue  # (only without row locks) another delivery took it first
-        if not skip_locked or available_count(session, pool) == 0:
+        if not skip_locked or not available_count(session, pool, 1):
             return None
         # Available items exist but other transactions hold them: if one of those rolls back,
         # its item is free again. Wait for them rather than call the pool empty.
@@ -86,59 +86,43 @@ def low_stock_key(pool: str) -> str:
     return f"low_stock:{pool}:open"
 
 
-def available_count(session: Session, pool: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(StockItem)
-            .where(StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value)
-        )
-        or 0
+def available_count(session: Session, pool: str, at_most: int | None = None) -> int:
+    """The pool's available items; with `at_most`, counted up to that many only (enough for
+    "is there one?" or the low-stock check, without scanning a big pool on every delivery)."""
+    items = select(StockItem.id).where(
+        StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value
     )
-
-
-def available_at_most(session: Session, pool: str, limit: int) -> int:
-    """The pool's available items, counted up to `limit` only (the low-stock check needs no
-    more, and a big pool is not scanned on every delivery)."""
-    first = (
-        select(StockItem.id)
-        .where(StockItem.pool == pool, StockItem.status == StockStatus.AVAILABLE.value)
-        .limit(limit)
-        .subquery()
-    )
-    return int(session.scalar(select(func.count()).select_from(first)) or 0)
+    if at_most is not None:
+        items = items.limit(at_most)
+    return int(session.scalar(select(func.count()).select_from(items.subquery())) or 0)
 
 
 def item_for_order(session: Session, order_id: str) -> StockItem | None:
     return session.scalars(select(StockItem).where(StockItem.order_id == order_id)).first()
 
 
+# Waiting orders are served in the order their customers paid (ties: by order id).
+PAYMENT_ORDER = (Order.paid_at, Order.id)
+
+
+def waiting(pool: str | None = None) -> ColumnElement[bool]:
+    """Orders waiting for stock: of `pool`, or of any pool."""
+    wanted = (
+        Order.waiting_for_stock.is_not(None) if pool is None else Order.waiting_for_stock == pool
+    )
+    return and_(wanted, Order.status == OrderStatus.DELIVERY_FAILED.value)
+
+
 def waiting_orders(session: Session, pool: str) -> list[str]:
     """Ids of the orders waiting for stock from `pool`, in payment order."""
-    return list(
-        session.scalars(
-            select(Order.id)
-            .where(
-                Order.waiting_for_stock == pool,
-                Order.status == OrderStatus.DELIVERY_FAILED.value,
-            )
-            .order_by(Order.paid_at, Order.id)  # served in the order their customers paid
-        )
-    )
+    return list(session.scalars(select(Order.id).where(waiting(pool)).order_by(*PAYMENT_ORDER)))
 
 
 def pools_to_serve(session: Session) -> list[str]:
     """Pools that have orders waiting and items available: their `stock.serve` job is due (a
     lost job, or stock that came back from a rolled-back delivery)."""
-    pools = session.scalars(
-        select(Order.waiting_for_stock)
-        .where(
-            Order.waiting_for_stock.is_not(None),
-            Order.status == OrderStatus.DELIVERY_FAILED.value,
-        )
-        .distinct()
-    ).all()
-    return [pool for pool in pools if pool is not None and available_count(session, pool)]
+    pools = session.scalars(select(Order.waiting_for_stock).where(waiting()).distinct()).all()
+    return [pool for pool in pools if pool is not None and available_count(session, pool, 1)]
 
 
 def follow_renamed_pools(session: Session, catalog: Catalog) -> int:
@@ -146,12 +130,7 @@ def follow_renamed_pools(session: Session, catalog: Catalog) -> int:
     waited) wait for the plan's current pool instead; returns how many moved."""
     moved = 0
     pairs = session.execute(
-        select(Order.plan_id, Order.waiting_for_stock)
-        .where(
-            Order.waiting_for_stock.is_not(None),
-            Order.status == OrderStatus.DELIVERY_FAILED.value,
-        )
-        .distinct()
+        select(Order.plan_id, Order.waiting_for_stock).where(waiting()).distinct()
     ).all()
     for plan_id, pool in pairs:
         plan = catalog.get(plan_id)
@@ -159,11 +138,7 @@ def follow_renamed_pools(session: Session, catalog: Catalog) -> int:
             continue
         result = session.execute(
             update(Order)
-            .where(
-                Order.plan_id == plan_id,
-                Order.waiting_for_stock == pool,
-                Order.status == OrderStatus.DELIVERY_FAILED.value,
-            )
+            .where(Order.plan_id == plan_id, waiting(pool))
             .values(waiting_for_stock=plan.pool)
             .execution_options(synchronize_session=False)
         )
@@ -181,12 +156,7 @@ def waits_behind(session: Session, pool: str, order: Order) -> int:
         session.scalar(
             select(func.count())
             .select_from(Order)
-            .where(
-                Order.waiting_for_stock == pool,
-                Order.status == OrderStatus.DELIVERY_FAILED.value,
-                Order.id != order.id,
-                earlier,
-            )
+            .where(waiting(pool), Order.id != order.id, earlier)
         )
         or 0
     )
@@ -290,6 +260,11 @@ class ImportReport:
     def skipped(self) -> int:
         return self.blank + self.duplicate_in_file + self.already_in_stock
 
+    @property
+    def left_after_waiting(self) -> int:
+        """Available once the waiting orders are served."""
+        return self.available - min(self.waiting, self.available)
+
 
 def import_items(
     session: Session, sealer: Sealer, pool: str, parsed: ParsedItems, now: datetime
@@ -366,13 +341,10 @@ def stock_levels(session: Session, catalog: Catalog) -> list[PoolLevel]:
         )
     ):
         counts.setdefault(pool, {})[status] = count
-    waiting: dict[str, int] = dict(
+    waiting_by_pool: dict[str, int] = dict(
         session.execute(  # type: ignore[arg-type]
             select(Order.waiting_for_stock, func.count())
-            .where(
-                Order.waiting_for_stock.is_not(None),
-                Order.status == OrderStatus.DELIVERY_FAILED.value,
-            )
+            .where(waiting())
             .group_by(Order.waiting_for_stock)
         ).all()
     )
@@ -384,10 +356,10 @@ def stock_levels(session: Session, catalog: Catalog) -> list[PoolLevel]:
             assigned=counts.get(pool, {}).get(StockStatus.ASSIGNED.value, 0),
             void=counts.get(pool, {}).get(StockStatus.VOID.value, 0),
             threshold=catalog.low_stock_threshold(pool),
-            waiting=waiting.get(pool, 0),
+            waiting=waiting_by_pool.get(pool, 0),
             plans=[plan.name for plan in in_catalog.get(pool, [])],
         )
-        for pool in sorted(set(counts) | set(in_catalog) | set(waiting))
+        for pool in sorted(set(counts) | set(in_catalog) | set(waiting_by_pool))
     ]
 
 

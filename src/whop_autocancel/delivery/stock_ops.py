@@ -17,7 +17,6 @@ from whop_autocancel.delivery.stock import (
     StockError,
     VoidResult,
 )
-from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.sealing import Sealer
 
 if TYPE_CHECKING:
@@ -27,11 +26,10 @@ log = structlog.get_logger(__name__)
 
 
 def _sealer(runtime: Runtime) -> Sealer:
-    sealer = runtime.settings.sealer
-    if sealer is None:
-        runtime.settings.require("STOCK_ENCRYPTION_KEY")
-        raise ConfigurationError("STOCK_ENCRYPTION_KEY is not set")  # (require raised)
-    return sealer
+    if runtime.sealer is None:
+        runtime.settings.require("STOCK_ENCRYPTION_KEY")  # stops, naming the setting
+    assert runtime.sealer is not None
+    return runtime.sealer
 
 
 def import_stock(
@@ -52,7 +50,7 @@ def import_stock(
     try:
         with runtime.database.transaction() as session:
             report = stock.import_items(session, sealer, pool, parsed, now)
-            if report.available > runtime.catalog.low_stock_threshold(pool):
+            if report.left_after_waiting > runtime.catalog.low_stock_threshold(pool):
                 runtime.alerts.resolve(session, stock.low_stock_key(pool), now)
             if report.waiting and report.available:
                 runtime.jobs.defer(session, SERVE_TASK, pool)
@@ -106,8 +104,9 @@ def show_item(runtime: Runtime, reference: int | str) -> tuple[StockItem, str]:
         if item is None:
             raise StockError(missing)
         session.expunge(item)
+    content = sealer.open(item.content)
     log.info("stock_item_shown", item_id=item.id, pool=item.pool)
-    return item, sealer.open(item.content)
+    return item, content
 
 
 def rekey_stock(runtime: Runtime) -> stock.RekeyReport:

@@ -23,6 +23,12 @@ from whop_autocancel.webhooks.parse import ClaimFacts, MembershipFacts, PaymentF
 log = structlog.get_logger(__name__)
 
 DELIVER_TASK = "delivery.deliver"
+# Claim statuses (Whop's RefundStatus / DisputeStatus) that mean the money went back: only then
+# does `on_refund = "void"` void the item. None: a claim without a status, taken at its word.
+VOIDING_STATUSES: dict[str, frozenset[str | None]] = {
+    "refund": frozenset({"succeeded", None}),
+    "dispute": frozenset({"lost", None}),
+}
 ONE_TIME = "one_time"
 
 
@@ -209,11 +215,12 @@ class OrderService:
             status=claim.status,
         )
         delivered = was in (OrderStatus.DELIVERED.value, OrderStatus.DELIVERY_FAILED.value)
-        item_details, item_steps = self._settle_stock_item(session, order, claim, now)
+        item_details, item_steps, voided = self._settle_stock_item(session, order, claim, now)
         self._alerts.raise_once(
             session,
             AlertKind.ORDER_REFUNDED if claim.kind == "refund" else AlertKind.ORDER_DISPUTED,
-            f"{claim.kind}:{claim.claim_id}",
+            # One alert per claim, and one more if a later update of it voids the item.
+            f"{claim.kind}:{claim.claim_id}" + (":void" if voided else ""),
             AlertContent(
                 subject=f"{claim.kind.capitalize()} on order {order.id} ({claim.payment_id})",
                 summary=(
@@ -253,28 +260,54 @@ class OrderService:
 
     def _settle_stock_item(
         self, session: Session, order: Order, claim: ClaimFacts, now: datetime
-    ) -> tuple[list[tuple[str, str]], list[str]]:
-        """A stock order's item on a refund or dispute: voided when the plan says
-        `on_refund = "void"`, else kept by the customer. Returns the alert's extra lines."""
+    ) -> tuple[list[tuple[str, str]], list[str], bool]:
+        """A stock order's item on a refund or dispute: with `on_refund = "void"`, voided once
+        the money has gone back (a refund `succeeded`, a dispute `lost`, or a claim without a
+        status); kept by the customer otherwise. Returns the alert's extra lines and whether
+        this claim voided the item now."""
         item = stock.item_for_order(session, order.id)
         if item is None:
-            return [], []
+            return [], [], False
         plan = self._catalog.get(order.plan_id)
+        rotate = f"then run: whop-autocancel stock void {item.id}"
         if plan is None or plan.on_refund != "void":
-            return [("Stock item", f"#{item.id} ({item.pool}), kept by the customer")], [
-                "The customer keeps the stock item (on_refund = keep). To retire it, rotate "
-                f"the account or key yourself, then run: whop-autocancel stock void {item.id}",
-            ]
+            return (
+                [("Stock item", f"#{item.id} ({item.pool}), kept by the customer")],
+                [
+                    "The customer keeps the stock item (on_refund = keep). To retire it, rotate "
+                    f"the account or key yourself, {rotate}",
+                ],
+                False,
+            )
+        if claim.status not in VOIDING_STATUSES[claim.kind]:
+            later = "succeeds" if claim.kind == "refund" else "is lost"
+            return (
+                [("Stock item", f"#{item.id} ({item.pool}), {item.status}")],
+                [
+                    f"The {claim.kind} is {claim.status}: stock item #{item.id} is voided only if "
+                    f"the {claim.kind} {later} (on_refund = void); you will be told.",
+                ],
+                False,
+            )
         result = stock.void_item(session, item.id, f"{claim.kind} {claim.claim_id}", now)
-        log.warning(
-            "stock_item_voided", order_id=order.id, item_id=item.id, pool=item.pool, by=claim.kind
-        )
+        if result.changed:
+            log.warning(
+                "stock_item_voided",
+                order_id=order.id,
+                item_id=item.id,
+                pool=item.pool,
+                by=claim.kind,
+            )
         state = "voided now" if result.changed else "void already"
-        return [("Stock item", f"#{item.id} ({item.pool}), {state}")], [
-            f"Stock item #{item.id} was marked void (on_refund = void): it will never be handed "
-            "out again. Rotate it where it lives (change the account's password, disable the "
-            "license key) so the customer's copy stops working.",
-        ]
+        return (
+            [("Stock item", f"#{item.id} ({item.pool}), {state}")],
+            [
+                f"Stock item #{item.id} was marked void (on_refund = void): it will never be "
+                "handed out again. Rotate it where it lives (change the account's password, "
+                "disable the license key) so the customer's copy stops working.",
+            ],
+            result.changed,
+        )
 
     def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:
         if facts.order_id:
