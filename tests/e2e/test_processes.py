@@ -6,8 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from support.harness import (
     STOCK_KEY,
     free_port,
     service_environment,
+    wait_for,
 )
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database
@@ -31,13 +31,6 @@ from whop_autocancel.orders.models import Order
 from whop_autocancel.simulator import SimulatorServer
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Deployment:

@@ -4,7 +4,7 @@ and a real SMTP sink; time moves only by the test's clock."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from support.harness import (
     drain,
     make_runtime,
     make_settings,
+    wait_for,
 )
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
@@ -80,13 +81,6 @@ class World:
     def admin_mail(self) -> list[Any]:
         drain(self.runtime)
         return [m for m in self.sink.to(ADMIN) if not m.subject.startswith("Delivered")]
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def make_world(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from support.harness import (
     drain,
     make_runtime,
     make_settings,
+    wait_for,
 )
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
@@ -27,13 +27,6 @@ from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
 
 COMPANY = "biz_SimStore"
-
-
-def wait_for(check: Any, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def start(

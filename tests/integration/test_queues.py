@@ -3,24 +3,15 @@ and the readiness endpoint that watches the workers."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from sqlalchemy import select
 
-from support.harness import MESSAGE_PLAN, ServiceServer, make_runtime, make_settings
+from support.harness import MESSAGE_PLAN, ServiceServer, make_runtime, make_settings, wait_for
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
-
-
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_purchases_are_delivered_and_cancelled_through_each_queue_backend(

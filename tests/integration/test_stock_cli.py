@@ -8,9 +8,8 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from support.harness import (
     post_event,
     run_cli,
     service_environment,
+    wait_for,
 )
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.models import StockItem
@@ -126,13 +126,6 @@ def summary(pool: str, added: int, blank: int, repeated: int, known: int, availa
         f"Pool {pool}: {added} item(s) added; skipped {blank + repeated + known} ({blank} blank, "
         f"{repeated} repeated in the file, {known} already in stock). Available now: {available}."
     )
-
-
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def payment(

@@ -10,9 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +26,7 @@ from support.harness import (
     SECRET,
     free_port,
     service_environment,
+    wait_for,
 )
 from support.reporting import show
 from whop_autocancel.alerts.models import Alert
@@ -53,6 +52,8 @@ FAST = {
     "SMTP_TIMEOUT": "2",  # an email held by a killed worker is free again after 3x + 5 s
 }
 FINAL = sorted(status.value for status in FINAL_STATUSES)
+# Polls database files shared with the processes under test: every 0.1 s is often enough.
+wait = functools.partial(wait_for, every=0.1)
 
 
 def parse_at(value: str) -> datetime:
@@ -69,15 +70,6 @@ def report(name: str, counts: dict[str, Any]) -> None:
         *(f"  {key:{width}} {value}" for key, value in counts.items()),
     ]
     show("\n".join(lines))
-
-
-def wait(predicate: Callable[[], bool], seconds: float, what: str, every: float = 0.1) -> None:
-    """Poll `predicate` until it holds; fail with `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(every)
 
 
 class Cluster:

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +71,21 @@ on_refund = "void"
 low_stock = 2
 """
 )
+
+
+def wait_for(
+    check: Callable[[], bool],
+    seconds: float = 10.0,
+    what: str = "the condition",
+    every: float = 0.02,
+) -> None:
+    """Poll `check` until it holds (a state wait, never a fixed sleep); fail naming `what`
+    after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(every)
 
 
 def free_port() -> int:
