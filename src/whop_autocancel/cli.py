@@ -301,7 +301,7 @@ def backfill(
             runtime.clock,
             runtime.whop,
             company_id=settings.WHOP_COMPANY_ID,
-            versioned=settings.WHOP_API_VERSION_DATE is not None,
+            versioned=settings.uses_versioned_api,
         )
         try:
             job.check_plan(plan)

@@ -9,7 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from whop_autocancel.alerts.service import Alerts
-from whop_autocancel.cancellation.service import CANCEL_TASK, CancellationService
+from whop_autocancel.cancellation.models import CANCEL_TASK
+from whop_autocancel.cancellation.service import CancellationService
 from whop_autocancel.cancellation.sweeps import StuckWorkSweep
 from whop_autocancel.cancellation.whop_sweep import WhopSweep
 from whop_autocancel.clock import Clock, SystemClock
@@ -193,7 +194,7 @@ def build_runtime(
         lookback=settings.WHOP_SWEEP_LOOKBACK,
         overlap=settings.WHOP_SWEEP_OVERLAP,
         company_id=settings.WHOP_COMPANY_ID,
-        versioned=settings.WHOP_API_VERSION_DATE is not None,
+        versioned=settings.uses_versioned_api,
     )
     runtime = Runtime(
         settings=settings,

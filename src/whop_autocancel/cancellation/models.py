@@ -10,6 +10,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
 
+CANCEL_TASK = "cancellation.run"  # the job that runs one cancellations row
+
 
 class CancellationStatus(enum.StrEnum):
     SCHEDULED = "scheduled"

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
-from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
+from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation, CancellationStatus
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database, insert_once
@@ -28,7 +28,6 @@ from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify
 
 log = structlog.get_logger(__name__)
 
-CANCEL_TASK = "cancellation.run"
 NOT_BEFORE_KEY = "whop:not_before"
 Status = CancellationStatus
 

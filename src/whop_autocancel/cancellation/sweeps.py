@@ -14,8 +14,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
-from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
-from whop_autocancel.cancellation.service import CANCEL_TASK
+from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation, CancellationStatus
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
-from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation
 from whop_autocancel.cancellation.service import (
     NOT_BEFORE_KEY,
     CancellationService,
@@ -251,7 +251,7 @@ class WhopSweep:
                 if not dry_run:
                     created = schedule_cancellation(session, order, now, now)
                     if created is not None:
-                        self._jobs.defer(session, "cancellation.run", created.id)
+                        self._jobs.defer(session, CANCEL_TASK, created.id)
                 return True
             if row.status not in ("canceled", "already_inactive"):
                 return False  # still in progress, or failed and already alerted

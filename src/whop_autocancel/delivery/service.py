@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.cancellation.service import schedule_cancellation
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
@@ -349,9 +350,7 @@ class DeliveryService:
                 session, order, now + timedelta(seconds=self._cancel_delay), now
             )
             if cancellation is not None:
-                self._jobs.defer(
-                    session, "cancellation.run", cancellation.id, delay=self._cancel_delay
-                )
+                self._jobs.defer(session, CANCEL_TASK, cancellation.id, delay=self._cancel_delay)
 
     def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
         threshold = self._catalog.low_stock_threshold(pool)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
+from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.db.locks import lock_keys
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.catalog import Catalog
@@ -349,7 +350,7 @@ class OrderService:
             if cancellation.status == "scheduled":
                 # It was waiting for this id: run it once the delay it was given is over.
                 delay = max(0.0, (cancellation.next_attempt_at - now).total_seconds())
-                self._jobs.defer(session, "cancellation.run", cancellation.id, delay=delay)
+                self._jobs.defer(session, CANCEL_TASK, cancellation.id, delay=delay)
 
     def _alert_not_one_time(self, session: Session, order: Order, now: datetime) -> None:
         log.warning(

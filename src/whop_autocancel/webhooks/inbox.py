@@ -184,7 +184,7 @@ class Inbox:
             else:
                 self._orders.apply_membership_live(session, facts, now)
             return True
-        if kind.startswith(("refund.", "dispute.")) and kind != "dispute_alert.created":
+        if kind.startswith(("refund.", "dispute.")):  # (not dispute_alert.*)
             self._orders.apply_claim(session, claim_facts(kind, envelope.data), now)
             return True
         return False
