@@ -177,6 +177,8 @@ class Settings(BaseSettings):
     # Flow timings
     CANCEL_DELAY: NonNegativeSeconds = 5.0
     MATCH_WINDOW: NonNegativeSeconds = 600.0
+    PENDING_ORDER_TTL: PositiveSeconds = 86400.0
+    EMAIL_GIVE_UP_AFTER: PositiveSeconds = 3600.0
     RETRY_SCHEDULE: Annotated[list[PositiveSeconds], NoDecode] = [1, 2, 4, 10, 30, 60]
     CANCEL_GIVE_UP_AFTER: NonNegativeSeconds = 86400.0
     CANCEL_LEASE: PositiveSeconds = 60.0

@@ -15,6 +15,7 @@ from whop_autocancel.orders.states import ALLOWED_TRANSITIONS, can_transition, t
 S = OrderStatus
 RANK = {
     S.PENDING: 0,
+    S.ABANDONED: 0.5,  # closed for guesses; a payment that names the order still pays it
     S.PAID: 1,
     S.DELIVERY_FAILED: 2,
     S.DELIVERED: 3,
@@ -25,12 +26,17 @@ TERMINAL = {S.REFUNDED, S.DISPUTED}
 
 # DESIGN §5: pending → paid → delivered, paid → delivery_failed → delivered,
 # paid|delivered|delivery_failed → refunded|disputed; and pending → refunded|disputed, because a
-# refund or dispute can arrive before its payment's webhook. Nothing else.
+# refund or dispute can arrive before its payment's webhook; pending → abandoned (checkout never
+# created, or not paid within PENDING_ORDER_TTL) and abandoned → paid|refunded|disputed (only a
+# payment that names the order reaches it). Nothing else.
 EXPECTED_EDGES = {
     (S.PENDING, S.PAID),
     (S.PAID, S.DELIVERED),
     (S.PAID, S.DELIVERY_FAILED),
     (S.DELIVERY_FAILED, S.DELIVERED),
+    (S.PENDING, S.ABANDONED),
+    (S.ABANDONED, S.PAID),
+    *((S.ABANDONED, target) for target in TERMINAL),
     *(
         (source, target)
         for source in (S.PENDING, S.PAID, S.DELIVERED, S.DELIVERY_FAILED)

@@ -24,6 +24,8 @@ class AlertKind(enum.StrEnum):
     MISSED_WEBHOOKS_RECOVERED = "missed_webhooks_recovered"
     ORDER_REFUNDED = "order_refunded"
     ORDER_DISPUTED = "order_disputed"
+    BINDING_CONFLICT = "binding_conflict"
+    EMAIL_FAILED = "email_failed"
 
 
 class Alert(Base):

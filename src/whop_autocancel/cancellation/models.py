@@ -41,6 +41,9 @@ class Cancellation(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     generation: Mapped[int] = mapped_column(Integer, default=1)
+    # Random, so the Idempotency-Key (`cancel-<token>-<generation>`) is unique across databases
+    # and installs on one API key; replaced after a definite refusal (401/403, 409/422).
+    idempotency_token: Mapped[str | None] = mapped_column(String(40), default=None)
     generation_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)

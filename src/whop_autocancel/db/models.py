@@ -3,6 +3,7 @@
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.base import Base
+from whop_autocancel.db.install import ServiceMarker
 from whop_autocancel.db.leases import Lease
 from whop_autocancel.db.locks import Lock
 from whop_autocancel.delivery.models import StockItem
@@ -18,6 +19,7 @@ __all__ = [
     "Lease",
     "Lock",
     "Order",
+    "ServiceMarker",
     "StockItem",
     "WebhookEvent",
 ]

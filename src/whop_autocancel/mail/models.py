@@ -29,4 +29,7 @@ class Email(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True, default=None)
+    # Given up: the SMTP server rejected it permanently (5xx), or did not accept it within
+    # EMAIL_GIVE_UP_AFTER. Never retried by itself; `orders resend` queues a new one.
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)

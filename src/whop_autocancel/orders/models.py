@@ -19,6 +19,9 @@ class OrderStatus(enum.StrEnum):
     DELIVERY_FAILED = "delivery_failed"
     REFUNDED = "refunded"
     DISPUTED = "disputed"
+    # Closed without a payment: its Whop checkout could not be created, or nobody paid within
+    # PENDING_ORDER_TTL. No guess (the window rule) ever binds a payment to it again.
+    ABANDONED = "abandoned"
 
 
 class Order(Base):

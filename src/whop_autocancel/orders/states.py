@@ -11,7 +11,9 @@ log = structlog.get_logger(__name__)
 S = OrderStatus
 ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
     # A refund or dispute can come before the payment's own webhook (no ordering guarantee).
-    S.PENDING: frozenset({S.PAID, S.REFUNDED, S.DISPUTED}),
+    S.PENDING: frozenset({S.PAID, S.REFUNDED, S.DISPUTED, S.ABANDONED}),
+    # Only a payment that names the order (metadata order id, its checkout) reopens it.
+    S.ABANDONED: frozenset({S.PAID, S.REFUNDED, S.DISPUTED}),
     S.PAID: frozenset({S.DELIVERED, S.DELIVERY_FAILED, S.REFUNDED, S.DISPUTED}),
     S.DELIVERY_FAILED: frozenset({S.DELIVERED, S.REFUNDED, S.DISPUTED}),
     S.DELIVERED: frozenset({S.REFUNDED, S.DISPUTED}),
