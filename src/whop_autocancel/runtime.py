@@ -170,6 +170,7 @@ def build_runtime(
         owner=owner,
         interval=settings.SWEEP_INTERVAL,
         grace=settings.STUCK_GRACE,
+        pending_ttl=settings.PENDING_ORDER_TTL,
     )
     checkouts = CheckoutService(
         database,

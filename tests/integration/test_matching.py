@@ -44,6 +44,11 @@ def facts(created_at: datetime, **changes: object) -> PaymentFacts:
     return PaymentFacts(**values)  # type: ignore[arg-type]
 
 
+# What the window rule needs of a pending order: a Whop checkout that exists, and the buyer's
+# email (the payment's).
+CHECKOUT = {"checkout_configuration_id": "ch_Win", "email": "buyer@example.com"}
+
+
 def pending(runtime: Runtime, created_at: datetime, **fields: object) -> str:
     order_id = new_order_id()
     with runtime.database.transaction() as session:
@@ -80,7 +85,7 @@ def test_checkout_configuration_id_matches(runtime: Runtime, clock: FrozenClock)
 
 def test_the_only_pending_order_in_the_window_matches(runtime: Runtime, clock: FrozenClock) -> None:
     now = clock.now()
-    target = pending(runtime, now - timedelta(seconds=599))
+    target = pending(runtime, now - timedelta(seconds=599), **CHECKOUT)
     assert apply(runtime, facts(now), now) == target
 
 
@@ -89,7 +94,7 @@ def test_window_counts_from_the_payment_created_at_not_now(
 ) -> None:
     now = clock.now()
     created = now - timedelta(days=2)  # a sweep applying an old payment
-    target = pending(runtime, created - timedelta(seconds=60))
+    target = pending(runtime, created - timedelta(seconds=60), **CHECKOUT)
     assert apply(runtime, facts(created), now) == target
 
 
@@ -97,26 +102,36 @@ def test_an_order_older_than_the_window_is_not_matched(
     runtime: Runtime, clock: FrozenClock
 ) -> None:
     now = clock.now()
-    old = pending(runtime, now - timedelta(seconds=601))
+    old = pending(runtime, now - timedelta(seconds=601), **CHECKOUT)
     assert apply(runtime, facts(now), now) != old
 
 
 def test_two_candidates_make_a_new_order(runtime: Runtime, clock: FrozenClock) -> None:
     now = clock.now()
-    first = pending(runtime, now - timedelta(seconds=30))
-    second = pending(runtime, now - timedelta(seconds=20))
+    first = pending(runtime, now - timedelta(seconds=30), **CHECKOUT)
+    second = pending(runtime, now - timedelta(seconds=20), **CHECKOUT)
     assert apply(runtime, facts(now), now) not in (first, second)
 
 
 def test_disagreeing_email_is_not_matched(runtime: Runtime, clock: FrozenClock) -> None:
     now = clock.now()
-    other = pending(runtime, now - timedelta(seconds=30), email="someone@else.com")
+    other = pending(
+        runtime,
+        now - timedelta(seconds=30),
+        email="someone@else.com",
+        checkout_configuration_id="ch_Win",
+    )
     assert apply(runtime, facts(now), now) != other
 
 
 def test_agreeing_email_in_any_case_is_matched(runtime: Runtime, clock: FrozenClock) -> None:
     now = clock.now()
-    target = pending(runtime, now - timedelta(seconds=30), email="Buyer@Example.com")
+    target = pending(
+        runtime,
+        now - timedelta(seconds=30),
+        email="Buyer@Example.com",
+        checkout_configuration_id="ch_Win",
+    )
     assert apply(runtime, facts(now), now) == target
 
 
@@ -124,13 +139,15 @@ def test_a_pending_order_of_another_membership_is_not_matched(
     runtime: Runtime, clock: FrozenClock
 ) -> None:
     now = clock.now()
-    other = pending(runtime, now - timedelta(seconds=30), whop_membership_id="mem_Other")
+    other = pending(
+        runtime, now - timedelta(seconds=30), whop_membership_id="mem_Other", **CHECKOUT
+    )
     assert apply(runtime, facts(now), now) != other
 
 
 def test_an_order_of_another_plan_is_not_matched(runtime: Runtime, clock: FrozenClock) -> None:
     now = clock.now()
-    other = pending(runtime, now - timedelta(seconds=30), plan_id="plan_Other")
+    other = pending(runtime, now - timedelta(seconds=30), plan_id="plan_Other", **CHECKOUT)
     assert apply(runtime, facts(now), now) != other
 
 

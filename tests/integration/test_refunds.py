@@ -88,7 +88,9 @@ def test_a_refund_after_delivery_is_recorded_alerted_once_and_stops_the_cancel(
     assert [(r["id"], r["status"]) for r in order.order_metadata["refunds"]] == [
         ("rf_1", "succeeded")
     ]
-    assert kinds(runtime) == ["order_refunded"]  # once per refund, not per event
+    # One while the refund is pending (nothing changes), one when it succeeds: not one per event.
+    post_event(http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    assert kinds(runtime) == ["order_refunded", "order_refunded"]
     with runtime.database.transaction() as session:
         row = session.scalars(select(Cancellation)).one()
     clock.advance(5)
@@ -103,7 +105,7 @@ def test_a_refund_before_its_payment_means_the_payment_delivers_nothing(
     service: tuple[Runtime, httpx.Client],
 ) -> None:
     runtime, http = service
-    post_event(http, claim("refund", "rf_2", "pay_Early1"))
+    post_event(http, claim("refund", "rf_2", "pay_Early1", "succeeded"))
     post_event(http, payment("pay_Early1"))
     drain(runtime)
     order = the_order(runtime, "pay_Early1")
@@ -118,7 +120,7 @@ def test_a_dispute_is_recorded_and_a_late_payment_does_not_undo_it(
 ) -> None:
     runtime, http = service
     post_event(http, payment("pay_Dispute1"))
-    post_event(http, claim("dispute", "dp_1", "pay_Dispute1"))
+    post_event(http, claim("dispute", "dp_1", "pay_Dispute1", "lost"))
     duplicate_payment = json.loads(payment("pay_Dispute1"))
     post_event(http, json.dumps(duplicate_payment).encode())
     order = the_order(runtime, "pay_Dispute1")

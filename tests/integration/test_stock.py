@@ -444,7 +444,7 @@ def test_an_order_refunded_while_waiting_for_stock_is_never_served(world: StockW
     refunded = world.pay(paid_at=start - timedelta(minutes=5))
     world.drain()
     assert world.order(refunded["order_id"]).waiting_for_stock == STOCK_POOL
-    post_event(world.http, claim_event("refund", "rf_W1", refunded["payment_id"]))
+    post_event(world.http, claim_event("refund", "rf_W1", refunded["payment_id"], "succeeded"))
     assert world.order(refunded["order_id"]).status == "refunded"
 
     report = world.import_items(ITEMS[0], ITEMS[1])

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from support.harness import MESSAGE_PLAN, UNLISTED_PLAN, drain, make_runtime, make_settings
+from support.harness import (
+    MESSAGE_PLAN,
+    UNLISTED_PLAN,
+    drain,
+    event_body,
+    make_runtime,
+    make_settings,
+)
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cancellation.sweeps import StuckWorkSweep
@@ -121,27 +129,95 @@ def test_unsent_emails_are_sent_again(runtime: Runtime, clock: FrozenClock) -> N
     assert report.emails == 2  # the customer's and the admin's
 
 
+@contextmanager
+def orders_refused(runtime: Runtime) -> Iterator[None]:
+    """The database refuses every new order (a trigger) until the block ends: a fault that is
+    neither the event's data nor the database being down, so applying is retried."""
+    statements = {
+        "sqlite": (
+            [
+                "CREATE TRIGGER refuse_orders BEFORE INSERT ON orders "
+                "BEGIN SELECT RAISE(ABORT, 'orders refused by a test trigger'); END"
+            ],
+            ["DROP TRIGGER refuse_orders"],
+        ),
+        "postgresql": (
+            [
+                "CREATE FUNCTION refuse_orders() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'orders refused by a test trigger'; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER refuse_orders BEFORE INSERT ON orders "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_orders()",
+            ],
+            ["DROP TRIGGER refuse_orders ON orders", "DROP FUNCTION refuse_orders()"],
+        ),
+    }
+    backend = runtime.database.backend
+    if backend not in statements:
+        pytest.skip(f"{backend} reports a trigger's SIGNAL as the database being unavailable")
+    create, drop = statements[backend]
+    with runtime.database.engine.begin() as connection:
+        for statement in create:
+            connection.execute(text(statement))
+    try:
+        yield
+    finally:
+        with runtime.database.engine.begin() as connection:
+            for statement in drop:
+                connection.execute(text(statement))
+
+
 def test_a_failed_event_is_reapplied_with_backoff_and_alerts_after_max_attempts(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    body = event_body(
+        "payment.succeeded.legacy.json",
+        id="pay_Refused1",
+        plan={"id": MESSAGE_PLAN, "metadata": {}},
+        metadata={},
+        checkout_configuration_id=None,
+    )
+    from support.harness import signed_headers
+
+    with orders_refused(runtime):
+        assert runtime.inbox.ingest(body, signed_headers(body)).http_status == 200
+        assert runtime.stuck_sweep.run(force=True).events == 0  # first retry in 10 s
+        for attempt in (2, 3):
+            clock.advance(25)
+            assert runtime.stuck_sweep.run(force=True).events == 1
+            drain(runtime)
+            with runtime.database.transaction() as session:
+                event = session.scalars(select(WebhookEvent)).one()
+                assert (event.status, event.attempts) == ("failed", attempt)
+                assert "refused by a test trigger" in (event.last_error or "")
+        with runtime.database.transaction() as session:
+            alerts = list(session.scalars(select(Alert)))
+        assert [a.kind for a in alerts] == ["event_apply_failed"]
+    clock.advance(25)  # the fault is gone: the next retry applies it
+    assert runtime.stuck_sweep.run(force=True).events == 1
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        assert session.scalars(select(WebhookEvent)).one().status == "handled"
+        assert session.scalars(select(Order)).one().whop_payment_id == "pay_Refused1"
+
+
+def test_an_event_whose_data_can_never_apply_is_not_retried(
     runtime: Runtime, clock: FrozenClock
 ) -> None:
     body = json.dumps(
         {"id": "msg_bad", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
-    )
+    ).encode()
     from support.harness import signed_headers
 
-    assert runtime.inbox.ingest(body.encode(), signed_headers(body.encode())).http_status == 200
-    assert runtime.stuck_sweep.run(force=True).events == 0  # first retry in 10 s
-    for attempt in (2, 3):
-        clock.advance(25)
-        assert runtime.stuck_sweep.run(force=True).events == 1
-        drain(runtime)
-        with runtime.database.transaction() as session:
-            event = session.get(WebhookEvent, "msg_bad")
-            assert event is not None
-            assert (event.status, event.attempts) == ("failed", attempt)
+    assert runtime.inbox.ingest(body, signed_headers(body)).http_status == 200
+    clock.advance(3600)
+    assert runtime.stuck_sweep.run(force=True).events == 0
     with runtime.database.transaction() as session:
+        event = session.get(WebhookEvent, "msg_bad")
+        assert event is not None
+        assert (event.status, event.attempts, event.next_attempt_at) == ("failed", 1, None)
         alerts = list(session.scalars(select(Alert)))
     assert [a.kind for a in alerts] == ["event_apply_failed"]
+    assert "It is not retried" in alerts[0].text_body
 
 
 def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -> None:
@@ -154,6 +230,7 @@ def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -
         owner="another-worker",
         interval=60,
         grace=30,
+        pending_ttl=86400,
     )
     assert runtime.stuck_sweep.run().ran
     assert not other.run().ran

@@ -228,7 +228,7 @@ def test_an_event_that_fails_to_apply_is_stored_failed_and_answered_200(service:
     assert event is not None
     assert event.status == "failed"
     assert "payment has no id" in (event.last_error or "")
-    assert event.next_attempt_at is not None
+    assert event.next_attempt_at is None  # its data can never apply: not retried
     assert service.count(Order) == 0
 
 

@@ -24,7 +24,7 @@ from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.outbox import SEND_TASK
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME
+from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME, close_unpaid_orders
 from whop_autocancel.webhooks.inbox import REAPPLY_TASK, due_failed_events
 
 log = structlog.get_logger(__name__)
@@ -93,6 +93,7 @@ class SweepReport:
     events: int = 0
     digests: int = 0
     stock_pools: int = 0  # pools whose waiting orders are served again
+    abandoned: int = 0  # pending orders nobody paid within PENDING_ORDER_TTL, closed
 
     @property
     def total(self) -> int:
@@ -111,6 +112,7 @@ class StuckWorkSweep:
         owner: str,
         interval: float,
         grace: float,
+        pending_ttl: float,
     ) -> None:
         self._database = database
         self._catalog = catalog
@@ -120,6 +122,7 @@ class StuckWorkSweep:
         self._owner = owner
         self._interval = interval
         self._grace = grace
+        self._pending_ttl = pending_ttl
 
     def run(self, *, force: bool = False, dry_run: bool = False) -> SweepReport:
         """One tick: skipped when another worker holds this tick's lease (unless `force`).
@@ -186,6 +189,9 @@ class StuckWorkSweep:
                     stock_pools=len(pools),
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
+            abandoned = close_unpaid_orders(
+                session, now - timedelta(seconds=self._pending_ttl), BATCH
+            )
             alert_paused_for_auth(session, self._alerts, now)
             digests = self._alerts.flush_digests(session, now)
             for cancellation_id in cancellations:
@@ -206,7 +212,10 @@ class StuckWorkSweep:
             events=len(events),
             digests=digests,
             stock_pools=len(pools),
+            abandoned=len(abandoned),
         )
+        if abandoned:
+            log.info("pending_orders_abandoned", count=len(abandoned), order_ids=abandoned[:20])
         if report.total:
             log.warning(
                 "stuck_work_requeued",

@@ -1,11 +1,13 @@
-"""Finding the order a payment belongs to (DESIGN §5, five steps, first match wins)."""
+"""Finding the order a payment belongs to (DESIGN §5, five steps, first match wins), under the
+binding invariants: an order is bound to at most one payment and one membership, for ever."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -16,57 +18,91 @@ from whop_autocancel.webhooks.parse import PaymentFacts
 class Match:
     order: Order | None
     step: str  # which rule found it, or why none did
+    # An order the payment names (metadata, checkout) but that is bound to another membership
+    # or checkout: the payment never joins it, and the admin hears of it once.
+    conflict: Order | None = None
+
+
+def contradiction(order: Order, facts: PaymentFacts) -> str | None:
+    """Why `facts` can never join `order` (None: it can): another payment, membership or
+    checkout is bound to it already."""
+    if order.whop_payment_id is not None and order.whop_payment_id != facts.payment_id:
+        return f"it is bound to payment {order.whop_payment_id}"
+    if (
+        order.whop_membership_id is not None
+        and facts.membership_id is not None
+        and order.whop_membership_id != facts.membership_id
+    ):
+        return f"it is bound to membership {order.whop_membership_id}"
+    if (
+        order.checkout_configuration_id is not None
+        and facts.checkout_configuration_id is not None
+        and order.checkout_configuration_id != facts.checkout_configuration_id
+    ):
+        return f"it belongs to checkout {order.checkout_configuration_id}"
+    return None
 
 
 def find_order_for_payment(
     session: Session, facts: PaymentFacts, window_seconds: float, fallback_time: datetime
 ) -> Match:
     """1 payment id; 2 metadata.order_id; 3 checkout configuration; 4 membership id;
-    5 the only pending order of the plan created within the window before the payment."""
+    5 the only pending order of the plan, created within the window before the payment, whose
+    Whop checkout exists and whose email is the payment's. Steps 2 to 5 consider only orders the
+    payment does not contradict (`contradiction`)."""
     order = _one(session, select(Order).where(Order.whop_payment_id == facts.payment_id))
     if order is not None:
         return Match(order, "payment_id")
     unpaid = Order.whop_payment_id.is_(None)
+    compatible = _compatible(facts)
+    conflict: Order | None = None
     if facts.order_id:
-        order = _one(session, select(Order).where(Order.id == facts.order_id, unpaid))
-        if order is not None:
-            return Match(order, "metadata.order_id")
+        named = _one(session, select(Order).where(Order.id == facts.order_id, unpaid))
+        if named is not None:
+            if contradiction(named, facts) is None:
+                return Match(named, "metadata.order_id")
+            conflict = named
     if facts.checkout_configuration_id:
         order = _one(
             session,
             select(Order)
-            .where(Order.checkout_configuration_id == facts.checkout_configuration_id, unpaid)
-            .order_by(Order.created_at),
+            .where(
+                Order.checkout_configuration_id == facts.checkout_configuration_id,
+                unpaid,
+                *compatible,
+            )
+            .order_by(Order.created_at, Order.id),
         )
         if order is not None:
-            return Match(order, "checkout_configuration_id")
+            return Match(order, "checkout_configuration_id", conflict)
     if facts.membership_id:
         order = _one(
             session,
             select(Order)
-            .where(Order.whop_membership_id == facts.membership_id, unpaid)
-            .order_by(Order.created_at),
+            .where(Order.whop_membership_id == facts.membership_id, unpaid, *compatible)
+            .order_by(Order.created_at, Order.id),
         )
         if order is not None:
-            return Match(order, "membership_id")
+            return Match(order, "membership_id", conflict)
+    if conflict is not None:
+        return Match(None, "the order it names is bound to another purchase: new order", conflict)
     if not facts.plan_id:
         return Match(None, "no plan id to match a pending order")
+    if not facts.email:
+        return Match(None, "no email to match a pending order: new order")
     reference = facts.created_at or facts.paid_at or fallback_time
     conditions = [
         unpaid,
+        *compatible,
         Order.status == OrderStatus.PENDING.value,
         Order.plan_id == facts.plan_id,
         Order.created_at >= reference - timedelta(seconds=window_seconds),
         Order.created_at <= reference,
-        # A pending order that already names another membership or checkout is someone else's.
-        or_(Order.whop_membership_id.is_(None), Order.whop_membership_id == facts.membership_id),
-        or_(
-            Order.checkout_configuration_id.is_(None),
-            Order.checkout_configuration_id == facts.checkout_configuration_id,
-        ),
+        # Only a checkout Whop created can have been paid; an order whose creation failed (or
+        # is still in flight) has no checkout id and is never guessed.
+        Order.checkout_configuration_id.is_not(None),
+        func.lower(Order.email) == facts.email,
     ]
-    if facts.email:
-        conditions.append(or_(Order.email.is_(None), func.lower(Order.email) == facts.email))
     candidates = list(session.scalars(select(Order).where(*conditions).limit(2)))
     if len(candidates) == 1:
         return Match(candidates[0], "pending order in window")
@@ -75,5 +111,26 @@ def find_order_for_payment(
     return Match(None, "no matching order: new order")
 
 
-def _one(session: Session, statement: object) -> Order | None:
-    return session.scalars(statement.limit(1)).first()  # type: ignore[attr-defined]
+def _compatible(facts: PaymentFacts) -> list[ColumnElement[bool]]:
+    """SQL for `contradiction(order, facts) is None`, less the payment (callers ask `unpaid`)."""
+    conditions: list[ColumnElement[bool]] = []
+    if facts.membership_id is not None:
+        conditions.append(
+            or_(
+                Order.whop_membership_id.is_(None),
+                Order.whop_membership_id == facts.membership_id,
+            )
+        )
+    if facts.checkout_configuration_id is not None:
+        conditions.append(
+            or_(
+                Order.checkout_configuration_id.is_(None),
+                Order.checkout_configuration_id == facts.checkout_configuration_id,
+            )
+        )
+    return conditions
+
+
+def _one(session: Session, statement: Any) -> Order | None:
+    found: Order | None = session.scalars(statement.limit(1)).first()
+    return found

@@ -24,12 +24,21 @@ from whop_autocancel.webhooks.parse import ClaimFacts, MembershipFacts, PaymentF
 log = structlog.get_logger(__name__)
 
 DELIVER_TASK = "delivery.deliver"
-# Claim statuses (Whop's RefundStatus / DisputeStatus) that mean the money went back: only then
-# does `on_refund = "void"` void the item. None: a claim without a status, taken at its word.
-VOIDING_STATUSES: dict[str, frozenset[str | None]] = {
-    "refund": frozenset({"succeeded", None}),
-    "dispute": frozenset({"lost", None}),
+# Claim statuses (Whop's RefundStatus / DisputeStatus) that mean the money went back: only these
+# end the order (refunded/disputed) and void a stock item under `on_refund = "void"`. Every other
+# status (a pending, failed or canceled refund; an open, under-review or won dispute; none at
+# all) is recorded on the order and alerted, and blocks neither delivery nor cancellation.
+ENDING_STATUSES: dict[str, frozenset[str]] = {
+    "refund": frozenset({"succeeded"}),
+    "dispute": frozenset({"lost"}),
 }
+
+
+def ends_order(claim: ClaimFacts) -> bool:
+    """Whether this claim took the money back (the order ends)."""
+    return claim.status in ENDING_STATUSES[claim.kind]
+
+
 ONE_TIME = "one_time"
 
 
@@ -56,6 +65,27 @@ def purchase_keys(
 def must_deliver(catalog: Catalog, order: Order) -> bool:
     """The safety rule: only one-time purchases of listed plans are delivered (and cancelled)."""
     return catalog.is_listed(order.plan_id) and order.billing_reason == ONE_TIME
+
+
+def close_unpaid_orders(session: Session, created_before: datetime, limit: int) -> list[str]:
+    """Close (`abandoned`) pending orders without a payment created before `created_before`:
+    nobody paid them within PENDING_ORDER_TTL, so no guess may bind a payment to them any
+    more (a payment that names one still pays it). Returns the ids closed."""
+    statement = (
+        select(Order)
+        .where(
+            Order.status == OrderStatus.PENDING.value,
+            Order.whop_payment_id.is_(None),
+            Order.created_at < created_before,
+        )
+        .order_by(Order.created_at)
+        .limit(limit)
+    )
+    closed = []
+    for order in session.scalars(statement):
+        if transition(order, OrderStatus.ABANDONED, "not paid within PENDING_ORDER_TTL"):
+            closed.append(order.id)
+    return closed
 
 
 class OrderService:
@@ -93,6 +123,15 @@ class OrderService:
             membership_id=facts.membership_id,
             how=match.step,
         )
+        if match.conflict is not None:
+            session.flush()
+            self._alert_binding_conflict(
+                session,
+                match.conflict,
+                order,
+                f"payment {facts.payment_id} (membership {facts.membership_id or 'unknown'})",
+                now,
+            )
         order.whop_payment_id = facts.payment_id
         order.whop_membership_id = order.whop_membership_id or facts.membership_id
         order.checkout_configuration_id = (
@@ -128,17 +167,28 @@ class OrderService:
 
     def apply_membership_live(
         self, session: Session, facts: MembershipFacts, now: datetime
-    ) -> Order:
+    ) -> Order | None:
         """`membership.activated` (or a live `membership.updated`): attach the membership id to
-        its order, or create a pending order that the payment will find. Never delivers."""
+        its order, or, for a listed plan, create a pending order that the payment will find
+        (None: a plan we do not sell, recorded only). Never delivers."""
         lock_keys(
             session,
             purchase_keys(
                 None, facts.membership_id, facts.order_id, facts.checkout_configuration_id
             ),
         )
-        order = self._find_order_for_membership(session, facts)
+        order, conflict = self._find_order_for_membership(session, facts)
         if order is None:
+            if not self._catalog.is_listed(facts.plan_id):
+                # Not a plan we sell: nothing will ever deliver or cancel it, so no order
+                # waits for its payment (which, if it comes, is recorded on its own).
+                log.info(
+                    "membership_recorded_only",
+                    membership_id=facts.membership_id,
+                    plan_id=facts.plan_id,
+                    reason="plan not listed in the catalog",
+                )
+                return None
             order = Order(
                 id=new_order_id(),
                 status=OrderStatus.PENDING.value,
@@ -158,6 +208,10 @@ class OrderService:
                 order_id=order.id,
                 membership_id=facts.membership_id,
             )
+            if conflict is not None:
+                self._alert_binding_conflict(
+                    session, conflict, order, f"membership {facts.membership_id}", now
+                )
             return order
         if order.whop_membership_id is None:
             order.whop_membership_id = facts.membership_id
@@ -187,7 +241,9 @@ class OrderService:
             session.add(order)
         was = order.status
         target = OrderStatus.REFUNDED if claim.kind == "refund" else OrderStatus.DISPUTED
-        transition(order, target, f"{claim.kind} {claim.claim_id}")
+        ended = ends_order(claim)
+        if ended:
+            transition(order, target, f"{claim.kind} {claim.claim_id} {claim.status}")
         if order.waiting_for_stock and order.status == target.value:
             # Refunded while waiting for stock: it no longer waits, and must not be served.
             order.waiting_for_stock = None
@@ -216,19 +272,28 @@ class OrderService:
             status=claim.status,
         )
         delivered = was in (OrderStatus.DELIVERED.value, OrderStatus.DELIVERY_FAILED.value)
-        item_details, item_steps, voided = self._settle_stock_item(session, order, claim, now)
+        item_details, item_steps = self._settle_stock_item(session, order, claim, now)
         self._alerts.raise_once(
             session,
             AlertKind.ORDER_REFUNDED if claim.kind == "refund" else AlertKind.ORDER_DISPUTED,
-            # One alert per claim, and one more if a later update of it voids the item.
-            f"{claim.kind}:{claim.claim_id}" + (":void" if voided else ""),
+            # One alert per claim while it is open, and one more when it ends the order (and,
+            # under on_refund = "void", voids the item).
+            f"{claim.kind}:{claim.claim_id}" + (":ended" if ended else ""),
             AlertContent(
                 subject=f"{claim.kind.capitalize()} on order {order.id} ({claim.payment_id})",
                 summary=(
-                    f"Whop reports a {claim.kind} ({claim.status or 'new'}) of payment "
+                    f"Whop reports a {claim.kind} ({claim.status or 'no status'}) of payment "
                     f"{claim.payment_id}. The order was {was}"
                     + (": the product had already been delivered." if delivered else ".")
-                    + " A membership not yet cancelled will not be cancelled now."
+                    + (
+                        f" The order is now {order.status}: it is not delivered, and a "
+                        "membership not yet cancelled will not be cancelled now."
+                        if ended
+                        else " The money has not gone back, so nothing changes: delivery and "
+                        "the membership's cancellation go on as usual. You will hear again if "
+                        f"the {claim.kind} "
+                        + ("succeeds." if claim.kind == "refund" else "is lost.")
+                    )
                 ),
                 details=[
                     ("Order", order.id),
@@ -261,14 +326,13 @@ class OrderService:
 
     def _settle_stock_item(
         self, session: Session, order: Order, claim: ClaimFacts, now: datetime
-    ) -> tuple[list[tuple[str, str]], list[str], bool]:
+    ) -> tuple[list[tuple[str, str]], list[str]]:
         """A stock order's item on a refund or dispute: with `on_refund = "void"`, voided once
-        the money has gone back (a refund `succeeded`, a dispute `lost`, or a claim without a
-        status); kept by the customer otherwise. Returns the alert's extra lines and whether
-        this claim voided the item now."""
+        the money has gone back (a refund `succeeded`, a dispute `lost`); kept by the customer
+        otherwise. Returns the alert's extra lines."""
         item = stock.item_for_order(session, order.id)
         if item is None:
-            return [], [], False
+            return [], []
         plan = self._catalog.get(order.plan_id)
         rotate = f"then run: whop-autocancel stock void {item.id}"
         if plan is None or plan.on_refund != "void":
@@ -278,9 +342,8 @@ class OrderService:
                     "The customer keeps the stock item (on_refund = keep). To retire it, rotate "
                     f"the account or key yourself, {rotate}",
                 ],
-                False,
             )
-        if claim.status not in VOIDING_STATUSES[claim.kind]:
+        if not ends_order(claim):
             later = "succeeds" if claim.kind == "refund" else "is lost"
             return (
                 [("Stock item", f"#{item.id} ({item.pool}), {item.status}")],
@@ -288,7 +351,6 @@ class OrderService:
                     f"The {claim.kind} is {claim.status}: stock item #{item.id} is voided only if "
                     f"the {claim.kind} {later} (on_refund = void); you will be told.",
                 ],
-                False,
             )
         result = stock.void_item(session, item.id, f"{claim.kind} {claim.claim_id}", now)
         if result.changed:
@@ -307,14 +369,20 @@ class OrderService:
                 "handed out again. Rotate it where it lives (change the account's password, "
                 "disable the license key) so the customer's copy stops working.",
             ],
-            result.changed,
         )
 
-    def _find_order_for_membership(self, session: Session, facts: MembershipFacts) -> Order | None:
+    def _find_order_for_membership(
+        self, session: Session, facts: MembershipFacts
+    ) -> tuple[Order | None, Order | None]:
+        """The order this membership belongs to, and the order its metadata names if that one
+        is bound to another membership (a binding conflict: never joined)."""
+        conflict: Order | None = None
         if facts.order_id:
             order = session.get(Order, facts.order_id)
-            if order is not None and order.whop_membership_id in (None, facts.membership_id):
-                return order
+            if order is not None:
+                if order.whop_membership_id in (None, facts.membership_id):
+                    return order, None
+                conflict = order
         if facts.checkout_configuration_id:
             order = session.scalars(
                 select(Order)
@@ -322,17 +390,70 @@ class OrderService:
                     Order.checkout_configuration_id == facts.checkout_configuration_id,
                     Order.whop_membership_id.is_(None),
                 )
-                .order_by(Order.created_at)
+                .order_by(Order.created_at, Order.id)
                 .limit(1)
             ).first()
             if order is not None:
-                return order
-        return session.scalars(
+                return order, None
+        order = session.scalars(
             select(Order)
             .where(Order.whop_membership_id == facts.membership_id)
-            .order_by(Order.created_at)
+            .order_by(Order.created_at, Order.id)
             .limit(1)
         ).first()
+        if order is not None:
+            return order, None
+        if conflict is not None and conflict.whop_payment_id is not None:
+            # A checkout link used again: the order it names is another purchase, paid and
+            # bound. Normal (a buyer buying again), not a conflict worth an alert.
+            conflict = None
+        return None, conflict
+
+    def _alert_binding_conflict(
+        self, session: Session, bound: Order, new: Order, what: str, now: datetime
+    ) -> None:
+        """A payment or membership event named an order bound to another purchase: it got its
+        own order instead. Once per pair of orders."""
+        log.warning(
+            "binding_conflict",
+            order_id=bound.id,
+            bound_membership_id=bound.whop_membership_id,
+            bound_payment_id=bound.whop_payment_id,
+            new_order_id=new.id,
+            what=what,
+        )
+        self._alerts.raise_once(
+            session,
+            AlertKind.BINDING_CONFLICT,
+            f"binding_conflict:{bound.id}:{new.id}",
+            AlertContent(
+                subject=f"Two purchases named order {bound.id}: kept apart",
+                summary=(
+                    f"Whop sent {what} naming order {bound.id}, which is already bound to "
+                    f"membership {bound.whop_membership_id or '-'} and payment "
+                    f"{bound.whop_payment_id or '-'}. An order is never rebound: it was "
+                    f"recorded as its own order {new.id}, and each order delivers to and "
+                    "cancels only its own purchase. This is usually a buyer who used the same "
+                    "checkout link twice, with Whop's events arriving out of order."
+                ),
+                details=[
+                    ("Bound order", bound.id),
+                    ("Its membership", bound.whop_membership_id or "-"),
+                    ("Its payment", bound.whop_payment_id or "-"),
+                    ("Its customer", bound.email or "-"),
+                    ("New order", new.id),
+                    ("New purchase", what),
+                ],
+                steps=[
+                    "Nothing to do if both orders are delivered (see them with "
+                    "`whop-autocancel orders`, or `--email` with the customer's address).",
+                    "If one of them waits (paid, not delivered), look at it in the Whop "
+                    "dashboard and contact the customer.",
+                ],
+            ),
+            now,
+            order_id=bound.id,
+        )
 
     def _attach_membership_to_cancellation(
         self, session: Session, order: Order, now: datetime

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -25,6 +25,7 @@ from whop_autocancel.orders.service import OrderService
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.webhooks.parse import (
     Envelope,
+    EventDataError,
     PayloadError,
     claim_facts,
     membership_facts,
@@ -147,19 +148,23 @@ class Inbox:
         except (OperationalError, DBInterfaceError):
             raise
         except Exception as error:
+            # Data that can never apply (a missing id, a value longer than its column) is not
+            # retried: the admin hears at once, and `events replay` tries it again by hand.
+            never = isinstance(error, (EventDataError, DataError))
             event.status = EventStatus.FAILED.value
             event.last_error = f"{type(error).__name__}: {error}"[:2000]
             delay = self._schedule[min(event.attempts - 1, len(self._schedule) - 1)]
-            event.next_attempt_at = now + timedelta(seconds=delay)
+            event.next_attempt_at = None if never else now + timedelta(seconds=delay)
             log.error(
                 "webhook_apply_failed",
                 event_id=event.id,
                 type=event.type,
                 attempt=event.attempts,
                 error=event.last_error,
+                retried=not never,
             )
-            if event.attempts >= self._max_attempts:
-                self._alert_apply_failed(session, event, now)
+            if never or event.attempts >= self._max_attempts:
+                self._alert_apply_failed(session, event, now, retried=not never)
             return
         event.status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
         event.handled_at = now
@@ -235,16 +240,25 @@ class Inbox:
         except (OperationalError, DBInterfaceError):
             log.exception("signature_alert_failed")
 
-    def _alert_apply_failed(self, session: Session, event: WebhookEvent, now: datetime) -> None:
+    def _alert_apply_failed(
+        self, session: Session, event: WebhookEvent, now: datetime, *, retried: bool
+    ) -> None:
         self._alerts.raise_once(
             session,
             AlertKind.EVENT_APPLY_FAILED,
             f"event_apply_failed:{event.id}",
             AlertContent(
-                subject=f"Webhook {event.type} {event.id} keeps failing to apply",
+                subject=(
+                    f"Webhook {event.type} {event.id} keeps failing to apply"
+                    if retried
+                    else f"Webhook {event.type} {event.id} cannot be applied"
+                ),
                 summary=(
                     f"The event was received and stored, but applying it failed "
                     f"{event.attempts} times: {event.last_error}. It keeps being retried."
+                    if retried
+                    else "The event was received and stored, but its data can never be "
+                    f"applied: {event.last_error}. It is not retried."
                 ),
                 details=[
                     ("Event", event.id),
@@ -253,7 +267,11 @@ class Inbox:
                 ],
                 steps=[
                     "Check the service's logs for webhook_apply_failed with this event id.",
-                    "Fix the cause; the event is re-applied automatically.",
+                    "Fix the cause; the event is re-applied automatically."
+                    if retried
+                    else "Look the purchase up in the Whop dashboard and handle it by hand; "
+                    f"`whop-autocancel events replay {event.id}` tries it again, "
+                    f"`whop-autocancel events ignore {event.id}` sets it aside.",
                 ],
             ),
             now,

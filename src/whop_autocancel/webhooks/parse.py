@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 from whop_autocancel.clock import parse_timestamp
 from whop_autocancel.errors import WhopAutocancelError
@@ -84,7 +84,7 @@ def claim_facts(event_type: str, data: dict[str, Any]) -> ClaimFacts:
     payment_id = _nested_id(data, "payment")
     if claim_id is None or payment_id is None:
         raise EventDataError(f"{event_type} has no id or no payment id")
-    return ClaimFacts(
+    facts = ClaimFacts(
         kind=event_type.partition(".")[0],
         claim_id=claim_id,
         payment_id=payment_id,
@@ -92,6 +92,7 @@ def claim_facts(event_type: str, data: dict[str, Any]) -> ClaimFacts:
         amount=_amount(data.get("amount") or data.get("total")),
         reason=_text(data.get("reason")),
     )
+    return _within_limits(facts)
 
 
 def parse_envelope(body: bytes) -> Envelope:
@@ -108,6 +109,8 @@ def parse_envelope(body: bytes) -> Envelope:
         raise PayloadError("body has no string 'id'")
     if not isinstance(event_type, str) or not event_type:
         raise PayloadError("body has no string 'type'")
+    if len(event_type) > MAX_TYPE_LENGTH:
+        raise PayloadError(f"body's 'type' is longer than {MAX_TYPE_LENGTH} characters")
     if not isinstance(data, dict):
         raise PayloadError("body has no object 'data'")
     version = document.get("api_version_date")
@@ -125,7 +128,7 @@ def payment_facts(data: dict[str, Any]) -> PaymentFacts:
     if payment_id is None:
         raise EventDataError("payment has no id")
     user = _object(data.get("user"))
-    return PaymentFacts(
+    facts = PaymentFacts(
         payment_id=payment_id,
         status=_text(data.get("status")),
         billing_reason=_text(data.get("billing_reason")),
@@ -141,6 +144,7 @@ def payment_facts(data: dict[str, Any]) -> PaymentFacts:
         created_at=_time(data.get("created_at")),
         paid_at=_time(data.get("paid_at")),
     )
+    return _within_limits(facts)
 
 
 def membership_facts(data: dict[str, Any]) -> MembershipFacts:
@@ -148,7 +152,7 @@ def membership_facts(data: dict[str, Any]) -> MembershipFacts:
     if membership_id is None:
         raise EventDataError("membership has no id")
     user = _object(data.get("user"))
-    return MembershipFacts(
+    facts = MembershipFacts(
         membership_id=membership_id,
         status=_text(data.get("status")),
         plan_id=_nested_id(data, "plan"),
@@ -158,6 +162,33 @@ def membership_facts(data: dict[str, Any]) -> MembershipFacts:
         checkout_configuration_id=_text(data.get("checkout_configuration_id")),
         metadata=_object(data.get("metadata")),
     )
+    return _within_limits(facts)
+
+
+# The longest value each fact may have: its database column (a longer one can never be stored,
+# so the event is refused for good, not retried, and not answered 500).
+MAX_TYPE_LENGTH = 100
+FACT_LIMITS = {
+    "payment_id": 64,
+    "membership_id": 64,
+    "plan_id": 64,
+    "product_id": 64,
+    "user_id": 64,
+    "checkout_configuration_id": 64,
+    "email": 320,
+    "billing_reason": 40,
+    "currency": 8,
+    "amount": 32,
+}
+Facts = TypeVar("Facts", PaymentFacts, MembershipFacts, ClaimFacts)
+
+
+def _within_limits(facts: Facts) -> Facts:
+    for name, limit in FACT_LIMITS.items():
+        value = getattr(facts, name, None)
+        if isinstance(value, str) and len(value) > limit:
+            raise EventDataError(f"{name} is longer than {limit} characters ({len(value)})")
+    return facts
 
 
 def _nested_id(data: dict[str, Any], name: str) -> str | None:
