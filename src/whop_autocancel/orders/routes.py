@@ -1,26 +1,35 @@
 """`POST /api/checkouts` and `GET /api/checkouts/{order_id}`: public, so guarded by an optional
 bearer token and a rate limit per client address, because creating a checkout spends the
-merchant's API key."""
+merchant's API key.
+
+The POST reads its body itself, and only after the token and the rate limit let the request
+through: a refused caller costs no parsing, a body over `MAX_BODY` is refused (413) without being
+read, and every refusal is the service's `{"error": "..."}` that never repeats the input."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from whop_autocancel.orders.checkout import CheckoutError, CheckoutService
 from whop_autocancel.settings import Settings
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+#: The largest `POST /api/checkouts` body read (a real one is under 500 bytes).
+MAX_BODY = 8 * 1024
 
 
 class CheckoutRequest(BaseModel):
@@ -52,44 +61,144 @@ class CheckoutState(BaseModel):
     delivered_at: datetime | None
 
 
+class ErrorBody(BaseModel):
+    error: str
+    order_id: str | None = None
+
+
+# What a refusal says about each field: fixed sentences, so no part of the input is echoed.
+_FIELD_ERRORS = {
+    "plan_id": "plan_id must be a Whop plan id: plan_ then letters and digits, at most 64 long",
+    "email": "email must be an email address of at most 320 characters, or null",
+}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _explain(error: ValidationError) -> str:
+    """One line naming each field at fault, without the values (or unknown keys) sent."""
+    reasons: list[str] = []
+    for problem in error.errors(include_input=False, include_url=False):
+        location = problem["loc"]
+        field = str(location[0]) if location else None
+        if field is None:
+            reason = "the body must be a JSON object"
+        elif field in _FIELD_ERRORS and problem["type"] == "missing":
+            reason = f"{field} is required"
+        elif field in _FIELD_ERRORS:
+            reason = _FIELD_ERRORS[field]
+        else:
+            reason = f"unknown field (the body takes {' and '.join(_FIELD_ERRORS)} only)"
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons)
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refusing one over `limit` bytes by its declared length before reading any of
+    it, and a chunked one as soon as `limit` is passed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bearer(authorization: str | None) -> bytes:
+    """The credentials of `Authorization: Bearer <token>` (scheme in any case); else empty."""
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    return credentials.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": CheckoutRequest.model_json_schema()}},
+    }
+}
+
+
 def checkout_router(service: CheckoutService, settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/api/checkouts", tags=["checkout"])
     token = settings.CHECKOUT_TOKEN.get_secret_value() if settings.CHECKOUT_TOKEN else None
+    # Compared as digests: equal length whatever is offered, so the compare leaks nothing.
+    token_digest = hashlib.sha256(token.encode()).digest() if token else None
     limiter = MovingWindowRateLimiter(MemoryStorage())
     limit = None if settings.CHECKOUT_RATE_LIMIT == "off" else parse(settings.CHECKOUT_RATE_LIMIT)
 
     def refused(request: Request, authorization: str | None) -> JSONResponse | None:
-        if token is not None:
-            offered = (authorization or "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(offered.encode(), token.encode()):
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if token_digest is not None:
+            offered = _bearer(authorization)
+            digest = hashlib.sha256(offered).digest()
+            if not (hmac.compare_digest(digest, token_digest) and offered):
+                return _error(401, "missing or wrong bearer token")
         if limit is not None:
             client = request.client.host if request.client else "unknown"
             if not limiter.hit(limit, "checkout", client):
                 reset = limiter.get_window_stats(limit, "checkout", client).reset_time
                 wait = max(1, int(reset - datetime.now().timestamp()) + 1)
-                return JSONResponse(
-                    {"error": "too many checkouts from this address"},
-                    status_code=429,
-                    headers={"Retry-After": str(wait)},
-                )
+                headers = {"Retry-After": str(wait)}
+                return _error(429, "too many checkouts from this address", headers)
         return None
 
     @router.post(
         "",
         status_code=201,
         response_model=CheckoutCreated,
-        responses={401: {}, 404: {}, 429: {}, 503: {}},
+        responses={
+            400: {"model": ErrorBody, "description": "The body is not JSON."},
+            401: {"model": ErrorBody, "description": "Missing or wrong bearer token."},
+            404: {"model": ErrorBody, "description": "The plan is not sold here."},
+            413: {"model": ErrorBody, "description": f"Body larger than {MAX_BODY} bytes."},
+            415: {"model": ErrorBody, "description": "Not sent as application/json."},
+            422: {"model": ErrorBody, "description": "A field is missing, wrong or unknown."},
+            429: {"model": ErrorBody, "description": "Too many checkouts from this address."},
+            503: {"model": ErrorBody, "description": "Whop did not create the checkout."},
+        },
+        openapi_extra=_REQUEST_BODY,
     )
     async def create_checkout(
-        body: CheckoutRequest,
         request: Request,
         authorization: Annotated[str | None, Header()] = None,
     ) -> CheckoutCreated | JSONResponse:
         """Create a pending order and a Whop checkout for it; send the buyer to
-        `purchase_url`. 503 (order left pending) when Whop cannot be reached."""
+        `purchase_url`. 503 when Whop does not create the checkout: the order (its id in the
+        answer) is then closed as `abandoned`, and the buyer simply tries again."""
         if (refusal := refused(request, authorization)) is not None:
             return refusal
+        if not _is_json(request.headers.get("content-type")):
+            return _error(415, "send the body as JSON, with Content-Type: application/json")
+        try:
+            raw = await _read_capped(request, MAX_BODY)
+        except _TooLarge:
+            return _error(413, f"body larger than {MAX_BODY} bytes")
+        try:
+            document = json.loads(raw)
+        except ValueError:  # not UTF-8 text, or not JSON
+            return _error(400, "the body is not valid JSON")
+        try:
+            body = CheckoutRequest.model_validate(document)
+        except ValidationError as error:
+            return _error(422, _explain(error))
         try:
             checkout = await run_in_threadpool(service.create, body.plan_id, body.email)
         except CheckoutError as error:
@@ -105,7 +214,9 @@ def checkout_router(service: CheckoutService, settings: Settings) -> APIRouter:
 
     @router.get("/{order_id}", response_model=CheckoutState, responses={404: {}})
     async def checkout_status(order_id: str) -> CheckoutState | JSONResponse:
-        """The order's state, for the success page to poll until `paid` or `delivered`."""
+        """The order's state, for the success page to poll until `paid` or `delivered`. Statuses:
+        `pending`, `paid`, `delivered`, `waiting_for_stock`, `delivery_failed`, `refunded`,
+        `disputed`, `abandoned` (see the README)."""
         if len(order_id) > 64:
             return JSONResponse({"error": "no such order"}, status_code=404)
         found = await run_in_threadpool(service.status, order_id)
