@@ -401,7 +401,7 @@ def test_cancel_of_an_order_without_a_cancellation_creates_one(
         "canceled",
     )
     [call] = simulator.state.calls(bought.membership_id)
-    assert call["idempotency_key"] == f"cancel-{row.id}-1"
+    assert call["idempotency_key"] == f"cancel-{row.idempotency_token}-1"
 
 
 @pytest.mark.parametrize(
@@ -441,7 +441,10 @@ def test_a_failed_cancellation_is_retried_as_a_new_generation(
         for call in simulator.state.calls(bought.membership_id)
         if call["method"] == "POST"
     ]
-    assert keys == [f"cancel-{failed.cancellation_id}-1", f"cancel-{failed.cancellation_id}-2"]
+    [row] = cancellation_rows(runtime)
+    assert len(keys) == 2
+    assert keys[0].endswith("-1")
+    assert keys[1] == f"cancel-{row.idempotency_token}-2"
 
 
 def test_cancel_during_a_whop_outage_stays_scheduled_for_the_workers(
