@@ -348,6 +348,22 @@ def _cancellation_of(session: Session, order_id: str, *, lock: bool = False) -> 
     return session.scalars(statement).first()
 
 
+def _names_another(membership_id: str, order: Order, row: Cancellation | None) -> str | None:
+    """Why `cancel membership_id` must not act on this order: its cancellation row or the order
+    itself names a different membership (acting would cancel, or report, that one)."""
+    if row is not None and row.membership_id not in (None, membership_id):
+        named = f"its cancellation #{row.id} names membership {row.membership_id}"
+    elif order.whop_membership_id not in (None, membership_id):
+        named = f"the order names membership {order.whop_membership_id}"
+    else:
+        return None
+    hint = f" --email {order.email}" if order.email else ""
+    return (
+        f"{named}, not {membership_id}; find out which one is this buyer's "
+        f"(`whop-autocancel orders{hint}`, the Whop dashboard) and cancel it in the dashboard"
+    )
+
+
 def cancel_target(runtime: Runtime, membership_id: str) -> CancelTarget:
     """Find what `cancel` would act on, and refuse now (before any confirmation) when the
     safety rule forbids it. Changes nothing."""
@@ -355,6 +371,9 @@ def cancel_target(runtime: Runtime, membership_id: str) -> CancelTarget:
     with runtime.database.transaction() as session:
         order, reason = _find(session, runtime.catalog, membership_id)
         row = _cancellation_of(session, order.id)
+        other = _names_another(membership_id, order, row)
+        if other is not None:
+            raise _refused(membership_id, order, other)
         if reason is not None and not (row is not None and row.status in DONE):
             raise _refused(membership_id, order, reason)
         plan = runtime.catalog.get(order.plan_id)
@@ -381,6 +400,9 @@ def cancel_membership(runtime: Runtime, membership_id: str) -> CancelResult:
     with runtime.database.transaction() as session:
         order, reason = _find(session, runtime.catalog, membership_id)
         row = _cancellation_of(session, order.id, lock=True)
+        other = _names_another(membership_id, order, row)
+        if other is not None:
+            raise _refused(membership_id, order, other)
         if row is not None and row.status in DONE:
             return _result(membership_id, row, "none")
         if reason is not None:

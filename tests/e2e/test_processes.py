@@ -166,7 +166,7 @@ def test_a_worker_killed_mid_cancellation_is_finished_by_the_sweep(
     assert row.generation == 1
     assert simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
     posts = [c for c in simulator.state.calls(purchase["membership_id"]) if c["method"] == "POST"]
-    assert {c["idempotency_key"] for c in posts} == {f"cancel-{row.id}-1"}
+    assert {c["idempotency_key"] for c in posts} == {f"cancel-{row.idempotency_token}-1"}
     assert [c["status"] for c in posts][-1] == 200
     wait_for(service.outbox_empty, 15, "every email to be sent")
     assert len(smtp_sink.to("killed@example.com")) == 1  # delivered exactly once

@@ -3,9 +3,12 @@ and a real SMTP sink; time moves only by the test's clock."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from support.harness import (
     make_settings,
     wait_for,
 )
+from support.receiver import Receiver
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cancellation.service import RetryRefused
@@ -40,9 +44,11 @@ class World:
     clock: FrozenClock
     simulator: SimulatorServer
     sink: SmtpSink
+    webhook_url: str
 
     def buy(self, plan: str = MESSAGE_PLAN, **options: Any) -> dict[str, Any]:
         """A purchase whose webhooks reach the service; returns it with its cancellation id."""
+        self.simulator.state.set_webhook_url(self.webhook_url)
         options.setdefault("email", f"buyer-{time.monotonic_ns()}@example.com")
         purchase: dict[str, Any] = self.simulator.state.create_purchase(plan, **options)
         wait_for(lambda: self.simulator.state.pending_webhooks() == 0)
@@ -95,8 +101,9 @@ def make_world(
     runtime = make_runtime(make_settings(tmp_path, **{**values, **settings}), clock)
     server = ServiceServer(runtime)
     with server.running():
-        simulator.state.set_webhook_url(f"{server.url}/webhooks/whop")
-        yield World(runtime, clock, simulator, sink)
+        webhook_url = f"{server.url}/webhooks/whop"
+        simulator.state.set_webhook_url(webhook_url)
+        yield World(runtime, clock, simulator, sink, webhook_url)
     runtime.close()
 
 
@@ -123,7 +130,7 @@ def test_a_delivered_purchase_is_cancelled_with_one_immediate_call(world: World)
     [call] = world.calls(purchase["membership_id"])
     assert call["method"] == "POST"
     assert call["body"] == {"cancellation_mode": "immediate"}
-    assert call["idempotency_key"] == f"cancel-{cancellation_id}-1"
+    assert call["idempotency_key"] == f"cancel-{row.idempotency_token}-1"
     assert call["api_version_date"] is None
     assert world.simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
     # The customer got the product, the admin the notice; nobody got an alert.
@@ -237,8 +244,9 @@ def test_an_admin_retry_is_a_new_generation_and_can_succeed(world: World) -> Non
         world.runtime.cancellations.retry(session, cancellation_id)
     row = world.run(cancellation_id)
     assert (row.status, row.generation) == ("canceled", 2)
-    keys = [c["idempotency_key"] for c in world.calls(membership) if c["method"] == "POST"]
-    assert keys == [f"cancel-{cancellation_id}-1", f"cancel-{cancellation_id}-2"]
+    first, second = cancel_keys(world, membership)
+    assert key_parts(first)[1] == 1
+    assert key_parts(second) == (row.idempotency_token, 2)
     with (
         pytest.raises(RetryRefused, match="only failed or skipped"),
         world.runtime.database.transaction() as session,
@@ -478,3 +486,284 @@ def test_a_late_activation_wakes_the_waiting_cancellation(world: World) -> None:
     ] == ["cancellation.run"]
     world.clock.advance(60)
     assert world.run(cancellation_id).status == "canceled"
+
+
+# The Idempotency-Key -----------------------------------------------------------------------
+
+KEY = re.compile(r"^cancel-([0-9a-f]{32})-([0-9]+)$")
+
+
+def key_parts(key: str) -> tuple[str, int]:
+    """(token, generation) of an Idempotency-Key we sent."""
+    match = KEY.match(key)
+    assert match is not None, key
+    return match.group(1), int(match.group(2))
+
+
+def cancel_keys(world: World, membership_id: str) -> list[str]:
+    """The Idempotency-Key of each cancel call Whop received for the membership, in order."""
+    return [c["idempotency_key"] for c in world.calls(membership_id) if c["method"] == "POST"]
+
+
+def test_the_key_is_a_random_token_of_the_row_and_unique_across_installs(
+    world: World,
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+) -> None:
+    """A second install on the same API key (or a restored backup) numbers its rows from 1
+    again: its keys must still never repeat the first one's."""
+    (tmp_path / "second").mkdir()
+    with contextmanager(make_world)(tmp_path / "second", clock, simulator, smtp_sink) as second:
+        bought = [(world, world.buy()), (world, world.buy()), (second, second.buy())]
+        clock.advance(5)
+        keys = []
+        for owner, purchase in bought:
+            row = owner.run(purchase["cancellation_id"])
+            assert row.status == "canceled"
+            [key] = cancel_keys(owner, purchase["membership_id"])
+            assert key_parts(key) == (row.idempotency_token, 1)
+            assert len(key) <= 255
+            keys.append(key)
+    assert len(set(keys)) == 3
+
+
+def test_a_row_made_before_tokens_gets_one_when_first_claimed(world: World) -> None:
+    purchase = world.buy()
+    with world.runtime.database.transaction() as session:
+        row = session.get(Cancellation, purchase["cancellation_id"])
+        assert row is not None
+        assert row.idempotency_token is not None
+        row.idempotency_token = None  # as migration 0005 left the rows it found
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "canceled"
+    assert row.idempotency_token is not None
+    assert cancel_keys(world, purchase["membership_id"]) == [f"cancel-{row.idempotency_token}-1"]
+
+
+def test_after_a_403_the_next_attempt_uses_a_new_key(world: World) -> None:
+    """Whop may have stored the refusal under the key: the resume must not replay it."""
+    purchase = world.buy()
+    world.simulator.state.set_forbidden(True)
+    paused = world.run(purchase["cancellation_id"], after=5)
+    assert (paused.status, paused.last_http_status, paused.generation) == ("scheduled", 403, 1)
+    world.simulator.state.set_forbidden(False)
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert (row.status, row.generation) == ("canceled", 1)
+    first, second = cancel_keys(world, purchase["membership_id"])
+    assert key_parts(first)[0] != key_parts(second)[0]
+    assert key_parts(second) == (row.idempotency_token, 1)
+
+
+def test_after_a_409_the_next_attempt_uses_a_new_key_so_a_stored_refusal_cannot_block(
+    world: World,
+) -> None:
+    purchase = world.buy()
+    membership = purchase["membership_id"]
+    world.simulator.state.reject(membership, 409, read_status=503)
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert (row.status, row.generation) == ("scheduled", 1)  # the re-read failed: try again
+    world.simulator.state.unreject(membership)
+    row = world.run(purchase["cancellation_id"], after=5)
+    assert row.status == "canceled"
+    assert [(c["method"], c["status"], c["replayed"]) for c in world.calls(membership)] == [
+        ("POST", 409, False),
+        ("GET", 503, False),
+        ("POST", 200, False),  # carried out, not Whop's stored 409 replayed
+    ]
+    first, second = cancel_keys(world, membership)
+    assert key_parts(first)[0] != key_parts(second)[0]
+
+
+def test_an_unknown_outcome_is_repeated_with_the_same_key(world: World) -> None:
+    """A 503 or a timeout says nothing about the cancel: the next call repeats the key, and
+    Whop answers a cancel it carried out with its stored answer."""
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    state = world.simulator.state
+    state.set_webhook_url(None)  # the echo is lost
+    state.set_outage(True)
+    assert world.run(cancellation_id, after=5).last_http_status == 503
+    state.set_outage(False)
+    state.set_faults(timeout_rate=1.0, timeout_seconds=0)
+    assert world.run(cancellation_id, after=5).last_http_status == 504
+    state.set_faults(timeout_rate=0.0)
+    row = world.run(cancellation_id, after=10)
+    assert row.status == "canceled"
+    calls = [(c["status"], c["replayed"], c["timed_out"]) for c in world.calls(membership)]
+    assert calls == [(503, False, False), (504, False, True), (200, True, False)]
+    assert cancel_keys(world, membership) == [f"cancel-{row.idempotency_token}-1"] * 3
+
+
+# The membership Whop answered for ----------------------------------------------------------
+
+
+def test_a_2xx_for_another_membership_fails_with_an_alert_and_is_not_counted(
+    world: World,
+) -> None:
+    mine, other = world.buy(), world.buy()
+    assert world.run(other["cancellation_id"], after=5).status == "canceled"
+    world.simulator.state.answer_as(mine["membership_id"], other["membership_id"])
+    row = world.run(mine["cancellation_id"])
+    assert (row.status, row.canceled_at) == ("failed", None)
+    assert f"for another membership ({other['membership_id']})" in (row.last_error or "")
+    assert world.simulator.state.membership(mine["membership_id"])["status"] == "completed"
+    [alert] = world.alerts()
+    assert alert.kind == "cancellation_failed"
+    assert mine["membership_id"] in alert.subject
+    assert other["membership_id"] in alert.text_body
+
+
+def test_a_re_read_for_another_membership_is_a_failure(versioned_world: World) -> None:
+    world = versioned_world
+    mine, other = world.buy(shape="pinned"), world.buy(shape="pinned")
+    assert world.run(other["cancellation_id"], after=5).status == "canceled"
+    world.simulator.state.reject(mine["membership_id"], 409)
+    world.simulator.state.answer_as(mine["membership_id"], other["membership_id"])
+    row = world.run(mine["cancellation_id"])
+    assert (row.status, row.canceled_at) == ("failed", None)  # not already_inactive
+    assert f"for another membership ({other['membership_id']})" in (row.last_error or "")
+    assert [(c["method"], c["status"]) for c in world.calls(mine["membership_id"])] == [
+        ("POST", 409),
+        ("GET", 200),
+    ]
+    assert [a.kind for a in world.alerts()] == ["cancellation_failed"]
+
+
+# Whop says canceled: who did it -------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """Where Whop's webhooks go while a test holds them back."""
+    held = Receiver()
+    yield held
+    held.close()
+
+
+def deliver_late(world: World, receiver: Receiver, membership_id: str) -> None:
+    """Deliver to the service now, byte for byte, the echo Whop sent to `receiver` (a late
+    delivery: it arrives after whatever the test did in between)."""
+    wait_for(lambda: any(membership_id.encode() in body for _, body in receiver.snapshot()))
+    headers, body = next((h, b) for h, b in receiver.snapshot() if membership_id.encode() in b)
+    forwarded = {
+        k: v
+        for k, v in headers.items()
+        if k.lower().startswith("webhook-") or k.lower() == "content-type"
+    }
+    assert httpx.post(world.webhook_url, content=body, headers=forwarded).status_code == 200
+    drain(world.runtime)
+
+
+def test_the_echo_after_our_lost_answer_says_canceled(world: World, receiver: Receiver) -> None:
+    """Finding 9: our call timed out at our side but Whop carried it out; its echo arrives
+    after we recorded the timeout. The row says we cancelled it, not that Whop had."""
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    state = world.simulator.state
+    state.set_webhook_url(receiver.url)  # the echo is held back
+    state.set_faults(timeout_rate=1.0, timeout_seconds=0)
+    row = world.run(cancellation_id, after=5)
+    assert (row.status, row.attempts, row.last_http_status) == ("scheduled", 1, 504)
+    state.set_faults(timeout_rate=0.0)
+    deliver_late(world, receiver, membership)
+    row = world.row(cancellation_id)
+    assert (row.status, row.canceled_at) == ("canceled", world.clock.now())
+    assert "after our cancel call whose answer was lost" in (row.last_error or "")
+    assert world.run(cancellation_id, after=60).status == "canceled"  # a late job: nothing
+    assert [c["status"] for c in world.calls(membership)] == [504]
+    assert world.alerts() == []
+
+
+def test_a_429_after_our_lost_answer_hides_nothing(world: World, receiver: Receiver) -> None:
+    """A 429 costs no attempt and keeps the status of the last attempt: the lost answer
+    still tells the echo that the cancel was ours."""
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    state = world.simulator.state
+    state.set_webhook_url(receiver.url)
+    state.set_faults(timeout_rate=1.0, timeout_seconds=0)
+    world.run(cancellation_id, after=5)
+    state.set_faults(timeout_rate=0.0)
+    state.throttle(1, retry_after=1)
+    row = world.run(cancellation_id, after=5)
+    assert (row.status, row.attempts, row.last_http_status) == ("scheduled", 1, 504)
+    assert "429" in (row.last_error or "")
+    deliver_late(world, receiver, membership)
+    assert world.row(cancellation_id).status == "canceled"
+    assert [c["status"] for c in world.calls(membership)] == [504, 429]
+
+
+def test_a_409_after_our_lost_answer_says_canceled(world: World) -> None:
+    """The same when Whop no longer replays the key (its retention window passed): the 409
+    and the re-read say canceled, and it was our earlier call."""
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    state = world.simulator.state
+    state.set_webhook_url(None)  # the echo is lost
+    state.set_faults(timeout_rate=1.0, timeout_seconds=0)
+    assert world.run(cancellation_id, after=5).last_http_status == 504
+    state.set_faults(timeout_rate=0.0)
+    state.forget_idempotency_keys()
+    row = world.run(cancellation_id, after=5)
+    assert (row.status, row.last_http_status) == ("canceled", 409)
+    assert row.canceled_at == world.clock.now()
+    assert "answer was lost" in (row.last_error or "")
+    assert [(c["method"], c["status"]) for c in world.calls(membership)] == [
+        ("POST", 504),
+        ("POST", 409),
+        ("GET", 200),
+    ]
+
+
+def test_cancelled_by_hand_while_our_calls_were_refused_is_already_inactive(
+    world: World, receiver: Receiver
+) -> None:
+    """No call of ours went through (403): the membership was cancelled by someone else."""
+    purchase = world.buy()
+    membership = purchase["membership_id"]
+    world.simulator.state.set_forbidden(True)
+    assert world.run(purchase["cancellation_id"], after=5).last_http_status == 403
+    world.simulator.state.set_forbidden(False)
+    world.simulator.state.set_webhook_url(receiver.url)
+    httpx.post(
+        f"{world.simulator.api_url}/memberships/{membership}/cancel",
+        json={"cancellation_mode": "immediate"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).raise_for_status()
+    deliver_late(world, receiver, membership)
+    row = world.row(purchase["cancellation_id"])
+    assert (row.status, row.canceled_at) == ("already_inactive", None)
+    assert "none of our calls had gone through" in (row.last_error or "")
+
+
+def test_the_echo_while_our_call_is_in_flight_ends_canceled(
+    world: World, receiver: Receiver
+) -> None:
+    """A worker's call went out and the worker died before recording the answer (the row is
+    `running`); the echo arrives meanwhile. It changes nothing, and the next run settles the
+    row as ours: the repeated key gets Whop's stored answer."""
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    world.clock.advance(5)
+    with world.runtime.database.transaction() as session:
+        row = session.get(Cancellation, cancellation_id)
+        assert row is not None
+        row.status, row.lease_owner = "running", "worker-that-died"
+        row.lease_until = world.clock.now() + timedelta(seconds=30)
+        key = f"cancel-{row.idempotency_token}-{row.generation}"
+    world.simulator.state.set_webhook_url(receiver.url)
+    httpx.post(  # the dead worker's call, carried out by Whop
+        f"{world.simulator.api_url}/memberships/{membership}/cancel",
+        json={"cancellation_mode": "immediate"},
+        headers={"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": key},
+    ).raise_for_status()
+    deliver_late(world, receiver, membership)
+    assert world.row(cancellation_id).status == "running"
+    row = world.run(cancellation_id, after=31)
+    assert (row.status, row.canceled_at) == ("canceled", world.clock.now())
+    assert [(c["status"], c["replayed"]) for c in world.calls(membership)] == [
+        (200, False),
+        (200, True),
+    ]

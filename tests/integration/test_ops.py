@@ -403,7 +403,7 @@ def test_cancel_of_an_order_without_a_cancellation_creates_one(
         "canceled",
     )
     [call] = simulator.state.calls(bought.membership_id)
-    assert call["idempotency_key"] == f"cancel-{row.id}-1"
+    assert call["idempotency_key"] == f"cancel-{row.idempotency_token}-1"
 
 
 @pytest.mark.parametrize(
@@ -443,7 +443,10 @@ def test_a_failed_cancellation_is_retried_as_a_new_generation(
         for call in simulator.state.calls(bought.membership_id)
         if call["method"] == "POST"
     ]
-    assert keys == [f"cancel-{failed.cancellation_id}-1", f"cancel-{failed.cancellation_id}-2"]
+    [row] = cancellation_rows(runtime)
+    assert len(keys) == 2
+    assert keys[0].endswith("-1")
+    assert keys[1] == f"cancel-{row.idempotency_token}-2"
 
 
 def test_cancel_during_a_whop_outage_stays_scheduled_for_the_workers(
@@ -458,6 +461,53 @@ def test_cancel_during_a_whop_outage_stays_scheduled_for_the_workers(
     assert result.next_attempt_at > runtime.clock.now()
     assert runtime.jobs.pending() == queued + 1  # the next attempt, for a worker
     assert whop_calls(simulator, bought.membership_id) == ["POST 503"]
+
+
+def test_cancel_acts_only_on_the_membership_typed(
+    runtime: Runtime, simulator: SimulatorServer
+) -> None:
+    """The order names one membership and its cancellation row another (found by listing, or
+    written before a binding was corrected): `cancel` of either refuses, calls nobody and
+    changes nothing; it never cancels a membership other than the one typed."""
+    bought = purchase(runtime, simulator)
+    other = simulator.state.create_purchase(MESSAGE_PLAN, send_webhooks=False)["membership_id"]
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+        row.membership_id = other
+    [before] = cancellation_rows(runtime)
+    for typed, names in ((bought.membership_id, other), (other, bought.membership_id)):
+        message = (
+            rf"membership {typed} \(order {bought.order_id}\) not cancelled: .*names "
+            rf"membership {names}.*Whop was not called"
+        )
+        with pytest.raises(CancelRefused, match=message):
+            cancel_target(runtime, typed)
+        with pytest.raises(CancelRefused, match=message):
+            cancel_membership(runtime, typed)
+    assert simulator.state.calls() == []
+    [after] = cancellation_rows(runtime)
+    assert (after.status, after.membership_id, after.generation, after.next_attempt_at) == (
+        before.status,
+        before.membership_id,
+        before.generation,
+        before.next_attempt_at,
+    )
+    assert simulator.state.membership(other)["status"] == "completed"
+
+
+def test_cancel_of_a_membership_found_by_listing_is_allowed(
+    runtime: Runtime, simulator: SimulatorServer
+) -> None:
+    """Whop never named the order's membership; its cancellation found it by listing: the
+    order names no other membership, so `cancel` of the found one acts on it."""
+    bought = purchase(runtime, simulator)
+    with runtime.database.transaction() as session:
+        order = session.get(Order, bought.order_id)
+        assert order is not None
+        order.whop_membership_id = None
+    result = cancel_membership(runtime, bought.membership_id)
+    assert (result.status, result.order_id) == ("canceled", bought.order_id)
+    assert whop_calls(simulator) == ["POST 200"]
 
 
 def test_cancel_of_an_unknown_membership_is_refused(

@@ -300,6 +300,47 @@ def test_rejected_membership(client: httpx.Client) -> None:
     assert cancel(client, mid, {}, version=PINNED).json()["status"] == "canceled"
 
 
+def test_a_rejected_membership_can_refuse_reads_too(client: httpx.Client) -> None:
+    mid = buy(client)["membership_id"]
+    rejected = client.post(
+        f"/_sim/memberships/{mid}/reject", json={"status": 409, "read_status": 503}
+    )
+    assert rejected.json() == {"membership_id": mid, "status": 409, "read_status": 503}
+    assert cancel(client, mid, {"cancellation_mode": "immediate"}).status_code == 409
+    assert_error(retrieve(client, mid), 503, "service_unavailable")
+    client.delete(f"/_sim/memberships/{mid}/reject")
+    assert retrieve(client, mid).json()["status"] == "completed"
+
+
+def test_answer_as_another_membership(client: httpx.Client, sim: SimulatorServer) -> None:
+    """A cancel (or read) of one membership answered with another's object; nothing changes."""
+    mine, other = buy(client)["membership_id"], buy(client)["membership_id"]
+    sim.state.answer_as(mine, other)
+    for version in (None, PINNED):
+        answer = cancel(client, mine, {"cancellation_mode": "immediate"}, version=version)
+        assert (answer.status_code, answer.json()["id"]) == (200, other)
+        assert retrieve(client, mine, version).json()["id"] == other
+    assert sim.state.membership(mine)["status"] == "completed"
+    assert sim.state.membership(other)["status"] == "completed"
+    sim.state.answer_as(mine, None)
+    assert retrieve(client, mine).json()["id"] == mine
+    with pytest.raises(KeyError):
+        sim.state.answer_as(mine, "mem_Nobody1")
+
+
+def test_forgotten_idempotency_keys_are_not_replayed(
+    client: httpx.Client, sim: SimulatorServer
+) -> None:
+    """Whop's retention window passed: the same key is a new request."""
+    mid = buy(client, send_webhooks=False)["membership_id"]
+    body = {"cancellation_mode": "immediate"}
+    assert cancel(client, mid, body, key="k1").status_code == 200
+    sim.state.forget_idempotency_keys()
+    again = cancel(client, mid, body, key="k1")
+    assert again.status_code == 409
+    assert sim.state.calls(mid)[-1]["replayed"] is False
+
+
 # ----- purchases and webhooks -----------------------------------------------------------------
 
 

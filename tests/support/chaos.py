@@ -222,6 +222,12 @@ class Cluster:
             ).all()
         return Counter({status: int(n) for status, n in rows})
 
+    def status_by_membership(self) -> dict[str | None, str]:
+        """Each cancellation row's status, by the membership it names."""
+        with self._db().transaction() as session:
+            rows = session.execute(select(Cancellation.membership_id, Cancellation.status)).all()
+        return {membership_id: status for membership_id, status in rows}
+
     def cancellations(self) -> list[Cancellation]:
         with self._db().transaction() as session:
             rows = list(session.scalars(select(Cancellation)))

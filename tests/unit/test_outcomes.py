@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from whop_autocancel.whop.client import WhopReply
-from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify
+from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify, may_have_acted
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "whop"
 
 
 def test_transport_error_is_retryable() -> None:
@@ -125,7 +129,60 @@ def test_membership_status(body: Any, status: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "membership_id"),
+    [
+        ({"id": "mem_x", "status": "canceled"}, "mem_x"),
+        ({"id": "", "status": "canceled"}, None),
+        ({"id": 7, "status": "canceled"}, None),
+        ({"status": "canceled"}, None),
+        ({"error": {"type": "not_found"}}, None),
+        (None, None),
+        ([{"id": "mem_x"}], None),
+        ("mem_x", None),
+    ],
+)
+def test_membership_id(body: Any, membership_id: str | None) -> None:
+    assert WhopReply(status=200, body=body).membership_id == membership_id
+
+
+@pytest.mark.parametrize(
+    "fixture", ["membership.deactivated.legacy.json", "membership.updated.pinned.canceled.json"]
+)
+def test_membership_id_of_both_shapes(fixture: str) -> None:
+    """The legacy and the versioned membership object both name the membership at the top."""
+    data = json.loads((FIXTURES / fixture).read_text())["data"]
+    reply = WhopReply(status=200, body=data)
+    assert reply.membership_id == data["id"]
+    assert reply.membership_id.startswith("mem_")
+    assert reply.membership_status == "canceled"
+
+
+@pytest.mark.parametrize(
     ("status", "ok"), [(None, False), (199, False), (200, True), (299, True), (300, False)]
 )
 def test_ok(status: int | None, ok: bool) -> None:
     assert WhopReply(status=status).ok is ok
+
+
+@pytest.mark.parametrize(
+    ("status", "acted"),
+    [
+        (None, True),  # timeout or connection error: nobody knows
+        (200, True),
+        (204, True),
+        (408, True),
+        (500, True),
+        (503, True),
+        (504, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (409, False),
+        (422, False),
+        (429, False),
+    ],
+)
+def test_may_have_acted(status: int | None, acted: bool) -> None:
+    """Only a refusal proves that a cancel call of ours did nothing."""
+    assert may_have_acted(status) is acted

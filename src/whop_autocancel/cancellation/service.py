@@ -4,6 +4,7 @@ case, classify the answer, and record it. The worker never sleeps: it reschedule
 from __future__ import annotations
 
 import random
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
 from whop_autocancel.whop.client import WhopClient, WhopReply
-from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify
+from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify, may_have_acted
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,24 @@ Status = CancellationStatus
 
 class RetryRefused(WhopAutocancelError):
     """An admin retry that makes no sense for the row's state."""
+
+
+def new_idempotency_token() -> str:
+    """A random token (32 hex characters) for a cancellation's Idempotency-Key: unique across
+    databases and installs on one API key, where row ids are not."""
+    return secrets.token_hex(16)
+
+
+def idempotency_key(token: str, generation: int) -> str:
+    """`cancel-<token>-<generation>`: repeated for a call whose outcome we do not know; a new
+    token after a definite refusal, a new generation after an admin retry."""
+    return f"cancel-{token}-{generation}"
+
+
+def ours_may_have_acted(row: Cancellation) -> bool:
+    """Whether a cancel call of ours in this generation may have been carried out at Whop: one
+    was made, and its answer (the last one recorded) was a success or did not say."""
+    return row.attempts > 0 and may_have_acted(row.last_http_status)
 
 
 def schedule_cancellation(
@@ -48,6 +67,7 @@ def schedule_cancellation(
         status=Status.SCHEDULED.value,
         attempts=0,
         generation=1,
+        idempotency_token=new_idempotency_token(),
         generation_started_at=now,
         next_attempt_at=at,
         created_at=now,
@@ -58,24 +78,47 @@ def schedule_cancellation(
 
 def mark_inactive_from_webhook(session: Session, membership_id: str, now: datetime) -> int:
     """Whop says the membership is canceled (often the echo of our own cancel): a cancellation
-    that has not run yet has nothing left to do."""
-    result = session.execute(
-        update(Cancellation)
+    waiting for its next attempt has nothing left to do. The state says who did it: `canceled`
+    when a call of ours may have been carried out (its answer was lost: timeout, 5xx),
+    `already_inactive` when no call of ours went through. A `running` row is left alone: the
+    answer of its call in flight settles it."""
+    rows = session.scalars(
+        select(Cancellation)
         .where(
             Cancellation.membership_id == membership_id,
             Cancellation.status == Status.SCHEDULED.value,
         )
-        .values(
-            status=Status.ALREADY_INACTIVE.value,
-            updated_at=now,
-            lease_until=None,
-            last_error="Whop reported the membership inactive before our call",
+        .with_for_update()
+    ).all()
+    for row in rows:
+        if ours_may_have_acted(row):
+            row.status = Status.CANCELED.value
+            row.canceled_at = now
+            row.last_error = (
+                "Whop reported the membership canceled after our cancel call whose answer was "
+                f"lost (last: {row.last_error or '-'})"
+            )
+            event = "cancelled"
+        else:
+            row.status = Status.ALREADY_INACTIVE.value
+            row.last_error = (
+                "Whop reported the membership inactive before our call"
+                if row.attempts == 0
+                else "Whop reported the membership inactive; none of our calls had gone through "
+                f"(last: {row.last_error or '-'})"
+            )
+            event = "cancellation_already_inactive"
+        row.updated_at = now
+        row.lease_until = None
+        row.lease_owner = None
+        log.info(
+            event,
+            cancellation_id=row.id,
+            order_id=row.order_id,
+            membership_id=membership_id,
+            source="webhook",
         )
-    )
-    count: int = result.rowcount  # type: ignore[attr-defined]
-    if count:
-        log.info("cancellation_already_inactive", membership_id=membership_id, source="webhook")
-    return count
+    return len(rows)
 
 
 @dataclass(frozen=True)
@@ -85,6 +128,7 @@ class _Claim:
     membership_id: str | None  # None: to be found by listing the customer's memberships
     generation: int
     attempts: int
+    idempotency_key: str
     user_id: str | None = None
     plan_id: str | None = None
     checkout_configuration_id: str | None = None
@@ -151,13 +195,14 @@ class CancellationService:
                 return
             claim = replace(claim, membership_id=found)
         assert claim.membership_id is not None
-        reply = client.cancel_membership(
-            claim.membership_id, f"cancel-{claim.id}-{claim.generation}"
-        )
+        reply = client.cancel_membership(claim.membership_id, claim.idempotency_key)
         check: WhopReply | None = None
         outcome = classify(reply)
+        unreadable = reply.membership_status is None or reply.membership_id is None
         if outcome is Outcome.CONFLICT or (
-            outcome is Outcome.SUCCESS and reply.membership_status is None
+            outcome is Outcome.SUCCESS
+            and unreadable
+            and _other_membership(reply, claim.membership_id) is None
         ):
             check = client.retrieve_membership(claim.membership_id)
         self._record(claim, reply, check)
@@ -277,12 +322,15 @@ class CancellationService:
             if not_before is not None and not_before > now:
                 self._reschedule(session, row, now, (not_before - now).total_seconds(), jitter=0.1)
                 return None
+            if row.idempotency_token is None:  # a row made before tokens existed
+                row.idempotency_token = new_idempotency_token()
             return _Claim(
                 id=row.id,
                 order_id=row.order_id,
                 membership_id=row.membership_id,
                 generation=row.generation,
                 attempts=row.attempts,
+                idempotency_key=idempotency_key(row.idempotency_token, row.generation),
                 user_id=order.whop_user_id,
                 plan_id=order.plan_id,
                 checkout_configuration_id=order.checkout_configuration_id,
@@ -311,41 +359,21 @@ class CancellationService:
                 return
             order = session.get(Order, row.order_id)
             assert order is not None
+            earlier_ours = ours_may_have_acted(row)  # before this answer is counted
             row.membership_id = row.membership_id or claim.membership_id  # found by listing
-            row.last_http_status = reply.status
             outcome = classify(reply)
+            if outcome is not Outcome.THROTTLED or row.attempts == 0:
+                row.last_http_status = reply.status  # a 429 keeps the last attempt's status
             if outcome is not Outcome.THROTTLED:  # a 429 costs no attempt
                 row.attempts += 1
+            if outcome in (Outcome.CONFIGURATION, Outcome.CONFLICT, Outcome.PERMANENT):
+                # A definite refusal, which Whop may have stored under the key: the next
+                # attempt is a new request, so the stored refusal can never block it.
+                row.idempotency_token = new_idempotency_token()
             if outcome is Outcome.SUCCESS:
-                status = reply.membership_status or (check.membership_status if check else None)
-                if status is None:
-                    self._retry(
-                        session,
-                        row,
-                        order,
-                        now,
-                        "Whop answered without a readable membership; will check again",
-                    )
-                elif status == "canceled":
-                    self._succeed(session, row, now, Status.CANCELED)
-                elif status in INACTIVE_STATUSES:
-                    self._succeed(session, row, now, Status.ALREADY_INACTIVE)
-                else:
-                    period_end = (
-                        isinstance(reply.body, dict)
-                        and reply.body.get("cancel_at_period_end") is True
-                    )
-                    self._fail(
-                        session,
-                        row,
-                        order,
-                        now,
-                        f"Whop accepted the cancel but the membership is still '{status}'"
-                        + (" (only flagged to cancel at period end)" if period_end else "")
-                        + ": the cancel did not take effect",
-                    )
+                self._after_success(session, row, order, now, claim, reply, check)
             elif outcome is Outcome.CONFLICT:
-                self._after_conflict(session, row, order, now, reply, check)
+                self._after_conflict(session, row, order, now, reply, check, earlier_ours)
             elif outcome is Outcome.PERMANENT:
                 self._fail(
                     session,
@@ -364,6 +392,76 @@ class CancellationService:
 
     # Outcomes -------------------------------------------------------------------------------
 
+    def _after_success(
+        self,
+        session: Session,
+        row: Cancellation,
+        order: Order,
+        now: datetime,
+        claim: _Claim,
+        reply: WhopReply,
+        check: WhopReply | None,
+    ) -> None:
+        """A 2xx: the membership in the body (or the re-read) must be ours, and canceled."""
+        ours = claim.membership_id
+        assert ours is not None
+        for answer, call in ((reply, "cancel"), (check, "re-read")):
+            other = _other_membership(answer, ours) if answer is not None else None
+            if other is not None:
+                self._fail_for_another(session, row, order, now, call, other)
+                return
+        readings = [
+            answer.membership_status
+            for answer in (reply, check)
+            if answer is not None and answer.ok and answer.membership_id == ours
+        ]
+        status = next((value for value in readings if value is not None), None)
+        if status is None:
+            self._retry(
+                session,
+                row,
+                order,
+                now,
+                "Whop answered without a readable membership; will check again",
+            )
+        elif status == "canceled":
+            self._succeed(session, row, now, Status.CANCELED)
+        elif status in INACTIVE_STATUSES:
+            self._succeed(session, row, now, Status.ALREADY_INACTIVE)
+        else:
+            period_end = (
+                isinstance(reply.body, dict) and reply.body.get("cancel_at_period_end") is True
+            )
+            self._fail(
+                session,
+                row,
+                order,
+                now,
+                f"Whop accepted the cancel but the membership is still '{status}'"
+                + (" (only flagged to cancel at period end)" if period_end else "")
+                + ": the cancel did not take effect",
+            )
+
+    def _fail_for_another(
+        self,
+        session: Session,
+        row: Cancellation,
+        order: Order,
+        now: datetime,
+        call: str,
+        other: str,
+    ) -> None:
+        """Whop answered for a membership we did not ask about: nothing is known about ours."""
+        self._fail(
+            session,
+            row,
+            order,
+            now,
+            f"Whop answered our {call} of membership {row.membership_id} for another "
+            f"membership ({other}), so whether {row.membership_id} is cancelled is unknown; "
+            "check both in the Whop dashboard",
+        )
+
     def _after_conflict(
         self,
         session: Session,
@@ -372,6 +470,7 @@ class CancellationService:
         now: datetime,
         reply: WhopReply,
         check: WhopReply | None,
+        earlier_ours: bool,
     ) -> None:
         if check is None or classify(check) is not Outcome.SUCCESS:
             detail = check.describe() if check else "no re-read"
@@ -383,7 +482,19 @@ class CancellationService:
                 f"{reply.describe()}; re-reading the membership failed ({detail})",
             )
             return
+        other = _other_membership(check, row.membership_id)
+        if other is not None:
+            self._fail_for_another(session, row, order, now, "re-read", other)
+            return
         status = check.membership_status
+        if status == "canceled" and earlier_ours:
+            # Whop refuses a second cancel: the first was our earlier call, whose answer we lost.
+            row.last_error = (
+                "Whop reported the membership canceled after our cancel call whose answer was "
+                f"lost (then {reply.describe()})"
+            )
+            self._succeed(session, row, now, Status.CANCELED)
+            return
         if status in INACTIVE_STATUSES:
             self._succeed(session, row, now, Status.ALREADY_INACTIVE)
             return
@@ -607,6 +718,12 @@ class CancellationService:
             generation=row.generation,
             reason=reason,
         )
+
+
+def _other_membership(reply: WhopReply, membership_id: str | None) -> str | None:
+    """The membership a reply names when it is not the one we asked about (else None)."""
+    named = reply.membership_id
+    return named if named is not None and named != membership_id else None
 
 
 def failed_cancellations(session: Session) -> list[tuple[Cancellation, Order]]:

@@ -51,12 +51,16 @@ R = TypeVar("R")
 
 @dataclass
 class Endpoints:
-    """The API over one store. `forbidden` and `rejection` are faults that only cancel has."""
+    """The API over one store. `forbidden` and `rejection` are faults that only cancel has;
+    `read_rejection` refuses the reads of a membership, `answer_as` names the membership whose
+    object answers a cancel or read of another (nothing changes)."""
 
     store: Store
     echo_cancel: Callable[[MembershipRecord, str], None]
     forbidden: Callable[[], bool]
     rejection: Callable[[str], int | None]
+    read_rejection: Callable[[str], int | None] = lambda _membership_id: None
+    answer_as: Callable[[str], str | None] = lambda _membership_id: None
 
     def route(
         self, method: str, sub_path: str, query: Query, body: Any, *, versioned: bool
@@ -106,7 +110,15 @@ class Endpoints:
         mem = self.store.memberships.get(membership_id)
         if mem is None:
             return error(404, f"Membership {membership_id} not found")
-        return ok(shapes.membership(mem, versioned=versioned))
+        rejection = self.read_rejection(membership_id)
+        if rejection is not None:
+            return error(rejection, "This membership cannot be read right now")
+        return ok(shapes.membership(self._answered_as(mem), versioned=versioned))
+
+    def _answered_as(self, mem: MembershipRecord) -> MembershipRecord:
+        """The membership whose object answers for `mem` (itself unless `answer_as` is set)."""
+        other = self.answer_as(mem.id)
+        return self.store.memberships[other] if other is not None else mem
 
     def _list_memberships(self, query: Query, versioned: bool) -> ApiResponse:
         return self._list(
@@ -128,6 +140,8 @@ class Endpoints:
         rejection = self.rejection(membership_id)
         if rejection is not None:
             return error(rejection, "This membership cannot be canceled")
+        if self.answer_as(membership_id) is not None:  # answered for another; nothing changes
+            return ok(shapes.membership(self._answered_as(mem), versioned=versioned))
         if mem.status in TERMINAL_STATUSES:
             return error(409, "Membership is already canceled")
         moment = now()

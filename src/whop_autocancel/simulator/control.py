@@ -63,6 +63,7 @@ class RejectBody(_Strict):
     """`POST /_sim/memberships/{id}/reject`."""
 
     status: int = Field(default=422, ge=400, le=599)
+    read_status: int | None = Field(default=None, ge=400, le=599)
 
 
 class ToggleBody(_Strict):
@@ -175,12 +176,16 @@ def control_router(sim: Simulator) -> APIRouter:
 
     @router.post("/memberships/{membership_id}/reject", response_model=None)
     def reject(membership_id: str, body: RejectBody | None = None) -> dict[str, Any] | JSONResponse:
-        status = (body or RejectBody()).status
+        body = body or RejectBody()
         try:
-            sim.reject(membership_id, status)
+            sim.reject(membership_id, body.status, read_status=body.read_status)
         except UnknownMembershipError:
             return _not_found(membership_id)
-        return {"membership_id": membership_id, "status": status}
+        return {
+            "membership_id": membership_id,
+            "status": body.status,
+            "read_status": body.read_status,
+        }
 
     @router.delete("/memberships/{membership_id}/reject", response_model=None)
     def unreject(membership_id: str) -> dict[str, Any] | JSONResponse:
@@ -188,7 +193,7 @@ def control_router(sim: Simulator) -> APIRouter:
             sim.unreject(membership_id)
         except UnknownMembershipError:
             return _not_found(membership_id)
-        return {"membership_id": membership_id, "status": None}
+        return {"membership_id": membership_id, "status": None, "read_status": None}
 
     @router.get("/calls")
     def calls(membership_id: str | None = None) -> dict[str, Any]:

@@ -82,6 +82,8 @@ class Faults:
     throttled_requests: int = 0
     retry_after: float = 1.0
     rejections: dict[str, int] = field(default_factory=dict)
+    read_rejections: dict[str, int] = field(default_factory=dict)
+    answer_as: dict[str, str] = field(default_factory=dict)  # membership -> the one answered
     error_rate: float = 0.0
     timeout_rate: float = 0.0
     timeout_seconds: float = 10.0

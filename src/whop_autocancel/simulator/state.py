@@ -98,6 +98,8 @@ class Simulator:
             echo_cancel=self._echo_cancel,
             forbidden=lambda: self._faults.forbidden,
             rejection=self._faults_rejection,
+            read_rejection=lambda membership_id: self._faults.read_rejections.get(membership_id),
+            answer_as=lambda membership_id: self._faults.answer_as.get(membership_id),
         )
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -308,19 +310,45 @@ class Simulator:
 
     # ----- faults ----------------------------------------------------------------------------
 
-    def reject(self, membership_id: str, status: int = 422) -> None:
-        """Make every cancel of this membership answer `status` (a permanent rejection)."""
-        if not 400 <= status <= 599:
-            raise ValueError(f"status must be 4xx or 5xx, not {status}")
+    def reject(
+        self, membership_id: str, status: int = 422, *, read_status: int | None = None
+    ) -> None:
+        """Make every cancel of this membership answer `status` (a permanent rejection), and
+        with `read_status` every read of it (`GET /memberships/{id}`) answer that."""
+        for value in (status, read_status):
+            if value is not None and not 400 <= value <= 599:
+                raise ValueError(f"status must be 4xx or 5xx, not {value}")
         with self._lock:
             self._get(membership_id)
             self._faults.rejections[membership_id] = status
+            if read_status is None:
+                self._faults.read_rejections.pop(membership_id, None)
+            else:
+                self._faults.read_rejections[membership_id] = read_status
 
     def unreject(self, membership_id: str) -> None:
         """Undo `reject`."""
         with self._lock:
             self._get(membership_id)
             self._faults.rejections.pop(membership_id, None)
+            self._faults.read_rejections.pop(membership_id, None)
+
+    def answer_as(self, membership_id: str, other_id: str | None) -> None:
+        """Make every cancel and read of `membership_id` answer 200 with `other_id`'s object
+        as it is, changing nothing (a misrouted answer); None undoes it."""
+        with self._lock:
+            self._get(membership_id)
+            if other_id is None:
+                self._faults.answer_as.pop(membership_id, None)
+                return
+            self._get(other_id)
+            self._faults.answer_as[membership_id] = other_id
+
+    def forget_idempotency_keys(self) -> None:
+        """Forget every stored Idempotency-Key answer, as when Whop's retention window has
+        passed: a repeated key is a new request from now on."""
+        with self._lock:
+            self._idempotent.clear()
 
     def set_outage(self, enabled: bool, for_seconds: float | None = None) -> None:
         """While on, every `/api/v1` request answers 503. With `for_seconds` the outage ends

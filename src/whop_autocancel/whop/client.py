@@ -49,6 +49,15 @@ class WhopReply:
             return status if isinstance(status, str) else None
         return None
 
+    @property
+    def membership_id(self) -> str | None:
+        """The id of the membership in the body (legacy and versioned objects both carry it
+        at the top), to check that Whop answered for the membership we asked about."""
+        if isinstance(self.body, dict):
+            value = self.body.get("id")
+            return value if isinstance(value, str) and value else None
+        return None
+
     def describe(self) -> str:
         """A short, log-safe description: HTTP status and Whop's error message."""
         if self.status is None:

@@ -31,3 +31,12 @@ def classify(reply: WhopReply) -> Outcome:
     if status == 404:
         return Outcome.PERMANENT
     return Outcome.CONFLICT
+
+
+def may_have_acted(status: int | None) -> bool:
+    """Whether a cancel call answered with this HTTP status (None: no answer) may have been
+    carried out by Whop: yes for a 2xx, and for an answer that does not say (timeout,
+    connection error, 408, 5xx); no for a refusal (any other 4xx, 429 included)."""
+    if status is None or status == 408 or status >= 500:
+        return True
+    return 200 <= status < 300
