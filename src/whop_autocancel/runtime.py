@@ -109,6 +109,7 @@ def build_runtime(
         timeout=settings.SMTP_TIMEOUT,
         retry_schedule=settings.RETRY_SCHEDULE,
         lease_seconds=settings.SMTP_TIMEOUT * 3 + 5,
+        give_up_after=settings.EMAIL_GIVE_UP_AFTER,
         sealer=sealer,
     )
     alerts = Alerts(
