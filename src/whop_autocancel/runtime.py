@@ -146,6 +146,9 @@ def build_runtime(
         sealer=sealer,
         templates=templates,
     )
+    # Mail is below delivery: the outbox only runs hooks; the delivery domain wakes the held
+    # cancellation when a delivery email goes, and alerts when one fails for good.
+    outbox.listen(on_sent=delivery.email_sent, on_failed=delivery.email_failed)
     runtime_box: list[Runtime] = []
     cancellations = CancellationService(
         database,
