@@ -430,7 +430,9 @@ def cancel_membership(runtime: Runtime, membership_id: str) -> CancelResult:
             membership_id=membership_id,
             action=action,
         )
-    runtime.cancellations.run(cancellation_id)
+    # The admin's decision: no wait for the delivery email (e.g. it failed and the customer
+    # got the product another way).
+    runtime.cancellations.run(cancellation_id, wait_for_email=False)
     with runtime.database.transaction() as session:
         final = session.get(Cancellation, cancellation_id)
         assert final is not None

@@ -109,6 +109,7 @@ def build_runtime(
         timeout=settings.SMTP_TIMEOUT,
         retry_schedule=settings.RETRY_SCHEDULE,
         lease_seconds=settings.SMTP_TIMEOUT * 3 + 5,
+        give_up_after=settings.EMAIL_GIVE_UP_AFTER,
         sealer=sealer,
     )
     alerts = Alerts(
@@ -145,6 +146,9 @@ def build_runtime(
         sealer=sealer,
         templates=templates,
     )
+    # Mail is below delivery: the outbox only runs hooks; the delivery domain wakes the held
+    # cancellation when a delivery email goes, and alerts when one fails for good.
+    outbox.listen(on_sent=delivery.email_sent, on_failed=delivery.email_failed)
     runtime_box: list[Runtime] = []
     cancellations = CancellationService(
         database,

@@ -37,7 +37,9 @@ def runtime(tmp_path: Path, clock: FrozenClock, port: int, database_url: str) ->
     runtime.close()
 
 
-def queue(runtime: Runtime, to: str = "buyer@example.com", key: str | None = None) -> int | None:
+def queue(
+    runtime: Runtime, to: str = "buyer@example.com", key: str | None = None, kind: str = "test"
+) -> int | None:
     email = render_email(
         "alert",
         "Test subject",
@@ -48,7 +50,7 @@ def queue(runtime: Runtime, to: str = "buyer@example.com", key: str | None = Non
     )
     with runtime.database.transaction() as session:
         row = runtime.outbox.queue(
-            session, kind="test", to=to, email=email, now=runtime.clock.now(), dedupe_key=key
+            session, kind=kind, to=to, email=email, now=runtime.clock.now(), dedupe_key=key
         )
         return row.id if row else None
 
@@ -123,6 +125,68 @@ def test_a_wrong_password_is_a_retryable_failure_that_never_shows_the_password(
     with SmtpSink(port=port, credentials=("shop", "another")) as sink:
         runtime.outbox.send(email_id)
         assert sink.messages == []
-    error = row(runtime, email_id).last_error or ""
+    failed = row(runtime, email_id)
+    error = failed.last_error or ""
     assert "Authentication" in error
     assert "s3cret-pa55" not in error
+    # A 535 is about our settings, not this message: retried (it goes once they are fixed).
+    assert failed.failed_at is None
+
+
+def sends_queued(runtime: Runtime) -> int:
+    return sum(1 for task in runtime.jobs.huey.pending() if task.name == "mail.send") + sum(
+        1 for task in runtime.jobs.huey.scheduled() if task.name == "mail.send"
+    )
+
+
+def test_a_permanent_rejection_ends_the_email_at_once(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    email_id = queue(runtime, to="gone@example.com")
+    assert email_id is not None
+    runtime.jobs.huey.flush()
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        sink.reject("gone@example.com")
+        runtime.outbox.send(email_id)
+        failed = row(runtime, email_id)
+        assert failed.failed_at is not None
+        assert failed.sent_at is None
+        assert failed.attempts == 1
+        assert (failed.last_error or "").startswith("550 5.1.1 <gone@example.com>")
+        assert "s3cret-pa55" not in (failed.last_error or "")
+        assert sends_queued(runtime) == 0  # no retry scheduled
+        # Never tried again: not by a duplicate job, not by the stuck-work sweep.
+        sink.accept("gone@example.com")
+        clock.advance(3600)
+        runtime.outbox.send(email_id)
+        assert runtime.stuck_sweep.run(force=True).emails == 0
+        assert sink.messages == []
+    assert row(runtime, email_id).attempts == 1
+
+
+def test_only_a_delivery_email_is_given_up_by_time(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    """SMTP down for longer than EMAIL_GIVE_UP_AFTER (3600 s): the customer's delivery email
+    ends `failed` at its next failed try; an admin's email keeps trying until it goes."""
+    delivery = queue(runtime, kind="delivery")
+    notice = queue(runtime, to="admin@shop.test", kind="admin_delivered")
+    assert delivery is not None
+    assert notice is not None
+    runtime.outbox.send(delivery)
+    runtime.outbox.send(notice)
+    clock.advance(3599)
+    runtime.outbox.send(delivery)
+    assert row(runtime, delivery).failed_at is None
+    clock.advance(30)
+    runtime.outbox.send(delivery)
+    runtime.outbox.send(notice)
+    given_up = row(runtime, delivery)
+    assert given_up.failed_at is not None
+    assert "ConnectionRefusedError" in (given_up.last_error or "")
+    assert row(runtime, notice).failed_at is None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        clock.advance(30)
+        runtime.outbox.send(delivery)
+        runtime.outbox.send(notice)
+        assert [m.recipients for m in sink.messages] == [("admin@shop.test",)]

@@ -15,6 +15,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
@@ -22,13 +23,18 @@ from whop_autocancel.simulator import SimulatorServer
 
 @pytest.fixture
 def runtime(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, database_url: str
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    database_url: str,
 ) -> Iterator[Runtime]:
     runtime = make_runtime(
         make_settings(
             tmp_path,
             DATABASE_URL=database_url,
             WHOP_API_URL=simulator.api_url,
+            SMTP_URL=smtp_sink.url,  # a membership is cancelled once its email is accepted
             WHOP_COMPANY_ID="biz_SimStore",
         ),
         clock,

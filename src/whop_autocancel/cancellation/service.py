@@ -22,6 +22,7 @@ from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
 from whop_autocancel.whop.client import WhopClient, WhopReply
@@ -31,6 +32,9 @@ log = structlog.get_logger(__name__)
 
 NOT_BEFORE_KEY = "whop:not_before"
 Status = CancellationStatus
+# How `last_error` starts while a row waits for its order's delivery email (`_email_hold`);
+# `wake_after_email` brings exactly those rows forward when the email is accepted.
+WAITING_FOR_EMAIL = "Waiting for the customer's delivery email"
 
 
 class RetryRefused(WhopAutocancelError):
@@ -121,6 +125,55 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
     return len(rows)
 
 
+def _email_hold(
+    session: Session, order: Order, now: datetime, last_interval: float
+) -> tuple[float, str] | None:
+    """(delay, reason) while the order has delivery emails and none was accepted; None when
+    one was, or when the delivery sends none (`none`)."""
+    emails = session.execute(
+        select(Email.sent_at, Email.failed_at, Email.next_attempt_at).where(
+            Email.order_id == order.id, Email.kind == DELIVERY_KIND
+        )
+    ).all()
+    if not emails or any(sent_at is not None for sent_at, _, _ in emails):
+        return None
+    retried = [due for _, failed_at, due in emails if failed_at is None]
+    if not retried:
+        return last_interval, (
+            f"{WAITING_FOR_EMAIL}, which failed (see the email_failed alert): fix the address "
+            f"or SMTP, then resend with `whop-autocancel orders resend {order.id}`; or cancel "
+            f"by hand with `whop-autocancel cancel {order.whop_membership_id or 'MEMBERSHIP'}`"
+        )
+    # Check again at the email's next try; an email due now (being sent) is looked at again
+    # shortly: it wakes this row itself once accepted.
+    until = (min(retried) - now).total_seconds()
+    floor = min(5.0, last_interval)
+    return min(max(until, floor), last_interval), (
+        f"{WAITING_FOR_EMAIL}: the SMTP server has not accepted it yet (retried until "
+        "EMAIL_GIVE_UP_AFTER)"
+    )
+
+
+def wake_after_email(session: Session, jobs: Jobs, order_id: str, now: datetime) -> int:
+    """The order's delivery email was accepted: a cancellation held for it runs now (the
+    wait adds no latency). Rows not held (e.g. still within CANCEL_DELAY) keep their time."""
+    rows = session.scalars(
+        select(Cancellation)
+        .where(
+            Cancellation.order_id == order_id,
+            Cancellation.status == Status.SCHEDULED.value,
+            Cancellation.last_error.startswith(WAITING_FOR_EMAIL, autoescape=True),
+        )
+        .with_for_update()
+    ).all()
+    for row in rows:
+        row.next_attempt_at = min(row.next_attempt_at, now)
+        row.updated_at = now
+        jobs.defer(session, CANCEL_TASK, row.id)
+        log.info("cancellation_woken_by_email", cancellation_id=row.id, order_id=order_id)
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class _Claim:
     id: int
@@ -171,9 +224,9 @@ class CancellationService:
 
     # The job --------------------------------------------------------------------------------
 
-    def run(self, cancellation_id: int) -> None:
+    def run(self, cancellation_id: int, *, wait_for_email: bool = True) -> None:
         """The `cancellation.run` job: safe to run any number of times, anywhere."""
-        claim = self._claim(cancellation_id)
+        claim = self._claim(cancellation_id, wait_for_email)
         if claim is None:
             return
         log.info(
@@ -269,7 +322,9 @@ class CancellationService:
                 f"Whop never told us the membership id of this purchase ({reason})",
             )
 
-    def _claim(self, cancellation_id: int) -> _Claim | None:
+    def _claim(self, cancellation_id: int, wait_for_email: bool = True) -> _Claim | None:
+        """Lease a due row and decide whether to call Whop now. `wait_for_email`: hold the row
+        while its order's delivery email is not accepted (False: an admin's `cancel`)."""
         now = self._clock.now()
         with self._database.transaction() as session:
             taken = session.execute(
@@ -310,6 +365,8 @@ class CancellationService:
                 )
                 return None
             assert order is not None
+            if self._held_for_email(session, row, order, now, wait_for_email):
+                return None
             row.membership_id = row.membership_id or order.whop_membership_id
             if row.membership_id is None:
                 waited = (now - row.generation_started_at).total_seconds()
@@ -335,6 +392,34 @@ class CancellationService:
                 plan_id=order.plan_id,
                 checkout_configuration_id=order.checkout_configuration_id,
             )
+
+    def _held_for_email(
+        self, session: Session, row: Cancellation, order: Order, now: datetime, wait: bool
+    ) -> bool:
+        """The product reaches the customer by email: no cancel before the SMTP server has
+        accepted one of the order's delivery emails. Held rows stay `scheduled` and spend no
+        attempt; they are checked again at the email's next try (woken at once when it is
+        sent, see `wake_after_email`) or, when every one failed for good, parked at the last
+        retry interval until `orders resend` (or an admin's `cancel`: `wait` False)."""
+        hold = _email_hold(session, order, now, self._schedule[-1]) if wait else None
+        if hold is None:
+            if row.last_error is not None and row.last_error.startswith(WAITING_FOR_EMAIL):
+                row.last_error = None
+                # Whop's give-up time (and the membership wait) count from here, not from the
+                # delivery: the wait for the email was not Whop's.
+                row.generation_started_at = now
+            return False
+        delay, reason = hold
+        if reason != row.last_error:
+            log.info(
+                "cancellation_waits_for_email",
+                cancellation_id=row.id,
+                order_id=row.order_id,
+                reason=reason,
+            )
+        row.last_error = reason
+        self._reschedule(session, row, now, delay, jitter=0.1)
+        return True
 
     def _skip_reason(self, order: Order | None) -> str | None:
         if order is None:

@@ -171,6 +171,7 @@ class StuckWorkSweep:
             emails = candidates(
                 select(Email.id).where(
                     Email.sent_at.is_(None),
+                    Email.failed_at.is_(None),  # given up: only `orders resend` sends again
                     Email.next_attempt_at < overdue,
                     or_(Email.lease_until.is_(None), Email.lease_until < now),
                 )

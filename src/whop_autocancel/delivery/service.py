@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK
-from whop_autocancel.cancellation.service import schedule_cancellation
+from whop_autocancel.cancellation.service import schedule_cancellation, wake_after_email
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery import stock
@@ -34,6 +34,7 @@ from whop_autocancel.delivery.methods import (
 from whop_autocancel.delivery.stock import SERVE_TASK
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
+from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import PACKAGE_TEMPLATES, EmailTemplates, render_email
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -413,7 +414,7 @@ class DeliveryService:
         assert order.email is not None
         self._outbox.queue(
             session,
-            kind="delivery",
+            kind=DELIVERY_KIND,
             to=order.email,
             email=delivery.customer_email,
             now=now,
@@ -422,6 +423,69 @@ class DeliveryService:
             sealed=delivery.sealed,
         )
         return order.email
+
+    # Outbox hooks (wired in runtime.py): the delivery is complete only once its email is in. --
+
+    def email_sent(self, session: Session, email: Email, now: datetime) -> None:
+        """A customer's delivery email was accepted: the order's cancellation, held for it,
+        runs now."""
+        if email.kind == DELIVERY_KIND and email.order_id is not None:
+            wake_after_email(session, self._jobs, email.order_id, now)
+
+    def email_failed(self, session: Session, email: Email, now: datetime) -> None:
+        """A customer's delivery email was given up: one `email_failed` alert. The order's
+        cancellation stays held (the membership live) until a resend is accepted."""
+        if email.kind != DELIVERY_KIND or email.order_id is None:
+            return
+        order = session.get(Order, email.order_id)
+        if order is None:
+            return
+        plan = self._catalog.get(order.plan_id)
+        answer = email.last_error or "no answer recorded"
+        membership = order.whop_membership_id or "(find it by the customer's email)"
+        cancels = plan is not None and plan.cancel
+        steps = [
+            "If the SMTP answer names your server or settings (SMTP_URL, MAIL_FROM, a "
+            "block or quota), fix that first; `whop-autocancel check` tests the connection.",
+            f"Then send the product again: whop-autocancel orders resend {order.id}"
+            + (" (the membership is cancelled once the server accepts it)." if cancels else "."),
+            "If the address itself is wrong or dead, contact the customer in Whop and deliver "
+            "the product another way.",
+        ]
+        if cancels:
+            steps.append(
+                "Once the customer has the product another way, cancel the membership by "
+                f"hand: whop-autocancel cancel {order.whop_membership_id or 'MEMBERSHIP'}"
+            )
+        self._alerts.raise_once(
+            session,
+            AlertKind.EMAIL_FAILED,
+            f"email_failed:{email.id}",
+            AlertContent(
+                subject=f"Order {order.id}: the delivery email to {email.to_address} failed",
+                summary=(
+                    "The customer paid and the order is marked delivered, but the email that "
+                    f"carries the product could not be sent: {answer}. "
+                    + (
+                        "The Whop membership was NOT cancelled: it stays live until the "
+                        "customer has the product."
+                        if cancels
+                        else "This plan keeps its membership (cancel = false)."
+                    )
+                ),
+                details=[
+                    ("Order", order.id),
+                    ("Customer", email.to_address),
+                    ("SMTP answer", answer),
+                    ("Membership", membership),
+                    ("Plan", f"{plan.name} ({plan.plan_id})" if plan else order.plan_id or "-"),
+                    ("Email", f"#{email.id}, {email.attempts} attempt(s)"),
+                ],
+                steps=steps,
+            ),
+            now,
+            order_id=order.id,
+        )
 
 
 def unreadable_key(pool: str) -> str:

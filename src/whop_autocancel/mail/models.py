@@ -9,6 +9,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, LongText, UTCDateTime
 
+# The kind of a customer's delivery email (the first one and every `orders resend`): the
+# order's membership is cancelled only once one of them was accepted by the SMTP server, and
+# only these are given up after EMAIL_GIVE_UP_AFTER.
+DELIVERY_KIND = "delivery"
+
 
 class Email(Base):
     __tablename__ = "emails"

@@ -15,9 +15,9 @@ from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
-from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.render import RenderedEmail
-from whop_autocancel.mail.smtp import MailError, build_message, send_message
+from whop_autocancel.mail.smtp import MailError, MailRejected, build_message, send_message
 from whop_autocancel.sealing import Sealer, SealError
 from whop_autocancel.settings import SmtpConfig
 
@@ -25,6 +25,12 @@ log = structlog.get_logger(__name__)
 
 SEND_TASK = "mail.send"
 CHAT_KIND = "chat"
+
+# Called in the transaction that marks a message sent (or failed for good), with the row and
+# the time: how the layers above react to mail without the outbox knowing them (runtime.py
+# wires the delivery domain's hooks: wake the order's cancellation, alert on a failed
+# delivery email).
+EmailHook = Callable[[Session, Email, datetime], None]
 
 
 def post_chat(url: str, text: str, timeout: float) -> None:
@@ -57,6 +63,7 @@ class Outbox:
         timeout: float,
         retry_schedule: Sequence[float],
         lease_seconds: float,
+        give_up_after: float,
         sealer: Sealer | None = None,
     ) -> None:
         self._database = database
@@ -67,7 +74,20 @@ class Outbox:
         self._timeout = timeout
         self._schedule = list(retry_schedule)
         self._lease = lease_seconds
+        self._give_up_after = give_up_after
         self._sealer = sealer
+        self._on_sent: list[EmailHook] = []
+        self._on_failed: list[EmailHook] = []
+
+    def listen(
+        self, *, on_sent: EmailHook | None = None, on_failed: EmailHook | None = None
+    ) -> None:
+        """Run `on_sent` when the SMTP server accepted a message, `on_failed` when the outbox
+        gave one up; each in the transaction that records it."""
+        if on_sent is not None:
+            self._on_sent.append(on_sent)
+        if on_failed is not None:
+            self._on_failed.append(on_failed)
 
     def queue(
         self,
@@ -139,7 +159,8 @@ class Outbox:
         return lambda: send_message(self._smtp, message, self._timeout)
 
     def send(self, email_id: int) -> None:
-        """The `mail.send` job: send one message at least once, retrying until it goes."""
+        """The `mail.send` job: send one message at least once, retrying until it goes, or
+        until it fails for good (see `_failed_attempt`)."""
         now = self._clock.now()
         with self._database.transaction() as session:
             claimed = session.execute(
@@ -147,16 +168,22 @@ class Outbox:
                 .where(
                     Email.id == email_id,
                     Email.sent_at.is_(None),
+                    Email.failed_at.is_(None),
                     Email.next_attempt_at <= now,
                     or_(Email.lease_until.is_(None), Email.lease_until < now),
                 )
                 .values(lease_until=now + timedelta(seconds=self._lease))
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                return  # sent already, not due yet, or another worker has it
+                return  # sent or given up already, not due yet, or another worker has it
             row = session.get(Email, email_id)
             assert row is not None
-            kind, attempts = row.kind, row.attempts
+            kind, attempts, order_id, created_at = (
+                row.kind,
+                row.attempts,
+                row.order_id,
+                row.created_at,
+            )
             try:
                 deliver = self._delivery(row)
             except SealError as error:  # a changed key: retried, and visible, until fixed
@@ -164,37 +191,81 @@ class Outbox:
         try:
             deliver()
         except MailError as error:
-            delay = self._schedule[min(attempts, len(self._schedule) - 1)]
-            delay *= random.uniform(0.9, 1.1)
-            with self._database.transaction() as session:
-                session.execute(
-                    update(Email)
-                    .where(Email.id == email_id)
-                    .values(
-                        attempts=Email.attempts + 1,
-                        last_error=str(error),
-                        lease_until=None,
-                        next_attempt_at=self._clock.now() + timedelta(seconds=delay),
-                    )
-                )
-                self._jobs.defer(session, SEND_TASK, email_id, delay=delay)
-            log.warning(
-                "email_send_failed",
-                email_id=email_id,
-                kind=kind,
-                error=str(error),
-                retry_in=round(delay, 2),
-            )
+            self._failed_attempt(email_id, kind, order_id, attempts, created_at, error)
             return
+        with self._database.transaction() as session:
+            sent = session.get(Email, email_id)
+            assert sent is not None
+            now = self._clock.now()
+            sent.sent_at = now
+            sent.attempts += 1
+            sent.lease_until = None
+            sent.last_error = None
+            for hook in self._on_sent:
+                hook(session, sent, now)
+        log.info("email_sent", email_id=email_id, kind=kind, order_id=order_id)
+
+    def _failed_attempt(
+        self,
+        email_id: int,
+        kind: str,
+        order_id: str | None,
+        attempts: int,
+        created_at: datetime,
+        error: MailError,
+    ) -> None:
+        """A permanent rejection (5xx to the recipient or the content) ends any message; a
+        customer's delivery email also ends when it was not accepted within `give_up_after`
+        (its order waits for it). Anything else is tried again on the schedule."""
+        now = self._clock.now()
+        waited = (now - created_at).total_seconds()
+        if isinstance(error, MailRejected):
+            why = "rejected by the SMTP server"
+        elif kind == DELIVERY_KIND and waited >= self._give_up_after:
+            why = f"not accepted within {waited / 60:.0f} min (EMAIL_GIVE_UP_AFTER)"
+        else:
+            self._retry(email_id, kind, order_id, attempts, error)
+            return
+        with self._database.transaction() as session:
+            row = session.get(Email, email_id)
+            assert row is not None
+            row.attempts += 1
+            row.last_error = str(error)
+            row.lease_until = None
+            row.failed_at = now
+            for hook in self._on_failed:
+                hook(session, row, now)
+        log.error(
+            "email_failed",
+            email_id=email_id,
+            kind=kind,
+            order_id=order_id,
+            error=str(error),
+            reason=why,
+        )
+
+    def _retry(
+        self, email_id: int, kind: str, order_id: str | None, attempts: int, error: MailError
+    ) -> None:
+        delay = self._schedule[min(attempts, len(self._schedule) - 1)]
+        delay *= random.uniform(0.9, 1.1)
         with self._database.transaction() as session:
             session.execute(
                 update(Email)
                 .where(Email.id == email_id)
                 .values(
-                    sent_at=self._clock.now(),
                     attempts=Email.attempts + 1,
+                    last_error=str(error),
                     lease_until=None,
-                    last_error=None,
+                    next_attempt_at=self._clock.now() + timedelta(seconds=delay),
                 )
             )
-        log.info("email_sent", email_id=email_id, kind=kind)
+            self._jobs.defer(session, SEND_TASK, email_id, delay=delay)
+        log.warning(
+            "email_send_failed",
+            email_id=email_id,
+            kind=kind,
+            order_id=order_id,
+            error=str(error),
+            retry_in=round(delay, 2),
+        )

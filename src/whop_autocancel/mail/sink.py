@@ -38,6 +38,14 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if address.lower() in self._sink.rejected:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self._sink.refusing:
             return "451 4.3.0 sink is refusing mail for now"
@@ -87,7 +95,8 @@ class SmtpSink:
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self.refusing = False
+        self.refusing = False  # every message answered 451 (a transient refusal)
+        self.rejected: set[str] = set()  # recipients answered 550 (a permanent rejection)
         self._messages: list[ReceivedEmail] = []
         self._lock = threading.Lock()
         options: dict[str, Any] = {}
@@ -99,6 +108,13 @@ class SmtpSink:
     @property
     def url(self) -> str:
         return f"smtp://{self.host}:{self.port}"
+
+    def reject(self, address: str) -> None:
+        """Answer `550 … User unknown` to RCPT TO this address, as a real server would."""
+        self.rejected.add(address.lower())
+
+    def accept(self, address: str) -> None:
+        self.rejected.discard(address.lower())
 
     def add(self, email: ReceivedEmail) -> None:
         with self._lock:

@@ -19,6 +19,33 @@ class MailError(WhopAutocancelError):
     """The SMTP server could not be reached or refused the message (retried later)."""
 
 
+class MailRejected(MailError):
+    """The SMTP server rejected this message for good (a 5xx answer to its recipient or its
+    content): sending the same message again cannot succeed."""
+
+
+def _answer(code: int, text: bytes | str) -> str:
+    reply = text.decode(errors="replace") if isinstance(text, bytes) else text
+    return f"{code} {reply}".strip()
+
+
+def _rejection(error: smtplib.SMTPException) -> str | None:
+    """The server's answer when `error` rejects this message permanently, else None.
+
+    Permanent: a 5xx to RCPT (every recipient refused, e.g. `550 User unknown`) or to DATA (the
+    content refused). Not permanent, whatever the code: the connection, HELO, STARTTLS, the
+    login and the sender (MAIL FROM) — those are the server's or our settings, fixed by the
+    admin, after which the same message goes through."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        replies = list(error.recipients.values())  # (code, reply) per address
+        if replies and all(code >= 500 for code, _ in replies):
+            return "; ".join(_answer(code, text) for code, text in replies)
+        return None
+    if isinstance(error, smtplib.SMTPDataError) and error.smtp_code >= 500:
+        return _answer(error.smtp_code, error.smtp_error)
+    return None
+
+
 def build_message(
     sender: str, to: str, subject: str, text: str, html: str | None, message_id: str
 ) -> EmailMessage:
@@ -55,12 +82,18 @@ def _session(config: SmtpConfig, timeout: float, work: Callable[[smtplib.SMTP], 
             if config.username:
                 client.login(config.username, config.password or "")
             return work(client)
-    except (OSError, smtplib.SMTPException) as error:
+    except smtplib.SMTPException as error:
+        rejected = _rejection(error)
+        if rejected is not None:
+            raise MailRejected(f"{rejected} ({config.describe()})") from None
+        raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None
+    except OSError as error:
         raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None
 
 
 def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> None:
-    """Deliver `message`; raise `MailError` on any failure."""
+    """Deliver `message`; raise `MailRejected` when the server rejects it for good (5xx to the
+    recipient or the content), `MailError` on any other failure (retried)."""
     _session(config, timeout, lambda client: client.send_message(message))
 
 
