@@ -28,6 +28,7 @@ import pytest
 from support.chaos import Cluster, parse_at, report, wait
 from support.concurrency import _bodies as event_bodies
 from support.harness import SECRET, signed_headers
+from whop_autocancel.cancellation.models import Cancellation
 
 pytestmark = pytest.mark.e2e
 
@@ -392,9 +393,11 @@ def test_webhooks_dropped_for_good_are_recovered_by_the_whop_sweep(tmp_path: Pat
 
 
 def test_smtp_down_then_back(tmp_path: Path) -> None:
-    """The SMTP server refuses every message (451) while 10 purchases go through and one
-    cancellation fails (Whop answers 422, the membership stays live): nothing is sent, nothing
-    is lost; once SMTP accepts again every email goes out exactly once."""
+    """The SMTP server refuses every message (451) while 10 purchases go through: nothing is
+    sent, and no membership is cancelled while its buyer has no product (the cancellation waits
+    for the delivery email to be accepted). Once SMTP accepts again every email goes out exactly
+    once, and then the memberships are cancelled; one of them fails (Whop answers 422, the
+    membership stays live) with one alert."""
     with Cluster(tmp_path, workers=1) as cluster:
         cluster.sink.refusing = True
         made = cluster.buy(10)
@@ -402,18 +405,28 @@ def test_smtp_down_then_back(tmp_path: Path) -> None:
 
         def all_tried() -> bool:
             emails = cluster.emails()
+            deliveries = [e for e in emails if e.kind == "delivery"]
             return (
-                cluster.final() == 10
-                and bool(cluster.alerts("cancellation_failed"))
-                and len(emails) > 0
+                len(deliveries) == 10
+                and cluster.count(Cancellation) == 10
                 and all(e.attempts >= 2 and e.sent_at is None for e in emails)
             )
 
         wait(all_tried, 60, "every email to be refused twice")
         refused = cluster.emails()
         assert cluster.sink.messages == []
+        assert cluster.cancel_calls() == []  # nobody's membership goes before their product
+        assert cluster.final() == 0
         cluster.sink.refusing = False
-        wait(lambda: cluster.unsent() == 0, 60, "the outbox to drain")
+        wait(
+            lambda: (
+                cluster.final() == 10
+                and bool(cluster.alerts("cancellation_failed"))
+                and cluster.unsent() == 0
+            ),
+            90,
+            "the outbox to drain and every cancellation to end",
+        )
 
         emails = cluster.emails()
         received = Counter(
@@ -426,6 +439,7 @@ def test_smtp_down_then_back(tmp_path: Path) -> None:
             "SMTP down, then back",
             {
                 "purchases": len(made),
+                "cancel calls while SMTP refused": 0,
                 "cancellations by status": dict(cluster.cancellation_statuses()),
                 "alerts": [a.kind for a in cluster.alerts()],
                 "outbox rows by kind": dict(kinds),
@@ -437,7 +451,8 @@ def test_smtp_down_then_back(tmp_path: Path) -> None:
         )
         assert cluster.cancellation_statuses() == Counter({"canceled": 9, "failed": 1})
         assert [a.kind for a in cluster.alerts()] == ["cancellation_failed"]
-        assert len(emails) == len(refused)  # nothing new was queued by the recovery
+        # Recovery queued only the failed cancellation's alert email; no email twice.
+        assert [e.kind for e in emails[len(refused) :]] == ["alert:cancellation_failed"]
         assert received == Counter({str(e.id): 1 for e in emails})
         assert len(cluster.sink.messages) == len(emails)
         assert kinds["delivery"] == 10
