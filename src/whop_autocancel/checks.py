@@ -9,6 +9,7 @@ from functools import partial
 
 from whop_autocancel.clock import SystemClock
 from whop_autocancel.db.engine import Database, sqlite_path
+from whop_autocancel.db.install import watching_since
 from whop_autocancel.db.migrate import current_revision, head_revision
 from whop_autocancel.delivery.catalog import Catalog, load_catalog
 from whop_autocancel.delivery.methods import known_methods
@@ -116,10 +117,16 @@ def _database(settings: Settings) -> str:
     try:
         database.ping()
         current, head = current_revision(database), head_revision(database)
+        since = database.run(watching_since) if current == head else None
     finally:
         database.dispose()
     if current == head:
-        return f"reachable, schema at {head}"
+        watching = (
+            f"watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC"
+            if since is not None
+            else "not started yet (the first start records when it starts watching Whop)"
+        )
+        return f"reachable, schema at {head}, {watching}"
     if database.engine.dialect.name == "sqlite":
         return f"reachable; schema at {current or 'nothing'} is upgraded to {head} on start"
     raise _Failed(f"schema at {current or 'nothing'}, not {head}: run `whop-autocancel migrate`")

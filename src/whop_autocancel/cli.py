@@ -19,6 +19,8 @@ from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.orm import Session
 
     from whop_autocancel.db.engine import Database
@@ -77,7 +79,25 @@ def _start_runtime(settings: Settings) -> Runtime:
             f"QUEUE_URL: cannot reach the job queue: {_first_line(error)}"
         ) from None
     _prepare_database(settings, migrate_sqlite=True)
-    return build_runtime(settings, catalog=catalog)
+    runtime = build_runtime(settings, catalog=catalog)
+    _start_watching(runtime.database, runtime.clock.now())
+    return runtime
+
+
+def _start_watching(database: Database, now: datetime) -> datetime:
+    """The first start records when the service started watching Whop (DESIGN §5): the sweep
+    never delivers a purchase paid before it (`recover` does, when asked)."""
+    from whop_autocancel.db.install import start_watching
+
+    since = start_watching(database, now)
+    if since == now:
+        log.warning(
+            "watching_since_recorded",
+            at=since.isoformat(),
+            consequence="purchases paid before this are not delivered by the Whop sweep; "
+            "`whop-autocancel recover --since DATE` lists them",
+        )
+    return since
 
 
 def _ping(database: Database) -> None:
@@ -204,7 +224,9 @@ def worker() -> None:
 
 @app.command()
 def migrate() -> None:
-    """Create or upgrade the database schema to the newest version."""
+    """Create or upgrade the database schema to the newest version. The first run records
+    when the service started watching Whop."""
+    from whop_autocancel.clock import SystemClock
     from whop_autocancel.db.engine import Database
     from whop_autocancel.db.migrate import upgrade
 
@@ -213,12 +235,17 @@ def migrate() -> None:
     try:
         _ping(database)
         before, after = upgrade(database)
+        since = _start_watching(database, SystemClock().now())
     finally:
         database.dispose()
     if before == after:
         out.print(f"Database already at revision {after}; nothing to do.")
     else:
         out.print(f"Database migrated from {before or 'empty'} to {after}.")
+    out.print(
+        f"Watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC: purchases paid before it are "
+        "not delivered (`whop-autocancel recover` lists them)."
+    )
 
 
 @app.command()
@@ -262,6 +289,11 @@ def sweep(
             f"{len(whop.recovered_payments)} whose webhook never came"
             + (f" ({', '.join(whop.recovered_payments[:10])})" if whop.recovered_payments else "")
         )
+        if whop.skipped_payments:
+            skip = "would skip" if dry_run else "skipped"
+            out.print(f"whop: {skip} {len(whop.skipped_payments)} payment(s), not delivered:")
+            for skipped in whop.skipped_payments[:50]:
+                out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
         out.print(
             f"whop: {whop.memberships_seen} membership(s) read, {again} "
             f"{len(whop.recancelled)} still live"
@@ -280,7 +312,8 @@ def backfill(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List them; cancel nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Cancel the live memberships of a listed one-time plan sold before the service ran."""
+    """Cancel the live memberships of a listed one-time plan sold before the service started
+    watching, that belong to no order of ours. Everything else is listed as skipped."""
     from datetime import UTC, datetime
 
     from rich.progress import Progress
@@ -300,18 +333,23 @@ def backfill(
             runtime.cancellations,
             runtime.clock,
             runtime.whop,
+            owner=runtime.owner,
             company_id=settings.WHOP_COMPANY_ID,
             versioned=settings.uses_versioned_api,
         )
         try:
             job.check_plan(plan)
+            survey = job.survey(plan, start)
         except BackfillRefused as error:
             raise WhopAutocancelError(f"Not backfilling: {error}") from None
-        live = job.live_memberships(plan, start)
+        live, skipped = survey.to_cancel, survey.skipped
         out.print(
-            f"{len(live)} live membership(s) of {plan}"
+            f"{len(live) + len(skipped)} live membership(s) of {plan}"
             + (f" created after {since}" if since else "")
-            + "."
+            + f": {len(live)} to cancel, {len(skipped)} skipped. The service started watching "
+            f"at {survey.watching_since:%Y-%m-%d %H:%M:%S} UTC: only memberships sold before "
+            "then, of no order of ours, are cancelled.",
+            soft_wrap=True,
         )
         table = Table()
         for column in ("Membership", "Status", "Customer", "Created"):
@@ -327,6 +365,14 @@ def backfill(
             out.print(table)
         if len(live) > 50:
             out.print(f"… and {len(live) - 50} more.")
+        if skipped:
+            out.print("Skipped (left alone):")
+            for item in skipped:
+                out.print(
+                    f"  {item.membership.membership_id} (created "
+                    f"{item.membership.created_at or 'at an unknown time'}): {item.reason}",
+                    soft_wrap=True,
+                )
         if dry_run or not live:
             out.print("Dry run: nothing cancelled." if dry_run else "Nothing to cancel.")
             return
@@ -343,6 +389,7 @@ def backfill(
             "Done: "
             + ", ".join(f"{count} {status}" for status, count in sorted(outcomes.items()))
             + "."
+            + (f" {len(skipped)} skipped (above)." if skipped else "")
         )
         if outcomes.get("scheduled"):
             out.print("Scheduled ones are retried by the workers (Whop asked to wait or failed).")
@@ -350,6 +397,94 @@ def backfill(
             raise WhopAutocancelError(
                 f"{outcomes['failed']} failed: see `whop-autocancel cancellations failed`"
             )
+
+
+@app.command()
+def recover(
+    since: Annotated[
+        str,
+        typer.Option(
+            "--since", help="From when (UTC): YYYY-MM-DD or YYYY-MM-DDTHH:MM.", show_default=False
+        ),
+    ],
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Deliver them now (without it: a dry run).")
+    ] = False,
+) -> None:
+    """List the purchases paid before the service started watching Whop (since --since) that
+    it would deliver; with --apply, deliver them as the Whop sweep would. Dry run first."""
+    from datetime import UTC, datetime
+
+    from whop_autocancel.cancellation.recover import RecoverRefused, Recovery
+
+    start: datetime | None = None
+    for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M"):
+        try:
+            start = datetime.strptime(since, form).replace(tzinfo=UTC)
+            break
+        except ValueError:
+            continue
+    if start is None:
+        raise typer.BadParameter("use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)", param_hint="--since")
+    with _runtime() as runtime:
+        settings = runtime.settings
+        settings.require("WHOP_API_KEY")
+        job = Recovery(
+            runtime.database,
+            runtime.catalog,
+            runtime.orders,
+            runtime.clock,
+            runtime.whop,
+            owner=runtime.owner,
+            company_id=settings.WHOP_COMPANY_ID,
+            versioned=settings.uses_versioned_api,
+        )
+        try:
+            survey = job.survey(start)
+        except RecoverRefused as error:
+            raise WhopAutocancelError(f"Not recovering: {error}") from None
+        out.print(
+            f"Payments created from {survey.since:%Y-%m-%d %H:%M} UTC until the service started "
+            f"watching ({survey.until:%Y-%m-%d %H:%M:%S} UTC): {survey.payments_seen} read.",
+            soft_wrap=True,
+        )
+        found = survey.recoverable
+        verb = "were" if apply else "would be"
+        out.print(f"{len(found)} purchase(s) {verb} delivered:" if found else "Nothing to deliver.")
+        if found:
+            table = Table()
+            for column in ("Payment", "Created", "Plan", "Customer", "Delivery"):
+                table.add_column(column, overflow="fold")
+            for payment in found:
+                facts = payment.facts
+                delivery = payment.note or (
+                    f"{payment.delivery}, then cancel the membership"
+                    if payment.cancels
+                    else f"{payment.delivery}, membership kept"
+                )
+                table.add_row(
+                    facts.payment_id,
+                    f"{facts.created_at:%Y-%m-%d %H:%M:%S}" if facts.created_at else "-",
+                    f"{payment.plan_name} ({facts.plan_id})",
+                    facts.email or "-",
+                    delivery,
+                )
+            out.print(table)
+        if survey.skipped:
+            out.print(f"{len(survey.skipped)} skipped (left alone):")
+            for skipped in survey.skipped:
+                out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
+        if not apply:
+            if found:
+                out.print("Dry run: nothing changed. Run it again with --apply to deliver them.")
+            else:
+                out.print("Dry run: nothing changed.")
+            return
+        applied = job.apply(survey)
+        out.print(
+            f"Recovered {len(applied)} purchase(s): their delivery is queued; a running worker "
+            "delivers them and then cancels their memberships."
+        )
 
 
 @cancellations_app.command("failed")

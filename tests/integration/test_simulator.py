@@ -776,6 +776,75 @@ def test_list_payments_filters_and_order(client: httpx.Client) -> None:
     assert ids_of(foreign) == []
 
 
+def test_a_purchase_can_be_made_in_the_past(client: httpx.Client) -> None:
+    old = buy(client, at="2026-11-01T10:00:00Z", send_webhooks=False)
+    naive = buy(client, at="2026-11-02T10:00:00", send_webhooks=False)  # no zone: UTC
+    new = buy(client, send_webhooks=False)
+    legacy = [("company_id", COMPANY_ID)]
+    [payment] = api_get(
+        client, "/payments", [*legacy, ("direction", "asc"), ("first", "1")]
+    ).json()["data"]
+    assert payment["id"] == old["payment_id"]
+    assert payment["created_at"] == "2026-11-01T09:59:58.000Z"
+    assert payment["paid_at"] == "2026-11-01T09:59:59.950Z"
+    membership = retrieve(client, old["membership_id"]).json()
+    assert membership["created_at"] == "2026-11-01T09:59:59.970Z"
+    window = [*legacy, ("created_after", "2026-11-02T00:00:00Z")]
+    assert ids_of(api_get(client, "/payments", window)) == [new["payment_id"], naive["payment_id"]]
+    assert (
+        client.post("/_sim/purchases", json={"plan_id": "plan_Test", "at": "soon"}).status_code
+        == 422
+    )
+
+
+def test_a_refund_keeps_the_payment_paid_and_says_how_much(client: httpx.Client) -> None:
+    bought = buy(client, amount="25", send_webhooks=False)
+    payment_id = bought["payment_id"]
+
+    def shapes() -> tuple[dict[str, Any], dict[str, Any]]:
+        legacy = api_get(client, f"/payments/{payment_id}").json()
+        return legacy, api_get(client, f"/payments/{payment_id}", version=PINNED).json()
+
+    legacy, versioned = shapes()
+    assert (legacy["substatus"], legacy["refunded_amount"]) == ("succeeded", 0.0)
+    assert (versioned["substatus"], versioned["refunded_amount"]) == ("succeeded", None)
+
+    part = client.post(f"/_sim/payments/{payment_id}/refund", json={"amount": "10"})
+    assert part.json() == {
+        "payment_id": payment_id,
+        "refunded_amount": "10.00",
+        "substatus": "partially_refunded",
+    }
+    legacy, versioned = shapes()
+    assert (legacy["status"], legacy["substatus"]) == ("paid", "partially_refunded")
+    assert legacy["refunded_amount"] == 10.0
+    assert legacy["refunded_at"] is not None
+    assert versioned["status"] == "paid"
+    assert versioned["refunded_amount"]["amount"] == "10.00"
+
+    rest = client.post(f"/_sim/payments/{payment_id}/refund")
+    assert rest.json()["substatus"] == "refunded"
+    legacy, versioned = shapes()
+    assert (legacy["substatus"], legacy["refunded_amount"]) == ("refunded", 25.0)
+    assert versioned["refunded_amount"]["amount"] == "25.00"
+    too_much = client.post(f"/_sim/payments/{payment_id}/refund", json={"amount": "1"})
+    assert too_much.status_code == 422
+    assert client.post("/_sim/payments/pay_Unknown/refund").status_code == 404
+
+
+def test_the_membership_list_can_ignore_its_plan_filter(client: httpx.Client) -> None:
+    mine = buy(client, plan_id="plan_A", send_webhooks=False)["membership_id"]
+    other = buy(client, plan_id="plan_B", send_webhooks=False)["membership_id"]
+    query = [("company_id", COMPANY_ID), ("plan_ids", "plan_A")]
+    assert ids_of(api_get(client, "/memberships", query)) == [mine]
+    faults = client.post("/_sim/faults", json={"plan_filter_ignored": True}).json()
+    assert faults["plan_filter_ignored"] is True
+    assert ids_of(api_get(client, "/memberships", query)) == [other, mine]
+    assert ids_of(api_get(client, "/memberships", {"plan_id": "plan_A"}, PINNED)) == [other, mine]
+    client.post("/_sim/faults", json={"plan_filter_ignored": False})
+    assert ids_of(api_get(client, "/memberships", query)) == [mine]
+
+
 # ----- plans ----------------------------------------------------------------------------------
 
 
@@ -1093,6 +1162,7 @@ def test_reset_clears_state_and_faults_but_keeps_config(
         "timeout_rate": 0.0,
         "timeout_seconds": 10.0,
         "seed": 5,
+        "plan_filter_ignored": False,
         "rate_limit": {"capacity": None, "refill_per_second": 1.0},
     }
     assert client.get("/_sim/calls").json() == {"calls": []}

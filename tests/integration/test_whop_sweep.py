@@ -4,6 +4,7 @@ memberships still live at Whop are cancelled again."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.db.install import start_watching
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
@@ -39,6 +41,7 @@ def runtime(
         ),
         clock,
     )
+    start_watching(runtime.database, clock.now() - timedelta(minutes=1))  # installed a minute ago
     yield runtime
     runtime.close()
 
@@ -156,15 +159,24 @@ def test_the_sweep_command_reports_and_a_dry_run_changes_nothing(
     from support.harness import run_cli, service_environment
 
     env = service_environment(tmp_path, WHOP_API_URL=simulator.api_url)
+    runtime = make_runtime(make_settings(tmp_path))  # installed a minute ago
+    start_watching(runtime.database, runtime.clock.now() - timedelta(minutes=1))
+    runtime.close()
     assert run_cli(tmp_path, "migrate", env=env).returncode == 0
     purchase = lost_purchase(simulator)
+    refunded = lost_purchase(simulator)
+    simulator.state.refund_payment(refunded["payment_id"], "1")
     dry = run_cli(tmp_path, "sweep", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert "would recover 1 whose webhook never came" in dry.stdout
     assert purchase["payment_id"] in dry.stdout
+    assert "would skip 1 payment(s)" in dry.stdout
+    [line] = [line for line in dry.stdout.splitlines() if refunded["payment_id"] in line]
+    assert "refunded 1.00" in line
     real = run_cli(tmp_path, "sweep", env=env)
     assert real.returncode == 0, real.stderr
     assert "recovered 1 whose webhook never came" in real.stdout
+    assert "skipped 1 payment(s)" in real.stdout
     assert "stuck work: re-enqueued 0 cancellation(s)" in real.stdout
     again = run_cli(tmp_path, "sweep", env=env)
     assert "recovered 0 whose webhook never came" in again.stdout

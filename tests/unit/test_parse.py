@@ -256,6 +256,24 @@ def test_amount_as_exact_text(total: Any, amount: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("refunded", "amount"),
+    [
+        (0.0, None),  # legacy: nothing refunded
+        (None, None),  # versioned: nothing refunded
+        (25.0, "25.00"),  # legacy float
+        (0.01, "0.01"),
+        ({"amount": "5.00", "currency": "usd"}, "5.00"),  # versioned Money object
+        ({"amount": "0.00", "currency": "usd"}, None),
+        ("abc", None),
+        (-1, None),
+    ],
+)
+def test_refunded_amount_in_both_shapes(refunded: Any, amount: str | None) -> None:
+    facts = payment_facts({"id": "pay_x", "refunded_amount": refunded})
+    assert facts.refunded_amount == amount
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         ("2026-11-20T14:02:58.104Z", CREATED_AT),

@@ -62,9 +62,23 @@ def ours_may_have_acted(row: Cancellation) -> bool:
 def schedule_cancellation(
     session: Session, order: Order, at: datetime, now: datetime
 ) -> Cancellation | None:
-    """Create the order's cancellation row (once; None if it already exists)."""
-    if session.scalars(select(Cancellation.id).where(Cancellation.order_id == order.id)).first():
-        return None
+    """Create the order's cancellation row, once: None if it exists already. One exception: a
+    row that a run `skipped` before the order was delivered (an older `backfill` ran it while
+    the order was still pending) is armed again, as a new attempt generation due `at`, and
+    returned, so the caller wakes it like a new one."""
+    existing = session.scalars(
+        select(Cancellation).where(Cancellation.order_id == order.id).with_for_update()
+    ).first()
+    if existing is not None:
+        if existing.status != Status.SKIPPED.value:
+            return None
+        _arm_again(
+            existing,
+            at,
+            now,
+            f"the order is delivered now (an earlier run skipped it: {existing.last_error})",
+        )
+        return existing
     row = Cancellation(
         order_id=order.id,
         membership_id=order.whop_membership_id,
@@ -786,23 +800,29 @@ class CancellationService:
 
     def _new_generation(self, session: Session, row: Cancellation, reason: str) -> None:
         now = self._clock.now()
-        row.status = Status.SCHEDULED.value
-        row.generation += 1
-        row.generation_started_at = now
-        row.attempts = 0
-        row.next_attempt_at = now
-        row.lease_until = None
-        row.lease_owner = None
-        row.last_error = reason
-        row.updated_at = now
+        _arm_again(row, now, now, reason)
         self._jobs.defer(session, CANCEL_TASK, row.id)
-        log.info(
-            "cancellation_scheduled_again",
-            cancellation_id=row.id,
-            order_id=row.order_id,
-            generation=row.generation,
-            reason=reason,
-        )
+
+
+def _arm_again(row: Cancellation, at: datetime, now: datetime, reason: str) -> None:
+    """Schedule a finished row again as a new attempt generation (a new Idempotency-Key, so a
+    cached answer is never replayed); the caller wakes its job."""
+    row.status = Status.SCHEDULED.value
+    row.generation += 1
+    row.generation_started_at = now
+    row.attempts = 0
+    row.next_attempt_at = at
+    row.lease_until = None
+    row.lease_owner = None
+    row.last_error = reason
+    row.updated_at = now
+    log.info(
+        "cancellation_scheduled_again",
+        cancellation_id=row.id,
+        order_id=row.order_id,
+        generation=row.generation,
+        reason=reason,
+    )
 
 
 def _other_membership(reply: WhopReply, membership_id: str | None) -> str | None:

@@ -7,7 +7,12 @@ asks Whop itself, on a schedule, under a database lease:
     status but `canceled`/`expired`; a live one-time membership is `completed`) although our
     cancellation finished are cancelled again; a delivered order with no cancellation gets one.
 
-Every call respects the API key's shared "not before" time after a 429.
+Install time: the sweep never reaches back before the service started watching (less the
+overlap, for a payment created just before and paid just after it), and never applies a
+payment paid before it: those are `recover`'s, on an admin's word. Nor does it apply a payment
+that is not `paid` or has any refunded amount: it is skipped, logged and reported.
+
+Every call respects the API key's shared "not before" time after a 429 (`whop_pages`).
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation
-from whop_autocancel.cancellation.service import (
-    NOT_BEFORE_KEY,
-    CancellationService,
-    schedule_cancellation,
+from whop_autocancel.cancellation.service import CancellationService, schedule_cancellation
+from whop_autocancel.cancellation.whop_pages import (
+    PAGE_SIZE,
+    ListingStopped,
+    PageFetch,
+    whop_items,
 )
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database
+from whop_autocancel.db.install import record_watching_since, watching_since
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -45,12 +53,17 @@ log = structlog.get_logger(__name__)
 
 WHOP_SWEEP_LEASE = "sweep:whop"
 PAYMENTS_WATERMARK = "sweep:whop:payments"
-PAGE_SIZE = 100
 MAX_PAGES = 100
+# Substatuses (Whop's FriendlyReceiptStatus) of a payment whose money went back, in part or all.
+REFUNDED_SUBSTATUSES = frozenset({"refunded", "partially_refunded", "auto_refunded"})
 
 
-class _Stop(Exception):
-    """Whop answered badly or asked us to wait: end this sweep, keep what was done."""
+@dataclass(frozen=True)
+class SkippedPayment:
+    """A payment the sweep (or `recover`) listed and did not apply, and why."""
+
+    payment_id: str
+    reason: str
 
 
 @dataclass
@@ -59,9 +72,24 @@ class WhopSweepReport:
     dry_run: bool = False
     payments_seen: int = 0
     recovered_payments: list[str] = field(default_factory=list)
+    skipped_payments: list[SkippedPayment] = field(default_factory=list)
     memberships_seen: int = 0
     recancelled: list[str] = field(default_factory=list)
     stopped: str | None = None
+    watching_since: datetime | None = None
+
+
+def payment_refusal(item: dict[str, Any], facts: PaymentFacts) -> str | None:
+    """Why a listed payment must not be delivered whatever else holds: it is not `paid`, or
+    any of it was refunded (a refunded payment keeps `status = paid` at Whop)."""
+    if item.get("status") != "paid":
+        return f"status {item.get('status')!r}, not paid"
+    if facts.refunded_amount is not None:
+        return f"refunded {facts.refunded_amount} {facts.currency or ''}".rstrip()
+    substatus = item.get("substatus")
+    if substatus in REFUNDED_SUBSTATUSES:
+        return f"substatus {substatus}"
+    return None
 
 
 class WhopSweep:
@@ -113,10 +141,11 @@ class WhopSweep:
             report.stopped = "WHOP_COMPANY_ID is not set: Whop's lists need it"
             log.error("whop_sweep_not_configured", reason=report.stopped)
             return report
+        report.watching_since = self._watching_since(now, dry_run)
         try:
             self._missed_payments(now, report)
             self._live_memberships(now, report)
-        except _Stop as stop:
+        except ListingStopped as stop:
             report.stopped = str(stop)
             log.warning("whop_sweep_stopped", reason=report.stopped)
         log.info(
@@ -124,17 +153,37 @@ class WhopSweep:
             dry_run=dry_run,
             payments_seen=report.payments_seen,
             recovered=len(report.recovered_payments),
+            skipped=len(report.skipped_payments),
             memberships_seen=report.memberships_seen,
             recancelled=len(report.recancelled),
         )
         return report
 
+    def _watching_since(self, now: datetime, dry_run: bool) -> datetime:
+        """The install time. A database older than it has none: the first sweep records now
+        (a dry run only assumes it), so an upgrade does not deliver the past either."""
+        found = self._database.run(watching_since)
+        if found is not None:
+            return found
+        if dry_run:
+            return now
+        kept = self._database.run(lambda session: record_watching_since(session, now))
+        log.warning("watching_since_recorded", at=kept.isoformat(), by="whop_sweep")
+        return kept
+
+    def _floor(self, report: WhopSweepReport) -> datetime:
+        """The earliest creation time any listing of this sweep asks for."""
+        assert report.watching_since is not None
+        return report.watching_since - timedelta(seconds=self._overlap)
+
     # (a) payments whose webhook never came -----------------------------------------------------
 
     def _missed_payments(self, now: datetime, report: WhopSweepReport) -> None:
         watermark = self._database.run(lambda s: leases.read_until(s, PAYMENTS_WATERMARK))
-        since = (watermark or now - timedelta(seconds=self._lookback)) - timedelta(
-            seconds=self._overlap
+        since = max(
+            (watermark or now - timedelta(seconds=self._lookback))
+            - timedelta(seconds=self._overlap),
+            self._floor(report),
         )
         for item in self._pages(
             lambda client, after: client.list_payments(
@@ -142,14 +191,27 @@ class WhopSweep:
             )
         ):
             report.payments_seen += 1
-            if item.get("status") != "paid":
-                continue
             try:
                 facts = payment_facts(item)
             except EventDataError as error:
                 log.warning("whop_sweep_unreadable_payment", error=str(error))
+                report.skipped_payments.append(
+                    SkippedPayment(str(item.get("id") or "?"), f"unreadable: {error}")
+                )
                 continue
             if self._known_payment(facts.payment_id):
+                continue
+            reason = payment_refusal(item, facts) or self._before_watching(facts, report)
+            if reason is not None:
+                report.skipped_payments.append(SkippedPayment(facts.payment_id, reason))
+                # An unpaid one (an abandoned checkout) is routine; a refund or the past is not.
+                (log.info if item.get("status") != "paid" else log.warning)(
+                    "whop_sweep_payment_skipped",
+                    payment_id=facts.payment_id,
+                    plan_id=facts.plan_id,
+                    reason=reason,
+                    dry_run=report.dry_run,
+                )
                 continue
             report.recovered_payments.append(facts.payment_id)
             if not report.dry_run:
@@ -165,6 +227,20 @@ class WhopSweep:
         self._database.run(lambda s: leases.extend_until(s, PAYMENTS_WATERMARK, self._owner, now))
         if report.recovered_payments:
             self._alert_recovered(now, report.recovered_payments)
+
+    @staticmethod
+    def _before_watching(facts: PaymentFacts, report: WhopSweepReport) -> str | None:
+        """A payment paid before the install is not the sweep's (a payment created just before
+        it but paid after it is: its buyer bought while the service watched)."""
+        assert report.watching_since is not None
+        paid = facts.paid_at or facts.created_at
+        if paid is not None and paid >= report.watching_since:
+            return None
+        when = paid.isoformat() if paid is not None else "at an unknown time"
+        return (
+            f"paid {when}, before the service started watching "
+            f"({report.watching_since.isoformat()}): `whop-autocancel recover` can deliver it"
+        )
 
     def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> None:
         self._orders.apply_payment(session, facts, now)
@@ -206,7 +282,7 @@ class WhopSweep:
     # (b) memberships that are still live ------------------------------------------------------
 
     def _live_memberships(self, now: datetime, report: WhopSweepReport) -> None:
-        since = now - timedelta(seconds=self._lookback)
+        since = max(now - timedelta(seconds=self._lookback), self._floor(report))
         for plan in self._catalog.plans.values():
             if not plan.cancel:
                 continue
@@ -265,29 +341,8 @@ class WhopSweep:
 
     # Paging -----------------------------------------------------------------------------------
 
-    def _pages(
-        self, fetch: Callable[[WhopClient, str | None], WhopReply]
-    ) -> Iterator[dict[str, Any]]:
-        client = self._whop()
-        cursor: str | None = None
-        for _ in range(MAX_PAGES):
-            not_before = self._database.run(lambda s: leases.read_until(s, NOT_BEFORE_KEY))
-            if not_before is not None and not_before > self._clock.now():
-                raise _Stop(f"Whop asked to wait until {not_before.isoformat()}")
-            page = fetch(client, cursor)
-            if page.status == 429:
-                wait = page.retry_after if page.retry_after is not None else 60.0
-                until = self._clock.now() + timedelta(seconds=wait)
-                self._database.run(
-                    partial(
-                        leases.extend_until, key=NOT_BEFORE_KEY, holder=self._owner, until=until
-                    )
-                )
-                raise _Stop(f"Whop rate-limited the sweep for {wait:g} s")
-            if not page.ok:
-                raise _Stop(f"listing failed: {page.describe()}")
-            yield from page.items
-            cursor = page.next_cursor
-            if cursor is None:
-                return
-        raise _Stop(f"more than {MAX_PAGES} pages: continuing next sweep")
+    def _pages(self, fetch: PageFetch) -> Iterator[dict[str, Any]]:
+        """Raises ListingStopped (the sweep ends, keeping what it did; the next one goes on)."""
+        return whop_items(
+            self._database, self._clock, self._whop(), fetch, owner=self._owner, max_pages=MAX_PAGES
+        )

@@ -10,7 +10,7 @@ from sqlalchemy import String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
-from whop_autocancel.db.engine import insert_once
+from whop_autocancel.db.engine import Database, insert_once
 
 WATCHING_SINCE = "watching_since"
 
@@ -41,3 +41,10 @@ def record_watching_since(session: Session, now: datetime) -> datetime:
     kept = watching_since(session)
     assert kept is not None
     return kept
+
+
+def start_watching(database: Database, now: datetime) -> datetime:
+    """At every start (`migrate`, `serve`, `worker`): record `now` as the install time if none
+    is recorded yet (the first start, or a database older than the marker); returns the one
+    kept. Never moved afterwards."""
+    return database.run(lambda session: record_watching_since(session, now))

@@ -149,6 +149,15 @@ class OrderService:
         if facts.metadata:
             order.order_metadata = {**(order.order_metadata or {}), **facts.metadata}
         if not transition(order, OrderStatus.PAID, "payment.succeeded"):
+            if (order.order_metadata or {}).get("backfill"):
+                log.warning(
+                    "payment_of_backfilled_membership",
+                    order_id=order.id,
+                    payment_id=facts.payment_id,
+                    membership_id=order.whop_membership_id,
+                    consequence="recorded on the backfill's order, not delivered: the purchase "
+                    "predates the service and backfill cancelled its membership",
+                )
             return order  # already paid (another event of the same payment): nothing more to do
         session.flush()
         self._attach_membership_to_cancellation(session, order, now)

@@ -5,6 +5,7 @@ Every route calls one `Simulator` method; docs/simulator.md lists them with exam
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -16,6 +17,7 @@ from whop_autocancel.simulator.state import (
     Simulator,
     UnknownCheckoutConfigurationError,
     UnknownMembershipError,
+    UnknownPaymentError,
 )
 
 
@@ -37,6 +39,7 @@ class PurchaseOptions(_Strict):
     activation_first: bool = False
     duplicate_payment_webhook: bool = False
     payment_has_membership_id: bool = True
+    at: datetime | None = None
 
 
 class PurchaseBody(PurchaseOptions):
@@ -57,6 +60,12 @@ class PlanBody(_Strict):
     title: str | None = None
     amount: str | None = None
     currency: str | None = None
+
+
+class RefundBody(_Strict):
+    """`POST /_sim/payments/{id}/refund`: `amount` more refunded (omitted: the rest)."""
+
+    amount: str | None = None
 
 
 class RejectBody(_Strict):
@@ -100,6 +109,7 @@ class FaultsBody(_Strict):
     timeout_rate: float | None = Field(default=None, ge=0, le=1)
     timeout_seconds: float | None = Field(default=None, ge=0)
     seed: int | None = None
+    plan_filter_ignored: bool | None = None
 
 
 class LatencyBody(_Strict):
@@ -163,6 +173,15 @@ def control_router(sim: Simulator) -> APIRouter:
             return sim.complete_checkout(config_id, **options)
         except UnknownCheckoutConfigurationError:
             return _error(404, f"Checkout configuration {config_id} not found")
+        except ValueError as exc:
+            return _error(422, str(exc))
+
+    @router.post("/payments/{payment_id}/refund", response_model=None)
+    def refund(payment_id: str, body: RefundBody | None = None) -> dict[str, Any] | JSONResponse:
+        try:
+            return sim.refund_payment(payment_id, (body or RefundBody()).amount)
+        except UnknownPaymentError:
+            return _error(404, f"Payment {payment_id} not found")
         except ValueError as exc:
             return _error(422, str(exc))
 

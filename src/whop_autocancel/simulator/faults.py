@@ -89,6 +89,7 @@ class Faults:
     timeout_seconds: float = 10.0
     seed: int = DEFAULT_SEED
     rate_limit: RateLimit = field(default_factory=RateLimit)
+    plan_filter_ignored: bool = False
     rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +158,7 @@ class Faults:
             "timeout_rate": self.timeout_rate,
             "timeout_seconds": self.timeout_seconds,
             "seed": self.seed,
+            "plan_filter_ignored": self.plan_filter_ignored,
             "rate_limit": {
                 "capacity": limit.capacity,
                 "refill_per_second": limit.refill_per_second,

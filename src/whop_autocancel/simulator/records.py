@@ -127,7 +127,8 @@ class MembershipRecord:
 
 @dataclass
 class PaymentRecord:
-    """One paid payment, linked to the membership it created."""
+    """One paid payment, linked to the membership it created. A refund keeps it `paid` and
+    sets `refunded_amount` (substatus `refunded` or `partially_refunded`), as Whop does."""
 
     id: str
     membership: MembershipRecord
@@ -138,3 +139,12 @@ class PaymentRecord:
     line_item_id: str
     hide_membership_id: bool = False
     seq: int = 0
+    refunded_amount: Decimal = Decimal("0")
+    refunded_at: datetime | None = None
+
+    @property
+    def substatus(self) -> str:
+        if not self.refunded_amount:
+            return "succeeded"
+        full = self.refunded_amount >= self.membership.amount
+        return "refunded" if full else "partially_refunded"

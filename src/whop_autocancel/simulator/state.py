@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from whop_autocancel.simulator import plan_shapes, shapes
@@ -42,11 +43,16 @@ __all__ = [
     "Simulator",
     "UnknownCheckoutConfigurationError",
     "UnknownMembershipError",
+    "UnknownPaymentError",
 ]
 
 
 class UnknownMembershipError(KeyError):
     """No membership with that id exists in the simulator."""
+
+
+class UnknownPaymentError(KeyError):
+    """No payment with that id exists in the simulator."""
 
 
 class UnknownCheckoutConfigurationError(KeyError):
@@ -100,6 +106,7 @@ class Simulator:
             rejection=self._faults_rejection,
             read_rejection=lambda membership_id: self._faults.read_rejections.get(membership_id),
             answer_as=lambda membership_id: self._faults.answer_as.get(membership_id),
+            plan_filter_ignored=lambda: self._faults.plan_filter_ignored,
         )
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -227,8 +234,11 @@ class Simulator:
         activation_first: bool = False,
         duplicate_payment_webhook: bool = False,
         payment_has_membership_id: bool = True,
+        at: datetime | None = None,
     ) -> dict[str, Any]:
         """Simulate a buyer paying: user, member, membership, payment, then the webhooks.
+        `at` backdates the purchase (a sale made before the service was installed): the
+        payment is created 2 s before it, the membership 30 ms before.
 
         An unknown plan is created (one-time for a `one_time` billing reason, else renewal);
         a known plan supplies the product, price and currency unless given. A known
@@ -260,6 +270,7 @@ class Simulator:
                 amount=price if price is not None else plan.amount,
                 currency=(currency or plan.currency).lower(),
                 payment_has_membership_id=payment_has_membership_id,
+                at=_utc_millis(at) if at is not None else None,
             )
             pay = self._store.purchase(spec)
             webhook_ids = self._purchase_webhooks(
@@ -280,6 +291,22 @@ class Simulator:
             "checkout_configuration_id": mem.checkout_configuration_id,
             "webhook_ids": webhook_ids,
         }
+
+    def refund_payment(self, payment_id: str, amount: str | None = None) -> dict[str, Any]:
+        """Refund `amount` (None: the rest) of a payment. It stays `paid`, as at Whop; its
+        `refunded_amount` and substatus (`refunded`/`partially_refunded`) say it. No webhook.
+        Raises UnknownPaymentError, or ValueError past the total."""
+        price = parse_amount(amount) if amount is not None else None
+        with self._lock:
+            try:
+                pay = self._store.refund(payment_id, price)
+            except KeyError:
+                raise UnknownPaymentError(payment_id) from None
+            return {
+                "payment_id": pay.id,
+                "refunded_amount": f"{pay.refunded_amount:.2f}",
+                "substatus": pay.substatus,
+            }
 
     # ----- inspection ------------------------------------------------------------------------
 
@@ -378,12 +405,17 @@ class Simulator:
         timeout_rate: float | None = None,
         timeout_seconds: float | None = None,
         seed: int | None = None,
+        plan_filter_ignored: bool | None = None,
     ) -> dict[str, Any]:
         """Random faults: `error_rate` of requests answer 500 (nothing happens);
         `timeout_rate` of requests are carried out but answer 504 after `timeout_seconds`
-        (real seconds). `seed` restarts the dice (also the webhook sender's). None keeps a
-        setting; returns the settings now in force."""
+        (real seconds). `seed` restarts the dice (also the webhook sender's).
+        `plan_filter_ignored`: `GET /memberships` ignores its plan filter (a Whop that drops a
+        parameter it does not know answers every plan). None keeps a setting; returns the
+        settings now in force."""
         with self._lock:
+            if plan_filter_ignored is not None:
+                self._faults.plan_filter_ignored = plan_filter_ignored
             self._faults.set_random(
                 error_rate=error_rate,
                 timeout_rate=timeout_rate,
@@ -628,6 +660,12 @@ class Simulator:
         else:
             event = self._event("membership.deactivated", mem, shapes.legacy_membership(mem))
         self._sender.enqueue(event)
+
+
+def _utc_millis(moment: datetime) -> datetime:
+    """Aware UTC (a naive time is taken as UTC), truncated to milliseconds like Whop's."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
 
 
 def _rate_limited(headers: dict[str, str]) -> ApiResponse:

@@ -7,7 +7,7 @@ sends the webhooks itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -57,6 +57,7 @@ class PurchaseSpec:
     amount: Decimal
     currency: str
     payment_has_membership_id: bool
+    at: datetime | None = None  # when the buyer paid (None: now); the past for old sales
 
 
 class Store:
@@ -169,8 +170,8 @@ class Store:
     # ----- purchases -------------------------------------------------------------------------
 
     def purchase(self, spec: PurchaseSpec) -> PaymentRecord:
-        """A buyer paid: a new user, member, membership and payment."""
-        moment = now()
+        """A buyer paid (now, or at `spec.at`): a new user, member, membership and payment."""
+        moment = spec.at or now()
         local = (spec.email or "buyer@example.com").split("@", 1)[0]
         user_id = new_id("user_")
         user = UserRecord(
@@ -217,4 +218,18 @@ class Store:
         )
         self.memberships[membership.id] = membership
         self.payments[payment.id] = payment
+        return payment
+
+    def refund(self, payment_id: str, amount: Decimal | None) -> PaymentRecord:
+        """Refund `amount` more of the payment (None: all that is left); KeyError if unknown,
+        ValueError past its total."""
+        payment = self.payments[payment_id]
+        total = payment.membership.amount
+        refunded = payment.refunded_amount + (
+            amount if amount is not None else total - payment.refunded_amount
+        )
+        if refunded > total or (amount is not None and amount <= 0):
+            raise ValueError(f"a refund must be positive and at most the total {total}")
+        moment = now()
+        payment.refunded_amount, payment.refunded_at, payment.updated_at = refunded, moment, moment
         return payment

@@ -44,6 +44,9 @@ class PaymentFacts:
     currency: str | None
     created_at: datetime | None
     paid_at: datetime | None
+    # How much was refunded so far (legacy float, versioned Money object or null) as exact
+    # text; None when nothing was (legacy 0.0, versioned null) or Whop says nothing.
+    refunded_amount: str | None = None
 
     @property
     def order_id(self) -> str | None:
@@ -143,6 +146,7 @@ def payment_facts(data: dict[str, Any]) -> PaymentFacts:
         currency=_text(data.get("currency")),
         created_at=_time(data.get("created_at")),
         paid_at=_time(data.get("paid_at")),
+        refunded_amount=_refunded(data.get("refunded_amount")),
     )
     return _within_limits(facts)
 
@@ -231,6 +235,12 @@ def _amount(value: Any) -> str | None:
     if not number.is_finite():
         return None
     return f"{number:.2f}"
+
+
+def _refunded(value: Any) -> str | None:
+    """A refunded amount above zero as exact text; zero, null or unreadable: None."""
+    amount = _amount(value)
+    return amount if amount is not None and Decimal(amount) > 0 else None
 
 
 def _time(value: Any) -> datetime | None:

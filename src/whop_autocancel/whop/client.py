@@ -143,9 +143,12 @@ class WhopClient:
         first: int = 10,
         after: str | None = None,
         created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> WhopReply:
         """One page of payments, newest first."""
         params = self._page(first, after, company_id, created_after)
+        if created_before is not None:
+            params.append(("created_before", _iso(created_before)))
         return self._call("GET", "payments", params=params)
 
     def _page(
@@ -157,8 +160,7 @@ class WhopClient:
         if company_id:
             params.append(("account_id" if self.version_date else "company_id", company_id))
         if created_after is not None:
-            moment = created_after.astimezone(UTC).isoformat(timespec="milliseconds")
-            params.append(("created_after", moment.replace("+00:00", "Z")))
+            params.append(("created_after", _iso(created_after)))
         return params
 
     def create_checkout_configuration(
@@ -214,3 +216,8 @@ class WhopClient:
         except (TypeError, ValueError):
             return None
         return max(0.0, (moment - self._clock.now()).total_seconds())
+
+
+def _iso(moment: datetime) -> str:
+    """Whop's timestamp form: UTC, milliseconds, `Z`."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
