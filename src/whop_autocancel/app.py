@@ -12,27 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from whop_autocancel.db import leases
-from whop_autocancel.orders.routes import checkout_router
+from whop_autocancel.orders.routes import BodyTooLarge, checkout_router, read_capped
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.worker import InProcessWorker
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def readiness(runtime: Runtime) -> dict[str, Any]:
@@ -104,8 +86,8 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
         """Whop's webhooks (Standard Webhooks signed). 200 once stored; 401 bad signature;
         400 not an event; 413 too large; 503 database down (Whop retries)."""
         try:
-            body = await _read_body(request, limit)
-        except _TooLarge:
+            body = await read_capped(request, limit)
+        except BodyTooLarge:
             return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
         result = await run_in_threadpool(runtime.inbox.ingest, body, dict(request.headers))
         return JSONResponse(result.body, status_code=result.http_status)

@@ -103,22 +103,22 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """The request body is over the limit (answer 413)."""
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
+async def read_capped(request: Request, limit: int) -> bytes:
     """The body, refusing one over `limit` bytes by its declared length before reading any of
     it, and a chunked one as soon as `limit` is passed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
+        raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -188,8 +188,8 @@ def checkout_router(service: CheckoutService, settings: Settings) -> APIRouter:
         if not _is_json(request.headers.get("content-type")):
             return _error(415, "send the body as JSON, with Content-Type: application/json")
         try:
-            raw = await _read_capped(request, MAX_BODY)
-        except _TooLarge:
+            raw = await read_capped(request, MAX_BODY)
+        except BodyTooLarge:
             return _error(413, f"body larger than {MAX_BODY} bytes")
         try:
             document = json.loads(raw)
