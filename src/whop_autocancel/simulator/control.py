@@ -37,6 +37,7 @@ class PurchaseOptions(_Strict):
     activation_first: bool = False
     duplicate_payment_webhook: bool = False
     payment_has_membership_id: bool = True
+    email_visible: bool = True
 
 
 class PurchaseBody(PurchaseOptions):

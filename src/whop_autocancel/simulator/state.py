@@ -12,8 +12,9 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from whop_autocancel.simulator import plan_shapes, shapes
@@ -27,7 +28,6 @@ from whop_autocancel.simulator.records import (
     PlanType,
     Shape,
     new_id,
-    now,
 )
 from whop_autocancel.simulator.shapes import JSON, SUPPORTED_VERSIONS, iso
 from whop_autocancel.simulator.store import PurchaseSpec, Store, parse_amount
@@ -76,6 +76,7 @@ class Simulator:
         time_scale: float = 1.0,
         company_id: str = "biz_SimStore",
         seed: int = DEFAULT_SEED,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self.api_key = api_key
@@ -89,7 +90,8 @@ class Simulator:
             webhook_url=webhook_url,
             seed=seed,
         )
-        self._store = Store(self.company)
+        # `clock`: where record times come from (a test's frozen clock); the wall clock if None.
+        self._store = Store(self.company, clock)
         self._calls: list[dict[str, Any]] = []
         self._idempotent: dict[tuple[str, str], ApiResponse] = {}
         self._faults = Faults(seed=seed)
@@ -225,6 +227,7 @@ class Simulator:
         activation_first: bool = False,
         duplicate_payment_webhook: bool = False,
         payment_has_membership_id: bool = True,
+        email_visible: bool = True,
     ) -> dict[str, Any]:
         """Simulate a buyer paying: user, member, membership, payment, then the webhooks.
 
@@ -258,6 +261,7 @@ class Simulator:
                 amount=price if price is not None else plan.amount,
                 currency=(currency or plan.currency).lower(),
                 payment_has_membership_id=payment_has_membership_id,
+                email_visible=email_visible,
             )
             pay = self._store.purchase(spec)
             webhook_ids = self._purchase_webhooks(
@@ -289,14 +293,20 @@ class Simulator:
             view["plan_id"] = mem.plan_id
             return view
 
-    def calls(self, membership_id: str | None = None) -> list[dict[str, Any]]:
-        """Recorded `/api/v1` calls, oldest first, optionally only those for one membership."""
+    def calls(self, membership_id: str | None = None, *, since: int = 0) -> list[dict[str, Any]]:
+        """Recorded `/api/v1` calls, oldest first, optionally only those for one membership;
+        `since`: only the calls after the first `since` (those whose `seq` is greater)."""
         with self._lock:
             return [
                 copy.deepcopy(c)
-                for c in self._calls
+                for c in self._calls[since:]
                 if membership_id is None or c["membership_id"] == membership_id
             ]
+
+    def call_count(self) -> int:
+        """How many `/api/v1` calls were recorded (the `seq` of the last one)."""
+        with self._lock:
+            return len(self._calls)
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every webhook delivery attempt (and dropped event), oldest first."""
@@ -537,7 +547,7 @@ class Simulator:
         self._calls.append(
             {
                 "seq": len(self._calls) + 1,
-                "at": iso(now()),
+                "at": iso(self._store.now()),
                 **call,
                 "status": status,
                 "replayed": replayed,
@@ -559,7 +569,7 @@ class Simulator:
             event_type=event_type,
             pinned=mem.shape == "pinned",
             company_id=mem.company.id,
-            timestamp=now(),
+            timestamp=self._store.now(),
             data=data,
             previous_attributes=previous_attributes,
         )

@@ -6,8 +6,9 @@ sends the webhooks itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -57,19 +58,25 @@ class PurchaseSpec:
     amount: Decimal
     currency: str
     payment_has_membership_id: bool
+    email_visible: bool = True
 
 
 class Store:
     """Memberships, payments, plans and checkout configurations, by id."""
 
-    def __init__(self, company: Company) -> None:
+    def __init__(self, company: Company, clock: Callable[[], datetime] | None = None) -> None:
         self.company = company
+        self.clock = clock
         self.public_url = DEFAULT_PUBLIC_URL
         self.memberships: dict[str, MembershipRecord] = {}
         self.payments: dict[str, PaymentRecord] = {}
         self.plans: dict[str, PlanRecord] = {}
         self.checkout_configurations: dict[str, CheckoutConfigurationRecord] = {}
         self._seq = 0
+
+    def now(self) -> datetime:
+        """The simulator's time: its clock's (a test's frozen clock), else the wall clock."""
+        return now(self.clock)
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -105,7 +112,7 @@ class Store:
             raise ValueError(f"plan_type must be one of {', '.join(PLAN_TYPES)}, not {plan_type!r}")
         if not plan_id:
             raise ValueError("plan_id must not be empty")
-        moment = now()
+        moment = self.now()
         old = self.plans.get(plan_id)
         plan = PlanRecord(
             seq=old.seq if old else self.next_seq(),
@@ -149,7 +156,7 @@ class Store:
         redirect_url: str | None,
         mode: str = "payment",
     ) -> CheckoutConfigurationRecord:
-        moment = now()
+        moment = self.now()
         config_id = new_id("ch_", 16)
         config = CheckoutConfigurationRecord(
             seq=self.next_seq(),
@@ -170,7 +177,7 @@ class Store:
 
     def purchase(self, spec: PurchaseSpec) -> PaymentRecord:
         """A buyer paid: a new user, member, membership and payment."""
-        moment = now()
+        moment = self.now()
         local = (spec.email or "buyer@example.com").split("@", 1)[0]
         user_id = new_id("user_")
         user = UserRecord(
@@ -178,6 +185,7 @@ class Store:
             username=f"{local.lower()}{user_id[-4:].lower()}",
             name=local.replace(".", " ").title(),
             email=spec.email or f"buyer-{user_id[5:].lower()}@example.com",
+            email_visible=spec.email_visible,
         )
         one_time = spec.billing_reason == "one_time"
         plan = spec.plan
