@@ -542,6 +542,67 @@ def test_pinned_payment_without_membership_id(client: httpx.Client, receiver: Re
     assert by_type["membership.activated"]["data"]["id"] == ids["membership_id"]
 
 
+def test_a_hidden_email_is_in_no_payload_and_no_answer(
+    client: httpx.Client, receiver: Receiver
+) -> None:
+    """`email_visible: false`: Whop does not tell the buyer's email (a key without
+    member:email:read), in the webhooks or the API, in either shape."""
+    client.post("/_sim/config", json={"webhook_url": receiver.url})
+    legacy = buy(client, email="hidden@example.com", email_visible=False)
+    pinned = buy(client, email="hidden@example.com", email_visible=False, shape="pinned")
+    wait_for(lambda: len(receiver.received) == 4)
+    assert b"hidden@example.com" not in b"".join(body for _, body in receiver.snapshot())
+    by_type = {(b["type"], "account_id" in b): b["data"] for b in receiver.bodies()}
+    assert by_type[("payment.succeeded", False)]["user"]["email"] is None
+    assert by_type[("payment.succeeded", True)]["customer_email"] is None
+    assert by_type[("membership.activated", False)]["user"]["email"] is None
+    for version in (None, PINNED):
+        for path in ("/memberships", "/payments"):
+            answer = api_get(client, path, {"company_id": "biz_SimStore"}, version)
+            assert answer.status_code == 200
+            assert "hidden@example.com" not in answer.text
+        for bought in (legacy, pinned):
+            answer = retrieve(client, bought["membership_id"], version)
+            assert answer.status_code == 200
+            assert "hidden@example.com" not in answer.text
+    seen = buy(client, email="seen@example.com")
+    assert retrieve(client, seen["membership_id"]).json()["user"]["email"] == "seen@example.com"
+
+
+def test_record_times_follow_the_clock_given() -> None:
+    """With `clock`, what the simulator records (and lists by) is at the clock's time: a test
+    that moves its clock moves Whop's too."""
+    moment = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    with SimulatorServer(api_key=API_KEY, clock=lambda: moment) as server:
+        state = server.state
+        bought = state.create_purchase("plan_Clock", email="clock@example.com")
+        membership = state.membership(bought["membership_id"])
+        assert membership["created_at"] == "2030-01-02T03:04:05.648Z"  # 30 ms before, in ms
+        with httpx.Client(base_url=server.url, timeout=5.0) as http:
+            payment = api_get(http, f"/payments/{bought['payment_id']}").json()
+            assert payment["created_at"] == "2030-01-02T03:04:03.678Z"  # 2 s before paying
+            later = {"company_id": "biz_SimStore", "created_after": "2030-01-02T03:04:06Z"}
+            assert ids_of(api_get(http, "/memberships", later)) == []
+            moment = datetime(2030, 1, 3, tzinfo=UTC)
+            immediate = {"cancellation_mode": "immediate"}
+            assert cancel(http, bought["membership_id"], immediate).status_code == 200
+        (call,) = state.calls(since=state.call_count() - 1)
+        assert call["at"] == "2030-01-03T00:00:00.000Z"
+        assert state.membership(bought["membership_id"])["canceled_at"] == call["at"]
+
+
+def test_calls_since_and_call_count(client: httpx.Client, sim: SimulatorServer) -> None:
+    first = buy(client)["membership_id"]
+    second = buy(client)["membership_id"]
+    retrieve(client, first)
+    retrieve(client, second)
+    assert sim.state.call_count() == 2
+    (later,) = sim.state.calls(since=1)
+    assert (later["seq"], later["membership_id"]) == (2, second)
+    assert sim.state.calls(first, since=1) == []
+    assert sim.state.calls(since=2) == []
+
+
 def test_no_webhook_url_is_recorded_as_undeliverable(client: httpx.Client) -> None:
     ids = buy(client)
     wait_for(lambda: client.get("/_sim/webhooks").json()["pending"] == 0)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from whop_autocancel.simulator import listing, plan_shapes, shapes
 from whop_autocancel.simulator.listing import BadRequest, Query
-from whop_autocancel.simulator.records import TERMINAL_STATUSES, MembershipRecord, now
+from whop_autocancel.simulator.records import TERMINAL_STATUSES, MembershipRecord
 from whop_autocancel.simulator.shapes import JSON, error_body
 from whop_autocancel.simulator.store import Store
 
@@ -149,7 +149,7 @@ class Endpoints:
             return ok(shapes.membership(self._answered_as(mem), versioned=versioned))
         if mem.status in TERMINAL_STATUSES:
             return error(409, "Membership is already canceled")
-        moment = now()
+        moment = self.store.now()
         mem.updated_at = moment
         if not immediate:
             mem.cancel_at_period_end = True

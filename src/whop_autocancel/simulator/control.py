@@ -40,6 +40,7 @@ class PurchaseOptions(_Strict):
     duplicate_payment_webhook: bool = False
     payment_has_membership_id: bool = True
     at: datetime | None = None
+    email_visible: bool = True
 
 
 class PurchaseBody(PurchaseOptions):

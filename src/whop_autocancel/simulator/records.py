@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,9 +30,10 @@ def new_id(prefix: str, length: int = 14) -> str:
     return prefix + "".join(secrets.choice(_ALPHANUM) for _ in range(length))
 
 
-def now() -> datetime:
-    """Wall-clock UTC, truncated to milliseconds like Whop's timestamps."""
-    moment = datetime.now(UTC)
+def now(clock: Callable[[], datetime] | None = None) -> datetime:
+    """UTC from `clock` (default: the wall clock), truncated to milliseconds like Whop's
+    timestamps."""
+    moment = clock() if clock is not None else datetime.now(UTC)
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
@@ -52,6 +54,8 @@ class UserRecord:
     username: str
     name: str
     email: str
+    # False: Whop does not tell this buyer's email (an API key without member:email:read).
+    email_visible: bool = True
 
 
 @dataclass

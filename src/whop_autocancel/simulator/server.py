@@ -6,6 +6,8 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
+from datetime import datetime
 from types import TracebackType
 
 import uvicorn
@@ -31,6 +33,7 @@ class SimulatorServer:
         port: int = 0,
         company_id: str = "biz_SimStore",
         seed: int = DEFAULT_SEED,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -43,6 +46,7 @@ class SimulatorServer:
             time_scale=time_scale,
             company_id=company_id,
             seed=seed,
+            clock=clock,
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

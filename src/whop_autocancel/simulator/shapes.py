@@ -78,6 +78,11 @@ def _avatar(user_id: str) -> str:
     return f"https://example.invalid/avatars/{user_id}.png"
 
 
+def _email(m: MembershipRecord) -> str | None:
+    """The buyer's email, or None when Whop does not tell it (no member:email:read)."""
+    return m.user.email if m.user.email_visible else None
+
+
 def legacy_membership(m: MembershipRecord) -> JSON:
     """The legacy membership object (fixture membership.activated.legacy.json `data`)."""
     recurring = m.billing_period_days is not None
@@ -93,7 +98,7 @@ def legacy_membership(m: MembershipRecord) -> JSON:
             "id": m.user.id,
             "username": m.user.username,
             "name": m.user.name,
-            "email": m.user.email,
+            "email": _email(m),
             "profile_pic": _avatar(m.user.id),
         },
         "renewal_period_start": iso(m.created_at) if recurring else None,
@@ -223,7 +228,7 @@ def legacy_payment(p: PaymentRecord) -> JSON:
             "id": m.user.id,
             "username": m.user.username,
             "name": m.user.name,
-            "email": m.user.email,
+            "email": _email(m),
         },
         "plan": {"id": m.plan_id, "internal_notes": None, "metadata": {}},
         "product": {
@@ -305,7 +310,7 @@ def versioned_payment(p: PaymentRecord) -> JSON:
         "next_payment_attempt_at": None,
         "checkout_configuration_id": m.checkout_configuration_id,
         "metadata": dict(m.metadata),
-        "customer_email": m.user.email,
+        "customer_email": _email(m),
         "customer_phone": None,
         "member_id": m.member_id,
         "membership_id": None if p.hide_membership_id else m.id,

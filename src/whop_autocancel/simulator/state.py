@@ -12,7 +12,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,6 @@ from whop_autocancel.simulator.records import (
     PlanType,
     Shape,
     new_id,
-    now,
 )
 from whop_autocancel.simulator.shapes import JSON, SUPPORTED_VERSIONS, iso
 from whop_autocancel.simulator.store import PurchaseSpec, Store, parse_amount
@@ -82,6 +81,7 @@ class Simulator:
         time_scale: float = 1.0,
         company_id: str = "biz_SimStore",
         seed: int = DEFAULT_SEED,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self.api_key = api_key
@@ -95,7 +95,8 @@ class Simulator:
             webhook_url=webhook_url,
             seed=seed,
         )
-        self._store = Store(self.company)
+        # `clock`: where record times come from (a test's frozen clock); the wall clock if None.
+        self._store = Store(self.company, clock)
         self._calls: list[dict[str, Any]] = []
         self._idempotent: dict[tuple[str, str], ApiResponse] = {}
         self._faults = Faults(seed=seed)
@@ -235,6 +236,7 @@ class Simulator:
         duplicate_payment_webhook: bool = False,
         payment_has_membership_id: bool = True,
         at: datetime | None = None,
+        email_visible: bool = True,
     ) -> dict[str, Any]:
         """Simulate a buyer paying: user, member, membership, payment, then the webhooks.
         `at` backdates the purchase (a sale made before the service was installed): the
@@ -271,6 +273,7 @@ class Simulator:
                 currency=(currency or plan.currency).lower(),
                 payment_has_membership_id=payment_has_membership_id,
                 at=_utc_millis(at) if at is not None else None,
+                email_visible=email_visible,
             )
             pay = self._store.purchase(spec)
             webhook_ids = self._purchase_webhooks(
@@ -318,14 +321,20 @@ class Simulator:
             view["plan_id"] = mem.plan_id
             return view
 
-    def calls(self, membership_id: str | None = None) -> list[dict[str, Any]]:
-        """Recorded `/api/v1` calls, oldest first, optionally only those for one membership."""
+    def calls(self, membership_id: str | None = None, *, since: int = 0) -> list[dict[str, Any]]:
+        """Recorded `/api/v1` calls, oldest first, optionally only those for one membership;
+        `since`: only the calls after the first `since` (those whose `seq` is greater)."""
         with self._lock:
             return [
                 copy.deepcopy(c)
-                for c in self._calls
+                for c in self._calls[since:]
                 if membership_id is None or c["membership_id"] == membership_id
             ]
+
+    def call_count(self) -> int:
+        """How many `/api/v1` calls were recorded (the `seq` of the last one)."""
+        with self._lock:
+            return len(self._calls)
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every webhook delivery attempt (and dropped event), oldest first."""
@@ -597,7 +606,7 @@ class Simulator:
         self._calls.append(
             {
                 "seq": len(self._calls) + 1,
-                "at": iso(now()),
+                "at": iso(self._store.now()),
                 **call,
                 "status": status,
                 "replayed": replayed,
@@ -619,7 +628,7 @@ class Simulator:
             event_type=event_type,
             pinned=mem.shape == "pinned",
             company_id=mem.company.id,
-            timestamp=now(),
+            timestamp=self._store.now(),
             data=data,
             previous_attributes=previous_attributes,
         )

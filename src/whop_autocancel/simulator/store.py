@@ -6,6 +6,7 @@ sends the webhooks itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -58,19 +59,25 @@ class PurchaseSpec:
     currency: str
     payment_has_membership_id: bool
     at: datetime | None = None  # when the buyer paid (None: now); the past for old sales
+    email_visible: bool = True
 
 
 class Store:
     """Memberships, payments, plans and checkout configurations, by id."""
 
-    def __init__(self, company: Company) -> None:
+    def __init__(self, company: Company, clock: Callable[[], datetime] | None = None) -> None:
         self.company = company
+        self.clock = clock
         self.public_url = DEFAULT_PUBLIC_URL
         self.memberships: dict[str, MembershipRecord] = {}
         self.payments: dict[str, PaymentRecord] = {}
         self.plans: dict[str, PlanRecord] = {}
         self.checkout_configurations: dict[str, CheckoutConfigurationRecord] = {}
         self._seq = 0
+
+    def now(self) -> datetime:
+        """The simulator's time: its clock's (a test's frozen clock), else the wall clock."""
+        return now(self.clock)
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -106,7 +113,7 @@ class Store:
             raise ValueError(f"plan_type must be one of {', '.join(PLAN_TYPES)}, not {plan_type!r}")
         if not plan_id:
             raise ValueError("plan_id must not be empty")
-        moment = now()
+        moment = self.now()
         old = self.plans.get(plan_id)
         plan = PlanRecord(
             seq=old.seq if old else self.next_seq(),
@@ -150,7 +157,7 @@ class Store:
         redirect_url: str | None,
         mode: str = "payment",
     ) -> CheckoutConfigurationRecord:
-        moment = now()
+        moment = self.now()
         config_id = new_id("ch_", 16)
         config = CheckoutConfigurationRecord(
             seq=self.next_seq(),
@@ -171,7 +178,7 @@ class Store:
 
     def purchase(self, spec: PurchaseSpec) -> PaymentRecord:
         """A buyer paid (now, or at `spec.at`): a new user, member, membership and payment."""
-        moment = spec.at or now()
+        moment = spec.at or self.now()
         local = (spec.email or "buyer@example.com").split("@", 1)[0]
         user_id = new_id("user_")
         user = UserRecord(
@@ -179,6 +186,7 @@ class Store:
             username=f"{local.lower()}{user_id[-4:].lower()}",
             name=local.replace(".", " ").title(),
             email=spec.email or f"buyer-{user_id[5:].lower()}@example.com",
+            email_visible=spec.email_visible,
         )
         one_time = spec.billing_reason == "one_time"
         plan = spec.plan
@@ -230,6 +238,6 @@ class Store:
         )
         if refunded > total or (amount is not None and amount <= 0):
             raise ValueError(f"a refund must be positive and at most the total {total}")
-        moment = now()
+        moment = self.now()
         payment.refunded_amount, payment.refunded_at, payment.updated_at = refunded, moment, moment
         return payment
