@@ -183,3 +183,23 @@ def test_the_sweep_command_reports_and_a_dry_run_changes_nothing(
     unconfigured = run_cli(tmp_path, "sweep", env={**env, "WHOP_COMPANY_ID": ""})
     assert unconfigured.returncode == 1
     assert "WHOP_COMPANY_ID is not set" in unconfigured.stderr
+
+
+@pytest.mark.parametrize(("status", "delivered"), [("pending", True), ("succeeded", False)])
+def test_a_claim_that_came_before_a_lost_payment_does_not_hide_it(
+    runtime: Runtime, simulator: SimulatorServer, status: str, delivered: bool
+) -> None:
+    """A refund webhook came, the payment's webhook never did: a refund that did not take the
+    money back leaves the payment to deliver (the sweep must not take the claim's order for the
+    payment's); one that succeeded ends it, and the sweep delivers nothing."""
+    from whop_autocancel.webhooks.parse import ClaimFacts
+
+    purchase = lost_purchase(simulator)
+    claim = ClaimFacts("refund", "rf_Before1", purchase["payment_id"], status, "25.00", None)
+    with runtime.database.transaction() as session:
+        runtime.orders.apply_claim(session, claim, runtime.clock.now())
+    report = runtime.whop_sweep.run(force=True)
+    assert (purchase["payment_id"] in report.recovered_payments) is delivered
+    drain(runtime)
+    order = orders(runtime)[purchase["payment_id"]]
+    assert order.status == ("delivered" if delivered else "refunded")

@@ -434,14 +434,16 @@ def run_backfill(runtime: Runtime, plan: str) -> list[str]:
         runtime.cancellations,
         runtime.clock,
         runtime.whop,
+        owner=runtime.owner,
         company_id=runtime.settings.WHOP_COMPANY_ID,
         versioned=runtime.settings.uses_versioned_api,
     )
     try:
         job.check_plan(plan)
+        survey = job.survey(plan, None)
     except BackfillRefused as refused:
         return [f"refused: {refused}"]
-    return [job.cancel(plan, live) for live in job.live_memberships(plan, None)]
+    return [job.cancel(plan, live) for live in survey.to_cancel]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from whop_autocancel.db.install import watching_since
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order
-from whop_autocancel.orders.service import ONE_TIME, OrderService
+from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
 from whop_autocancel.webhooks.parse import EventDataError, PaymentFacts, payment_facts
 from whop_autocancel.whop.client import WhopClient, WhopReply
 
@@ -140,9 +140,7 @@ class Recovery:
 
     def _judge(self, session: Session, *, facts: PaymentFacts) -> RecoverablePayment | str:
         """What recovering this payment would do, or why it is not recovered."""
-        known = session.scalars(
-            select(Order.id).where(Order.whop_payment_id == facts.payment_id).limit(1)
-        ).first()
+        known = order_of_recorded_payment(session, facts.payment_id)
         if known is not None:
             return f"already recorded (order {known})"
         plan = self._catalog.get(facts.plan_id)
@@ -183,10 +181,7 @@ class Recovery:
         return applied
 
     def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> bool:
-        known = session.scalars(
-            select(Order.id).where(Order.whop_payment_id == facts.payment_id).limit(1)
-        ).first()
-        if known is not None:
+        if order_of_recorded_payment(session, facts.payment_id) is not None:
             return False
         self._orders.apply_payment(session, facts, now)
         return True

@@ -44,7 +44,7 @@ from whop_autocancel.db.install import record_watching_since, watching_since
 from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.orders.service import ONE_TIME, OrderService
+from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
 from whop_autocancel.webhooks.parse import EventDataError, PaymentFacts, payment_facts
 from whop_autocancel.whop.client import WhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
@@ -247,10 +247,7 @@ class WhopSweep:
 
     def _known_payment(self, payment_id: str) -> bool:
         with self._database.transaction() as session:
-            found = session.scalars(
-                select(Order.id).where(Order.whop_payment_id == payment_id).limit(1)
-            ).first()
-        return found is not None
+            return order_of_recorded_payment(session, payment_id) is not None
 
     def _alert_recovered(self, now: datetime, payment_ids: list[str]) -> None:
         shown = ", ".join(payment_ids[:20]) + (" …" if len(payment_ids) > 20 else "")

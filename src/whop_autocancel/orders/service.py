@@ -67,6 +67,18 @@ def must_deliver(catalog: Catalog, order: Order) -> bool:
     return catalog.is_listed(order.plan_id) and order.billing_reason == ONE_TIME
 
 
+def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
+    """The order that holds this payment as applied (None: the payment was never applied). An
+    order a refund or dispute created ahead of its payment, still `pending`, does not count:
+    the payment is still to be applied (and delivered, unless the claim ended the order)."""
+    found: str | None = session.scalars(
+        select(Order.id)
+        .where(Order.whop_payment_id == payment_id, Order.status != OrderStatus.PENDING.value)
+        .limit(1)
+    ).first()
+    return found
+
+
 def close_unpaid_orders(session: Session, created_before: datetime, limit: int) -> list[str]:
     """Close (`abandoned`) pending orders without a payment created before `created_before`:
     nobody paid them within PENDING_ORDER_TTL, so no guess may bind a payment to them any
