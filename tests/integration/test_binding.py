@@ -337,14 +337,20 @@ def test_a_claim_that_did_not_take_the_money_back_blocks_nothing(
     service: Service, kind: str, status: str | None
 ) -> None:
     payment_id = f"pay_{uuid.uuid4().hex[:10]}"
-    post_event(service.http, claim(kind, payment_id, status))  # even before its payment
+    # Even before its payment: the claim waits for it (stored, applied again later).
+    assert post_event(service.http, claim(kind, payment_id, status)).json() == {"status": "failed"}
+    assert service.orders() == []
     post_event(service.http, payment_event(payment_id))
+    drain(service.runtime)
+    order = service.by_payment(payment_id)
+    assert order.status == "delivered"
+    service.clock.advance(60)
+    service.runtime.stuck_sweep.run(force=True)  # re-applies the claim, now its payment is in
     drain(service.runtime)
     order = service.by_payment(payment_id)
     assert order.status == "delivered"
     assert [entry["status"] for entry in order.order_metadata[f"{kind}s"]] == [status]
     assert len(service.alerts(f"order_{kind}ed" if kind == "refund" else "order_disputed")) == 1
-    service.clock.advance(10)
     with service.runtime.database.transaction() as session:
         [row] = list(session.scalars(select(Cancellation)))
     service.runtime.cancellations.run(row.id)
@@ -352,6 +358,31 @@ def test_a_claim_that_did_not_take_the_money_back_blocks_nothing(
         ran = session.get(Cancellation, row.id)
     assert ran is not None
     assert ran.status != "skipped", ran.last_error
+
+
+def test_a_refund_before_its_payment_leaves_the_payment_to_its_checkout_order(
+    service: Service,
+) -> None:
+    """Found by the model-based test: a pending refund came before its payment (which carries
+    no email), and the refund's order captured the payment, leaving the buyer's checkout order
+    (with their email) behind: nothing could be delivered."""
+    now = service.clock.now()
+    order_id = service.pending(
+        now - timedelta(minutes=1), email="ann@buyers.test", checkout_configuration_id="ch_Ann"
+    )
+    body = event_body(
+        "payment.succeeded.legacy.json",
+        id="pay_Ahead1",
+        plan={"id": MESSAGE_PLAN, "metadata": {}},
+        user={"id": "user_Ann", "email": None},
+        metadata={"order_id": order_id},
+        checkout_configuration_id="ch_Ann",
+    )
+    post_event(service.http, claim("refund", "pay_Ahead1", "pending"))
+    post_event(service.http, body)
+    drain(service.runtime)
+    order = service.by_payment("pay_Ahead1")
+    assert (order.id, order.status, order.email) == (order_id, "delivered", "ann@buyers.test")
 
 
 @pytest.mark.parametrize(

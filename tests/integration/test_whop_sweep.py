@@ -190,14 +190,20 @@ def test_a_claim_that_came_before_a_lost_payment_does_not_hide_it(
     runtime: Runtime, simulator: SimulatorServer, status: str, delivered: bool
 ) -> None:
     """A refund webhook came, the payment's webhook never did: a refund that did not take the
-    money back leaves the payment to deliver (the sweep must not take the claim's order for the
-    payment's); one that succeeded ends it, and the sweep delivers nothing."""
+    money back waits for its payment (no order is made for it) and the sweep delivers the
+    payment; one that succeeded ends the purchase, and the sweep delivers nothing."""
+    from whop_autocancel.orders.service import ClaimAhead
     from whop_autocancel.webhooks.parse import ClaimFacts
 
     purchase = lost_purchase(simulator)
     claim = ClaimFacts("refund", "rf_Before1", purchase["payment_id"], status, "25.00", None)
-    with runtime.database.transaction() as session:
-        runtime.orders.apply_claim(session, claim, runtime.clock.now())
+    if delivered:
+        with pytest.raises(ClaimAhead), runtime.database.transaction() as session:
+            runtime.orders.apply_claim(session, claim, runtime.clock.now())
+        assert orders(runtime) == {}
+    else:
+        with runtime.database.transaction() as session:
+            runtime.orders.apply_claim(session, claim, runtime.clock.now())
     report = runtime.whop_sweep.run(force=True)
     assert (purchase["payment_id"] in report.recovered_payments) is delivered
     drain(runtime)

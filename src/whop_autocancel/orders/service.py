@@ -15,6 +15,7 @@ from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.db.locks import lock_keys
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.matching import find_order_for_payment
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -60,6 +61,11 @@ def purchase_keys(
         f"order:{order_id}" if order_id else None,
         f"checkout:{checkout_configuration_id}" if checkout_configuration_id else None,
     ]
+
+
+class ClaimAhead(WhopAutocancelError):
+    """A refund or dispute that does not end its order came before its payment: applied again
+    (with the inbox's backoff) once the payment is recorded."""
 
 
 def must_deliver(catalog: Catalog, order: Order) -> bool:
@@ -245,13 +251,21 @@ class OrderService:
 
     def apply_claim(self, session: Session, claim: ClaimFacts, now: datetime) -> Order:
         """Record a refund or dispute on its order and tell the admin once per claim. The
-        order moves to refunded/disputed if it can, never backwards; a claim that comes before
-        its payment creates the order, so the late payment cannot deliver it."""
+        order moves to refunded/disputed if it can, never backwards. A claim that ends an order
+        and comes before its payment creates the order, so the late payment cannot deliver it;
+        one that does not end it waits for its payment (`ClaimAhead`: the event is applied
+        again later), so that the payment still finds the order its checkout created."""
         lock_keys(session, purchase_keys(claim.payment_id, None, None, None))
         order = session.scalars(
             select(Order).where(Order.whop_payment_id == claim.payment_id)
         ).first()
         if order is None:
+            if not ends_order(claim):
+                raise ClaimAhead(
+                    f"payment {claim.payment_id} of {claim.kind} {claim.claim_id} "
+                    f"({claim.status or 'no status'}) is not recorded yet: the {claim.kind} is "
+                    "applied again once its payment is"
+                )
             order = Order(
                 id=new_order_id(),
                 status=OrderStatus.PENDING.value,
