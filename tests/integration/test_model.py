@@ -21,8 +21,8 @@ past every delay), and then every listed one-time purchase that was not refunded
 dispute, whose buyer's address the service can know, was delivered exactly once to its buyer and
 its membership cancelled by exactly one successful call.
 
-Steps: WA_MODEL_STEPS (default 2000) on SQLite, WA_MODEL_SERVER_STEPS (default 200) on PostgreSQL
-and MariaDB; WA_MODEL_STEPS_PER_EXAMPLE (default 50) per example; WA_MODEL_SEED fixes the seed
+Steps: WA_MODEL_STEPS (default 4000) on SQLite, WA_MODEL_SERVER_STEPS (default 300) on PostgreSQL
+and MariaDB; WA_MODEL_STEPS_PER_EXAMPLE (default 25: short examples found more) per example; WA_MODEL_SEED fixes the seed
 (printed in the summary, with the counts).
 """
 
@@ -93,7 +93,7 @@ MAX_SWEEP_GAP = timedelta(days=2)
 SETTLE_CLOCK = [61, 61, 301, 61, 121, 121, 121, 121, 121, 121]
 SETTLE_WHOP_SWEEPS = (0, 3)
 SETTLE_QUIET_STEPS = 2
-STEPS_PER_EXAMPLE = int(os.environ.get("WA_MODEL_STEPS_PER_EXAMPLE", "50"))
+STEPS_PER_EXAMPLE = int(os.environ.get("WA_MODEL_STEPS_PER_EXAMPLE", "25"))
 
 
 class Violation(AssertionError):
@@ -779,9 +779,9 @@ def run_model(world: World, label: str, steps: int) -> None:
 def test_the_model_holds(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> None:
     kind = request.node.callspec.params["database_url"]
     steps = int(
-        os.environ.get("WA_MODEL_STEPS", "2000")
+        os.environ.get("WA_MODEL_STEPS", "4000")
         if kind == "sqlite"
-        else os.environ.get("WA_MODEL_SERVER_STEPS", "200")
+        else os.environ.get("WA_MODEL_SERVER_STEPS", "300")
     )
     start = datetime.now(UTC).replace(microsecond=0)
     # SQLite files (the database on SQLite, the job queue always) on a RAM disk when there is
