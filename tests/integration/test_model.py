@@ -22,8 +22,8 @@ dispute, whose buyer's address the service can know, was delivered exactly once 
 its membership cancelled by exactly one successful call.
 
 Steps: WA_MODEL_STEPS (default 4000) on SQLite, WA_MODEL_SERVER_STEPS (default 300) on PostgreSQL
-and MariaDB; WA_MODEL_STEPS_PER_EXAMPLE (default 25: short examples found more) per example; WA_MODEL_SEED fixes the seed
-(printed in the summary, with the counts).
+and MariaDB; WA_MODEL_STEPS_PER_EXAMPLE (default 25: short examples found more) per example;
+WA_MODEL_SEED fixes the seed (printed in the summary, with the counts).
 """
 
 from __future__ import annotations
