@@ -318,25 +318,15 @@ def backfill(
 
     from rich.progress import Progress
 
-    from whop_autocancel.cancellation.backfill import Backfill, BackfillRefused
+    from whop_autocancel.cancellation.backfill import BackfillRefused
 
     try:
         start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
     except ValueError:
         raise typer.BadParameter("use YYYY-MM-DD", param_hint="--since") from None
     with _runtime() as runtime:
-        settings = runtime.settings
-        settings.require("WHOP_API_KEY")
-        job = Backfill(
-            runtime.database,
-            runtime.catalog,
-            runtime.cancellations,
-            runtime.clock,
-            runtime.whop,
-            owner=runtime.owner,
-            company_id=settings.WHOP_COMPANY_ID,
-            versioned=settings.uses_versioned_api,
-        )
+        runtime.settings.require("WHOP_API_KEY")
+        job = runtime.backfill()
         try:
             job.check_plan(plan)
             survey = job.survey(plan, start)
@@ -415,7 +405,7 @@ def recover(
     it would deliver; with --apply, deliver them as the Whop sweep would. Dry run first."""
     from datetime import UTC, datetime
 
-    from whop_autocancel.cancellation.recover import RecoverRefused, Recovery
+    from whop_autocancel.cancellation.recover import RecoverRefused
 
     start: datetime | None = None
     for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M"):
@@ -427,18 +417,8 @@ def recover(
     if start is None:
         raise typer.BadParameter("use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)", param_hint="--since")
     with _runtime() as runtime:
-        settings = runtime.settings
-        settings.require("WHOP_API_KEY")
-        job = Recovery(
-            runtime.database,
-            runtime.catalog,
-            runtime.orders,
-            runtime.clock,
-            runtime.whop,
-            owner=runtime.owner,
-            company_id=settings.WHOP_COMPANY_ID,
-            versioned=settings.uses_versioned_api,
-        )
+        runtime.settings.require("WHOP_API_KEY")
+        job = runtime.recovery()
         try:
             survey = job.survey(start)
         except RecoverRefused as error:

@@ -9,7 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from whop_autocancel.alerts.service import Alerts
+from whop_autocancel.cancellation.backfill import Backfill
 from whop_autocancel.cancellation.models import CANCEL_TASK
+from whop_autocancel.cancellation.recover import Recovery
 from whop_autocancel.cancellation.service import CancellationService
 from whop_autocancel.cancellation.sweeps import StuckWorkSweep
 from whop_autocancel.cancellation.whop_sweep import WhopSweep
@@ -72,6 +74,32 @@ class Runtime:
                     clock=self.clock,
                 )
             return self._whop
+
+    def backfill(self) -> Backfill:
+        """The onboarding backfill (`backfill --plan`), wired to this runtime."""
+        return Backfill(
+            self.database,
+            self.catalog,
+            self.cancellations,
+            self.clock,
+            self.whop,
+            owner=self.owner,
+            company_id=self.settings.WHOP_COMPANY_ID,
+            versioned=self.settings.uses_versioned_api,
+        )
+
+    def recovery(self) -> Recovery:
+        """The recovery of purchases made before the install (`recover --since`)."""
+        return Recovery(
+            self.database,
+            self.catalog,
+            self.orders,
+            self.clock,
+            self.whop,
+            owner=self.owner,
+            company_id=self.settings.WHOP_COMPANY_ID,
+            versioned=self.settings.uses_versioned_api,
+        )
 
     def close(self) -> None:
         if self._whop is not None:

@@ -192,16 +192,7 @@ def shop(
 
 
 def backfill(runtime: Runtime) -> Backfill:
-    return Backfill(
-        runtime.database,
-        runtime.catalog,
-        runtime.cancellations,
-        runtime.clock,
-        runtime.whop,
-        owner=runtime.owner,
-        company_id=runtime.settings.WHOP_COMPANY_ID,
-        versioned=runtime.settings.uses_versioned_api,
-    )
+    return runtime.backfill()
 
 
 def test_backfill_cancels_only_unknown_memberships_sold_before_the_install(

@@ -207,17 +207,7 @@ def test_a_worker_records_the_install_time_at_its_first_start(
 
 
 def recovery(runtime: Runtime) -> Recovery:
-    settings = runtime.settings
-    return Recovery(
-        runtime.database,
-        runtime.catalog,
-        runtime.orders,
-        runtime.clock,
-        runtime.whop,
-        owner=runtime.owner,
-        company_id=settings.WHOP_COMPANY_ID,
-        versioned=settings.uses_versioned_api,
-    )
+    return runtime.recovery()
 
 
 def test_recover_lists_older_purchases_then_delivers_them_when_asked(

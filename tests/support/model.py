@@ -43,7 +43,7 @@ from support.harness import (
     wait_for,
 )
 from support.receiver import Receiver
-from whop_autocancel.cancellation.backfill import Backfill, BackfillRefused
+from whop_autocancel.cancellation.backfill import BackfillRefused
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import record_watching_since
 from whop_autocancel.db.models import Base
@@ -428,16 +428,7 @@ def claim_body(claim: Claim, status: str, first: bool) -> tuple[str, bytes]:
 
 def run_backfill(runtime: Runtime, plan: str) -> list[str]:
     """`whop-autocancel backfill --plan PLAN --yes`, in process: the statuses it ended with."""
-    job = Backfill(
-        runtime.database,
-        runtime.catalog,
-        runtime.cancellations,
-        runtime.clock,
-        runtime.whop,
-        owner=runtime.owner,
-        company_id=runtime.settings.WHOP_COMPANY_ID,
-        versioned=runtime.settings.uses_versioned_api,
-    )
+    job = runtime.backfill()
     try:
         job.check_plan(plan)
         survey = job.survey(plan, None)
