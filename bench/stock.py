@@ -36,9 +36,9 @@ from support.harness import (
     make_settings,
 )
 from support.stock import paid_orders
+from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import import_stock
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import DELIVER_TASK

@@ -7,17 +7,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+from whop_autocancel.catalog import Catalog, load_catalog
 from whop_autocancel.clock import SystemClock
 from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.install import watching_since
-from whop_autocancel.db.migrate import current_revision, head_revision
-from whop_autocancel.delivery.catalog import Catalog, load_catalog
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.delivery.stock import stock_levels, unreadable_items
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.mail.smtp import check_connection
+from whop_autocancel.schema.migrate import current_revision, head_revision
 from whop_autocancel.settings import Settings
 from whop_autocancel.whop.client import WhopClient, WhopReply
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import Settings, load_settings
@@ -50,7 +50,7 @@ def _settings() -> Settings:
 
 def _catalog(settings: Settings) -> Catalog:
     """Read the catalog before touching anything, so a mistake stops start-up cleanly."""
-    from whop_autocancel.delivery.catalog import load_catalog
+    from whop_autocancel.catalog import load_catalog
     from whop_autocancel.delivery.methods import known_methods
 
     catalog = load_catalog(settings.CATALOG_PATH, known_methods())
@@ -119,7 +119,7 @@ def _first_line(error: Exception) -> str:
 def _prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
     """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
     from whop_autocancel.db.engine import Database, sqlite_path
-    from whop_autocancel.db.migrate import current_revision, head_revision, upgrade
+    from whop_autocancel.schema.migrate import current_revision, head_revision, upgrade
 
     database = Database(settings.DATABASE_URL)
     try:
@@ -228,7 +228,7 @@ def migrate() -> None:
     when the service started watching Whop."""
     from whop_autocancel.clock import SystemClock
     from whop_autocancel.db.engine import Database
-    from whop_autocancel.db.migrate import upgrade
+    from whop_autocancel.schema.migrate import upgrade
 
     settings = _settings()
     database = Database(settings.DATABASE_URL)
@@ -318,7 +318,7 @@ def backfill(
 
     from rich.progress import Progress
 
-    from whop_autocancel.cancellation.backfill import BackfillRefused
+    from whop_autocancel.reconcile.backfill import BackfillRefused
 
     try:
         start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
@@ -405,7 +405,7 @@ def recover(
     it would deliver; with --apply, deliver them as the Whop sweep would. Dry run first."""
     from datetime import UTC, datetime
 
-    from whop_autocancel.cancellation.recover import RecoverRefused
+    from whop_autocancel.reconcile.recover import RecoverRefused
 
     start: datetime | None = None
     for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M"):

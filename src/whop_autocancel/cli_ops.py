@@ -12,8 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.ops import (
+from whop_autocancel.admin.operations import (
     DEFAULT_LIMIT,
     OpsError,
     cancel_membership,
@@ -24,6 +23,7 @@ from whop_autocancel.ops import (
     list_orders,
     replay_event,
 )
+from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.webhooks.models import EventStatus
 

@@ -61,9 +61,9 @@ def import_(
     """Add items to a pool. Blank lines and duplicates (in the file, or already in stock in any
     pool) are skipped and counted. Orders waiting for the pool are then delivered, oldest
     payment first."""
+    from whop_autocancel.admin.stock import import_stock
     from whop_autocancel.cli import out
     from whop_autocancel.delivery.stock import StockError, read_items
-    from whop_autocancel.delivery.stock_ops import import_stock
 
     if len(delimiter) != 1:
         raise StockError("--delimiter must be one character")
@@ -107,8 +107,8 @@ def import_(
 @stock_app.command("levels")
 def levels() -> None:
     """A table per pool: available, assigned, void, the low-stock threshold, waiting orders."""
+    from whop_autocancel.admin.stock import stock_levels
     from whop_autocancel.cli import out
-    from whop_autocancel.delivery.stock_ops import stock_levels
 
     with _runtime() as runtime:
         rows = stock_levels(runtime)
@@ -145,8 +145,8 @@ def void(
 ) -> None:
     """Take an item out of circulation: an available one is never handed out; an assigned one
     stays with its order, marked void (rotate it where it lives)."""
+    from whop_autocancel.admin.stock import void_stock
     from whop_autocancel.cli import out
-    from whop_autocancel.delivery.stock_ops import void_stock
 
     with _runtime() as runtime:
         result = void_stock(runtime, item_id, reason)
@@ -175,8 +175,8 @@ def show(
     ],
 ) -> None:
     """Print one item, decrypted, with its status and order (for support; never logged)."""
+    from whop_autocancel.admin.stock import show_item
     from whop_autocancel.cli import out
-    from whop_autocancel.delivery.stock_ops import show_item
 
     with _runtime() as runtime:
         item, content = show_item(runtime, reference)
@@ -195,8 +195,8 @@ def show(
 def rekey() -> None:
     """After a key rotation (new key first in STOCK_ENCRYPTION_KEY, old keys after): encrypt
     every item and stored email again with the new key, so the old keys can be removed."""
+    from whop_autocancel.admin.stock import rekey_stock
     from whop_autocancel.cli import out
-    from whop_autocancel.delivery.stock_ops import rekey_stock
 
     with _runtime() as runtime:
         keys = runtime.sealer.key_count if runtime.sealer else 0

@@ -9,15 +9,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from whop_autocancel.alerts.service import Alerts
-from whop_autocancel.cancellation.backfill import Backfill
 from whop_autocancel.cancellation.models import CANCEL_TASK
-from whop_autocancel.cancellation.recover import Recovery
 from whop_autocancel.cancellation.service import CancellationService
-from whop_autocancel.cancellation.sweeps import StuckWorkSweep
-from whop_autocancel.cancellation.whop_sweep import WhopSweep
+from whop_autocancel.catalog import Catalog, load_catalog
 from whop_autocancel.clock import Clock, SystemClock
 from whop_autocancel.db.engine import Database
-from whop_autocancel.delivery.catalog import Catalog, load_catalog
+from whop_autocancel.delivery.hooks import PurchaseHooks
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.delivery.service import DeliveryService
 from whop_autocancel.delivery.stock import SERVE_TASK
@@ -27,6 +24,10 @@ from whop_autocancel.mail.outbox import SEND_TASK, Outbox
 from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.orders.checkout import CheckoutService
 from whop_autocancel.orders.service import DELIVER_TASK, OrderService
+from whop_autocancel.reconcile.backfill import Backfill
+from whop_autocancel.reconcile.recover import Recovery
+from whop_autocancel.reconcile.sweeps import StuckWorkSweep
+from whop_autocancel.reconcile.whop_sweep import WhopSweep
 from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import Settings
 from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
@@ -148,7 +149,9 @@ def build_runtime(
             settings.ALERT_WEBHOOK_URL.get_secret_value() if settings.ALERT_WEBHOOK_URL else None
         ),
     )
-    orders = OrderService(catalog, jobs, alerts, settings.MATCH_WINDOW)
+    orders = OrderService(
+        catalog, jobs, alerts, settings.MATCH_WINDOW, PurchaseHooks(catalog, jobs)
+    )
     inbox = Inbox(
         database,
         orders,

@@ -30,13 +30,13 @@ from support.harness import (
     signed_headers,
 )
 from support.stock import drain_due
-from whop_autocancel.cancellation.backfill import Backfill
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import start_watching
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
+from whop_autocancel.reconcile.backfill import Backfill
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
 

@@ -34,7 +34,7 @@ from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import new_order_id
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.webhooks.models import WebhookEvent
-from whop_autocancel.webhooks.parse import MembershipFacts, PaymentFacts
+from whop_autocancel.whop.payloads import MembershipFacts, PaymentFacts
 
 
 @dataclass

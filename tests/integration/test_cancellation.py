@@ -424,7 +424,7 @@ def test_two_workers_never_run_one_cancellation_at_once(world: World) -> None:
 def test_no_customer_email_means_delivery_failed_an_alert_and_no_cancellation(
     world: World,
 ) -> None:
-    from whop_autocancel.webhooks.parse import PaymentFacts
+    from whop_autocancel.whop.payloads import PaymentFacts
 
     now = world.clock.now()
     facts = PaymentFacts(
@@ -464,7 +464,7 @@ def test_a_late_activation_wakes_the_waiting_cancellation(world: World) -> None:
     assert world.run(cancellation_id, after=5).membership_id is None
     world.runtime.jobs.huey.flush()
     # membership.activated arrives late: the id is attached and the job enqueued again.
-    from whop_autocancel.webhooks.parse import MembershipFacts
+    from whop_autocancel.whop.payloads import MembershipFacts
 
     facts = MembershipFacts(
         membership_id=purchase["membership_id"],

@@ -31,10 +31,10 @@ from support.harness import (
     post_event,
     wait_for,
 )
+from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import import_stock
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime

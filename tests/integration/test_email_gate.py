@@ -30,13 +30,13 @@ from support.harness import (
     make_settings,
     wait_for,
 )
+from whop_autocancel.admin.operations import cancel_membership
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink
-from whop_autocancel.ops import cancel_membership
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer

@@ -28,11 +28,11 @@ from support.harness import (
 )
 from support.stock import StockWorld, drain_due, stock_world
 from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.cancellation.recover import RecoverRefused, Recovery
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import start_watching, watching_since
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
+from whop_autocancel.reconcile.recover import RecoverRefused, Recovery
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
 

@@ -13,7 +13,7 @@ from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import new_order_id
 from whop_autocancel.runtime import Runtime
-from whop_autocancel.webhooks.parse import PaymentFacts
+from whop_autocancel.whop.payloads import PaymentFacts
 
 
 @pytest.fixture

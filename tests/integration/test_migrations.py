@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from whop_autocancel.db.engine import Database
-from whop_autocancel.db.migrate import alembic_config, current_revision, upgrade
-from whop_autocancel.db.models import Base
+from whop_autocancel.schema import Base
+from whop_autocancel.schema.migrate import alembic_config, current_revision, upgrade
 
 
 def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:

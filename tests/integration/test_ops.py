@@ -30,11 +30,7 @@ from support.harness import (
     service_environment,
     signed_headers,
 )
-from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.cli_ops import register
-from whop_autocancel.clock import FrozenClock
-from whop_autocancel.errors import WhopAutocancelError
-from whop_autocancel.ops import (
+from whop_autocancel.admin.operations import (
     CancelRefused,
     OpsError,
     UnknownEvent,
@@ -45,6 +41,10 @@ from whop_autocancel.ops import (
     list_orders,
     replay_event,
 )
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli_ops import register
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer

@@ -27,11 +27,11 @@ from support.harness import (
     wait_for,
 )
 from support.stock import StockWorld, stock_world
+from whop_autocancel.admin.stock import show_item, stock_levels, void_stock
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.service import ResendError
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import show_item, stock_levels, void_stock
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email

@@ -14,13 +14,13 @@ from sqlalchemy import func, select
 from support.harness import STOCK_CATALOG, STOCK_PLAN, STOCK_POOL, make_runtime, make_settings
 from support.reporting import show
 from support.stock import paid_orders
+from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.engine import CONFLICTS
 from whop_autocancel.delivery.models import StockItem, StockStatus
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import import_stock
 from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import DELIVER_TASK

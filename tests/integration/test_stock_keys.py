@@ -20,11 +20,11 @@ from support.harness import (
     make_settings,
 )
 from support.stock import StockWorld, stock_world
+from whop_autocancel.admin.stock import import_stock, rekey_stock, show_item
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.service import unreadable_key
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import import_stock, rekey_stock, show_item
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.sealing import Sealer, SealError, generate_key
 from whop_autocancel.simulator import SimulatorServer

@@ -21,12 +21,12 @@ from support.harness import (
 )
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.cancellation.sweeps import StuckWorkSweep
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
+from whop_autocancel.reconcile.sweeps import StuckWorkSweep
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.webhooks.models import WebhookEvent
-from whop_autocancel.webhooks.parse import PaymentFacts
+from whop_autocancel.whop.payloads import PaymentFacts
 
 
 @pytest.fixture

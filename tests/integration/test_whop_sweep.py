@@ -193,7 +193,7 @@ def test_a_claim_that_came_before_a_lost_payment_does_not_hide_it(
     money back waits for its payment (no order is made for it) and the sweep delivers the
     payment; one that succeeded ends the purchase, and the sweep delivers nothing."""
     from whop_autocancel.orders.service import ClaimAhead
-    from whop_autocancel.webhooks.parse import ClaimFacts
+    from whop_autocancel.whop.payloads import ClaimFacts
 
     purchase = lost_purchase(simulator)
     claim = ClaimFacts("refund", "rf_Before1", purchase["payment_id"], status, "25.00", None)

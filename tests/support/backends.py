@@ -18,8 +18,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from whop_autocancel.db.engine import Database
-from whop_autocancel.db.migrate import upgrade
-from whop_autocancel.db.models import Base
+from whop_autocancel.schema import Base
+from whop_autocancel.schema.migrate import upgrade
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")

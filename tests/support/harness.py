@@ -20,8 +20,8 @@ import uvicorn
 from whop_autocancel.app import create_app
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
-from whop_autocancel.db.migrate import upgrade
 from whop_autocancel.runtime import Runtime, build_runtime
+from whop_autocancel.schema.migrate import upgrade
 from whop_autocancel.settings import Settings, load_settings
 from whop_autocancel.webhooks.verify import sign
 

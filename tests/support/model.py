@@ -43,16 +43,16 @@ from support.harness import (
     wait_for,
 )
 from support.receiver import Receiver
-from whop_autocancel.cancellation.backfill import BackfillRefused
+from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import record_watching_since
-from whop_autocancel.db.models import Base
 from whop_autocancel.delivery.stock import items_for
-from whop_autocancel.delivery.stock_ops import import_stock
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import ReceivedEmail, SmtpSink
 from whop_autocancel.orders.models import Order
+from whop_autocancel.reconcile.backfill import BackfillRefused
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.schema import Base
 from whop_autocancel.simulator import SimulatorServer
 
 COMPANY = "biz_SimStore"

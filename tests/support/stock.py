@@ -26,12 +26,12 @@ from support.harness import (
     make_settings,
     post_event,
 )
+from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import ImportReport, items_for
-from whop_autocancel.delivery.stock_ops import import_stock
 from whop_autocancel.mail.sink import ReceivedEmail, SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from whop_autocancel.delivery.catalog import Catalog, CatalogPlan, load_catalog, parse_catalog
+from whop_autocancel.catalog import Catalog, CatalogPlan, load_catalog, parse_catalog
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.errors import ConfigurationError
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from whop_autocancel.cancellation.backfill import LiveMembership, whop_side_reason
-from whop_autocancel.cancellation.whop_sweep import payment_refusal
-from whop_autocancel.webhooks.parse import payment_facts
+from whop_autocancel.reconcile.backfill import LiveMembership, whop_side_reason
+from whop_autocancel.reconcile.whop_sweep import payment_refusal
+from whop_autocancel.whop.payloads import payment_facts
 
 WATCHING = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 PLAN = "plan_Stock1"

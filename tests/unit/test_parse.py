@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from whop_autocancel.webhooks.parse import (
+from whop_autocancel.whop.payloads import (
     Envelope,
     EventDataError,
     MembershipFacts,

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation, CancellationStatus
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database, insert_once
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
@@ -57,6 +57,21 @@ def ours_may_have_acted(row: Cancellation) -> bool:
     """Whether a cancel call of ours in this generation may have been carried out at Whop: one
     was made, and its answer (the last one recorded) was a success or did not say."""
     return row.attempts > 0 and may_have_acted(row.last_http_status)
+
+
+def attach_membership(session: Session, jobs: Jobs, order: Order, now: datetime) -> None:
+    """The order just learned its membership id: a cancellation row that was waiting for it
+    takes it, and runs once the delay it was given is over."""
+    if order.whop_membership_id is None:
+        return
+    cancellation = session.scalars(
+        select(Cancellation).where(Cancellation.order_id == order.id)
+    ).first()
+    if cancellation is not None and cancellation.membership_id is None:
+        cancellation.membership_id = order.whop_membership_id
+        if cancellation.status == "scheduled":
+            delay = max(0.0, (cancellation.next_attempt_at - now).total_seconds())
+            jobs.defer(session, CANCEL_TASK, cancellation.id, delay=delay)
 
 
 def schedule_cancellation(

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
+from whop_autocancel.catalog import CatalogPlan
 from whop_autocancel.delivery import stock
-from whop_autocancel.delivery.catalog import CatalogPlan
 from whop_autocancel.delivery.models import StockStatus
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.mail.render import EmailTemplates, RenderedEmail

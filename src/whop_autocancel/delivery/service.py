@@ -18,10 +18,10 @@ from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.cancellation.service import schedule_cancellation, wake_after_email
+from whop_autocancel.catalog import Catalog, CatalogPlan
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery import stock
-from whop_autocancel.delivery.catalog import Catalog, CatalogPlan
 from whop_autocancel.delivery.methods import (
     METHODS,
     Delivery,

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
-from whop_autocancel.delivery.catalog import POOL_NAME, POOL_NAME_HELP, Catalog
+from whop_autocancel.catalog import POOL_NAME, POOL_NAME_HELP, Catalog
 from whop_autocancel.delivery.models import StockItem, StockStatus
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.mail.models import Email

@@ -11,9 +11,9 @@ from datetime import datetime
 
 import structlog
 
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import new_order_id

@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.webhooks.parse import PaymentFacts
+from whop_autocancel.whop.payloads import PaymentFacts
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from typing import Protocol
 
 import structlog
 from sqlalchemy import select
@@ -11,16 +12,14 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
-from whop_autocancel.cancellation.models import CANCEL_TASK
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.db.locks import lock_keys
-from whop_autocancel.delivery import stock
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.matching import find_order_for_payment
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.states import transition
-from whop_autocancel.webhooks.parse import ClaimFacts, MembershipFacts, PaymentFacts
+from whop_autocancel.whop.payloads import ClaimFacts, MembershipFacts, PaymentFacts
 
 log = structlog.get_logger(__name__)
 
@@ -106,12 +105,34 @@ def close_unpaid_orders(session: Session, created_before: datetime, limit: int) 
     return closed
 
 
+class OrderHooks(Protocol):
+    """What the layers above orders do when an order changes (dependency inversion: orders never
+    import delivery or cancellation; the runtime wires their implementations in)."""
+
+    def membership_attached(self, session: Session, order: Order, now: datetime) -> None:
+        """The order just learned its membership id (a cancellation may be waiting for it)."""
+
+    def claim_recorded(
+        self, session: Session, order: Order, claim: ClaimFacts, now: datetime
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """A refund or dispute was recorded on the order: settle what was delivered. Returns
+        the alert's extra (label, value) lines and steps."""
+
+
 class OrderService:
-    def __init__(self, catalog: Catalog, jobs: Jobs, alerts: Alerts, match_window: float) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        jobs: Jobs,
+        alerts: Alerts,
+        match_window: float,
+        hooks: OrderHooks,
+    ) -> None:
         self._catalog = catalog
         self._jobs = jobs
         self._alerts = alerts
         self._window = match_window
+        self._hooks = hooks
 
     def apply_payment(self, session: Session, facts: PaymentFacts, now: datetime) -> Order:
         """Record a succeeded payment on its order (found or new) and start delivery."""
@@ -178,7 +199,7 @@ class OrderService:
                 )
             return order  # already paid (another event of the same payment): nothing more to do
         session.flush()
-        self._attach_membership_to_cancellation(session, order, now)
+        self._hooks.membership_attached(session, order, now)
         if must_deliver(self._catalog, order):
             self._jobs.defer(session, DELIVER_TASK, order.id)
         elif self._catalog.is_listed(order.plan_id):
@@ -246,7 +267,7 @@ class OrderService:
         order.email = order.email or facts.email
         order.plan_id = order.plan_id or facts.plan_id
         session.flush()
-        self._attach_membership_to_cancellation(session, order, now)
+        self._hooks.membership_attached(session, order, now)
         return order
 
     def apply_claim(self, session: Session, claim: ClaimFacts, now: datetime) -> Order:
@@ -307,7 +328,7 @@ class OrderService:
             status=claim.status,
         )
         delivered = was in (OrderStatus.DELIVERED.value, OrderStatus.DELIVERY_FAILED.value)
-        item_details, item_steps = self._settle_stock_item(session, order, claim, now)
+        item_details, item_steps = self._hooks.claim_recorded(session, order, claim, now)
         self._alerts.raise_once(
             session,
             AlertKind.ORDER_REFUNDED if claim.kind == "refund" else AlertKind.ORDER_DISPUTED,
@@ -358,53 +379,6 @@ class OrderService:
             order_id=order.id,
         )
         return order
-
-    def _settle_stock_item(
-        self, session: Session, order: Order, claim: ClaimFacts, now: datetime
-    ) -> tuple[list[tuple[str, str]], list[str]]:
-        """A stock order's item on a refund or dispute: with `on_refund = "void"`, voided once
-        the money has gone back (a refund `succeeded`, a dispute `lost`); kept by the customer
-        otherwise. Returns the alert's extra lines."""
-        item = stock.item_for_order(session, order.id)
-        if item is None:
-            return [], []
-        plan = self._catalog.get(order.plan_id)
-        rotate = f"then run: whop-autocancel stock void {item.id}"
-        if plan is None or plan.on_refund != "void":
-            return (
-                [("Stock item", f"#{item.id} ({item.pool}), kept by the customer")],
-                [
-                    "The customer keeps the stock item (on_refund = keep). To retire it, rotate "
-                    f"the account or key yourself, {rotate}",
-                ],
-            )
-        if not ends_order(claim):
-            later = "succeeds" if claim.kind == "refund" else "is lost"
-            return (
-                [("Stock item", f"#{item.id} ({item.pool}), {item.status}")],
-                [
-                    f"The {claim.kind} is {claim.status}: stock item #{item.id} is voided only if "
-                    f"the {claim.kind} {later} (on_refund = void); you will be told.",
-                ],
-            )
-        result = stock.void_item(session, item.id, f"{claim.kind} {claim.claim_id}", now)
-        if result.changed:
-            log.warning(
-                "stock_item_voided",
-                order_id=order.id,
-                item_id=item.id,
-                pool=item.pool,
-                by=claim.kind,
-            )
-        state = "voided now" if result.changed else "void already"
-        return (
-            [("Stock item", f"#{item.id} ({item.pool}), {state}")],
-            [
-                f"Stock item #{item.id} was marked void (on_refund = void): it will never be "
-                "handed out again. Rotate it where it lives (change the account's password, "
-                "disable the license key) so the customer's copy stops working.",
-            ],
-        )
 
     def _find_order_for_membership(
         self, session: Session, facts: MembershipFacts
@@ -489,24 +463,6 @@ class OrderService:
             now,
             order_id=bound.id,
         )
-
-    def _attach_membership_to_cancellation(
-        self, session: Session, order: Order, now: datetime
-    ) -> None:
-        # Imported here: cancellation depends on orders, not the other way round.
-        from whop_autocancel.cancellation.models import Cancellation
-
-        if order.whop_membership_id is None:
-            return
-        cancellation = session.scalars(
-            select(Cancellation).where(Cancellation.order_id == order.id)
-        ).first()
-        if cancellation is not None and cancellation.membership_id is None:
-            cancellation.membership_id = order.whop_membership_id
-            if cancellation.status == "scheduled":
-                # It was waiting for this id: run it once the delay it was given is over.
-                delay = max(0.0, (cancellation.next_attempt_at - now).total_seconds())
-                self._jobs.defer(session, CANCEL_TASK, cancellation.id, delay=delay)
 
     def _alert_not_one_time(self, session: Session, order: Order, now: datetime) -> None:
         log.warning(

@@ -23,7 +23,8 @@ from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once, savepoint
 from whop_autocancel.orders.service import OrderService
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
-from whop_autocancel.webhooks.parse import (
+from whop_autocancel.webhooks.verify import SignatureError, verify_signature
+from whop_autocancel.whop.payloads import (
     Envelope,
     EventDataError,
     PayloadError,
@@ -32,7 +33,6 @@ from whop_autocancel.webhooks.parse import (
     parse_envelope,
     payment_facts,
 )
-from whop_autocancel.webhooks.verify import SignatureError, verify_signature
 
 log = structlog.get_logger(__name__)
 

@@ -31,23 +31,23 @@ from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation
 from whop_autocancel.cancellation.service import CancellationService, schedule_cancellation
-from whop_autocancel.cancellation.whop_pages import (
+from whop_autocancel.catalog import Catalog
+from whop_autocancel.clock import Clock
+from whop_autocancel.db import leases
+from whop_autocancel.db.engine import Database
+from whop_autocancel.db.install import record_watching_since, watching_since
+from whop_autocancel.jobs import Jobs
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
+from whop_autocancel.reconcile.whop_pages import (
     PAGE_SIZE,
     ListingStopped,
     PageFetch,
     whop_items,
 )
-from whop_autocancel.clock import Clock
-from whop_autocancel.db import leases
-from whop_autocancel.db.engine import Database
-from whop_autocancel.db.install import record_watching_since, watching_since
-from whop_autocancel.delivery.catalog import Catalog
-from whop_autocancel.jobs import Jobs
-from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
-from whop_autocancel.webhooks.parse import EventDataError, PaymentFacts, payment_facts
 from whop_autocancel.whop.client import WhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
+from whop_autocancel.whop.payloads import EventDataError, PaymentFacts, payment_facts
 
 log = structlog.get_logger(__name__)
 

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation, CancellationStatus
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.delivery.stock import SERVE_TASK, follow_renamed_pools, pools_to_serve
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email

@@ -18,17 +18,17 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from whop_autocancel.cancellation.whop_pages import PAGE_SIZE, ListingStopped, whop_items
-from whop_autocancel.cancellation.whop_sweep import SkippedPayment, payment_refusal
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import watching_since
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
-from whop_autocancel.webhooks.parse import EventDataError, PaymentFacts, payment_facts
+from whop_autocancel.reconcile.whop_pages import PAGE_SIZE, ListingStopped, whop_items
+from whop_autocancel.reconcile.whop_sweep import SkippedPayment, payment_refusal
 from whop_autocancel.whop.client import WhopClient, WhopReply
+from whop_autocancel.whop.payloads import EventDataError, PaymentFacts, payment_facts
 
 log = structlog.get_logger(__name__)
 MAX_PAGES = 100

@@ -15,13 +15,13 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import schedule_cancellation
-from whop_autocancel.delivery.catalog import Catalog
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
-from whop_autocancel.webhooks.parse import PayloadError, parse_envelope
+from whop_autocancel.whop.payloads import PayloadError, parse_envelope
 
 log = structlog.get_logger(__name__)
 

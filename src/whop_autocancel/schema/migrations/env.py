@@ -1,11 +1,11 @@
-"""Alembic environment: runs against the connection `whop_autocancel.db.migrate` hands in."""
+"""Alembic environment: runs against the connection `whop_autocancel.schema.migrate` hands in."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from whop_autocancel.db.models import Base
+from whop_autocancel.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -23,17 +23,17 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import CancellationService, schedule_cancellation
-from whop_autocancel.cancellation.whop_pages import PAGE_SIZE, ListingStopped, whop_items
+from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock, parse_timestamp
 from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import watching_since
-from whop_autocancel.delivery.catalog import Catalog
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME, new_order_id
-from whop_autocancel.webhooks.parse import EventDataError, membership_facts
+from whop_autocancel.reconcile.whop_pages import PAGE_SIZE, ListingStopped, whop_items
 from whop_autocancel.whop.client import WhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
+from whop_autocancel.whop.payloads import EventDataError, membership_facts
 
 log = structlog.get_logger(__name__)
 MAX_PAGES = 200
