@@ -1,5 +1,4 @@
-"""Stock commands: `stock keygen|import|levels|void|show|rekey` and `orders resend`. `register(app)`
-adds them to the main typer app; the logic lives in `delivery/stock_ops.py`."""
+"""Stock pools: `stock keygen|import|levels|void|show|rekey`."""
 
 from __future__ import annotations
 
@@ -11,24 +10,22 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from whop_autocancel.cli.common import out
+
 if TYPE_CHECKING:
     from whop_autocancel.runtime import Runtime
+
+
+def _stock_runtime() -> AbstractContextManager[Runtime]:
+    """Importing stock may be the first thing done on a new machine: SQLite migrates itself."""
+    from whop_autocancel.cli.common import open_runtime as runtime
+
+    return runtime(migrate_sqlite=True)
+
 
 stock_app = typer.Typer(
     help="Stock pools: import, levels, void, show, keygen, rekey.", no_args_is_help=True
 )
-
-
-def register(app: typer.Typer, orders_app: typer.Typer) -> None:
-    app.add_typer(stock_app, name="stock")
-    orders_app.command("resend")(orders_resend)
-
-
-def _runtime() -> AbstractContextManager[Runtime]:
-    """Importing stock may be the first thing done on a new machine: SQLite migrates itself."""
-    from whop_autocancel.cli import _runtime as runtime
-
-    return runtime(migrate_sqlite=True)
 
 
 @stock_app.command("keygen")
@@ -62,13 +59,12 @@ def import_(
     pool) are skipped and counted. Orders waiting for the pool are then delivered, oldest
     payment first."""
     from whop_autocancel.admin.stock import import_stock
-    from whop_autocancel.cli import out
     from whop_autocancel.delivery.stock import StockError, read_items
 
     if len(delimiter) != 1:
         raise StockError("--delimiter must be one character")
     parsed = read_items(file, column=column, delimiter=delimiter, header=not no_header)
-    with _runtime() as runtime:
+    with _stock_runtime() as runtime:
         report = import_stock(runtime, pool, parsed, any_pool=any_pool)
         threshold = runtime.catalog.low_stock_threshold(pool)
     out.print(
@@ -108,9 +104,8 @@ def import_(
 def levels() -> None:
     """A table per pool: available, assigned, void, the low-stock threshold, waiting orders."""
     from whop_autocancel.admin.stock import stock_levels
-    from whop_autocancel.cli import out
 
-    with _runtime() as runtime:
+    with _stock_runtime() as runtime:
         rows = stock_levels(runtime)
     if not rows:
         out.print("No stock pools: no plan in the catalog uses stock:<pool>, and none is stored.")
@@ -146,9 +141,8 @@ def void(
     """Take an item out of circulation: an available one is never handed out; an assigned one
     stays with its order, marked void (rotate it where it lives)."""
     from whop_autocancel.admin.stock import void_stock
-    from whop_autocancel.cli import out
 
-    with _runtime() as runtime:
+    with _stock_runtime() as runtime:
         result = void_stock(runtime, item_id, reason)
     name = f"Stock item #{result.item_id} (pool {result.pool})"
     if not result.changed:
@@ -176,9 +170,8 @@ def show(
 ) -> None:
     """Print one item, decrypted, with its status and order (for support; never logged)."""
     from whop_autocancel.admin.stock import show_item
-    from whop_autocancel.cli import out
 
-    with _runtime() as runtime:
+    with _stock_runtime() as runtime:
         item, content = show_item(runtime, reference)
     out.print(
         escape(
@@ -196,9 +189,8 @@ def rekey() -> None:
     """After a key rotation (new key first in STOCK_ENCRYPTION_KEY, old keys after): encrypt
     every item and stored email again with the new key, so the old keys can be removed."""
     from whop_autocancel.admin.stock import rekey_stock
-    from whop_autocancel.cli import out
 
-    with _runtime() as runtime:
+    with _stock_runtime() as runtime:
         keys = runtime.sealer.key_count if runtime.sealer else 0
         report = rekey_stock(runtime)
     out.print(
@@ -210,23 +202,6 @@ def rekey() -> None:
                 if keys > 1
                 else ""
             )
-        ),
-        soft_wrap=True,
-    )
-
-
-def orders_resend(
-    order_id: Annotated[str, typer.Argument(metavar="ID", help="The order (ord_…).")],
-) -> None:
-    """Send the customer's delivery email again, with the same item (stock) or message."""
-    from whop_autocancel.cli import out
-
-    with _runtime() as runtime:
-        resent = runtime.delivery.resend(order_id)
-    out.print(
-        escape(
-            f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
-            f"to {resent.to}; a running worker sends it."
         ),
         soft_wrap=True,
     )

@@ -1,0 +1,47 @@
+"""The `whop-autocancel` command: one module per command group, on the admin layer. Every
+failure prints a clear line and exits non-zero (1; 2 for a configuration error)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from whop_autocancel.cli import cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
+
+app = typer.Typer(
+    help="Deliver Whop one-time purchases and cancel their memberships, unattended.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (
+    service.serve,
+    service.worker,
+    service.migrate,
+    service.check,
+    reconcile.sweep,
+    reconcile.backfill,
+    reconcile.recover,
+    cancellations.cancel,
+    service.demo,
+    service.simulator,
+    service.deploy,
+):
+    app.command()(command)
+app.add_typer(orders.orders_app, name="orders")
+app.add_typer(events.events_app, name="events")
+app.add_typer(cancellations.cancellations_app, name="cancellations")
+app.add_typer(stock.stock_app, name="stock")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigurationError as error:
+        print(f"whop-autocancel: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except WhopAutocancelError as error:
+        print(f"whop-autocancel: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,200 @@
+"""What every command group shares: settings, the database and runtime, and the console."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
+
+import structlog
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from whop_autocancel.catalog import Catalog
+from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.logs import configure_logging
+from whop_autocancel.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy.orm import Session
+
+    from whop_autocancel.db.engine import Database
+    from whop_autocancel.runtime import Runtime
+
+out = Console(highlight=False)
+
+
+log = structlog.get_logger(__name__)
+
+
+def cli_settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    return settings
+
+
+def cli_catalog(settings: Settings) -> Catalog:
+    """Read the catalog before touching anything, so a mistake stops start-up cleanly."""
+    from whop_autocancel.catalog import load_catalog
+    from whop_autocancel.delivery.methods import known_methods
+
+    catalog = load_catalog(settings.CATALOG_PATH, known_methods())
+    if not catalog.plans:
+        log.warning(
+            "catalog_empty",
+            path=str(settings.CATALOG_PATH),
+            consequence="nothing will be delivered or cancelled",
+        )
+    return catalog
+
+
+def start_runtime(settings: Settings) -> Runtime:
+    """Check everything the process needs, in the order a newcomer would fix it: catalog,
+    queue, database (SQLite migrates itself); then build the runtime."""
+    from whop_autocancel.jobs import Jobs
+    from whop_autocancel.runtime import build_runtime
+
+    catalog = cli_catalog(settings)
+    try:
+        Jobs(settings.QUEUE_URL, settings.QUEUE_NAME).ping()
+    except ConfigurationError:
+        raise
+    except Exception as error:
+        raise ConfigurationError(
+            f"QUEUE_URL: cannot reach the job queue: {first_line(error)}"
+        ) from None
+    prepare_database(settings, migrate_sqlite=True)
+    runtime = build_runtime(settings, catalog=catalog)
+    start_watching_whop(runtime.database, runtime.clock.now())
+    return runtime
+
+
+def start_watching_whop(database: Database, now: datetime) -> datetime:
+    """The first start records when the service started watching Whop (DESIGN §5): the sweep
+    never delivers a purchase paid before it (`recover` does, when asked)."""
+    from whop_autocancel.db.install import start_watching
+
+    since = start_watching(database, now)
+    if since == now:
+        log.warning(
+            "watching_since_recorded",
+            at=since.isoformat(),
+            consequence="purchases paid before this are not delivered by the Whop sweep; "
+            "`whop-autocancel recover --since DATE` lists them",
+        )
+    return since
+
+
+def ping_database(database: Database) -> None:
+    """One clear line when the database cannot be reached, not a driver's traceback."""
+    try:
+        database.ping()
+    except Exception as error:
+        raise ConfigurationError(
+            f"DATABASE_URL: cannot connect to {safe_url(database.url)}: {first_line(error)}"
+        ) from None
+
+
+def first_line(error: Exception) -> str:
+    """`Type: first line of the message` (a driver's message can run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
+    """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
+    from whop_autocancel.db.engine import Database, sqlite_path
+    from whop_autocancel.schema.migrate import current_revision, head_revision, upgrade
+
+    database = Database(settings.DATABASE_URL)
+    try:
+        ping_database(database)
+        if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
+            before, after = upgrade(database)
+            if before != after:
+                log.info("database_migrated", before=before, after=after)
+            return
+        current, head = current_revision(database), head_revision(database)
+        if current != head:
+            raise ConfigurationError(
+                f"DATABASE_URL: the schema is at {current or 'nothing'}, not {head}: "
+                "run `whop-autocancel migrate` first"
+            )
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def open_session() -> Iterator[Session]:
+    """A transaction on the configured database, its schema current (no catalog or queue)."""
+    from whop_autocancel.db.engine import Database
+
+    settings = cli_settings()
+    prepare_database(settings, migrate_sqlite=False)
+    database = Database(settings.DATABASE_URL)
+    try:
+        with database.transaction() as session:
+            yield session
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def open_runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
+    """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
+    upgraded, as `serve` does, for commands that may come first on a new machine)."""
+    from whop_autocancel.runtime import build_runtime
+
+    settings = cli_settings()
+    prepare_database(settings, migrate_sqlite=migrate_sqlite)
+    runtime = build_runtime(settings)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+ERROR_WIDTH = 80
+
+
+LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most this many.")]
+
+
+def short(text: str | None, width: int = ERROR_WIDTH) -> str:
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def print_listing(
+    noun: str,
+    filters: dict[str, str | None],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+) -> None:
+    """A table of `rows`, newest first, titled with the count and the filters given; or one
+    line when there are none."""
+    from whop_autocancel.cli.common import out
+
+    given = [f"{name} {value}" for name, value in filters.items() if value]
+    where = f" with {' and '.join(given)}" if given else ""
+    if not rows:
+        out.print(escape(f"No {noun}s{where}."))
+        return
+    table = Table(title=escape(f"{len(rows)} {noun}(s){where}, newest first"))
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for cells in rows:
+        table.add_row(*(escape(cell) for cell in cells))
+    out.print(table)

@@ -1,0 +1,265 @@
+"""Running the service: `serve`, `worker`, `migrate`, `check`, `demo`, `simulator`, `deploy`."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from whop_autocancel.cli.common import (
+    cli_settings,
+    log,
+    out,
+    ping_database,
+    safe_url,
+    start_runtime,
+    start_watching_whop,
+)
+from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.logs import configure_logging
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Web only; run `worker` processes separately.")
+    ] = False,
+) -> None:
+    """Run the web endpoint and (unless --no-worker) an in-process job worker."""
+    import uvicorn
+
+    from whop_autocancel.app import create_app
+
+    settings = cli_settings()
+    settings.require_runtime()
+    runtime = start_runtime(settings)
+    log.info(
+        "serve_starting",
+        host=host,
+        port=port,
+        worker=not no_worker,
+        plans=len(runtime.catalog.plans),
+        database=safe_url(settings.DATABASE_URL),
+    )
+    application = create_app(runtime, with_worker=not no_worker)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT),
+        proxy_headers=True,
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
+    )
+    runtime.close()
+
+
+def worker() -> None:
+    """Run a job worker alone (scale-out: any number, on any machine). SIGTERM stops it
+    gracefully: running jobs finish, no new ones start."""
+    from whop_autocancel.worker import run_worker
+
+    settings = cli_settings()
+    settings.require_runtime()
+    runtime = start_runtime(settings)
+    try:
+        run_worker(runtime)
+    finally:
+        runtime.close()
+
+
+def migrate() -> None:
+    """Create or upgrade the database schema to the newest version. The first run records
+    when the service started watching Whop."""
+    from whop_autocancel.clock import SystemClock
+    from whop_autocancel.db.engine import Database
+    from whop_autocancel.schema.migrate import upgrade
+
+    settings = cli_settings()
+    database = Database(settings.DATABASE_URL)
+    try:
+        ping_database(database)
+        before, after = upgrade(database)
+        since = start_watching_whop(database, SystemClock().now())
+    finally:
+        database.dispose()
+    if before == after:
+        out.print(f"Database already at revision {after}; nothing to do.")
+    else:
+        out.print(f"Database migrated from {before or 'empty'} to {after}.")
+    out.print(
+        f"Watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC: purchases paid before it are "
+        "not delivered (`whop-autocancel recover` lists them)."
+    )
+
+
+def check() -> None:
+    """Check settings, catalog, database, queue, SMTP and the Whop API key; one line each.
+    Exits non-zero when any check fails."""
+    from whop_autocancel.checks import CANCEL_NOTE, run_checks
+
+    settings = cli_settings()
+    failed = 0
+    for result in run_checks(settings):
+        failed += not result.ok
+        mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
+        out.print(f"{mark} {result.name}: {result.detail}", soft_wrap=True)
+    out.print(CANCEL_NOTE, soft_wrap=True)
+    if failed:
+        raise WhopAutocancelError(f"{failed} check(s) failed")
+
+
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
+) -> None:
+    """Run the whole flow against the built-in Whop simulator and an SMTP sink, then print
+    what happened to each purchase. Exits 0 only if everything ended as it should."""
+    from whop_autocancel.demo import run_demo
+
+    configure_logging("WARNING", "console")
+    ok = run_demo(out, keep=keep)
+    raise typer.Exit(0 if ok else 1)
+
+
+def simulator(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8900,
+    api_key: Annotated[
+        str, typer.Option(envvar="SIM_API_KEY", help="The bearer key it accepts.")
+    ] = "sim_key",
+    webhook_secret: Annotated[
+        str, typer.Option(envvar="SIM_WEBHOOK_SECRET", help="The ws_… secret it signs with.")
+    ] = "ws_simulator",  # noqa: S107
+    webhook_url: Annotated[
+        str | None, typer.Option(envvar="SIM_WEBHOOK_URL", help="Where it sends webhooks.")
+    ] = None,
+    plan: Annotated[
+        list[str] | None,
+        typer.Option(help="A plan it knows, as ID[:one_time|renewal]; repeatable."),
+    ] = None,
+    company_id: Annotated[str, typer.Option(help="The store's biz_… id.")] = "biz_SimStore",
+    seed: Annotated[int, typer.Option(help="Seed of the fault injection's dice.")] = 1,
+    time_scale: Annotated[float, typer.Option(help="Multiplies Whop's delays.")] = 1.0,
+) -> None:
+    """Run the Whop simulator (a stand-in for api.whop.com) until interrupted. Its control API
+    is described in docs/simulator.md."""
+    import signal
+    import threading
+
+    from whop_autocancel.simulator import SimulatorServer
+
+    plans: list[tuple[str, str]] = []
+    for entry in plan or []:
+        plan_id, _, plan_type = entry.partition(":")
+        if plan_type not in ("", "one_time", "renewal") or not plan_id.startswith("plan_"):
+            raise typer.BadParameter(
+                f"{entry!r}: expected plan_ID, plan_ID:one_time or plan_ID:renewal",
+                param_hint="--plan",
+            )
+        plans.append((plan_id, plan_type or "one_time"))
+    configure_logging("INFO", "console")
+    server = SimulatorServer(
+        api_key=api_key,
+        webhook_secret=webhook_secret,
+        webhook_url=webhook_url,
+        time_scale=time_scale,
+        host=host,
+        port=port,
+        company_id=company_id,
+        seed=seed,
+    )
+    server.start()
+    for plan_id, plan_type in plans:
+        server.state.create_plan(plan_id, plan_type)  # type: ignore[arg-type]
+    out.print(
+        f"Whop simulator at {server.api_url} (control API under {server.url}/_sim); "
+        "Ctrl-C or SIGTERM stops it."
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+UserOption = Annotated[str, typer.Option("--user", help="The account the processes run as.")]
+
+
+WorkdirOption = Annotated[str, typer.Option("--workdir", help="Folder with .env and the catalog.")]
+
+
+ExecutableOption = Annotated[
+    str, typer.Option("--executable", help="The installed whop-autocancel command.")
+]
+
+
+HostOption = Annotated[str, typer.Option("--host", help="Address the web processes bind.")]
+
+
+PortOption = Annotated[int, typer.Option("--port", help="First web port (then +1, +2, …).")]
+
+
+WebOption = Annotated[int, typer.Option("--web", help="Web processes on this machine.")]
+
+
+WorkersOption = Annotated[int, typer.Option("--workers", help="Worker processes here.")]
+
+
+StopOption = Annotated[
+    int, typer.Option("--stop-timeout", help="Seconds to wait after SIGTERM (> SHUTDOWN_TIMEOUT).")
+]
+
+
+LogOption = Annotated[str, typer.Option("--log-dir", help="Folder for the log files.")]
+
+
+class ProcessManager(StrEnum):
+    systemd = "systemd"
+    supervisor = "supervisor"
+
+
+def deploy(
+    kind: Annotated[ProcessManager, typer.Argument(help="systemd or supervisor.")],
+    user: UserOption = "whop-autocancel",
+    workdir: WorkdirOption = "/opt/whop-autocancel",
+    executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
+    env_file: Annotated[
+        str,
+        typer.Option(
+            "--env-file",
+            help="systemd: EnvironmentFile with the settings ('none' to omit); supervisor "
+            "reads .env from --workdir.",
+        ),
+    ] = "/etc/whop-autocancel/env",
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    web: WebOption = 2,
+    workers: WorkersOption = 2,
+    stop_timeout: StopOption = 45,
+    log_dir: LogOption = "/var/log/whop-autocancel",
+) -> None:
+    """Print ready-to-use process manager files for web and worker processes: systemd units
+    (migrate, web@PORT, worker@N, a target) or a supervisord config. See docs/deploy.md."""
+    from whop_autocancel.deploy import DeployOptions, render_supervisor, render_systemd
+
+    systemd = kind is ProcessManager.systemd
+    options = DeployOptions(
+        user=user,
+        workdir=workdir,
+        executable=executable,
+        env_file=env_file if systemd and env_file.lower() != "none" else None,
+        host=host,
+        port=port,
+        web=web,
+        workers=workers,
+        stop_timeout=stop_timeout,
+        log_dir=log_dir,
+    )
+    sys.stdout.write(render_systemd(options) if systemd else render_supervisor(options))
