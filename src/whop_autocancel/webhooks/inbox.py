@@ -60,10 +60,21 @@ class RejectionCounter:
             return len(self._times) == self.threshold
 
 
+# What became of a webhook (the `outcome` of the metrics): stored as `handled`, `ignored` or
+# `failed` (its apply failed; retried), or not stored.
+DUPLICATE = "duplicate"
+BAD_SIGNATURE = "bad_signature"
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+DB_DOWN = "db_down"
+
+
 @dataclass(frozen=True)
 class IngestResult:
     http_status: int
     body: dict[str, str] = field(default_factory=dict)
+    outcome: str = ""
+    event_type: str | None = None  # None: not verified, or not an event
 
 
 class Inbox:
@@ -99,29 +110,36 @@ class Inbox:
             log.warning("webhook_rejected", reason=str(error), http_status=401)
             if self._rejections.add(now):
                 self._alert_signature_failures(now, str(error))
-            return IngestResult(401, {"error": str(error)})
+            return IngestResult(401, {"error": str(error)}, BAD_SIGNATURE)
         try:
             envelope = parse_envelope(body)
         except PayloadError as error:
             log.warning(
                 "webhook_rejected", reason=str(error), http_status=400, event_id=verified.webhook_id
             )
-            return IngestResult(400, {"error": str(error)})
+            return IngestResult(400, {"error": str(error)}, BAD_REQUEST)
         event_id = verified.webhook_id
         try:
             status = self._store_and_apply(event_id, envelope, body, now)
         except (OperationalError, DBInterfaceError) as error:
             log.error("webhook_store_failed", event_id=event_id, error=type(error).__name__)
-            return IngestResult(503, {"error": "database unavailable; retry later"})
+            return IngestResult(
+                503, {"error": "database unavailable; retry later"}, DB_DOWN, envelope.type
+            )
         log.info("webhook_received", event_id=event_id, type=envelope.type, status=status)
-        return IngestResult(200, {"status": status})
+        return IngestResult(200, {"status": status}, status, envelope.type)
+
+    def refuse_too_large(self, limit: int) -> IngestResult:
+        """A body over WEBHOOK_MAX_BYTES, refused before it is read (413)."""
+        log.warning("webhook_rejected", reason=f"body over {limit} bytes", http_status=413)
+        return IngestResult(413, {"error": f"body larger than {limit} bytes"}, TOO_LARGE)
 
     def _store_and_apply(
         self, event_id: str, envelope: Envelope, body: bytes, now: datetime
     ) -> str:
         def store_and_apply(session: Session) -> str:
             if session.get(WebhookEvent, event_id) is not None:
-                return "duplicate"
+                return DUPLICATE
             event = WebhookEvent(
                 id=event_id,
                 type=envelope.type,
@@ -131,7 +149,7 @@ class Inbox:
                 attempts=0,
             )
             if not insert_once(session, event):
-                return "duplicate"  # a concurrent delivery of the same event won
+                return DUPLICATE  # a concurrent delivery of the same event won
             self._apply_recording(session, event, envelope, now)
             return event.status
 
