@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from whop_autocancel import metrics
 from whop_autocancel.admin.metrics import metrics_router
 from whop_autocancel.db import leases
+from whop_autocancel.logs import AccessLog
 from whop_autocancel.orders.routes import BodyTooLarge, checkout_router, read_capped
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.worker import InProcessWorker
@@ -74,6 +75,8 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if runtime.settings.ACCESS_LOG:
+        app.add_middleware(AccessLog)  # outermost: sees every request and its final status
 
     @app.post(
         "/webhooks/whop",
@@ -90,13 +93,16 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
         """Whop's webhooks (Standard Webhooks signed). 200 once stored; 401 bad signature;
         400 not an event; 413 too large; 503 database down (Whop retries)."""
         started = time.monotonic()
+        client = request.client.host if request.client else None
         try:
             body = await read_capped(request, limit)
         except BodyTooLarge:
-            result = runtime.inbox.refuse_too_large(limit)
+            result = runtime.inbox.refuse_too_large(limit, client)
         else:
             try:
-                result = await run_in_threadpool(runtime.inbox.ingest, body, dict(request.headers))
+                result = await run_in_threadpool(
+                    runtime.inbox.ingest, body, dict(request.headers), client
+                )
             except Exception:
                 metrics.observe_webhook(None, "error", time.monotonic() - started)
                 raise

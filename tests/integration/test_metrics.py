@@ -1,10 +1,12 @@
-"""Metrics against the real app over real HTTP: GET /metrics (token, off by default,
-multiprocess), the counters a purchase moves (webhook → delivery → cancellation at the
-simulator), the database's figures on SQLite, PostgreSQL and MariaDB, the queue's depth and
-lateness on each queue backend, a worker's metrics port."""
+"""Metrics and logs that answer questions, against the real app over real HTTP: GET /metrics
+(token, off by default, multiprocess), the counters a purchase moves (webhook → delivery →
+cancellation at the simulator), the database's figures on SQLite, PostgreSQL and MariaDB, the
+queue's depth and lateness on each queue backend, a worker's metrics port; the rejected-webhook
+log and its summary, the access log, and the order id on every line about a purchase."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,22 +23,29 @@ from sqlalchemy import func, select
 
 import whop_autocancel
 from support.harness import (
+    SECRET,
     STOCK_POOL,
     ServiceServer,
+    event_body,
     make_runtime,
     make_settings,
+    post_event,
+    signed_headers,
+    wait_for,
 )
 from support.stock import StockWorld, stock_world
 from whop_autocancel import metrics
 from whop_autocancel.admin.stock import void_stock
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.clock import FrozenClock
+from whop_autocancel.clock import FrozenClock, SystemClock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.jobs import Backlog, Jobs
+from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
+from whop_autocancel.webhooks.rejections import RejectionLog
 
 TOKEN = "metrics-token-for-the-tests-5c1e0b"
 P = "whop_autocancel"
@@ -89,6 +98,19 @@ def moved(before: Scrape, after: Scrape) -> dict[Key, float]:
         if change:
             changes[sample_key] = change
     return changes
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str | None = None) -> list[dict[str, Any]]:
+    lines = [record.msg for record in caplog.records if isinstance(record.msg, dict)]
+    return [line for line in lines if event is None or line.get("event") == event]
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The service's structured lines, as dicts (through the standard library: caplog)."""
+    configure_logging("INFO", "json")
+    logging.getLogger().addHandler(caplog.handler)  # (configuring replaced the root's handlers)
+    return caplog
 
 
 @pytest.fixture
@@ -429,3 +451,114 @@ def test_a_worker_serves_its_metrics_on_a_port_of_its_own() -> None:
     finally:
         guarded.stop()
         open_port.stop()
+
+
+# Logs ---------------------------------------------------------------------------------------------
+
+
+def test_rejected_webhooks_name_the_client_and_fold_into_a_summary_a_minute(
+    tmp_path: Path, clock: FrozenClock, logs: pytest.LogCaptureFixture
+) -> None:
+    with web(tmp_path, clock, METRICS_TOKEN=TOKEN, WEBHOOK_MAX_BYTES=8192) as http:
+        before = scrape(http)
+        forged = event_body("payment.succeeded.legacy.json")
+        for _ in range(6):
+            answer = post_event(http, forged, secret="ws_not_the_secret_0000")
+            assert answer.status_code == 401
+        not_an_event = b'{"hello": "world"}'
+        assert post_event(http, not_an_event).status_code == 400
+        huge = b"{" + b" " * 9000 + b"}"
+        assert (
+            http.post("/webhooks/whop", content=huge, headers=signed_headers(huge)).status_code
+            == 413
+        )
+
+        full = logged(logs, "webhook_rejected")
+        assert len(full) == 5  # the first five of the minute, in full
+        assert {line["client"] for line in full} == {"127.0.0.1"}
+        assert {line["outcome"] for line in full} == {"bad_signature"}
+        assert all(line["http_status"] == 401 and line["reason"] for line in full)
+        assert logged(logs, "webhooks_rejected_summary") == []
+
+        clock.advance(60)  # the minute is over: the next refusal closes it with one summary
+        assert post_event(http, forged, secret="ws_not_the_secret_0000").status_code == 401
+        [summary] = logged(logs, "webhooks_rejected_summary")
+        assert summary["rejected"] == 3
+        assert summary["by_reason"] == {"bad_request": 1, "bad_signature": 1, "too_large": 1}
+        assert summary["top_clients"] == {"127.0.0.1": 3}
+        assert summary["logged_in_full"] == 5
+        assert summary["level"] == "warning"
+        full = logged(logs, "webhook_rejected")
+        assert len(full) == 6  # a new minute: logged in full again
+        assert full[-1]["client"] == "127.0.0.1"
+
+        changes = moved(before, scrape(http))
+        assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="bad_signature")] == 7
+        assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="bad_request")] == 1
+        assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="too_large")] == 1
+    text = " ".join(str(record.msg) for record in logs.records)
+    assert SECRET not in text
+    assert TOKEN not in text
+
+
+def test_a_summary_is_logged_when_the_minute_ends_without_another_refusal(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    rejected = RejectionLog(SystemClock(), free=1, window=0.2)
+    try:
+        for address in ("10.0.0.7", "10.0.0.7", "10.0.0.8"):
+            rejected.record("bad_signature", address, reason="no signature matches")
+        wait_for(lambda: bool(logged(logs, "webhooks_rejected_summary")), what="the summary")
+    finally:
+        rejected.close()
+    [summary] = logged(logs, "webhooks_rejected_summary")
+    assert summary["rejected"] == 2
+    assert summary["by_reason"] == {"bad_signature": 2}
+    assert summary["top_clients"] == {"10.0.0.7": 1, "10.0.0.8": 1}
+    assert len(logged(logs, "webhook_rejected")) == 1
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_access_log_has_a_line_per_request_without_the_query_string(
+    tmp_path: Path, clock: FrozenClock, logs: pytest.LogCaptureFixture, enabled: bool
+) -> None:
+    secret_query = "DISTINCTIVE-query-value-77"
+    with web(tmp_path, clock, ACCESS_LOG=enabled) as http:
+        assert http.get(f"/healthz?token={secret_query}").status_code == 200
+        assert http.post("/webhooks/whop", content=b"{}").status_code == 401
+        assert http.get("/nowhere").status_code == 404
+        if enabled:
+            wait_for(lambda: len(logged(logs, "http_request")) == 3, what="three access lines")
+    lines = logged(logs, "http_request")
+    if not enabled:
+        assert lines == []
+        return
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("GET", "/healthz", 200),
+        ("POST", "/webhooks/whop", 401),
+        ("GET", "/nowhere", 404),
+    ]
+    assert all(line["client"] == "127.0.0.1" and line["duration_ms"] >= 0 for line in lines)
+    assert secret_query not in " ".join(str(record.msg) for record in logs.records)
+
+
+def test_every_line_about_a_purchase_names_its_order(
+    shop: StockWorld, logs: pytest.LogCaptureFixture
+) -> None:
+    shop.import_items("KEY-D1", "KEY-D2", "KEY-D3", "KEY-D4")
+    purchase = shop.pay()
+    shop.drain()
+    shop.settle()
+    assert shop.cancellation(purchase["order_id"]).status == "canceled"  # type: ignore[union-attr]
+    about = ("payment_id", "membership_id", "cancellation_id")
+    lines = [
+        line
+        for line in logged(logs)
+        if any(line.get(name) for name in about)
+        or line.get("kind") in ("delivery", "admin_delivered")
+    ]
+    events = {line["event"] for line in lines}
+    assert {"payment_matched", "delivered", "email_sent", "cancel_attempt", "cancelled"} <= events
+    assert [line for line in lines if line.get("order_id") != purchase["order_id"]] == []
+    [received] = logged(logs, "webhook_received")
+    assert received["order_id"] == purchase["order_id"]

@@ -183,7 +183,7 @@ def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
             # The inbox's own apply-with-recording step, called on purpose although it is
             # protected: a replay must record exactly what ingest and the sweep record
             # (attempts, status, error, backoff, the keeps-failing alert).
-            runtime.inbox._apply_recording(session, stored, envelope, now)
+            order_id = runtime.inbox._apply_recording(session, stored, envelope, now)
         failed = stored.status == EventStatus.FAILED.value
         log.info(
             "webhook_replayed",
@@ -192,6 +192,7 @@ def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
             previous_status=previous,
             status=stored.status,
             attempt=stored.attempts,
+            order_id=order_id,
         )
         return ReplayResult(
             event_id=stored.id,

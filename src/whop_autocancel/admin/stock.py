@@ -105,7 +105,7 @@ def show_item(runtime: Runtime, reference: int | str) -> tuple[StockItem, str]:
             raise StockError(missing)
         session.expunge(item)
     content = sealer.open(item.content)
-    log.info("stock_item_shown", item_id=item.id, pool=item.pool)
+    log.info("stock_item_shown", item_id=item.id, pool=item.pool, order_id=item.order_id)
     return item, content
 
 

@@ -79,7 +79,9 @@ class Alerts:
             created_at=now,
         )
         if not insert_once(session, alert):
-            log.info("alert_already_raised", kind=kind.value, dedupe_key=dedupe_key)
+            log.info(
+                "alert_already_raised", kind=kind.value, dedupe_key=dedupe_key, order_id=order_id
+            )
             _count(session, kind.value, "deduplicated")
             return None
         last = self._last_notified(session, kind.value)

@@ -491,7 +491,9 @@ class CancellationService:
         with self._database.transaction() as session:
             row = session.get(Cancellation, claim.id, with_for_update=True)
             if row is None or row.status != Status.RUNNING.value or row.lease_owner != self._owner:
-                log.warning("cancellation_lease_lost", cancellation_id=claim.id)
+                log.warning(
+                    "cancellation_lease_lost", cancellation_id=claim.id, order_id=claim.order_id
+                )
                 return
             order = session.get(Order, row.order_id)
             assert order is not None
@@ -717,7 +719,9 @@ class CancellationService:
         not_before = now + timedelta(seconds=wait)
         leases.extend_until(session, NOT_BEFORE_KEY, self._owner, not_before)
         row.last_error = reply.describe()
-        log.warning("whop_rate_limited", cancellation_id=row.id, retry_after=wait)
+        log.warning(
+            "whop_rate_limited", cancellation_id=row.id, order_id=row.order_id, retry_after=wait
+        )
         self._reschedule(session, row, now, wait, jitter=0.1)
 
     def _pause_for_auth(
@@ -734,7 +738,9 @@ class CancellationService:
             else f"the API key lacks the {permission} permission"
         )
         row.last_error = f"{reply.describe()} — {problem}"
-        log.error("whop_auth_refused", cancellation_id=row.id, status=reply.status)
+        log.error(
+            "whop_auth_refused", cancellation_id=row.id, order_id=row.order_id, status=reply.status
+        )
         self._reschedule(session, row, now, self._schedule[-1], jitter=0.1)
 
     def _fail(
