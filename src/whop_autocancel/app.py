@@ -1,7 +1,8 @@
-"""The web process (FastAPI): webhook endpoint and health. Stateless."""
+"""The web process (FastAPI): webhook endpoint, checkout API, health and metrics. Stateless."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,7 +12,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from whop_autocancel import metrics
+from whop_autocancel.admin.metrics import metrics_router
 from whop_autocancel.db import leases
+from whop_autocancel.logs import AccessLog
 from whop_autocancel.orders.routes import BodyTooLarge, checkout_router, read_capped
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.worker import InProcessWorker
@@ -63,6 +67,7 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
     app = FastAPI(title="whop-autocancel", lifespan=lifespan, docs_url=None, redoc_url=None)
     limit = runtime.settings.WEBHOOK_MAX_BYTES
     app.include_router(checkout_router(runtime.checkouts, runtime.settings))
+    app.include_router(metrics_router(runtime))  # GET /metrics (METRICS_TOKEN set)
     if runtime.settings.CHECKOUT_CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,
@@ -70,6 +75,8 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if runtime.settings.ACCESS_LOG:
+        app.add_middleware(AccessLog)  # outermost: sees every request and its final status
 
     @app.post(
         "/webhooks/whop",
@@ -85,11 +92,21 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
     async def receive_webhook(request: Request) -> JSONResponse:
         """Whop's webhooks (Standard Webhooks signed). 200 once stored; 401 bad signature;
         400 not an event; 413 too large; 503 database down (Whop retries)."""
+        started = time.monotonic()
+        client = request.client.host if request.client else None
         try:
             body = await read_capped(request, limit)
         except BodyTooLarge:
-            return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
-        result = await run_in_threadpool(runtime.inbox.ingest, body, dict(request.headers))
+            result = runtime.inbox.refuse_too_large(limit, client)
+        else:
+            try:
+                result = await run_in_threadpool(
+                    runtime.inbox.ingest, body, dict(request.headers), client
+                )
+            except Exception:
+                metrics.observe_webhook(None, "error", time.monotonic() - started)
+                raise
+        metrics.observe_webhook(result.event_type, result.outcome, time.monotonic() - started)
         return JSONResponse(result.body, status_code=result.http_status)
 
     @app.get("/healthz")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -31,6 +33,20 @@ log = structlog.get_logger(__name__)
 
 JobHandler = Callable[..., object]  # the return value is ignored
 CONFLICT_ATTEMPTS = 5
+BACKLOG_PEEK = 20  # ready jobs read to find a due time (the next ones to run, oldest first)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the queue holds now. `oldest_due_age`: how long the most overdue job it can see
+    has waited past its due time (0 when none is overdue). Only delayed jobs carry a due time:
+    a scheduled job whose time has come (no consumer moved it to the queue) or a delayed job
+    moved to the queue and not yet run; a job enqueued to run at once carries no time at all
+    (on every backend: huey stores none), so a backlog of those shows in `ready` only."""
+
+    ready: int
+    scheduled: int
+    oldest_due_age: float
 
 
 def _safe(url: str) -> str:
@@ -120,6 +136,27 @@ class Jobs:
 
     def ping(self) -> None:
         self.huey.pending_count()
+
+    def backlog(self, now: datetime | None = None) -> Backlog:
+        """Depth and lateness of the queue (`now`: huey's clock, the wall clock, by default).
+        A few cheap reads on every backend: two counts, the next ready jobs, the next
+        scheduled one."""
+        huey = self.huey
+        storage = huey.storage
+        moment = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)  # huey: naive
+        due_times = [
+            huey.serializer.deserialize(data).eta
+            for data in [
+                *storage.enqueued_items(BACKLOG_PEEK),
+                *storage.scheduled_items(1),
+            ]
+        ]
+        late = [(moment - due).total_seconds() for due in due_times if due is not None]
+        return Backlog(
+            ready=int(huey.pending_count()),
+            scheduled=int(huey.scheduled_count()),
+            oldest_due_age=max([0.0, *late]),
+        )
 
     def consumer(self, *, threads: int, shutdown_timeout: float, own_signals: bool) -> Any:
         """A consumer; with `own_signals` it treats SIGTERM as a graceful stop (`worker`)."""

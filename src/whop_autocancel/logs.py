@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import structlog
 
@@ -43,3 +46,52 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in ("huey", "huey.consumer", "uvicorn.access", "httpx", "alembic", "mail.log"):
         logging.getLogger(name).setLevel(quiet)
+
+
+# The access log (ACCESS_LOG=true) ----------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_LOGGED_PATH = 200  # a path longer than this is cut (a client chooses it)
+
+access_log = structlog.get_logger("whop_autocancel.access")
+
+
+class AccessLog:
+    """ASGI middleware: one `http_request` line per HTTP request, once it is answered, with
+    the method, the path (never the query string: it may hold a token), the status, the
+    duration in milliseconds and the client's address (as the proxy headers give it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # what the server answers if the app fails before it starts a response
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client")
+            path = str(scope.get("path", ""))
+            access_log.info(
+                "http_request",
+                method=scope.get("method"),
+                path=path[:MAX_LOGGED_PATH],
+                status=status,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                client=client[0] if client else None,
+            )

@@ -103,6 +103,7 @@ class Runtime:
         )
 
     def close(self) -> None:
+        self.inbox.rejected.close()  # (logs what it folded since its last summary)
         if self._whop is not None:
             self._whop.close()
         self.database.dispose()

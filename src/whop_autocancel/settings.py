@@ -20,6 +20,8 @@ from whop_autocancel.sealing import Sealer
 DEFAULT_DATABASE_URL = "sqlite:///whop-autocancel.db"
 DEFAULT_QUEUE_URL = "sqlite:///whop-autocancel-queue.db"
 
+METRICS_TOKEN_MIN_LENGTH = 16
+
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -209,6 +211,10 @@ class Settings(BaseSettings):
     STOCK_ENCRYPTION_KEY: SecretStr | None = None
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "json"
+    ACCESS_LOG: bool = False
+
+    # Monitoring: GET /metrics answers only `Authorization: Bearer <METRICS_TOKEN>` (unset: off)
+    METRICS_TOKEN: SecretStr | None = None
 
     @field_validator("RETRY_SCHEDULE", mode="before")
     @classmethod
@@ -317,6 +323,22 @@ class Settings(BaseSettings):
             Sealer(value.get_secret_value())
         except ConfigurationError as error:
             raise ValueError(str(error).removeprefix("STOCK_ENCRYPTION_KEY: ")) from None
+        return value
+
+    @field_validator("METRICS_TOKEN")
+    @classmethod
+    def _check_metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        token = value.get_secret_value()
+        if token != token.strip() or any(character.isspace() for character in token):
+            raise ValueError("must not contain spaces (it is sent as a bearer token)")
+        if len(token) < METRICS_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {METRICS_TOKEN_MIN_LENGTH} characters long (it guards "
+                "/metrics); make one with `python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
         return value
 
     @field_validator("EMAIL_TEMPLATES_DIR")

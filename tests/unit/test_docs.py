@@ -26,6 +26,8 @@ def test_readme_defaults_match_the_code() -> None:
             default = ",".join(
                 f"{value:g}" if isinstance(value, float) else str(value) for value in default
             )
+        elif isinstance(default, bool):
+            default = str(default).lower()
         elif hasattr(default, "get_secret_value"):
             default = default.get_secret_value()
         elif isinstance(default, float):

@@ -271,6 +271,48 @@ def test_secrets_are_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -
         assert secret not in text
 
 
+# ----- metrics and the access log --------------------------------------------------------------
+
+METRICS_TOKEN = "DISTINCTIVE-metrics-token-5e2a9c"
+
+
+def test_metrics_are_off_and_the_access_log_quiet_by_default() -> None:
+    settings = load_settings()
+    assert settings.METRICS_TOKEN is None
+    assert settings.ACCESS_LOG is False
+
+
+def test_metrics_token_and_access_log_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
+    monkeypatch.setenv("ACCESS_LOG", "true")
+    settings = load_settings()
+    assert settings.METRICS_TOKEN is not None
+    assert settings.METRICS_TOKEN.get_secret_value() == METRICS_TOKEN
+    assert settings.ACCESS_LOG is True
+    assert METRICS_TOKEN not in repr(settings) + str(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("DISTINCTIVE-15c", "at least 16 characters"),
+        ("DISTINCTIVE with spaces inside", "must not contain spaces"),
+    ],
+)
+def test_a_weak_metrics_token_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    message = env_error(monkeypatch, "METRICS_TOKEN", value)
+    assert message.startswith("METRICS_TOKEN: ")
+    assert says in message
+    assert "DISTINCTIVE" not in message
+
+
+def test_a_blank_metrics_token_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_TOKEN", "   ")
+    assert load_settings().METRICS_TOKEN is None
+
+
 # ----- cross-field: the lease ------------------------------------------------------------------
 
 

@@ -185,7 +185,7 @@ def replay_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -
             # The inbox's own apply-with-recording step, called on purpose although it is
             # protected: a replay must record exactly what ingest and the sweep record
             # (attempts, status, error, backoff, the keeps-failing alert).
-            runtime.inbox._apply_recording(session, stored, envelope, now)
+            order_id = runtime.inbox._apply_recording(session, stored, envelope, now)
         failed = stored.status == EventStatus.FAILED.value
         record(
             session,
@@ -203,6 +203,7 @@ def replay_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -
             previous_status=previous,
             status=stored.status,
             attempt=stored.attempts,
+            order_id=order_id,
         )
         return ReplayResult(
             event_id=stored.id,

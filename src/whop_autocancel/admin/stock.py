@@ -144,7 +144,7 @@ def show_item(
         session.flush()
         session.expunge(item)
     content = sealer.open(item.content)
-    log.info("stock_item_shown", item_id=item.id, pool=item.pool)
+    log.info("stock_item_shown", item_id=item.id, pool=item.pool, order_id=item.order_id)
     return item, content
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from uuid import uuid4
 
 import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.alerts.models import Alert, AlertKind
-from whop_autocancel.db.engine import insert_once
+from whop_autocancel.db.engine import after_commit, insert_once
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
 
@@ -77,15 +79,20 @@ class Alerts:
             created_at=now,
         )
         if not insert_once(session, alert):
-            log.info("alert_already_raised", kind=kind.value, dedupe_key=dedupe_key)
+            log.info(
+                "alert_already_raised", kind=kind.value, dedupe_key=dedupe_key, order_id=order_id
+            )
+            _count(session, kind.value, "deduplicated")
             return None
         last = self._last_notified(session, kind.value)
         if last is not None and (now - last).total_seconds() < self._throttle:
             log.warning("alert_folded", kind=kind.value, alert_id=alert.id, order_id=order_id)
+            _count(session, kind.value, "folded")
             return alert  # goes out in the next digest of its kind
         alert.notified_at = now
         self._notify(session, kind.value, email, now, order_id=order_id, alert_id=alert.id)
         log.warning("alert_raised", kind=kind.value, alert_id=alert.id, order_id=order_id)
+        _count(session, kind.value, "sent")
         return alert
 
     def flush_digests(self, session: Session, now: datetime) -> int:
@@ -121,6 +128,7 @@ class Alerts:
                 alert.notified_at = now
             self._notify(session, kind, email, now, alert_id=folded[0].id)
             log.warning("alert_digest_sent", kind=kind, alerts=len(folded))
+            after_commit(session, partial(metrics.ALERT_DIGESTS.labels(kind).inc, 1))
             sent += 1
         return sent
 
@@ -171,3 +179,8 @@ class Alerts:
             .values(dedupe_key=f"{dedupe_key}:resolved:{uuid4().hex}"[:200], resolved_at=now)
         )
         return result.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def _count(session: Session, kind: str, outcome: str) -> None:
+    """Count a raised alert once the transaction that records it commits."""
+    after_commit(session, lambda: metrics.ALERTS.labels(kind, outcome).inc())

@@ -13,6 +13,7 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import (
@@ -24,7 +25,7 @@ from whop_autocancel.cancellation.models import (
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
-from whop_autocancel.db.engine import Database, insert_once
+from whop_autocancel.db.engine import Database, after_commit, insert_once
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
@@ -149,6 +150,7 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
         row.updated_at = now
         row.lease_until = None
         row.lease_owner = None
+        record_end(session, row, now)
         log.info(
             event,
             cancellation_id=row.id,
@@ -157,6 +159,26 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
             source="webhook",
         )
     return len(rows)
+
+
+def record_end(session: Session, row: Cancellation, now: datetime) -> None:
+    """Count a cancellation that ended (its status, the attempts of its generation and, when
+    it cancelled the membership, the time since the purchase) once the transaction commits."""
+    outcome, attempts = row.status, row.attempts
+    seconds = None
+    if outcome == Status.CANCELED.value:
+        order = session.get(Order, row.order_id)  # (in the session already: no query)
+        started = purchase_time(order) if order is not None else None
+        seconds = (now - started).total_seconds() if started is not None else None
+    after_commit(session, lambda: metrics.observe_cancellation_end(outcome, attempts, seconds))
+
+
+def purchase_time(order: Order) -> datetime | None:
+    """When the purchase happened as far as the service can tell: its payment, or the first
+    webhook that told of it when that came later (a payment found late by the Whop sweep
+    counts from when it was found)."""
+    known = [moment for moment in (order.paid_at, order.created_at) if moment is not None]
+    return max(known) if known else None
 
 
 def _email_hold(
@@ -424,7 +446,7 @@ class CancellationService:
             order = session.get(Order, row.order_id)
             reason = self._skip_reason(order)
             if reason is not None:
-                self._finish(row, Status.SKIPPED, now, reason)
+                self._finish(session, row, Status.SKIPPED, now, reason)
                 log.info(
                     "cancellation_skipped",
                     cancellation_id=row.id,
@@ -669,7 +691,7 @@ class CancellationService:
         self, session: Session, row: Cancellation, now: datetime, status: CancellationStatus
     ) -> None:
         row.canceled_at = now if status is Status.CANCELED else row.canceled_at
-        self._finish(row, status, now, None)
+        self._finish(session, row, status, now, None)
         self._alerts.resolve_incidents(
             session, [AlertKind.WHOP_UNREACHABLE, AlertKind.WHOP_AUTH], now
         )
@@ -740,7 +762,9 @@ class CancellationService:
         not_before = now + timedelta(seconds=wait)
         leases.extend_until(session, NOT_BEFORE_KEY, self._owner, not_before)
         row.last_error = reply.describe()
-        log.warning("whop_rate_limited", cancellation_id=row.id, retry_after=wait)
+        log.warning(
+            "whop_rate_limited", cancellation_id=row.id, order_id=row.order_id, retry_after=wait
+        )
         self._reschedule(session, row, now, wait, jitter=0.1)
 
     def _pause_for_auth(
@@ -757,13 +781,15 @@ class CancellationService:
             else f"the API key lacks the {permission} permission"
         )
         row.last_error = f"{reply.describe()} — {problem}"
-        log.error("whop_auth_refused", cancellation_id=row.id, status=reply.status)
+        log.error(
+            "whop_auth_refused", cancellation_id=row.id, order_id=row.order_id, status=reply.status
+        )
         self._reschedule(session, row, now, self._schedule[-1], jitter=0.1)
 
     def _fail(
         self, session: Session, row: Cancellation, order: Order, now: datetime, error: str
     ) -> None:
-        self._finish(row, Status.FAILED, now, error)
+        self._finish(session, row, Status.FAILED, now, error)
         log.error(
             "cancellation_failed",
             cancellation_id=row.id,
@@ -810,13 +836,19 @@ class CancellationService:
     # Helpers --------------------------------------------------------------------------------
 
     def _finish(
-        self, row: Cancellation, status: CancellationStatus, now: datetime, error: str | None
+        self,
+        session: Session,
+        row: Cancellation,
+        status: CancellationStatus,
+        now: datetime,
+        error: str | None,
     ) -> None:
         row.status = status.value
         row.last_error = error if error is not None else row.last_error
         row.lease_until = None
         row.lease_owner = None
         row.updated_at = now
+        record_end(session, row, now)
 
     def _reschedule(
         self, session: Session, row: Cancellation, now: datetime, delay: float, jitter: float = 0.0

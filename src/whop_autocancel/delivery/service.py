@@ -14,13 +14,14 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.cancellation.service import schedule_cancellation, wake_after_email
 from whop_autocancel.catalog import Catalog, CatalogPlan
 from whop_autocancel.clock import Clock
-from whop_autocancel.db.engine import Database
+from whop_autocancel.db.engine import Database, after_commit
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.methods import (
     METHODS,
@@ -129,7 +130,13 @@ class DeliveryService:
         return served
 
     def _deliver_locked(self, session: Session, order: Order, now: datetime) -> Outcome:
-        """Deliver one locked order; returns what happened (for `serve_waiting`)."""
+        """Deliver one locked order; returns what happened (for `serve_waiting`), counted in
+        the metrics once the transaction commits."""
+        outcome = self._attempt(session, order, now)
+        after_commit(session, lambda: metrics.DELIVERIES.labels(outcome).inc())
+        return outcome
+
+    def _attempt(self, session: Session, order: Order, now: datetime) -> Outcome:
         waiting = order.status == OrderStatus.DELIVERY_FAILED.value and order.waiting_for_stock
         if order.status != OrderStatus.PAID.value and not waiting:
             return "not_applicable"  # delivered already (or not paid): a duplicate is harmless

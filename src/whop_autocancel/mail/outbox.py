@@ -11,6 +11,7 @@ import structlog
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.errors import ConfigurationError
@@ -203,6 +204,7 @@ class Outbox:
             sent.last_error = None
             for hook in self._on_sent:
                 hook(session, sent, now)
+        metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(kind), "sent").inc()
         log.info("email_sent", email_id=email_id, kind=kind, order_id=order_id)
 
     def _failed_attempt(
@@ -235,6 +237,7 @@ class Outbox:
             row.failed_at = now
             for hook in self._on_failed:
                 hook(session, row, now)
+        metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(kind), "failed").inc()
         log.error(
             "email_failed",
             email_id=email_id,
@@ -261,6 +264,7 @@ class Outbox:
                 )
             )
             self._jobs.defer(session, SEND_TASK, email_id, delay=delay)
+        metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(kind), "retry").inc()
         log.warning(
             "email_send_failed",
             email_id=email_id,

@@ -262,6 +262,7 @@ class Backfill:
                 "backfill_cancelled",
                 membership_id=membership.membership_id,
                 cancellation_id=row.id,
+                order_id=row.order_id,
                 status=row.status,
             )
             return row.status

@@ -169,10 +169,12 @@ class Recovery:
         applied: list[str] = []
         for payment in survey.recoverable:
             facts = payment.facts
-            if self._database.run(partial(self._apply, facts=facts, now=now)):
+            order_id = self._database.run(partial(self._apply, facts=facts, now=now))
+            if order_id is not None:
                 applied.append(facts.payment_id)
                 log.warning(
                     "purchase_recovered",
+                    order_id=order_id,
                     payment_id=facts.payment_id,
                     membership_id=facts.membership_id,
                     plan_id=facts.plan_id,
@@ -180,11 +182,11 @@ class Recovery:
                 )
         return applied
 
-    def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> bool:
+    def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> str | None:
+        """The id of the order the payment was applied to; None: it was recorded already."""
         if order_of_recorded_payment(session, facts.payment_id) is not None:
-            return False
-        self._orders.apply_payment(session, facts, now)
-        return True
+            return None
+        return self._orders.apply_payment(session, facts, now).id
 
 
 def _created_within(facts: PaymentFacts, since: datetime, until: datetime) -> bool:

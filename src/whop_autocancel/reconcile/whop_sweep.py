@@ -215,9 +215,10 @@ class WhopSweep:
                 continue
             report.recovered_payments.append(facts.payment_id)
             if not report.dry_run:
-                self._database.run(partial(self._apply, facts=facts, now=now))
+                order_id = self._database.run(partial(self._apply, facts=facts, now=now))
                 log.warning(
                     "missed_webhook_recovered",
+                    order_id=order_id,
                     payment_id=facts.payment_id,
                     membership_id=facts.membership_id,
                     plan_id=facts.plan_id,
@@ -242,8 +243,8 @@ class WhopSweep:
             f"({report.watching_since.isoformat()}): `whop-autocancel recover` can deliver it"
         )
 
-    def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> None:
-        self._orders.apply_payment(session, facts, now)
+    def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> str:
+        return self._orders.apply_payment(session, facts, now).id
 
     def _known_payment(self, payment_id: str) -> bool:
         with self._database.transaction() as session:

@@ -23,6 +23,7 @@ from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once, savepoint
 from whop_autocancel.orders.service import OrderService, order_of_membership
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
+from whop_autocancel.webhooks.rejections import RejectionLog
 from whop_autocancel.webhooks.verify import SignatureError, verify_signature
 from whop_autocancel.whop.payloads import (
     Envelope,
@@ -60,10 +61,21 @@ class RejectionCounter:
             return len(self._times) == self.threshold
 
 
+# What became of a webhook (the `outcome` of the metrics): stored as `handled`, `ignored` or
+# `failed` (its apply failed; retried), or not stored.
+DUPLICATE = "duplicate"
+BAD_SIGNATURE = "bad_signature"
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+DB_DOWN = "db_down"
+
+
 @dataclass(frozen=True)
 class IngestResult:
     http_status: int
     body: dict[str, str] = field(default_factory=dict)
+    outcome: str = ""
+    event_type: str | None = None  # None: not verified, or not an event
 
 
 class Inbox:
@@ -90,38 +102,66 @@ class Inbox:
         self._schedule = list(retry_schedule)
         self._max_attempts = max_attempts
         self._rejections = RejectionCounter(signature_alert_at, signature_window)
+        self.rejected = RejectionLog(clock)
 
-    def ingest(self, body: bytes, headers: Mapping[str, str]) -> IngestResult:
+    def ingest(
+        self, body: bytes, headers: Mapping[str, str], client: str | None = None
+    ) -> IngestResult:
+        """Verify, store once, apply. `client`: the sender's address, for the log of refusals."""
         now = self._clock.now()
         try:
             verified = verify_signature(body, headers, self._secrets, now, self._tolerance)
         except SignatureError as error:
-            log.warning("webhook_rejected", reason=str(error), http_status=401)
+            self.rejected.record(BAD_SIGNATURE, client, reason=str(error), http_status=401)
             if self._rejections.add(now):
                 self._alert_signature_failures(now, str(error))
-            return IngestResult(401, {"error": str(error)})
+            return IngestResult(401, {"error": str(error)}, BAD_SIGNATURE)
         try:
             envelope = parse_envelope(body)
         except PayloadError as error:
-            log.warning(
-                "webhook_rejected", reason=str(error), http_status=400, event_id=verified.webhook_id
+            self.rejected.record(
+                BAD_REQUEST,
+                client,
+                reason=str(error),
+                http_status=400,
+                event_id=verified.webhook_id,
             )
-            return IngestResult(400, {"error": str(error)})
+            return IngestResult(400, {"error": str(error)}, BAD_REQUEST)
         event_id = verified.webhook_id
         try:
-            status = self._store_and_apply(event_id, envelope, body, now)
+            status, order_id = self._store_and_apply(event_id, envelope, body, now)
         except (OperationalError, DBInterfaceError) as error:
-            log.error("webhook_store_failed", event_id=event_id, error=type(error).__name__)
-            return IngestResult(503, {"error": "database unavailable; retry later"})
-        log.info("webhook_received", event_id=event_id, type=envelope.type, status=status)
-        return IngestResult(200, {"status": status})
+            log.error(
+                "webhook_store_failed",
+                event_id=event_id,
+                type=envelope.type,
+                error=type(error).__name__,
+            )
+            return IngestResult(
+                503, {"error": "database unavailable; retry later"}, DB_DOWN, envelope.type
+            )
+        log.info(
+            "webhook_received",
+            event_id=event_id,
+            type=envelope.type,
+            status=status,
+            order_id=order_id,
+        )
+        return IngestResult(200, {"status": status}, status, envelope.type)
+
+    def refuse_too_large(self, limit: int, client: str | None = None) -> IngestResult:
+        """A body over WEBHOOK_MAX_BYTES, refused before it is read (413)."""
+        self.rejected.record(TOO_LARGE, client, reason=f"body over {limit} bytes", http_status=413)
+        return IngestResult(413, {"error": f"body larger than {limit} bytes"}, TOO_LARGE)
 
     def _store_and_apply(
         self, event_id: str, envelope: Envelope, body: bytes, now: datetime
-    ) -> str:
-        def store_and_apply(session: Session) -> str:
+    ) -> tuple[str, str | None]:
+        """The event's status (or `duplicate`) and the order it concerns (None: none)."""
+
+        def store_and_apply(session: Session) -> tuple[str, str | None]:
             if session.get(WebhookEvent, event_id) is not None:
-                return "duplicate"
+                return DUPLICATE, None
             event = WebhookEvent(
                 id=event_id,
                 type=envelope.type,
@@ -131,16 +171,17 @@ class Inbox:
                 attempts=0,
             )
             if not insert_once(session, event):
-                return "duplicate"  # a concurrent delivery of the same event won
-            self._apply_recording(session, event, envelope, now)
-            return event.status
+                return DUPLICATE, None  # a concurrent delivery of the same event won
+            order_id = self._apply_recording(session, event, envelope, now)
+            return event.status, order_id
 
         return self._database.run(store_and_apply)
 
     def _apply_recording(
         self, session: Session, event: WebhookEvent, envelope: Envelope, now: datetime
-    ) -> None:
-        """Apply in a savepoint; on failure keep the event, `failed`, with its error."""
+    ) -> str | None:
+        """Apply in a savepoint; on failure keep the event, `failed`, with its error. Returns
+        the id of the order the event was applied to (None: none, or it failed)."""
         event.attempts += 1
         try:
             with savepoint(session):
@@ -165,12 +206,13 @@ class Inbox:
             )
             if never or event.attempts >= self._max_attempts:
                 self._alert_apply_failed(session, event, now, retried=not never)
-            return
+            return None
         event.status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
         event.order_id = order_id or event.order_id
         event.handled_at = now
         event.last_error = None
         event.next_attempt_at = None
+        return order_id
 
     def _apply(
         self, session: Session, envelope: Envelope, now: datetime
@@ -187,7 +229,7 @@ class Inbox:
         ):
             facts = membership_facts(envelope.data)
             inactive = kind in INACTIVE_MEMBERSHIP_EVENTS or facts.status in INACTIVE_STATUSES
-            if inactive:
+            if inactive:  # (each cancellation it settles is logged with its order)
                 mark_inactive_from_webhook(session, facts.membership_id, now)
                 return True, order_of_membership(session, facts.membership_id)
             order = self._orders.apply_membership_live(session, facts, now)
@@ -207,9 +249,13 @@ class Inbox:
             if event.next_attempt_at is not None and event.next_attempt_at > now:
                 return
             envelope = parse_envelope(event.payload.encode("utf-8"))
-            self._apply_recording(session, event, envelope, now)
+            order_id = self._apply_recording(session, event, envelope, now)
             log.info(
-                "webhook_reapplied", event_id=event.id, status=event.status, attempt=event.attempts
+                "webhook_reapplied",
+                event_id=event.id,
+                status=event.status,
+                attempt=event.attempts,
+                order_id=order_id,
             )
 
     def _alert_signature_failures(self, now: datetime, last_reason: str) -> None:

@@ -6,6 +6,7 @@ It never retries by itself: the cancellation state machine decides what a reply 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from whop_autocancel import metrics
 from whop_autocancel.clock import Clock
 
 
@@ -109,15 +111,16 @@ class WhopClient:
         return self._call(
             "POST",
             f"memberships/{membership_id}/cancel",
+            "POST /memberships/{id}/cancel",
             json=body,
             headers={"Idempotency-Key": idempotency_key},
         )
 
     def retrieve_membership(self, membership_id: str) -> WhopReply:
-        return self._call("GET", f"memberships/{membership_id}")
+        return self._call("GET", f"memberships/{membership_id}", "GET /memberships/{id}")
 
     def retrieve_plan(self, plan_id: str) -> WhopReply:
-        return self._call("GET", f"plans/{plan_id}")
+        return self._call("GET", f"plans/{plan_id}", "GET /plans/{id}")
 
     def list_memberships(
         self,
@@ -134,7 +137,7 @@ class WhopClient:
         params += [("plan_ids", plan_id)] if plan_id else []
         if user_id:
             params.append(("user_id" if self.version_date else "user_ids", user_id))
-        return self._call("GET", "memberships", params=params)
+        return self._call("GET", "memberships", "GET /memberships", params=params)
 
     def list_payments(
         self,
@@ -149,7 +152,7 @@ class WhopClient:
         params = self._page(first, after, company_id, created_after)
         if created_before is not None:
             params.append(("created_before", _iso(created_before)))
-        return self._call("GET", "payments", params=params)
+        return self._call("GET", "payments", "GET /payments", params=params)
 
     def _page(
         self, first: int, after: str | None, company_id: str | None, created_after: datetime | None
@@ -178,15 +181,27 @@ class WhopClient:
             body["redirect_url"] = redirect_url
         if company_id:
             body["account_id" if self.version_date else "company_id"] = company_id
-        return self._call("POST", "checkout_configurations", json=body, timeout=timeout)
+        return self._call(
+            "POST",
+            "checkout_configurations",
+            "POST /checkout_configurations",
+            json=body,
+            timeout=timeout,
+        )
 
-    def _call(self, method: str, path: str, **options: Any) -> WhopReply:
+    def _call(self, method: str, path: str, endpoint: str, **options: Any) -> WhopReply:
+        """One request. `endpoint` names it for the metrics as a route template (never an
+        id): `POST /memberships/{id}/cancel`."""
+        started = time.monotonic()
         try:
             response = self._http.request(method, path, **options)
         except httpx.TimeoutException as error:
+            metrics.observe_whop_call(endpoint, None, time.monotonic() - started)
             return WhopReply(status=None, transport_error=f"timeout ({type(error).__name__})")
         except httpx.HTTPError as error:
+            metrics.observe_whop_call(endpoint, None, time.monotonic() - started)
             return WhopReply(status=None, transport_error=f"{type(error).__name__}: {error}")
+        metrics.observe_whop_call(endpoint, response.status_code, time.monotonic() - started)
         try:
             body = response.json()
         except ValueError:
