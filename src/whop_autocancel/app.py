@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from whop_autocancel.admin.web.routes import admin_router
 from whop_autocancel.db import leases
 from whop_autocancel.orders.routes import BodyTooLarge, checkout_router, read_capped
 from whop_autocancel.runtime import Runtime
@@ -63,6 +64,7 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
     app = FastAPI(title="whop-autocancel", lifespan=lifespan, docs_url=None, redoc_url=None)
     limit = runtime.settings.WEBHOOK_MAX_BYTES
     app.include_router(checkout_router(runtime.checkouts, runtime.settings))
+    app.include_router(admin_router(runtime))
     if runtime.settings.CHECKOUT_CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,
