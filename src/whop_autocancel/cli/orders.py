@@ -7,7 +7,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from whop_autocancel.admin.operations import DEFAULT_LIMIT, format_time, list_orders
+from whop_autocancel.admin.operations import (
+    DEFAULT_LIMIT,
+    format_time,
+    list_orders,
+    resend_delivery,
+)
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cli.common import LimitOption, open_runtime, open_session, out, print_listing
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -73,7 +78,7 @@ def orders_resend(
     """Send the customer's delivery email again, with the same item (stock) or message."""
 
     with open_runtime() as runtime:
-        resent = runtime.delivery.resend(order_id)
+        resent = resend_delivery(runtime, order_id)
     out.print(
         escape(
             f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
