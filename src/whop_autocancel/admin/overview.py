@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from whop_autocancel.admin.operations import OrderListing
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.db import leases
@@ -274,6 +275,19 @@ def list_emails(
         statement = statement.where(Email.sent_at.is_(None), Email.failed_at.is_(None))
     rows = session.execute(statement.order_by(Email.id.desc()).limit(limit)).all()
     return [EmailListing(*row) for row in rows]
+
+
+def orders_by_ids(session: Session, order_ids: Sequence[str]) -> list[OrderListing]:
+    """These orders, in the order given, each with its cancellation row if it has one."""
+    if not order_ids:
+        return []
+    rows = session.execute(
+        select(Order, Cancellation)
+        .outerjoin(Cancellation, Cancellation.order_id == Order.id)
+        .where(Order.id.in_(list(order_ids)))
+    ).all()
+    found = {order.id: OrderListing(order, cancellation) for order, cancellation in rows}
+    return [found[order_id] for order_id in order_ids if order_id in found]
 
 
 def recent_cancellations(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import structlog
 from fastapi import APIRouter, Request
@@ -17,13 +18,17 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from whop_autocancel.admin import overview
+from whop_autocancel.admin import overview, timeline
 from whop_autocancel.admin import stock as admin_stock
+from whop_autocancel.admin.audit import record
 from whop_autocancel.admin.operations import (
+    OrderListing,
     ignore_event,
     list_events,
     list_orders,
     replay_event,
+    resend_delivery,
+    retry_cancellation,
 )
 from whop_autocancel.admin.web.chart import series_chart
 from whop_autocancel.admin.web.guard import (
@@ -89,6 +94,21 @@ def admin_router(runtime: Runtime) -> APIRouter:
     static = {
         name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC
     }
+
+    def actor(request: Request) -> str:
+        """Who acts, for the audit table: the dashboard's one admin, from this address."""
+        return f"web:admin@{throttle.client_key(request.client.host if request.client else None)}"
+
+    def audit(request: Request, action: str) -> None:
+        with runtime.database.transaction() as db:
+            record(
+                db,
+                at=runtime.clock.now(),
+                actor=actor(request),
+                action=action,
+                target="dashboard",
+                order_id=None,
+            )
 
     def read(work: Callable[[Session], T]) -> T:
         with runtime.database.transaction() as session:
@@ -190,6 +210,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
             log.warning("admin_login_refused", client=client, failures=recent.count + 1)
             return login_page(request, status=401, error="Wrong password.")
         await run_in_threadpool(read, lambda s: throttle.forget(s, client))
+        await run_in_threadpool(audit, request, "dashboard.login")
         _, cookie = codec.new_session(now)
         log.info("admin_login", client=client)
         response = RedirectResponse("/admin", status_code=303)
@@ -200,6 +221,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
     @router.post("/logout")
     async def logout(request: Request) -> Response:
         await guard.posted(request)
+        await run_in_threadpool(audit, request, "dashboard.logout")
         response = guard.flash_and_go(LOGIN_PATH, "ok", "Logged out.")
         clear_cookie(response, SESSION_COOKIE)
         log.info("admin_logout")
@@ -264,12 +286,36 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/orders")
     async def orders_page(request: Request, q: str = "") -> Response:
+        """Find purchases by an order, payment, membership, checkout or event id, or an email;
+        one match opens its timeline."""
         session = guard.page_session(request)
         query = q.strip()[:320]
-        rows = await run_in_threadpool(
-            read, lambda db: list_orders(db, email=query or None, limit=LIST_LIMIT)
-        )
+
+        def load(db: Session) -> list[OrderListing]:
+            if not query:
+                return list_orders(db, limit=LIST_LIMIT)
+            return overview.orders_by_ids(db, timeline.find_orders(db, query, limit=LIST_LIMIT))
+
+        rows = await run_in_threadpool(read, load)
+        if query and len(rows) == 1:
+            return RedirectResponse(f"/admin/orders/{quote(rows[0].order.id)}", status_code=303)
         return page(request, session, "orders.html", "orders", query=query, orders=rows, error=None)
+
+    @router.get("/orders/{order_id}")
+    async def purchase_page(request: Request, order_id: str) -> Response:
+        """One purchase's timeline: every event, the match, the delivery, every email, every
+        call to Whop, every alert and admin action, in time order."""
+        session = guard.page_session(request)
+        view = await run_in_threadpool(read, lambda db: timeline.purchase(db, order_id))
+        if view is None:
+            raise Refusal(
+                404,
+                "Not found",
+                f"There is no order {order_id}.",
+                link="/admin/orders",
+                link_text="Search purchases",
+            )
+        return page(request, session, "purchase.html", "orders", view=view)
 
     @router.get("/cancellations")
     async def cancellations_page(request: Request) -> Response:
@@ -335,23 +381,25 @@ def admin_router(runtime: Runtime) -> APIRouter:
     # Actions --------------------------------------------------------------------------------
 
     @router.post("/cancellations/{cancellation_id}/retry")
-    async def retry_cancellation(request: Request, cancellation_id: int) -> Response:
+    async def retry_route(request: Request, cancellation_id: int) -> Response:
+        who = actor(request)
+
         def work() -> str:
-            with runtime.database.transaction() as db:
-                row = runtime.cancellations.retry(db, cancellation_id)
-                membership, generation = row.membership_id, row.generation
-            log.info("admin_cancellation_retried", cancellation_id=cancellation_id, by="web")
+            result = retry_cancellation(runtime, cancellation_id, actor=who)
             return (
-                f"Cancellation #{cancellation_id} (membership {membership or 'unknown'}) "
-                f"scheduled again as attempt generation {generation}; a worker cancels it now."
+                f"Cancellation #{result.cancellation_id} (membership "
+                f"{result.membership_id or 'unknown'}) scheduled again as attempt generation "
+                f"{result.generation}; a worker cancels it now."
             )
 
         return await act(request, "/admin/cancellations", work)
 
     @router.post("/events/{event_id}/replay")
-    async def replay(request: Request, event_id: str) -> Response:
+    async def replay_route(request: Request, event_id: str) -> Response:
+        who = actor(request)
+
         def work() -> str:
-            result = replay_event(runtime, event_id)
+            result = replay_event(runtime, event_id, actor=who)
             name = f"Event {result.event_id} ({result.event_type})"
             if result.failed:
                 raise WhopAutocancelError(
@@ -368,9 +416,11 @@ def admin_router(runtime: Runtime) -> APIRouter:
         return await act(request, "/admin/events", work)
 
     @router.post("/events/{event_id}/ignore")
-    async def ignore(request: Request, event_id: str) -> Response:
+    async def ignore_route(request: Request, event_id: str) -> Response:
+        who = actor(request)
+
         def work() -> str:
-            result = ignore_event(runtime, event_id)
+            result = ignore_event(runtime, event_id, actor=who)
             name = f"Event {result.event_id} ({result.event_type})"
             if not result.changed:
                 return f"{name} is already ignored; nothing to do."
@@ -379,15 +429,17 @@ def admin_router(runtime: Runtime) -> APIRouter:
         return await act(request, "/admin/events", work)
 
     @router.post("/orders/{order_id}/resend")
-    async def resend(request: Request, order_id: str) -> Response:
+    async def resend_route(request: Request, order_id: str) -> Response:
+        who = actor(request)
+
         def work() -> str:
-            resent = runtime.delivery.resend(order_id)
+            resent = resend_delivery(runtime, order_id, actor=who)
             return f"Order {resent.order_id}: the delivery email is queued again to {resent.to}."
 
         return await act(request, "/admin/emails", work)
 
     @router.post("/stock/import")
-    async def import_stock(request: Request) -> Response:
+    async def import_route(request: Request) -> Response:
         form = await guard.posted(request, MAX_IMPORT_BYTES)
         pool = text_field(form, "pool").strip()
         any_pool = text_field(form, "any_pool") == "1"
@@ -406,7 +458,9 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
         def work() -> str:
             parsed = items_for(lines, where="the items given")
-            report = admin_stock.import_stock(runtime, pool, parsed, any_pool=any_pool)
+            report = admin_stock.import_stock(
+                runtime, pool, parsed, any_pool=any_pool, actor=actor(request)
+            )
             served = min(report.waiting, report.available)
             return (
                 f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
@@ -423,7 +477,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
         return guard.flash_and_go("/admin/stock", "ok", message)
 
     @router.post("/stock/void")
-    async def void_stock(request: Request) -> Response:
+    async def void_route(request: Request) -> Response:
         form = await guard.posted(request)
         item = text_field(form, "item").strip().lstrip("#")
         reason = text_field(form, "reason").strip()[:500] or "voided from the dashboard"
@@ -431,7 +485,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
             return guard.flash_and_go("/admin/stock", "error", "Give the item's number.")
 
         def work() -> str:
-            result = admin_stock.void_stock(runtime, int(item), reason)
+            result = admin_stock.void_stock(runtime, int(item), reason, actor=actor(request))
             if not result.changed:
                 return f"Item #{result.item_id} (pool {result.pool}) was void already."
             held = f", held by order {result.order_id}" if result.order_id else ""
