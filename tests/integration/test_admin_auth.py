@@ -112,7 +112,7 @@ def test_admin_responses_carry_security_headers(tmp_path: Path, clock: FrozenClo
             assert response.headers["x-frame-options"] == "DENY"
             assert response.headers["cache-control"] == "no-store"
             assert response.headers["x-content-type-options"] == "nosniff"
-            assert response.headers["referrer-policy"] == "no-referrer"
+            assert response.headers["referrer-policy"] == "same-origin"
 
 
 def test_a_wrong_password_is_refused_then_throttled_across_processes(

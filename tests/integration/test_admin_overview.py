@@ -27,6 +27,8 @@ def order(number: int, status: str, paid: datetime | None, delivered: datetime |
         delivered_at=delivered,
         email=f"buyer{number}@example.com",
         whop_payment_id=f"pay_{number}" if paid else None,
+        plan_id="plan_Unlisted" if number == 7 else "plan_Listed",
+        billing_reason="one_time",
     )
 
 
@@ -87,6 +89,7 @@ def test_the_overview_on_every_database(database_url: str) -> None:
                     order(4, "paid", NOW - timedelta(minutes=2), None),  # due: not delivered
                     order(5, "paid", NOW - timedelta(days=8), None),  # too old for the chart
                     order(6, "pending", None, None),
+                    order(7, "paid", NOW - timedelta(minutes=9), None),  # unlisted: recorded only
                 ]
             )
             session.flush()
@@ -119,7 +122,8 @@ def test_the_overview_on_every_database(database_url: str) -> None:
 
         with database.transaction() as session:
             activity = overview.hourly_activity(session, NOW)
-            backlog = {item.name: item for item in overview.backlogs(session, NOW)}
+            listed = ["plan_Listed"]
+            backlog = {item.name: item for item in overview.backlogs(session, NOW, listed)}
             swept = overview.sweeps(session, NOW, heartbeat_max_age=120)
             alerts = overview.open_alerts(session)
             emails = overview.list_emails(session)
@@ -129,7 +133,7 @@ def test_the_overview_on_every_database(database_url: str) -> None:
         assert len(activity.hours) == 168
         assert activity.hours[-1] == hour
         assert activity.hours[0] == hour - timedelta(hours=167)
-        assert activity.counts["purchases"][-1] == 3  # orders 1, 2, 4
+        assert activity.counts["purchases"][-1] == 4  # orders 1, 2, 4, 7
         assert activity.counts["deliveries"][-1] == 2
         assert activity.counts["cancellations"][-1] == 1
         assert activity.counts["failures"][-1] == 1  # low stock is not a failure
@@ -139,7 +143,7 @@ def test_the_overview_on_every_database(database_url: str) -> None:
         )
         assert activity.counts["purchases"][thirty_hours_ago] == 1
         assert activity.counts["cancellations"][thirty_hours_ago] == 1
-        assert activity.total("purchases") == 4  # the 8-day-old one is outside
+        assert activity.total("purchases") == 5  # the 8-day-old one is outside
 
         assert backlog["cancellations due"].count == 1
         assert backlog["cancellations due"].lag(NOW) == 40

@@ -23,6 +23,7 @@ from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.db import leases
 from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import ONE_TIME
 from whop_autocancel.reconcile.sweeps import STUCK_SWEEP_LEASE
 from whop_autocancel.reconcile.whop_sweep import PAYMENTS_WATERMARK, WHOP_SWEEP_LEASE
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
@@ -128,9 +129,10 @@ def _backlog(session: Session, name: str, column: Any, *where: Any) -> Backlog:
     return Backlog(name, int(count), oldest)
 
 
-def backlogs(session: Session, now: datetime) -> list[Backlog]:
+def backlogs(session: Session, now: datetime, listed_plans: Sequence[str]) -> list[Backlog]:
     """Due work by kind, from the rows (the queue only wakes them up): a lag that grows means
-    no worker is taking it."""
+    no worker is taking it. A paid order is due for delivery only if it is a one-time purchase
+    of a plan the catalog lists (`listed_plans`); the others are recorded only."""
     return [
         _backlog(
             session,
@@ -148,7 +150,12 @@ def backlogs(session: Session, now: datetime) -> list[Backlog]:
             Email.next_attempt_at <= now,
         ),
         _backlog(
-            session, "paid, not delivered", Order.paid_at, Order.status == OrderStatus.PAID.value
+            session,
+            "paid, not delivered",
+            Order.paid_at,
+            Order.status == OrderStatus.PAID.value,
+            Order.billing_reason == ONE_TIME,
+            Order.plan_id.in_(list(listed_plans)),
         ),
         _backlog(
             session,

@@ -9,6 +9,7 @@ from datetime import datetime
 BAR_WIDTH = 2.0  # SVG units per hour: a week is 336 wide
 PLOT_HEIGHT = 48.0
 LABEL_SPACE = 14.0
+LABEL_WIDTH = 24.0  # a day's label ("Nov 30") needs this much room before the right edge
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def series_chart(name: str, hours: list[datetime], counts: list[int]) -> SeriesC
     midnights = [
         Midnight(x=index * BAR_WIDTH, label=f"{hour:%b} {hour.day}")
         for index, hour in enumerate(hours)
-        if hour.hour == 0
+        if hour.hour == 0 and (len(hours) - index) * BAR_WIDTH >= LABEL_WIDTH
     ]
     return SeriesChart(
         name=name,

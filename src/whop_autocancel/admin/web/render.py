@@ -18,7 +18,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: Chromium then sends `Origin: null`
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -37,10 +37,12 @@ def when(moment: datetime | None) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """`45 s`, `12 min`, `3 h 5 min`, `2 d 4 h`."""
+    """`0.5 s`, `45 s`, `12 min`, `3 h 5 min`, `2 d 4 h`."""
     if seconds is None:
         return "-"
     seconds = max(0.0, seconds)
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     minutes = int(seconds // 60)

@@ -251,7 +251,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
                     for name in overview.SERIES
                 ],
                 "last_day": {name: sum(activity.counts[name][-24:]) for name in overview.SERIES},
-                "backlogs": overview.backlogs(db, now),
+                "backlogs": overview.backlogs(db, now, list(runtime.catalog.plans)),
                 "sweeps": swept,
                 "stuck_started": overview.sweep_started(
                     swept.stuck_lease_until, settings.SWEEP_INTERVAL
