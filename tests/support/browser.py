@@ -77,7 +77,8 @@ class Shop:
             SWEEP_INTERVAL="0.5",
             STUCK_GRACE="0.5",
             RETRY_SCHEDULE="0.5,1",
-            WHOP_SWEEP_INTERVAL="1",
+            # The Whop sweep runs at start-up only; a test runs it when it wants (`sweep`).
+            WHOP_SWEEP_INTERVAL="3600",
             ALERT_THROTTLE="0",
             LOG_LEVEL="INFO",
             **dashboard_settings(),
