@@ -5,6 +5,7 @@ every form, and a login throttle counted in the database across processes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,30 @@ def test_a_wrong_password_is_refused_then_throttled_across_processes(
             assert session.scalars(select(LoginFailure)).all() == []
 
 
+def test_parallel_guesses_get_no_more_tries_than_the_limit(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    settings = {**dashboard_settings(), "ADMIN_LOGIN_MAX_FAILURES": 5}
+    with serving(tmp_path, clock, **settings) as (runtime, url):
+        clients = [AdminClient(url, client_address="203.0.113.9") for _ in range(12)]
+        try:
+            for admin in clients:
+                admin.get("/admin/login")  # each its own login form and nonce
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                statuses = sorted(
+                    pool.map(
+                        lambda admin: admin.post("/admin/login", {"password": "guess"}).status_code,
+                        clients,
+                    )
+                )
+        finally:
+            for admin in clients:
+                admin.close()
+        assert statuses == [401] * 5 + [429] * 7
+        with runtime.database.transaction() as session:
+            assert len(session.scalars(select(LoginFailure)).all()) == 5
+
+
 def test_a_login_without_its_csrf_token_is_refused(tmp_path: Path, clock: FrozenClock) -> None:
     with serving(tmp_path, clock, **dashboard_settings()) as (runtime, url), client(url) as admin:
         admin.get("/admin/login")
@@ -245,3 +270,23 @@ def test_logout_forgets_the_session(tmp_path: Path, clock: FrozenClock) -> None:
         assert response.headers["location"] == "/admin/login"
         assert "wa_admin" not in admin.cookies
         assert admin.get("/admin").status_code == 303
+
+
+def test_unknown_admin_pages_are_404_and_a_trailing_slash_is_fine(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    with serving(tmp_path, clock, **dashboard_settings()) as (_, url), client(url) as admin:
+        admin.login()
+        assert admin.get("/admin/nothing-here").status_code == 404
+        slash = admin.get("/admin/")
+        assert (slash.status_code, slash.headers["location"]) == (303, "/admin")
+
+
+def test_an_event_id_with_a_slash_can_be_acted_on(tmp_path: Path, clock: FrozenClock) -> None:
+    with serving(tmp_path, clock, **dashboard_settings()) as (runtime, url), client(url) as admin:
+        event_id = failed_event(runtime, "msg/odd 1")
+        admin.login()
+        page = admin.get("/admin/events").text
+        assert 'action="/admin/events/msg%2Fodd%201/ignore"' in page
+        assert admin.post("/admin/events/msg%2Fodd%201/ignore").status_code == 303
+        assert event_status(runtime, event_id) == EventStatus.IGNORED.value

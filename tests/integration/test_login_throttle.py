@@ -65,3 +65,24 @@ def test_a_long_key_is_stored_whole_enough_to_count() -> None:
     assert throttle.client_key(None) == "unknown"
     assert throttle.client_key("not an address") == "not an address"
     assert len(throttle.client_key("x" * 500)) <= throttle.KEY_CHARS
+
+
+def test_an_attempt_counts_before_the_password_is_checked(database_url: str) -> None:
+    database = Database(database_url)
+    upgrade(database)
+    try:
+        admitted = []
+        for _ in range(7):
+            with database.transaction() as session:
+                admitted.append(
+                    throttle.admit(session, "203.0.113.7", NOW, window=WINDOW, limit=5) is None
+                )
+        assert admitted == [True] * 5 + [False] * 2
+        with database.transaction() as session:
+            held = throttle.admit(session, "203.0.113.7", NOW, window=WINDOW, limit=5)
+            assert held is not None
+            assert (held.count, held.oldest) == (5, NOW)
+            later = NOW + WINDOW + timedelta(seconds=1)
+            assert throttle.admit(session, "203.0.113.7", later, window=WINDOW, limit=5) is None
+    finally:
+        database.dispose()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Integer, String, delete, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
+from whop_autocancel.db.locks import lock_keys
 
 KEY_CHARS = 64
 
@@ -63,6 +64,22 @@ def recent_failures(session: Session, client: str, since: datetime) -> RecentFai
         )
     ).one()
     return RecentFailures(int(count), oldest)
+
+
+def admit(
+    session: Session, client: str, now: datetime, *, window: timedelta, limit: int
+) -> RecentFailures | None:
+    """A login attempt of `client`: None if it may try, else its recent failures (throttled).
+    An attempt is counted as a failure *before* the password is checked (`forget` clears it on
+    success): otherwise parallel guesses would all pass the count while argon2 runs. The count
+    and the insert hold a per-client lock (SQLite: its one writer), so no two attempts of one
+    client see the same count, on any number of processes."""
+    lock_keys(session, [f"login:{client[:KEY_CHARS]}"])
+    recent = recent_failures(session, client, now - window)
+    if recent.count >= limit:
+        return recent
+    record_failure(session, client, now, prune_before=now - window)
+    return None
 
 
 def forget(session: Session, client: str) -> None:

@@ -187,13 +187,14 @@ def admin_router(runtime: Runtime) -> APIRouter:
             )
         client = throttle.client_key(request.client.host if request.client else None)
         window = timedelta(seconds=settings.ADMIN_LOGIN_WINDOW)
-        recent = await run_in_threadpool(
-            read, lambda s: throttle.recent_failures(s, client, now - window)
+        limit = settings.ADMIN_LOGIN_MAX_FAILURES
+        held = await run_in_threadpool(
+            read, lambda db: throttle.admit(db, client, now, window=window, limit=limit)
         )
-        if recent.count >= settings.ADMIN_LOGIN_MAX_FAILURES:
-            assert recent.oldest is not None
-            wait = max(1, math.ceil((recent.oldest + window - now).total_seconds()))
-            log.warning("admin_login_throttled", client=client, failures=recent.count)
+        if held is not None:
+            assert held.oldest is not None
+            wait = max(1, math.ceil((held.oldest + window - now).total_seconds()))
+            log.warning("admin_login_throttled", client=client, failures=held.count)
             return login_page(
                 request,
                 status=429,
@@ -202,12 +203,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
             )
         password = text_field(form, "password")[: MAX_PASSWORD_CHARS + 1]
         if not await run_in_threadpool(verify_password, password_hash, password):
-
-            def record(session: Session) -> None:
-                throttle.record_failure(session, client, now, prune_before=now - window)
-
-            await run_in_threadpool(read, record)
-            log.warning("admin_login_refused", client=client, failures=recent.count + 1)
+            log.warning("admin_login_refused", client=client)
             return login_page(request, status=401, error="Wrong password.")
         await run_in_threadpool(read, lambda s: throttle.forget(s, client))
         await run_in_threadpool(audit, request, "dashboard.login")
@@ -394,7 +390,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
         return await act(request, "/admin/cancellations", work)
 
-    @router.post("/events/{event_id}/replay")
+    @router.post("/events/{event_id:path}/replay")
     async def replay_route(request: Request, event_id: str) -> Response:
         who = actor(request)
 
@@ -415,7 +411,7 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
         return await act(request, "/admin/events", work)
 
-    @router.post("/events/{event_id}/ignore")
+    @router.post("/events/{event_id:path}/ignore")
     async def ignore_route(request: Request, event_id: str) -> Response:
         who = actor(request)
 
@@ -499,6 +495,8 @@ def admin_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/{path:path}")
     async def not_found(path: str) -> Response:
+        if path == "":  # /admin/
+            return RedirectResponse("/admin", status_code=303)
         raise Refusal(404, "Not found", "There is no such page.")
 
     return router
