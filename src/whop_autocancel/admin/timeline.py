@@ -29,12 +29,40 @@ Value = str | int | None
 UNLINKED_EVENTS_SEARCHED = 500
 
 
+# Entries of the same instant are shown in the order the flow produces them.
+FLOW_RANK = {
+    source: rank
+    for rank, source in enumerate(
+        (
+            "order",
+            "event",
+            "match",
+            "stock",
+            "delivery",
+            "email",
+            "admin",
+            "cancellation",
+            "attempt",
+            "alert",
+        )
+    )
+}
+
+AFTER_ATTEMPTS = FLOW_RANK["attempt"]  # a cancellation's end shows after the call that ended it
+
+
 @dataclass(frozen=True)
 class TimelineEntry:
     at: datetime
     source: str  # order, match, event, delivery, stock, email, cancellation, attempt, alert, admin
     title: str  # one line
     fields: dict[str, Value] = field(default_factory=dict)
+    # Its place among entries of the same instant (default: its source's place in the flow).
+    rank: int | None = None
+
+    @property
+    def sort_key(self) -> tuple[datetime, int]:
+        return (self.at, self.rank if self.rank is not None else FLOW_RANK[self.source])
 
 
 @dataclass(frozen=True)
@@ -190,7 +218,7 @@ def purchase(session: Session, order_id: str) -> PurchaseView | None:
         )
         for action in actions_for(session, order.id)
     ]
-    entries.sort(key=lambda entry: entry.at)  # stable: ties keep the order built above
+    entries.sort(key=lambda entry: entry.sort_key)
     return PurchaseView(
         order=order_fields(order),
         cancellation=cancellation_fields(cancellation) if cancellation is not None else None,
@@ -215,7 +243,9 @@ def _order_entries(order: Order) -> list[TimelineEntry]:
     if order.paid_at is not None:
         entries.append(
             TimelineEntry(
-                order.paid_at,
+                # Bound when its event was applied: never before the order existed (Whop's
+                # paid time is in the fields).
+                max(order.paid_at, order.created_at),
                 "match",
                 f"paid: payment {order.whop_payment_id} matched by "
                 f"{order.matched_by or 'an earlier version (rule not recorded)'}",
@@ -223,6 +253,7 @@ def _order_entries(order: Order) -> list[TimelineEntry]:
                     "payment_id": order.whop_payment_id,
                     "membership_id": order.whop_membership_id,
                     "rule": order.matched_by,
+                    "paid_at": iso(order.paid_at),
                     "billing_reason": order.billing_reason,
                     "amount": order.amount,
                     "currency": order.currency,
@@ -241,7 +272,7 @@ def _order_entries(order: Order) -> list[TimelineEntry]:
     elif order.delivery_error and order.paid_at is not None:
         entries.append(
             TimelineEntry(
-                order.paid_at,
+                max(order.paid_at, order.created_at),
                 "delivery",
                 f"delivery failed: {order.delivery_error}",
                 {"method": order.delivery_method, "waiting_for_stock": order.waiting_for_stock},
@@ -402,6 +433,7 @@ def _cancellation_entries(session: Session, row: Cancellation) -> list[TimelineE
                 "cancellation",
                 f"membership {row.membership_id} {row.status.replace('_', ' ')}",
                 {"cancellation_id": row.id, "status": row.status},
+                rank=AFTER_ATTEMPTS,
             )
         )
     elif row.status == "failed":
@@ -411,6 +443,7 @@ def _cancellation_entries(session: Session, row: Cancellation) -> list[TimelineE
                 "cancellation",
                 f"cancellation #{row.id} failed: {row.last_error or 'no error recorded'}",
                 {"cancellation_id": row.id, "status": row.status},
+                rank=AFTER_ATTEMPTS,
             )
         )
     return entries

@@ -14,6 +14,7 @@ from whop_autocancel.admin.operations import (
     resend_delivery,
 )
 from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli import timeline
 from whop_autocancel.cli.common import LimitOption, open_runtime, open_session, out, print_listing
 from whop_autocancel.orders.models import Order, OrderStatus
 
@@ -91,3 +92,4 @@ def orders_resend(
 orders_app = typer.Typer(help="List orders; send a delivery email again.")
 orders_app.callback(invoke_without_command=True)(orders)
 orders_app.command("resend")(orders_resend)
+orders_app.command("show")(timeline.show)
