@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from whop_autocancel import metrics
 from whop_autocancel.admin.metrics import metrics_router
+from whop_autocancel.admin.web.routes import admin_router
 from whop_autocancel.db import leases
 from whop_autocancel.logs import AccessLog
 from whop_autocancel.orders.routes import BodyTooLarge, checkout_router, read_capped
@@ -68,6 +69,7 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
     limit = runtime.settings.WEBHOOK_MAX_BYTES
     app.include_router(checkout_router(runtime.checkouts, runtime.settings))
     app.include_router(metrics_router(runtime))  # GET /metrics (METRICS_TOKEN set)
+    app.include_router(admin_router(runtime))
     if runtime.settings.CHECKOUT_CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,

@@ -21,6 +21,8 @@ DEFAULT_DATABASE_URL = "sqlite:///whop-autocancel.db"
 DEFAULT_QUEUE_URL = "sqlite:///whop-autocancel-queue.db"
 
 METRICS_TOKEN_MIN_LENGTH = 16
+# The dashboard's session secret: 32 characters of `secrets.token_urlsafe` are 192 bits.
+MIN_SESSION_SECRET_CHARS = 32
 
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -206,6 +208,13 @@ class Settings(BaseSettings):
     ALERT_WEBHOOK_URL: SecretStr | None = None
     EMAIL_TEMPLATES_DIR: Path | None = None
 
+    # The dashboard (/admin): off unless a password hash is set
+    ADMIN_PASSWORD_HASH: SecretStr | None = None
+    ADMIN_SESSION_SECRET: SecretStr | None = None
+    ADMIN_SESSION_MAX_AGE: PositiveSeconds = 43200.0
+    ADMIN_LOGIN_MAX_FAILURES: Annotated[int, Field(ge=1)] = 5
+    ADMIN_LOGIN_WINDOW: PositiveSeconds = 900.0
+
     # Catalog, stock and logs
     CATALOG_PATH: Path = Path("catalog.toml")
     STOCK_ENCRYPTION_KEY: SecretStr | None = None
@@ -341,6 +350,34 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("ADMIN_PASSWORD_HASH")
+    @classmethod
+    def _check_password_hash(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        from argon2 import extract_parameters
+        from argon2.exceptions import InvalidHashError
+
+        try:
+            extract_parameters(value.get_secret_value().strip())
+        except InvalidHashError:
+            raise ValueError(
+                "is not an argon2 hash; set it with `whop-autocancel admin set-password`"
+            ) from None
+        return SecretStr(value.get_secret_value().strip())
+
+    @field_validator("ADMIN_SESSION_SECRET")
+    @classmethod
+    def _check_session_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if len(value.get_secret_value().strip()) < MIN_SESSION_SECRET_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_SESSION_SECRET_CHARS} characters; "
+                "`whop-autocancel admin set-password` writes a random one"
+            )
+        return SecretStr(value.get_secret_value().strip())
+
     @field_validator("EMAIL_TEMPLATES_DIR")
     @classmethod
     def _check_templates_dir(cls, value: Path | None) -> Path | None:
@@ -389,6 +426,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_dashboard(self) -> Settings:
+        if self.ADMIN_PASSWORD_HASH is not None and self.ADMIN_SESSION_SECRET is None:
+            raise ValueError(
+                "ADMIN_SESSION_SECRET must be set when ADMIN_PASSWORD_HASH is (it signs the "
+                "dashboard's session cookies): `whop-autocancel admin set-password` writes both"
+            )
+        return self
+
     # Derived values -------------------------------------------------------------------------
 
     @property
@@ -408,6 +454,11 @@ class Settings(BaseSettings):
     @property
     def smtp(self) -> SmtpConfig:
         return parse_smtp_url(self.SMTP_URL.get_secret_value())
+
+    @property
+    def dashboard_enabled(self) -> bool:
+        """The dashboard answers only once a password hash (and its session secret) is set."""
+        return self.ADMIN_PASSWORD_HASH is not None and self.ADMIN_SESSION_SECRET is not None
 
     @property
     def uses_versioned_api(self) -> bool:

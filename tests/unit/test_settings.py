@@ -337,3 +337,70 @@ def test_lease_error_starts_with_the_setting_name(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CANCEL_LEASE", "20")
     monkeypatch.setenv("WHOP_TIMEOUT", "10")
     assert config_error().startswith("CANCEL_LEASE")
+
+
+# ----- the dashboard ---------------------------------------------------------------------------
+
+# argon2id of "correct horse battery staple" (low cost: a test vector, never a real password).
+ADMIN_HASH = (
+    "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHRzYWx0$tCc9fRe1ZCo/16K285DQzyaDkBqT0FS+sUtZTyzbH18"
+)
+SESSION_SECRET = "DISTINCTIVE-session-secret-0123456789abcdef"
+
+
+def test_the_dashboard_is_off_by_default() -> None:
+    settings = load_settings()
+    assert settings.ADMIN_PASSWORD_HASH is None
+    assert settings.dashboard_enabled is False
+    assert settings.ADMIN_SESSION_MAX_AGE == 43200
+    assert settings.ADMIN_LOGIN_MAX_FAILURES == 5
+    assert settings.ADMIN_LOGIN_WINDOW == 900
+
+
+def test_a_password_hash_and_a_session_secret_turn_the_dashboard_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADMIN_PASSWORD_HASH", ADMIN_HASH)
+    monkeypatch.setenv("ADMIN_SESSION_SECRET", SESSION_SECRET)
+    settings = load_settings()
+    assert settings.dashboard_enabled is True
+    assert SESSION_SECRET not in repr(settings) + str(settings)
+
+
+def test_a_password_hash_from_dotenv_keeps_its_dollar_signs(clean_environment: Path) -> None:
+    (clean_environment / ".env").write_text(
+        f"ADMIN_PASSWORD_HASH={ADMIN_HASH}\nADMIN_SESSION_SECRET={SESSION_SECRET}\n",
+        encoding="utf-8",
+    )
+    settings = load_settings()
+    assert settings.ADMIN_PASSWORD_HASH is not None
+    assert settings.ADMIN_PASSWORD_HASH.get_secret_value() == ADMIN_HASH
+
+
+def test_a_password_hash_without_a_session_secret_stops_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADMIN_PASSWORD_HASH", ADMIN_HASH)
+    message = config_error()
+    assert message.startswith("ADMIN_SESSION_SECRET")
+    assert "admin set-password" in message
+
+
+@pytest.mark.parametrize("value", ["hunter2", "$2b$12$abcdefghijklmnopqrstuv", "$argon2id$nope"])
+def test_a_password_hash_that_is_not_argon2_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("ADMIN_SESSION_SECRET", SESSION_SECRET)
+    message = env_error(monkeypatch, "ADMIN_PASSWORD_HASH", value)
+    assert message.startswith("ADMIN_PASSWORD_HASH: ")
+    assert "admin set-password" in message
+    assert value not in message
+
+
+def test_a_short_session_secret_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADMIN_PASSWORD_HASH", ADMIN_HASH)
+    message = env_error(monkeypatch, "ADMIN_SESSION_SECRET", "DISTINCTIVE-short")
+    assert message.startswith("ADMIN_SESSION_SECRET: ")
+    assert "DISTINCTIVE" not in message

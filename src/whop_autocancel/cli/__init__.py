@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from whop_autocancel.cli import cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.cli import admin, cancellations, events, orders, reconcile, service, stock
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ app.add_typer(orders.orders_app, name="orders")
 app.add_typer(events.events_app, name="events")
 app.add_typer(cancellations.cancellations_app, name="cancellations")
 app.add_typer(stock.stock_app, name="stock")
+app.add_typer(admin.admin_app, name="admin")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from whop_autocancel.db.base import Base
 from whop_autocancel.db.install import ServiceMarker
 from whop_autocancel.db.leases import Lease
 from whop_autocancel.db.locks import Lock
+from whop_autocancel.db.throttle import LoginFailure
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order
@@ -21,6 +22,7 @@ __all__ = [
     "Email",
     "Lease",
     "Lock",
+    "LoginFailure",
     "Order",
     "ServiceMarker",
     "StockItem",
