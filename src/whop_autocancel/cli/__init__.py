@@ -8,6 +8,7 @@ import sys
 import typer
 
 from whop_autocancel.cli import cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.cli.common import configure_cli_logging
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
 app = typer.Typer(
@@ -37,6 +38,9 @@ app.add_typer(stock.stock_app, name="stock")
 
 
 def main() -> None:
+    # Until a command reads LOG_FORMAT, anything logged goes to stderr too (structlog's own
+    # default would print it on stdout, in the middle of the command's output).
+    configure_cli_logging("INFO", None)
     try:
         app()
     except ConfigurationError as error:

@@ -116,8 +116,7 @@ def cancel(
     Only one-time purchases of plans listed in the catalog (and not `cancel = false`)."""
     from whop_autocancel.cli.common import out
 
-    with open_runtime() as runtime:
-        runtime.settings.require("WHOP_API_KEY")
+    with open_runtime(required=("WHOP_API_KEY",)) as runtime:
         target = cancel_target(runtime, membership_id)
         if target.already_done:
             out.print(

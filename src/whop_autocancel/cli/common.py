@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
@@ -14,8 +16,8 @@ from rich.table import Table
 
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.errors import ConfigurationError
-from whop_autocancel.logs import configure_logging
-from whop_autocancel.settings import Settings, load_settings
+from whop_autocancel.logs import configure_logging, log_format
+from whop_autocancel.settings import Required, Settings, load_settings
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -31,10 +33,20 @@ out = Console(highlight=False)
 log = structlog.get_logger(__name__)
 
 
-def cli_settings() -> Settings:
-    settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+def cli_settings(*, required: Required = (), service: bool = False) -> Settings:
+    """The settings, with every invalid one and every one of `required` that is missing
+    reported in one error; then logging, on stderr: LOG_FORMAT if it is set, else console
+    lines at a terminal and JSON elsewhere (a `service` logs JSON unless told otherwise)."""
+    settings = load_settings(required=required)
+    explicit = settings.LOG_FORMAT if "LOG_FORMAT" in settings.model_fields_set else None
+    configure_cli_logging(settings.LOG_LEVEL, explicit, service=service)
     return settings
+
+
+def configure_cli_logging(level: str, explicit: str | None, *, service: bool = False) -> None:
+    terminal = sys.stderr.isatty()
+    fmt = log_format(explicit, service=service, terminal=terminal)
+    configure_logging(level, fmt, colors=terminal and not os.environ.get("NO_COLOR"))
 
 
 def cli_catalog(settings: Settings) -> Catalog:
@@ -144,12 +156,13 @@ def open_session() -> Iterator[Session]:
 
 
 @contextmanager
-def open_runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
+def open_runtime(*, migrate_sqlite: bool = False, required: Required = ()) -> Iterator[Runtime]:
     """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
-    upgraded, as `serve` does, for commands that may come first on a new machine)."""
+    upgraded, as `serve` does, for commands that may come first on a new machine), once the
+    settings in `required` are known to be set."""
     from whop_autocancel.runtime import build_runtime
 
-    settings = cli_settings()
+    settings = cli_settings(required=required)
     prepare_database(settings, migrate_sqlite=migrate_sqlite)
     runtime = build_runtime(settings)
     try:

@@ -68,8 +68,7 @@ def backfill(
         start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
     except ValueError:
         raise typer.BadParameter("use YYYY-MM-DD", param_hint="--since") from None
-    with open_runtime() as runtime:
-        runtime.settings.require("WHOP_API_KEY")
+    with open_runtime(required=lambda settings: settings.whop_listing_settings) as runtime:
         job = runtime.backfill()
         try:
             job.check_plan(plan)
@@ -159,8 +158,7 @@ def recover(
             continue
     if start is None:
         raise typer.BadParameter("use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)", param_hint="--since")
-    with open_runtime() as runtime:
-        runtime.settings.require("WHOP_API_KEY")
+    with open_runtime(required=lambda settings: settings.whop_listing_settings) as runtime:
         job = runtime.recovery()
         try:
             survey = job.survey(start)

@@ -19,6 +19,7 @@ from whop_autocancel.cli.common import (
 )
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.logs import configure_logging
+from whop_autocancel.settings import RUNTIME_SETTINGS
 
 
 def serve(
@@ -33,8 +34,7 @@ def serve(
 
     from whop_autocancel.app import create_app
 
-    settings = cli_settings()
-    settings.require_runtime()
+    settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
     runtime = start_runtime(settings)
     log.info(
         "serve_starting",
@@ -63,8 +63,7 @@ def worker() -> None:
     gracefully: running jobs finish, no new ones start."""
     from whop_autocancel.worker import run_worker
 
-    settings = cli_settings()
-    settings.require_runtime()
+    settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
     runtime = start_runtime(settings)
     try:
         run_worker(runtime)
