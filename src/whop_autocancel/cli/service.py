@@ -7,16 +7,18 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from whop_autocancel.cli.common import (
     cli_settings,
     log,
-    out,
     ping_database,
     safe_url,
     start_runtime,
     start_watching_whop,
 )
+from whop_autocancel.cli.output import JsonOption, out, print_json
+from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import RUNTIME_SETTINGS
@@ -91,23 +93,38 @@ def migrate() -> None:
     else:
         out.print(f"Database migrated from {before or 'empty'} to {after}.")
     out.print(
-        f"Watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC: purchases paid before it are "
-        "not delivered (`whop-autocancel recover` lists them)."
+        f"Watching Whop since {format_utc(since)}: purchases paid before it are "
+        "not delivered (`whop-autocancel recover` lists them).",
+        soft_wrap=True,
     )
 
 
-def check() -> None:
+def check(json_output: JsonOption = False) -> None:
     """Check settings, catalog, database, queue, SMTP and the Whop API key; one line each.
     Exits non-zero when any check fails."""
     from whop_autocancel.checks import CANCEL_NOTE, run_checks
 
     settings = cli_settings()
-    failed = 0
+    results = []
     for result in run_checks(settings):
-        failed += not result.ok
-        mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
-        out.print(f"{mark} {result.name}: {result.detail}", soft_wrap=True)
-    out.print(CANCEL_NOTE, soft_wrap=True)
+        results.append(result)
+        if not json_output:
+            mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
+            out.print(f"{mark} {escape(result.name)}: {escape(result.detail)}", soft_wrap=True)
+    failed = sum(not result.ok for result in results)
+    if json_output:
+        print_json(
+            {
+                "ok": not failed,
+                "checks": [
+                    {"name": result.name, "ok": result.ok, "detail": result.detail}
+                    for result in results
+                ],
+                "note": CANCEL_NOTE,
+            }
+        )
+    else:
+        out.print(CANCEL_NOTE, soft_wrap=True)
     if failed:
         raise WhopAutocancelError(f"{failed} check(s) failed")
 
