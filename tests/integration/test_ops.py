@@ -692,6 +692,56 @@ def test_cancel_command_failures_exit_1_with_the_reason(cli: Cli) -> None:
     assert whop_calls(cli.simulator) == ["POST 404"]
 
 
+def test_orders_show_answers_what_happened_to_a_buyer(cli: Cli, tmp_path: Path) -> None:
+    bought = purchase(cli.runtime, cli.simulator)
+    other = purchase(cli.runtime, cli.simulator)
+    assert cli("cancel", bought.membership_id, "--yes").exit_code == 0
+
+    shown = cli("orders", "show", bought.email.upper())
+    assert shown.exit_code == 0, shown.output
+    text = shown.stdout
+    assert text.startswith(f"Order {bought.order_id}: delivered\n")
+    for expected in (
+        bought.payment_id,
+        bought.membership_id,
+        "webhook payment.succeeded",
+        "paid: payment",
+        "delivered by message",
+        f"POST /memberships/{bought.membership_id}/cancel → 200 (success); cancellation canceled",
+        "Idempotency-Key cancel-",
+        f"membership.cancel {bought.membership_id} by cli:",
+        f"membership {bought.membership_id} canceled",
+    ):
+        assert expected in text, expected
+    assert other.order_id not in text
+
+    document = json.loads(cli("orders", "show", bought.payment_id, "--json").stdout)
+    assert document["order"]["id"] == bought.order_id
+    assert document["cancellation"]["status"] == "canceled"
+    sources = [entry["source"] for entry in document["timeline"]]
+    assert sources[0] == "order"
+    assert {"event", "match", "delivery", "attempt", "admin"} <= set(sources)
+    [attempt] = [entry for entry in document["timeline"] if entry["source"] == "attempt"]
+    assert attempt["http_status"] == 200
+    assert attempt["idempotency_key"].startswith("cancel-")
+
+    missing = cli("orders", "show", "nobody@example.com")
+    assert missing.exit_code == 1
+    assert "no purchase matches 'nobody@example.com'" in failure(missing)
+
+    # Through a pipe at 80 columns, as `orders show … | less` sees it: ids whole on their lines.
+    piped = run_cli(
+        tmp_path,
+        "orders",
+        "show",
+        bought.order_id,
+        env={**service_environment(tmp_path), "COLUMNS": "80"},
+    )
+    assert piped.returncode == 0, piped.stderr
+    for one in (bought.order_id, bought.payment_id, bought.membership_id):
+        assert any(one in line for line in piped.stdout.splitlines()), one
+
+
 def test_the_installed_command_has_the_recovery_commands(tmp_path: Path) -> None:
     make_runtime(make_settings(tmp_path)).close()
     listing = run_cli(tmp_path, "events", "list")

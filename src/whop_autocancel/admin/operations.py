@@ -13,10 +13,12 @@ import structlog
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from whop_autocancel.admin.audit import REFUSED, cli_actor, record
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
-from whop_autocancel.cancellation.service import schedule_cancellation
+from whop_autocancel.cancellation.service import failed_cancellations, schedule_cancellation
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import format_utc
+from whop_autocancel.delivery.service import Resent
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
@@ -167,7 +169,7 @@ def _locked_event(session: Session, event_id: str) -> WebhookEvent:
     return stored
 
 
-def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
+def replay_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -> ReplayResult:
     """Apply a stored event again now, as if it had just arrived, whatever its status: the
     event row is locked, its stored body applied in one transaction, follow-up jobs enqueued
     after commit. Applying is idempotent, so replaying a handled event changes nothing."""
@@ -186,6 +188,15 @@ def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
             # (attempts, status, error, backoff, the keeps-failing alert).
             runtime.inbox._apply_recording(session, stored, envelope, now)
         failed = stored.status == EventStatus.FAILED.value
+        record(
+            session,
+            at=now,
+            actor=actor or cli_actor(),
+            action="event.replay",
+            target=stored.id,
+            order_id=stored.order_id,
+            detail=f"{stored.type}: {previous} -> {stored.status}",
+        )
         log.info(
             "webhook_replayed",
             event_id=stored.id,
@@ -205,7 +216,8 @@ def replay_event(runtime: Runtime, event_id: str) -> ReplayResult:
             changed_tables=() if failed else tuple(sorted(tables - _BOOKKEEPING_TABLES)),
         )
 
-    return runtime.database.run(replay)
+    with _refusals_audited(runtime, actor, "event.replay", event_id):
+        return runtime.database.run(replay)
 
 
 @dataclass(frozen=True)
@@ -216,7 +228,7 @@ class IgnoreResult:
     changed: bool  # False: it was ignored already
 
 
-def ignore_event(runtime: Runtime, event_id: str) -> IgnoreResult:
+def ignore_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -> IgnoreResult:
     """Mark a `failed` (or `received`) event `ignored`, so the sweep stops retrying it. A
     `handled` event was applied: ignoring it would hide that, so it is refused."""
 
@@ -237,10 +249,20 @@ def ignore_event(runtime: Runtime, event_id: str) -> IgnoreResult:
         stored.status = EventStatus.IGNORED.value
         stored.last_error = note[:2000]
         stored.next_attempt_at = None
+        record(
+            session,
+            at=now,
+            actor=actor or cli_actor(),
+            action="event.ignore",
+            target=stored.id,
+            order_id=stored.order_id,
+            detail=f"{stored.type}: {previous} -> ignored",
+        )
         log.warning("webhook_ignored_by_admin", event_id=stored.id, previous_status=previous)
         return IgnoreResult(stored.id, stored.type, previous, changed=True)
 
-    return runtime.database.run(ignore)
+    with _refusals_audited(runtime, actor, "event.ignore", event_id):
+        return runtime.database.run(ignore)
 
 
 # Manual cancellation ------------------------------------------------------------------------
@@ -390,13 +412,28 @@ def cancel_target(runtime: Runtime, membership_id: str) -> CancelTarget:
         )
 
 
-def cancel_membership(runtime: Runtime, membership_id: str) -> CancelResult:
+def cancel_membership(
+    runtime: Runtime, membership_id: str, *, actor: str | None = None
+) -> CancelResult:
     """Cancel the membership of a known order now, recorded like any other cancellation: a
     new row, a retry (new generation) of a failed or skipped one, or a scheduled one brought
     forward; then run it in this process (the Whop call) and report the row's state. A
     membership already cancelled is reported without calling Whop."""
     membership_id = membership_id.strip()
     runtime.settings.require("WHOP_API_KEY")  # before anything changes
+    with _refusals_audited(runtime, actor, "membership.cancel", membership_id):
+        cancellation_id, action = _cancel_now(runtime, membership_id, actor or cli_actor())
+    # The admin's decision: no wait for the delivery email (e.g. it failed and the customer
+    # got the product another way).
+    if action != "none":
+        runtime.cancellations.run(cancellation_id, wait_for_email=False)
+    with runtime.database.transaction() as session:
+        final = session.get(Cancellation, cancellation_id)
+        assert final is not None
+        return _result(membership_id, final, action)
+
+
+def _cancel_now(runtime: Runtime, membership_id: str, actor: str) -> tuple[int, str]:
     now = runtime.clock.now()
     with runtime.database.transaction() as session:
         order, reason = _find(session, runtime.catalog, membership_id)
@@ -405,7 +442,7 @@ def cancel_membership(runtime: Runtime, membership_id: str) -> CancelResult:
         if other is not None:
             raise _refused(membership_id, order, other)
         if row is not None and row.status in DONE:
-            return _result(membership_id, row, "none")
+            return row.id, "none"
         if reason is not None:
             raise _refused(membership_id, order, reason)
         if row is None:
@@ -431,13 +468,16 @@ def cancel_membership(runtime: Runtime, membership_id: str) -> CancelResult:
             membership_id=membership_id,
             action=action,
         )
-    # The admin's decision: no wait for the delivery email (e.g. it failed and the customer
-    # got the product another way).
-    runtime.cancellations.run(cancellation_id, wait_for_email=False)
-    with runtime.database.transaction() as session:
-        final = session.get(Cancellation, cancellation_id)
-        assert final is not None
-        return _result(membership_id, final, action)
+        record(
+            session,
+            at=now,
+            actor=actor,
+            action="membership.cancel",
+            target=membership_id,
+            order_id=order.id,
+            detail=f"cancellation #{cancellation_id}: {action}",
+        )
+    return cancellation_id, action
 
 
 def _result(membership_id: str, row: Cancellation, action: str) -> CancelResult:
@@ -453,6 +493,85 @@ def _result(membership_id: str, row: Cancellation, action: str) -> CancelResult:
         last_http_status=row.last_http_status,
         next_attempt_at=row.next_attempt_at,
     )
+
+
+# Retry and resend ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    cancellation_id: int
+    order_id: str
+    membership_id: str | None
+    generation: int
+
+
+def retry_cancellation(
+    runtime: Runtime, cancellation_id: int, *, actor: str | None = None
+) -> RetryResult:
+    """Schedule a failed (or skipped) cancellation again as a new attempt generation; a
+    worker runs it at once."""
+    target = f"#{cancellation_id}"
+    with (
+        _refusals_audited(runtime, actor, "cancellation.retry", target),
+        runtime.database.transaction() as session,
+    ):
+        row = runtime.cancellations.retry(session, cancellation_id)
+        record(
+            session,
+            at=runtime.clock.now(),
+            actor=actor or cli_actor(),
+            action="cancellation.retry",
+            target=target,
+            order_id=row.order_id,
+            detail=f"generation {row.generation}, membership {row.membership_id}",
+        )
+        return RetryResult(row.id, row.order_id, row.membership_id, row.generation)
+
+
+def failed_cancellation_ids(runtime: Runtime) -> list[int]:
+    with runtime.database.transaction() as session:
+        return [row.id for row, _ in failed_cancellations(session)]
+
+
+def resend_delivery(runtime: Runtime, order_id: str, *, actor: str | None = None) -> Resent:
+    """Queue the customer's delivery email again, with the same item or message."""
+    with _refusals_audited(runtime, actor, "delivery.resend", order_id):
+        resent = runtime.delivery.resend(order_id)
+    with runtime.database.transaction() as session:
+        record(
+            session,
+            at=runtime.clock.now(),
+            actor=actor or cli_actor(),
+            action="delivery.resend",
+            target=order_id,
+            order_id=order_id,
+            detail=f"{resent.summary} to {resent.to}",
+        )
+    return resent
+
+
+@contextmanager
+def _refusals_audited(
+    runtime: Runtime, actor: str | None, action: str, target: str
+) -> Iterator[None]:
+    """An operation refused (it raised a clear error and changed nothing) is audited too, in a
+    transaction of its own."""
+    try:
+        yield
+    except WhopAutocancelError as error:
+        with runtime.database.transaction() as session:
+            record(
+                session,
+                at=runtime.clock.now(),
+                actor=actor or cli_actor(),
+                action=action,
+                target=target,
+                order_id=None,
+                outcome=REFUSED,
+                detail=str(error),
+            )
+        raise
 
 
 def format_time(moment: datetime | None) -> str:

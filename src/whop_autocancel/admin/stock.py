@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import structlog
 from sqlalchemy.exc import IntegrityError
 
+from whop_autocancel.admin.audit import cli_actor, record
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import (
@@ -33,7 +34,12 @@ def _sealer(runtime: Runtime) -> Sealer:
 
 
 def import_stock(
-    runtime: Runtime, pool: str, parsed: ParsedItems, *, any_pool: bool = False
+    runtime: Runtime,
+    pool: str,
+    parsed: ParsedItems,
+    *,
+    any_pool: bool = False,
+    actor: str | None = None,
 ) -> ImportReport:
     """Add items to `pool` in one transaction; waiting orders are then served in payment order
     and an open low-stock alert is resolved when the pool is above its threshold again."""
@@ -54,6 +60,15 @@ def import_stock(
                 runtime.alerts.resolve(session, stock.low_stock_key(pool), now)
             if report.waiting and report.available:
                 runtime.jobs.defer(session, SERVE_TASK, pool)
+            record(
+                session,
+                at=now,
+                actor=actor or cli_actor(),
+                action="stock.import",
+                target=pool,
+                order_id=None,
+                detail=f"added {report.added}, skipped {report.skipped} already in stock",
+            )
     except IntegrityError:
         raise StockError(
             "another import added some of the same items at the same moment; run this import "
@@ -75,9 +90,21 @@ def stock_levels(runtime: Runtime) -> list[PoolLevel]:
         return stock.stock_levels(session, runtime.catalog)
 
 
-def void_stock(runtime: Runtime, item_id: int, reason: str) -> VoidResult:
+def void_stock(
+    runtime: Runtime, item_id: int, reason: str, *, actor: str | None = None
+) -> VoidResult:
     with runtime.database.transaction() as session:
-        result = stock.void_item(session, item_id, reason, runtime.clock.now())
+        now = runtime.clock.now()
+        result = stock.void_item(session, item_id, reason, now)
+        record(
+            session,
+            at=now,
+            actor=actor or cli_actor(),
+            action="stock.void",
+            target=f"#{item_id}",
+            order_id=result.order_id,
+            detail=f"{result.was} -> void: {reason}" if result.changed else "void already",
+        )
     if result.changed:
         log.warning(
             "stock_item_voided",
@@ -89,9 +116,11 @@ def void_stock(runtime: Runtime, item_id: int, reason: str) -> VoidResult:
     return result
 
 
-def show_item(runtime: Runtime, reference: int | str) -> tuple[StockItem, str]:
+def show_item(
+    runtime: Runtime, reference: int | str, *, actor: str | None = None
+) -> tuple[StockItem, str]:
     """An item (by number, or the order id that holds it) and its decrypted content, for the
-    admin (never logged)."""
+    admin (never logged; who looked is audited)."""
     sealer = _sealer(runtime)
     reference = str(reference)
     with runtime.database.transaction() as session:
@@ -103,6 +132,16 @@ def show_item(runtime: Runtime, reference: int | str) -> tuple[StockItem, str]:
             missing = f"order {reference} holds no stock item (see `whop-autocancel orders`)"
         if item is None:
             raise StockError(missing)
+        record(
+            session,
+            at=runtime.clock.now(),
+            actor=actor or cli_actor(),
+            action="stock.show",
+            target=f"#{item.id}",
+            order_id=item.order_id,
+            detail=f"content of item #{item.id} ({item.pool}) shown",
+        )
+        session.flush()
         session.expunge(item)
     content = sealer.open(item.content)
     log.info("stock_item_shown", item_id=item.id, pool=item.pool)

@@ -53,3 +53,24 @@ class Cancellation(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class CancellationAttempt(Base):
+    """One call to Whop made for a cancellation row, as it was answered: the timeline shows
+    every one (the row itself keeps only the last)."""
+
+    __tablename__ = "cancellation_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cancellation_id: Mapped[int] = mapped_column(ForeignKey("cancellations.id"), index=True)
+    order_id: Mapped[str] = mapped_column(String(40), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    generation: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)  # the row's attempts after this answer
+    request: Mapped[str] = mapped_column(String(100))  # `POST /memberships/{id}/cancel`, …
+    membership_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(100), default=None)
+    http_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    outcome: Mapped[str] = mapped_column(String(30))  # the answer's class (success, retry, …)
+    result: Mapped[str] = mapped_column(String(30))  # the row's status after it
+    detail: Mapped[str | None] = mapped_column(Text, default=None)

@@ -15,7 +15,12 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
-from whop_autocancel.cancellation.models import CANCEL_TASK, Cancellation, CancellationStatus
+from whop_autocancel.cancellation.models import (
+    CANCEL_TASK,
+    Cancellation,
+    CancellationAttempt,
+    CancellationStatus,
+)
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
@@ -217,6 +222,40 @@ class _Claim:
 
 
 MEMBERSHIP_SEARCH_PAGES = 5
+CANCEL_REQUEST = "POST /memberships/{id}/cancel"
+SEARCH_REQUEST = "GET /memberships (search by user and plan)"
+
+
+def _record_attempt(
+    session: Session,
+    claim: _Claim,
+    reply: WhopReply,
+    check: WhopReply | None,
+    request: str,
+    now: datetime,
+    attempts: int | None,
+    result: str,
+) -> None:
+    """One call to Whop, as answered, for the purchase's timeline."""
+    detail = reply.describe()
+    if check is not None:
+        detail += f"; read back: {check.describe()}"
+    session.add(
+        CancellationAttempt(
+            cancellation_id=claim.id,
+            order_id=claim.order_id,
+            at=now,
+            generation=claim.generation,
+            attempt=attempts if attempts is not None else claim.attempts,
+            request=request,
+            membership_id=claim.membership_id,
+            idempotency_key=claim.idempotency_key if request == CANCEL_REQUEST else None,
+            http_status=reply.status,
+            outcome=classify(reply).value,
+            result=result,
+            detail=detail[:2000],
+        )
+    )
 
 
 class CancellationService:
@@ -270,7 +309,7 @@ class CancellationService:
         if claim.membership_id is None:
             found = self._find_membership(client, claim)
             if isinstance(found, WhopReply):  # listing failed: retry, pause or wait as usual
-                self._record(claim, found, None)
+                self._record(claim, found, None, request=SEARCH_REQUEST)
                 return
             if found is None:
                 self._fail_unresolved(claim)
@@ -287,7 +326,7 @@ class CancellationService:
             and _other_membership(reply, claim.membership_id) is None
         ):
             check = client.retrieve_membership(claim.membership_id)
-        self._record(claim, reply, check)
+        self._record(claim, reply, check, request=CANCEL_REQUEST)
 
     def _find_membership(self, client: WhopClient, claim: _Claim) -> str | WhopReply | None:
         """The membership of this purchase, from the customer's memberships of the plan: only
@@ -464,12 +503,17 @@ class CancellationService:
             return f"billing reason '{order.billing_reason}' is not a one-time purchase"
         return None
 
-    def _record(self, claim: _Claim, reply: WhopReply, check: WhopReply | None) -> None:
+    def _record(
+        self, claim: _Claim, reply: WhopReply, check: WhopReply | None, *, request: str
+    ) -> None:
         now = self._clock.now()
         with self._database.transaction() as session:
             row = session.get(Cancellation, claim.id, with_for_update=True)
             if row is None or row.status != Status.RUNNING.value or row.lease_owner != self._owner:
-                log.warning("cancellation_lease_lost", cancellation_id=claim.id)
+                log.warning(
+                    "cancellation_lease_lost", cancellation_id=claim.id, order_id=claim.order_id
+                )
+                _record_attempt(session, claim, reply, check, request, now, None, "lease lost")
                 return
             order = session.get(Order, row.order_id)
             assert order is not None
@@ -503,6 +547,7 @@ class CancellationService:
                 self._throttled(session, row, now, reply)
             else:
                 self._retry(session, row, order, now, reply.describe())
+            _record_attempt(session, claim, reply, check, request, now, row.attempts, row.status)
 
     # Outcomes -------------------------------------------------------------------------------
 

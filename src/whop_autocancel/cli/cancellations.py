@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target
 from whop_autocancel.cancellation.models import Cancellation
-from whop_autocancel.cli.common import cli_settings, open_runtime, open_session, prepare_database
+from whop_autocancel.cli.common import open_runtime, open_session
 from whop_autocancel.cli.output import (
     Column,
     JsonOption,
@@ -81,40 +81,27 @@ def cancellations_retry(
     all_failed: Annotated[bool, typer.Option("--all", help="Retry every failed one.")] = False,
 ) -> None:
     """Schedule failed cancellations again (a new attempt generation; a worker runs them)."""
-    from whop_autocancel.cancellation.service import RetryRefused, failed_cancellations
-    from whop_autocancel.runtime import build_runtime
+    from whop_autocancel.admin.operations import failed_cancellation_ids, retry_cancellation
+    from whop_autocancel.cancellation.service import RetryRefused
 
     if (cancellation_id is None) == (not all_failed):
         raise typer.BadParameter("give one cancellation ID or --all")
-    settings = cli_settings()
-    prepare_database(settings, migrate_sqlite=False)
-    runtime = build_runtime(settings)
-    try:
-        with runtime.database.transaction() as session:
-            ids = (
-                [c.id for c, _ in failed_cancellations(session)]
-                if all_failed
-                else [cancellation_id]
-            )
+    with open_runtime() as runtime:
+        ids = failed_cancellation_ids(runtime) if all_failed else [cancellation_id]
         if not ids:
             out.print("No failed cancellations to retry.")
             return
         for one in ids:
             assert one is not None
             try:
-                with runtime.database.transaction() as session:
-                    row = runtime.cancellations.retry(session, one)
-                    membership = row.membership_id
-                    generation = row.generation
+                retried = retry_cancellation(runtime, one)
             except RetryRefused as error:
                 raise WhopAutocancelError(f"Not retried: {error}") from None
             out.print(
-                f"Cancellation #{one} (membership {membership or 'unknown'}) scheduled "
-                f"again as attempt generation {generation}; a running worker will "
-                "cancel it now."
+                f"Cancellation #{one} (membership {retried.membership_id or 'unknown'}) "
+                f"scheduled again as attempt generation {retried.generation}; a running "
+                "worker will cancel it now."
             )
-    finally:
-        runtime.close()
 
 
 def cancel(

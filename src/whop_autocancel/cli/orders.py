@@ -7,8 +7,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from whop_autocancel.admin.operations import DEFAULT_LIMIT, list_orders
+from whop_autocancel.admin.operations import DEFAULT_LIMIT, list_orders, resend_delivery
 from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli import timeline
 from whop_autocancel.cli.common import LimitOption, open_runtime, open_session, print_listing
 from whop_autocancel.cli.output import (
     Column,
@@ -108,7 +109,7 @@ def orders_resend(
     """Send the customer's delivery email again, with the same item (stock) or message."""
 
     with open_runtime() as runtime:
-        resent = runtime.delivery.resend(order_id)
+        resent = resend_delivery(runtime, order_id)
     out.print(
         escape(
             f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
@@ -121,3 +122,4 @@ def orders_resend(
 orders_app = typer.Typer(help="List orders; send a delivery email again.")
 orders_app.callback(invoke_without_command=True)(orders)
 orders_app.command("resend")(orders_resend)
+orders_app.command("show")(timeline.show)

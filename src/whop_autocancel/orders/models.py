@@ -49,4 +49,6 @@ class Order(Base):
     delivery_error: Mapped[str | None] = mapped_column(Text, default=None)
     # The stock pool this order waits for (delivery_failed for want of stock); None otherwise.
     waiting_for_stock: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    # Which matching rule bound the payment to this order (DESIGN §5), for the timeline.
+    matched_by: Mapped[str | None] = mapped_column(String(100), default=None)
     order_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)

@@ -72,6 +72,15 @@ def must_deliver(catalog: Catalog, order: Order) -> bool:
     return catalog.is_listed(order.plan_id) and order.billing_reason == ONE_TIME
 
 
+def order_of_membership(session: Session, membership_id: str | None) -> str | None:
+    """The order bound to this membership, if we know one."""
+    if membership_id is None:
+        return None
+    return session.scalars(
+        select(Order.id).where(Order.whop_membership_id == membership_id).order_by(Order.id)
+    ).first()
+
+
 def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
     """The order that holds this payment as applied (None: the payment was never applied). An
     order a refund or dispute created ahead of its payment, still `pending`, does not count:
@@ -172,6 +181,7 @@ class OrderService:
                 now,
             )
         order.whop_payment_id = facts.payment_id
+        order.matched_by = order.matched_by or match.step
         order.whop_membership_id = order.whop_membership_id or facts.membership_id
         order.checkout_configuration_id = (
             order.checkout_configuration_id or facts.checkout_configuration_id

@@ -21,7 +21,7 @@ from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, insert_once, savepoint
-from whop_autocancel.orders.service import OrderService
+from whop_autocancel.orders.service import OrderService, order_of_membership
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.webhooks.verify import SignatureError, verify_signature
 from whop_autocancel.whop.payloads import (
@@ -144,7 +144,7 @@ class Inbox:
         event.attempts += 1
         try:
             with savepoint(session):
-                handled = self._apply(session, envelope, now)
+                handled, order_id = self._apply(session, envelope, now)
         except (OperationalError, DBInterfaceError):
             raise
         except Exception as error:
@@ -167,16 +167,19 @@ class Inbox:
                 self._alert_apply_failed(session, event, now, retried=not never)
             return
         event.status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
+        event.order_id = order_id or event.order_id
         event.handled_at = now
         event.last_error = None
         event.next_attempt_at = None
 
-    def _apply(self, session: Session, envelope: Envelope, now: datetime) -> bool:
-        """Apply one event; False when its type is not one we act on (stored as `ignored`)."""
+    def _apply(
+        self, session: Session, envelope: Envelope, now: datetime
+    ) -> tuple[bool, str | None]:
+        """Apply one event; (False, None) when its type is not one we act on (stored as
+        `ignored`). The second item is the order it concerns, for the purchase's timeline."""
         kind = envelope.type
         if kind == "payment.succeeded":
-            self._orders.apply_payment(session, payment_facts(envelope.data), now)
-            return True
+            return True, self._orders.apply_payment(session, payment_facts(envelope.data), now).id
         if (
             kind in LIVE_MEMBERSHIP_EVENTS
             or kind in INACTIVE_MEMBERSHIP_EVENTS
@@ -186,13 +189,13 @@ class Inbox:
             inactive = kind in INACTIVE_MEMBERSHIP_EVENTS or facts.status in INACTIVE_STATUSES
             if inactive:
                 mark_inactive_from_webhook(session, facts.membership_id, now)
-            else:
-                self._orders.apply_membership_live(session, facts, now)
-            return True
+                return True, order_of_membership(session, facts.membership_id)
+            order = self._orders.apply_membership_live(session, facts, now)
+            return True, order.id if order is not None else None
         if kind.startswith(("refund.", "dispute.")):  # (not dispute_alert.*)
-            self._orders.apply_claim(session, claim_facts(kind, envelope.data), now)
-            return True
-        return False
+            claim = claim_facts(kind, envelope.data)
+            return True, self._orders.apply_claim(session, claim, now).id
+        return False, None
 
     def reapply(self, event_id: str) -> None:
         """The `webhooks.reapply` job: try a `failed` event again once it is due."""

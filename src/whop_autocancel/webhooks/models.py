@@ -30,3 +30,5 @@ class WebhookEvent(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # The order the event was applied to (None: not applied, or about no order of ours).
+    order_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
