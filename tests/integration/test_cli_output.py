@@ -176,6 +176,20 @@ def test_failed_cancellations_keep_the_id_retry_needs(shop: Shop) -> None:
     check_listing(shop.pipe("cancellations", "failed", "--wide"), "ID", columns, wide=True)
 
 
+def test_alerts_fit_too(shop: Shop) -> None:
+    columns = {
+        "ID": [str(alert.id) for alert in shop.alerts],
+        "Kind": [],
+        "Order": [alert.order_id for alert in shop.alerts if alert.order_id],
+        "Subject": [],
+        "Created": [],
+        "Notified": [],
+    }
+    check_listing(shop.pipe("alerts"), "ID", columns)
+    check_listing(shop.terminal("alerts"), "ID", columns)
+    check_listing(shop.pipe("alerts", "--wide"), "ID", columns, wide=True)
+
+
 def test_stock_levels_fit(shop: Shop) -> None:
     columns = {
         "Pool": [STOCK_POOL],

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from whop_autocancel.cli import cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.cli import alerts, cancellations, events, orders, reconcile, service, stock
 from whop_autocancel.cli.common import configure_cli_logging
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
@@ -26,6 +26,7 @@ for command in (
     reconcile.backfill,
     reconcile.recover,
     cancellations.cancel,
+    alerts.alerts,
     service.demo,
     service.simulator,
     service.deploy,
