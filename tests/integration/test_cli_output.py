@@ -176,6 +176,26 @@ def test_failed_cancellations_keep_the_id_retry_needs(shop: Shop) -> None:
     check_listing(shop.pipe("cancellations", "failed", "--wide"), "ID", columns, wide=True)
 
 
+def test_emails_fit_too(shop: Shop) -> None:
+    columns = {
+        "ID": [str(email.id) for email in shop.emails if email.sent_at is None],
+        "Status": [],
+        "Kind": [],
+        "Order": [],
+        "To": [],
+        "Tries": [],
+        "Next attempt": [],
+        "Last answer": [],
+        "Created": [],
+        "Sent/failed": [],
+    }
+    run = shop.pipe("emails")
+    check_listing(run, "ID", columns)
+    assert "To" in table_lines(run.stdout, "ID")[0]
+    check_listing(shop.pipe("emails", "--wide"), "ID", columns, wide=True)
+    check_listing(shop.terminal("emails"), "ID", columns)
+
+
 def test_alerts_fit_too(shop: Shop) -> None:
     columns = {
         "ID": [str(alert.id) for alert in shop.alerts],

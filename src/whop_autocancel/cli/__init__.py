@@ -7,7 +7,16 @@ import sys
 
 import typer
 
-from whop_autocancel.cli import alerts, cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.cli import (
+    alerts,
+    cancellations,
+    emails,
+    events,
+    orders,
+    reconcile,
+    service,
+    stock,
+)
 from whop_autocancel.cli.common import configure_cli_logging
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
@@ -36,6 +45,7 @@ app.add_typer(orders.orders_app, name="orders")
 app.add_typer(events.events_app, name="events")
 app.add_typer(cancellations.cancellations_app, name="cancellations")
 app.add_typer(stock.stock_app, name="stock")
+app.add_typer(emails.emails_app, name="emails")
 
 
 def main() -> None:
