@@ -1,8 +1,9 @@
 """How every command prints, so that its output survives a terminal and a pipe.
 
-A listing is a list of columns. Ids are never cut or wrapped: a column too wide for the
-terminal is hidden whole, lowest priority first, and one footer line names what was hidden
-(`--wide` or `--json` shows everything). Only free text (an error) is shortened, with `…`.
+A listing is a list of columns, each with a priority. Ids are never cut or wrapped: when the
+width is short, columns are kept by priority while they fit and the others are hidden whole,
+named in one footer line (`--wide` or `--json` shows everything). Only free text (an error, a
+subject) is shortened, with `…`.
 
 The table is plain aligned text, on a terminal and through a pipe alike: cells are separated
 by two spaces (`awk -F'  +'` splits them even where a cell holds one space), there is no
@@ -63,12 +64,16 @@ class Column:
 
     header: str
     key: str
-    priority: int = 50  # when the width is short, the lowest priority is hidden first
+    priority: int = 50  # when the width is short, higher priorities are kept first
     identifier: bool = False  # an id: never cut, never wrapped (hidden whole, if at all)
     keep: bool = False  # never hidden (the id a follow-up command takes)
     free_text: bool = False  # may be shortened with an ellipsis
     right: bool = False  # numbers
     cell: Callable[[Row], str] | None = None  # the text, when it is not the field itself
+
+    def __post_init__(self) -> None:
+        if self.identifier and self.free_text:
+            raise ValueError(f"column {self.header}: an id is never shortened")
 
     def text(self, row: Row) -> str:
         value = self.cell(row) if self.cell is not None else cell_text(row.get(self.key))
