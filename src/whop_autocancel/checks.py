@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from whop_autocancel.catalog import Catalog, load_catalog
-from whop_autocancel.clock import SystemClock
+from whop_autocancel.clock import SystemClock, format_utc
 from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.install import watching_since
 from whop_autocancel.delivery.methods import known_methods
@@ -122,7 +122,7 @@ def _database(settings: Settings) -> str:
         database.dispose()
     if current == head:
         watching = (
-            f"watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC"
+            f"watching Whop since {format_utc(since)}"
             if since is not None
             else "not started yet (the first start records when it starts watching Whop)"
         )

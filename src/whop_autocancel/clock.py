@@ -47,6 +47,12 @@ def utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+def format_utc(moment: datetime) -> str:
+    """The one way a time is shown, in tables, messages and JSON: UTC, ISO 8601 with its zone,
+    to the second (`2026-12-05T06:12:03Z`)."""
+    return utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_timestamp(value: object) -> datetime | None:
     """Parse Whop's ISO-8601 strings (`…Z`) or Unix seconds into aware UTC; None if absent."""
     if value is None or value == "":

@@ -1,4 +1,5 @@
-"""Structured logs (structlog): one JSON line per step, with ids, never secrets."""
+"""Structured logs (structlog): one JSON line per step, with ids, never secrets; always on
+stderr, so a command's stdout holds only its output."""
 
 from __future__ import annotations
 
@@ -11,11 +12,23 @@ from typing import Any
 import structlog
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+def log_format(explicit: str | None, *, service: bool, terminal: bool) -> str:
+    """The format to log in: LOG_FORMAT when it was set; otherwise JSON for the services
+    (`serve`, `worker`: their logs go to a journal or a collector) and for a command whose
+    stderr is not a terminal, and console lines for a command run at a terminal (a JSON line
+    in the middle of a table is noise)."""
+    if explicit is not None:
+        return explicit
+    return "console" if terminal and not service else "json"
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", *, colors: bool = False) -> None:
+    """Log to stderr in `fmt` (`json` or `console`; `colors` only for a console on a
+    terminal)."""
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else structlog.dev.ConsoleRenderer(colors=colors)
     )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -6,6 +6,7 @@ how the demo and the tests run the production schedule faster).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -464,16 +465,35 @@ class Settings(BaseSettings):
     def uses_versioned_api(self) -> bool:
         return self.WHOP_API_VERSION_DATE is not None
 
+    @property
+    def whop_listing_settings(self) -> tuple[str, ...]:
+        """What listing at Whop (sweep, backfill, recover) needs: the API key, and with the
+        legacy API the company id."""
+        if self.uses_versioned_api:
+            return ("WHOP_API_KEY",)
+        return ("WHOP_API_KEY", "WHOP_COMPANY_ID")
+
+    def missing(self, *names: str) -> list[str]:
+        """One line per setting of `names` that is not set, naming it and how to set it."""
+        return [
+            f"{name} is not set: {_REQUIRED_HELP[name]}"
+            for name in names
+            if getattr(self, name) is None or getattr(self, name) == []
+        ]
+
     def require(self, *names: str) -> None:
-        """Stop with a clear line when a setting a command needs is missing."""
-        for name in names:
-            value = getattr(self, name)
-            if value is None or value == []:
-                raise ConfigurationError(f"{name} is not set: {_REQUIRED_HELP[name]}")
+        """Stop with one error naming every setting of `names` that is missing."""
+        problems = self.missing(*names)
+        if problems:
+            raise settings_error(problems)
 
     def require_runtime(self) -> None:
         """What `serve` and `worker` cannot run without."""
-        self.require("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM")
+        self.require(*RUNTIME_SETTINGS)
+
+
+# What `serve` and `worker` (and `check`) cannot run without.
+RUNTIME_SETTINGS = ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM")
 
 
 _REQUIRED_HELP = {
@@ -495,13 +515,52 @@ def _check_address(address: str) -> None:
         raise ValueError(f"{address!r} is not an email address")
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read the settings; any problem becomes one `ConfigurationError` line naming the setting."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        first = error.errors()[0]
-        name = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
+def settings_error(problems: list[str]) -> ConfigurationError:
+    """One error for every problem found: one line alone, or a count and one line each."""
+    if len(problems) == 1:
+        return ConfigurationError(problems[0])
+    lines = "\n".join(f"  {problem}" for problem in problems)
+    return ConfigurationError(f"{len(problems)} settings to fix:\n{lines}")
+
+
+def _problems(error: ValidationError) -> tuple[list[str], set[str]]:
+    """Each validation error as `NAME: message`, and the names of the fields that failed."""
+    problems, fields = [], set()
+    for detail in error.errors():
+        name = ".".join(str(part) for part in detail["loc"])
+        message = detail["msg"].removeprefix("Value error, ")
         # A check across settings has no single field; its message starts with the names.
-        raise ConfigurationError(f"{name}: {message}" if name else message) from None
+        problems.append(f"{name}: {message}" if name else message)
+        if detail["loc"]:
+            fields.add(str(detail["loc"][0]))
+    return problems, fields
+
+
+# The settings a command needs: names, or a function of the settings (what listing at Whop
+# needs depends on the API version).
+Required = Sequence[str] | Callable[["Settings"], Sequence[str]]
+
+
+def load_settings(*, required: Required = (), **overrides: Any) -> Settings:
+    """Read the settings, and check that those `required` are set. Every problem is reported
+    at once, in one `ConfigurationError` naming each setting: every invalid value, and every
+    required setting that is missing (learnt by reading the settings again with the invalid
+    ones at their defaults)."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        problems, fields = _problems(error)
+        if fields:
+            defaults = {name: Settings.model_fields[name].get_default() for name in fields}
+            try:
+                rest = Settings(**{**overrides, **defaults})
+            except ValidationError:  # the defaults fail a check across settings: say no more
+                rest = None
+            if rest is not None:
+                names = required(rest) if callable(required) else required
+                problems += rest.missing(*(name for name in names if name not in fields))
+        raise settings_error(problems) from None
+    problems = settings.missing(*(required(settings) if callable(required) else required))
+    if problems:
+        raise settings_error(problems)
+    return settings

@@ -22,6 +22,36 @@ def test_serve_without_settings_stops_with_one_line_naming_the_setting(tmp_path:
     ]
 
 
+def test_every_missing_and_invalid_setting_is_named_in_one_error(tmp_path: Path) -> None:
+    env = service_environment(tmp_path, CANCEL_DELAY="-1", SMTP_URL="http://mail")
+    for name in ("WHOP_API_KEY", "ADMIN_EMAILS", "MAIL_FROM"):
+        del env[name]
+    result = run_cli(tmp_path, "serve", env=env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "whop-autocancel: configuration error: 5 settings to fix:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "CANCEL_DELAY",
+        "SMTP_URL",
+        "WHOP_API_KEY is not set",
+        "ADMIN_EMAILS is not set",
+        "MAIL_FROM is not set",
+    ]
+
+
+def test_a_whop_listing_command_names_both_settings_it_lacks(tmp_path: Path) -> None:
+    env = service_environment(tmp_path)
+    del env["WHOP_API_KEY"], env["WHOP_COMPANY_ID"]
+    assert run_cli(tmp_path, "migrate", env=env).returncode == 0
+    result = run_cli(tmp_path, "backfill", "--plan", "plan_Message1", "--dry-run", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "whop-autocancel: configuration error: 2 settings to fix:"
+    assert lines[1].startswith("  WHOP_API_KEY is not set: ")
+    assert lines[2].startswith("  WHOP_COMPANY_ID is not set: ")
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [

@@ -195,10 +195,10 @@ def test_a_worker_records_the_install_time_at_its_first_start(
         again = run_cli(tmp_path, "migrate", env=env)
         assert again.returncode == 0, again.stderr
         assert recorded() == first  # never moved
-        assert f"Watching Whop since {first:%Y-%m-%d %H:%M:%S} UTC" in again.stdout
+        assert f"Watching Whop since {first:%Y-%m-%dT%H:%M:%SZ}" in again.stdout
         checked = run_cli(tmp_path, "check", env=env)
         [line] = [line for line in checked.stdout.splitlines() if " database: " in line]
-        assert f"watching Whop since {first:%Y-%m-%d %H:%M:%S} UTC" in line
+        assert f"watching Whop since {first:%Y-%m-%dT%H:%M:%SZ}" in line
     finally:
         runtime.close()
 

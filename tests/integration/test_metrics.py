@@ -562,3 +562,47 @@ def test_every_line_about_a_purchase_names_its_order(
     assert [line for line in lines if line.get("order_id") != purchase["order_id"]] == []
     [received] = logged(logs, "webhook_received")
     assert received["order_id"] == purchase["order_id"]
+
+
+def test_the_worker_command_serves_metrics_on_its_port_behind_the_token(tmp_path: Path) -> None:
+    """`worker --metrics-port`: a real worker process answers /metrics with the bearer token
+    and refuses without it; a taken port stops it at once with one plain line."""
+    from support.harness import free_port, run_cli, service_environment
+
+    token = "metrics-token-for-the-worker-1234"
+    port = free_port()
+    environment = service_environment(tmp_path, METRICS_TOKEN=token)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "whop_autocancel", "worker", "--metrics-port", str(port)],
+        env=environment,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+
+        def answers() -> bool:
+            assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+            try:
+                return httpx.get(url, timeout=5).status_code == 401
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers)
+        scraped = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert scraped.status_code == 200
+        names = {family.name for family in text_string_to_metric_families(scraped.text)}
+        assert {"whop_autocancel_cancellations", "whop_autocancel_whop_requests"} <= names, names
+        assert token not in scraped.text
+
+        taken = run_cli(tmp_path, "worker", "--metrics-port", str(port), env=environment)
+        assert taken.returncode == 2
+        last = taken.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            f"whop-autocancel: configuration error: --metrics-port: cannot listen on "
+            f"127.0.0.1:{port}:"
+        ), taken.stderr
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

@@ -5,6 +5,7 @@ exit codes, one clear line per refusal, and stock items that never reach a log (
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -113,9 +114,10 @@ def stored_items(database_url: str) -> dict[str, StockItem]:
 
 
 def levels_row(stdout: str, pool: str) -> list[str]:
-    """The cells of `pool`'s row in the `stock levels` table."""
+    """The cells of `pool`'s row in the `stock levels` table (plain text, cells two spaces or
+    more apart)."""
     for line in stdout.splitlines():
-        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        cells = re.split(r"\s{2,}", line.strip())
         if cells and cells[0] == pool:
             return cells
     raise AssertionError(f"no row for pool {pool} in:\n{stdout}")

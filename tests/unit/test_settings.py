@@ -213,7 +213,9 @@ def test_invalid_dotenv_value_names_the_setting(clean_environment: Path) -> None
 # ----- required settings ----------------------------------------------------------------------
 
 
-def test_require_runtime_names_the_first_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_require_runtime_names_every_missing_setting_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     expected_order = ["WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM"]
     values = {
         "WHOP_API_KEY": API_KEY,
@@ -221,14 +223,50 @@ def test_require_runtime_names_the_first_missing_setting(monkeypatch: pytest.Mon
         "ADMIN_EMAILS": "ops@example.com",
         "MAIL_FROM": "shop@example.com",
     }
-    for name in expected_order:
-        with pytest.raises(ConfigurationError) as caught:
-            load_settings().require_runtime()
-        message = str(caught.value)
-        assert message.startswith(f"{name} is not set: ")
-        assert "\n" not in message
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings().require_runtime()
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "4 settings to fix:"
+    assert [line.split()[0] for line in lines[1:]] == expected_order
+    assert all(line.startswith("  ") and " is not set: " in line for line in lines[1:])
+    for name in expected_order[:-1]:
         monkeypatch.setenv(name, values[name])
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings().require_runtime()
+    message = str(caught.value)  # one left: one line, as before
+    assert message.startswith("MAIL_FROM is not set: ")
+    assert "\n" not in message
+    monkeypatch.setenv("MAIL_FROM", values["MAIL_FROM"])
     load_settings().require_runtime()
+
+
+def test_invalid_and_missing_settings_are_named_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CANCEL_DELAY", "-1")
+    monkeypatch.setenv("ADMIN_EMAILS", "nobody")
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(required=("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "ADMIN_EMAILS", "MAIL_FROM"))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "4 settings to fix:"
+    assert [line.strip().split(":")[0] for line in lines[1:]] == [
+        "CANCEL_DELAY",
+        "ADMIN_EMAILS",  # invalid, and not also reported as missing
+        "WHOP_API_KEY is not set",
+        "MAIL_FROM is not set",
+    ]
+
+
+def test_what_listing_at_whop_needs_depends_on_the_api_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(required=lambda settings: settings.whop_listing_settings)
+    assert "WHOP_API_KEY is not set" in str(caught.value)
+    assert "WHOP_COMPANY_ID is not set" in str(caught.value)
+    monkeypatch.setenv("WHOP_API_VERSION_DATE", "2025-01-01")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(required=lambda settings: settings.whop_listing_settings)
+    assert str(caught.value).startswith("WHOP_API_KEY is not set: ")
 
 
 def test_require_names_company_id() -> None:

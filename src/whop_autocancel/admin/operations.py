@@ -17,6 +17,7 @@ from whop_autocancel.admin.audit import REFUSED, cli_actor, record
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.cancellation.service import failed_cancellations, schedule_cancellation
 from whop_autocancel.catalog import Catalog
+from whop_autocancel.clock import format_utc
 from whop_autocancel.delivery.service import Resent
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -244,7 +245,7 @@ def ignore_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -
             )
         if previous == EventStatus.IGNORED.value:
             return IgnoreResult(stored.id, stored.type, previous, changed=False)
-        note = f"ignored by an admin at {format_time(now)} UTC (it was {previous}"
+        note = f"ignored by an admin at {format_time(now)} (it was {previous}"
         note += f": {stored.last_error})" if stored.last_error else ")"
         stored.status = EventStatus.IGNORED.value
         stored.last_error = note[:2000]
@@ -575,5 +576,6 @@ def _refusals_audited(
 
 
 def format_time(moment: datetime | None) -> str:
-    """A stored (UTC) time as admins read it; `-` when there is none."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+    """A stored time as admins read it everywhere (`2026-12-05T06:12:03Z`); `-` when there is
+    none."""
+    return format_utc(moment) if moment else "-"

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from whop_autocancel.admin.audit import actions_for
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation, CancellationAttempt
+from whop_autocancel.clock import format_utc
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order
@@ -73,8 +74,8 @@ class PurchaseView:
 
 
 def iso(moment: datetime | None) -> str | None:
-    """ISO 8601 with its zone (all our times are UTC)."""
-    return moment.isoformat() if moment is not None else None
+    """The house time format: UTC, ISO 8601 with its zone, to the second."""
+    return format_utc(moment) if moment is not None else None
 
 
 def find_orders(session: Session, ref: str, limit: int = 50) -> list[str]:

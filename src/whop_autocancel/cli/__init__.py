@@ -7,7 +7,18 @@ import sys
 
 import typer
 
-from whop_autocancel.cli import admin, cancellations, events, orders, reconcile, service, stock
+from whop_autocancel.cli import (
+    admin,
+    alerts,
+    cancellations,
+    emails,
+    events,
+    orders,
+    reconcile,
+    service,
+    stock,
+)
+from whop_autocancel.cli.common import configure_cli_logging
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
 app = typer.Typer(
@@ -25,6 +36,7 @@ for command in (
     reconcile.backfill,
     reconcile.recover,
     cancellations.cancel,
+    alerts.alerts,
     service.demo,
     service.simulator,
     service.deploy,
@@ -34,10 +46,14 @@ app.add_typer(orders.orders_app, name="orders")
 app.add_typer(events.events_app, name="events")
 app.add_typer(cancellations.cancellations_app, name="cancellations")
 app.add_typer(stock.stock_app, name="stock")
+app.add_typer(emails.emails_app, name="emails")
 app.add_typer(admin.admin_app, name="admin")
 
 
 def main() -> None:
+    # Until a command reads LOG_FORMAT, anything logged goes to stderr too (structlog's own
+    # default would print it on stdout, in the middle of the command's output).
+    configure_cli_logging("INFO", None)
     try:
         app()
     except ConfigurationError as error:

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from whop_autocancel.cli.common import out
+from whop_autocancel.cli.output import out
 
 admin_app = typer.Typer(help="The dashboard at /admin: its password.", no_args_is_help=True)
 

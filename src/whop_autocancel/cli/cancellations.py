@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target, format_time
-from whop_autocancel.cli.common import cli_settings, open_runtime, out, prepare_database
+from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli.common import open_runtime, open_session
+from whop_autocancel.cli.output import (
+    Column,
+    JsonOption,
+    WideOption,
+    iso,
+    out,
+    print_json_lines,
+    print_table,
+    say,
+)
+from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.orders.models import Order
 
 cancellations_app = typer.Typer(
     help="Inspect and retry membership cancellations.", no_args_is_help=True
@@ -19,49 +31,48 @@ cancellations_app = typer.Typer(
 
 
 @cancellations_app.command("failed")
-def cancellations_failed() -> None:
+def cancellations_failed(json_output: JsonOption = False, wide: WideOption = False) -> None:
     """List the cancellations that finally failed and need a human."""
     from whop_autocancel.cancellation.service import failed_cancellations
-    from whop_autocancel.db.engine import Database
 
-    settings = cli_settings()
-    prepare_database(settings, migrate_sqlite=False)
-    database = Database(settings.DATABASE_URL)
-    try:
-        with database.transaction() as session:
-            rows = failed_cancellations(session)
-    finally:
-        database.dispose()
+    with open_session() as session:
+        rows = [failed_row(row, order) for row, order in failed_cancellations(session)]
+    if json_output:
+        print_json_lines(rows)
+        return
     if not rows:
         out.print("No failed cancellations.")
         return
-    table = Table(title=f"{len(rows)} failed cancellation(s)")
-    for column in (
-        "ID",
-        "Order",
-        "Membership",
-        "Customer",
-        "Tries",
-        "Gen",
-        "HTTP",
-        "Error",
-        "Failed at",
-    ):
-        table.add_column(column, overflow="fold", no_wrap=column != "Error")
-    for cancellation, order in rows:
-        table.add_row(
-            str(cancellation.id),
-            order.id,
-            cancellation.membership_id or "-",
-            order.email or "-",
-            str(cancellation.attempts),
-            str(cancellation.generation),
-            str(cancellation.last_http_status or "-"),
-            cancellation.last_error or "-",
-            cancellation.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-    out.print(table)
-    out.print("Retry one with `whop-autocancel cancellations retry ID`, or all with `--all`.")
+    print_table(FAILED_COLUMNS, rows, title=f"{len(rows)} failed cancellation(s)", wide=wide)
+    say("Retry one with `whop-autocancel cancellations retry ID`, or all with `--all`.")
+
+
+def failed_row(cancellation: Cancellation, order: Order) -> dict[str, Any]:
+    """A failed cancellation as `cancellations failed` shows it."""
+    return {
+        "id": cancellation.id,
+        "order_id": order.id,
+        "membership_id": cancellation.membership_id,
+        "email": order.email,
+        "attempts": cancellation.attempts,
+        "generation": cancellation.generation,
+        "last_http_status": cancellation.last_http_status,
+        "last_error": cancellation.last_error,
+        "failed_at": iso(cancellation.updated_at),
+    }
+
+
+FAILED_COLUMNS = (
+    Column("ID", "id", priority=100, identifier=True, keep=True, right=True),
+    Column("Order", "order_id", priority=90, identifier=True),
+    Column("Membership", "membership_id", priority=80, identifier=True),
+    Column("Customer", "email", priority=50),
+    Column("Tries", "attempts", priority=20, right=True),
+    Column("Gen", "generation", priority=10, right=True),
+    Column("HTTP", "last_http_status", priority=40, right=True),
+    Column("Error", "last_error", priority=70, free_text=True),
+    Column("Failed at", "failed_at", priority=30),
+)
 
 
 @cancellations_app.command("retry")
@@ -101,10 +112,7 @@ def cancel(
 ) -> None:
     """Cancel the Whop membership of a known order now, recorded like any other cancellation.
     Only one-time purchases of plans listed in the catalog (and not `cancel = false`)."""
-    from whop_autocancel.cli.common import out
-
-    with open_runtime() as runtime:
-        runtime.settings.require("WHOP_API_KEY")
+    with open_runtime(required=("WHOP_API_KEY",)) as runtime:
         target = cancel_target(runtime, membership_id)
         if target.already_done:
             out.print(
@@ -140,7 +148,7 @@ def cancel(
     elif result.status == "scheduled":
         message = (
             f"{head} is not cancelled yet (last error: {result.last_error or 'none'}). The "
-            f"{row} is scheduled to try again at {format_time(result.next_attempt_at)} UTC; a "
+            f"{row} is scheduled to try again at {format_utc(result.next_attempt_at)}; a "
             "running worker does it."
         )
     elif result.status == "running":

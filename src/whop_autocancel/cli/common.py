@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from whop_autocancel.catalog import Catalog
+from whop_autocancel.cli.output import Column, Row, out, print_table
 from whop_autocancel.errors import ConfigurationError
-from whop_autocancel.logs import configure_logging
-from whop_autocancel.settings import Settings, load_settings
+from whop_autocancel.logs import configure_logging, log_format
+from whop_autocancel.settings import Required, Settings, load_settings
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -25,16 +26,23 @@ if TYPE_CHECKING:
     from whop_autocancel.db.engine import Database
     from whop_autocancel.runtime import Runtime
 
-out = Console(highlight=False)
-
-
 log = structlog.get_logger(__name__)
 
 
-def cli_settings() -> Settings:
-    settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+def cli_settings(*, required: Required = (), service: bool = False) -> Settings:
+    """The settings, with every invalid one and every one of `required` that is missing
+    reported in one error; then logging, on stderr: LOG_FORMAT if it is set, else console
+    lines at a terminal and JSON elsewhere (a `service` logs JSON unless told otherwise)."""
+    settings = load_settings(required=required)
+    explicit = settings.LOG_FORMAT if "LOG_FORMAT" in settings.model_fields_set else None
+    configure_cli_logging(settings.LOG_LEVEL, explicit, service=service)
     return settings
+
+
+def configure_cli_logging(level: str, explicit: str | None, *, service: bool = False) -> None:
+    terminal = sys.stderr.isatty()
+    fmt = log_format(explicit, service=service, terminal=terminal)
+    configure_logging(level, fmt, colors=terminal and not os.environ.get("NO_COLOR"))
 
 
 def cli_catalog(settings: Settings) -> Catalog:
@@ -129,11 +137,11 @@ def prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
 
 
 @contextmanager
-def open_session() -> Iterator[Session]:
+def open_session(settings: Settings | None = None) -> Iterator[Session]:
     """A transaction on the configured database, its schema current (no catalog or queue)."""
     from whop_autocancel.db.engine import Database
 
-    settings = cli_settings()
+    settings = settings or cli_settings()
     prepare_database(settings, migrate_sqlite=False)
     database = Database(settings.DATABASE_URL)
     try:
@@ -144,12 +152,13 @@ def open_session() -> Iterator[Session]:
 
 
 @contextmanager
-def open_runtime(*, migrate_sqlite: bool = False) -> Iterator[Runtime]:
+def open_runtime(*, migrate_sqlite: bool = False, required: Required = ()) -> Iterator[Runtime]:
     """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
-    upgraded, as `serve` does, for commands that may come first on a new machine)."""
+    upgraded, as `serve` does, for commands that may come first on a new machine), once the
+    settings in `required` are known to be set."""
     from whop_autocancel.runtime import build_runtime
 
-    settings = cli_settings()
+    settings = cli_settings(required=required)
     prepare_database(settings, migrate_sqlite=migrate_sqlite)
     runtime = build_runtime(settings)
     try:
@@ -164,37 +173,22 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-ERROR_WIDTH = 80
-
-
 LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most this many.")]
-
-
-def short(text: str | None, width: int = ERROR_WIDTH) -> str:
-    if not text:
-        return "-"
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def print_listing(
     noun: str,
     filters: dict[str, str | None],
-    columns: Sequence[str],
-    rows: Sequence[Sequence[str]],
+    columns: Sequence[Column],
+    rows: Sequence[Row],
+    *,
+    wide: bool = False,
 ) -> None:
-    """A table of `rows`, newest first, titled with the count and the filters given; or one
+    """A listing of `rows`, newest first, titled with the count and the filters given; or one
     line when there are none."""
-    from whop_autocancel.cli.common import out
-
     given = [f"{name} {value}" for name, value in filters.items() if value]
     where = f" with {' and '.join(given)}" if given else ""
     if not rows:
-        out.print(escape(f"No {noun}s{where}."))
+        out.print(escape(f"No {noun}s{where}."), soft_wrap=True)
         return
-    table = Table(title=escape(f"{len(rows)} {noun}(s){where}, newest first"))
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for cells in rows:
-        table.add_row(*(escape(cell) for cell in cells))
-    out.print(table)
+    print_table(columns, rows, title=f"{len(rows)} {noun}(s){where}, newest first", wide=wide)

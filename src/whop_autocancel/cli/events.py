@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -10,20 +10,21 @@ from rich.markup import escape
 from whop_autocancel.admin.operations import (
     DEFAULT_LIMIT,
     OpsError,
-    format_time,
     ignore_event,
     list_events,
     replay_event,
 )
-from whop_autocancel.cli.common import (
-    LimitOption,
-    open_runtime,
-    open_session,
+from whop_autocancel.cli.common import LimitOption, open_runtime, open_session, print_listing
+from whop_autocancel.cli.output import (
+    Column,
+    JsonOption,
+    WideOption,
+    iso,
     out,
-    print_listing,
-    short,
+    print_json_lines,
+    say,
 )
-from whop_autocancel.webhooks.models import EventStatus
+from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 
 
 def events_list(
@@ -34,34 +35,57 @@ def events_list(
         str | None, typer.Option("--type", help="Only events of this type, e.g. payment.succeeded.")
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
+    json_output: JsonOption = False,
+    wide: WideOption = False,
 ) -> None:
     """List stored webhook events, newest first."""
 
     with open_session() as session:
-        rows = list_events(
-            session, status=status.value if status else None, event_type=event_type, limit=limit
-        )
+        rows = [
+            event_row(stored)
+            for stored in list_events(
+                session, status=status.value if status else None, event_type=event_type, limit=limit
+            )
+        ]
+    if json_output:
+        print_json_lines(rows)
+        return
     print_listing(
         "event",
         {"status": status.value if status else None, "type": event_type},
-        ("ID", "Type", "Status", "Attempts", "Received", "Last error"),
-        [
-            (
-                stored.id,
-                stored.type,
-                stored.status,
-                str(stored.attempts),
-                format_time(stored.received_at),
-                short(stored.last_error),
-            )
-            for stored in rows
-        ],
+        EVENT_COLUMNS,
+        rows,
+        wide=wide,
     )
-    if any(stored.status == EventStatus.FAILED.value for stored in rows):
-        out.print(
+    if any(row["status"] == EventStatus.FAILED.value for row in rows):
+        say(
             "Apply a failed event again with `whop-autocancel events replay ID`, or stop "
             "retrying it with `whop-autocancel events ignore ID`."
         )
+
+
+def event_row(stored: WebhookEvent) -> dict[str, Any]:
+    """A stored webhook event as `events list` shows it (never its body)."""
+    return {
+        "id": stored.id,
+        "type": stored.type,
+        "status": stored.status,
+        "attempts": stored.attempts,
+        "received_at": iso(stored.received_at),
+        "handled_at": iso(stored.handled_at),
+        "next_attempt_at": iso(stored.next_attempt_at),
+        "last_error": stored.last_error,
+    }
+
+
+EVENT_COLUMNS = (
+    Column("ID", "id", priority=100, identifier=True, keep=True),
+    Column("Type", "type", priority=90),
+    Column("Status", "status", priority=80),
+    Column("Attempts", "attempts", priority=40, right=True),
+    Column("Received", "received_at", priority=60),
+    Column("Last error", "last_error", priority=50, free_text=True),
+)
 
 
 def events_replay(

@@ -7,18 +7,21 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from whop_autocancel.cli.common import (
     cli_settings,
     log,
-    out,
     ping_database,
     safe_url,
     start_runtime,
     start_watching_whop,
 )
-from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.cli.output import JsonOption, out, print_json
+from whop_autocancel.clock import format_utc
+from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
+from whop_autocancel.settings import RUNTIME_SETTINGS
 
 
 def serve(
@@ -33,8 +36,7 @@ def serve(
 
     from whop_autocancel.app import create_app
 
-    settings = cli_settings()
-    settings.require_runtime()
+    settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
     runtime = start_runtime(settings)
     log.info(
         "serve_starting",
@@ -58,17 +60,52 @@ def serve(
     runtime.close()
 
 
-def worker() -> None:
+def worker(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve this worker's Prometheus metrics at /metrics on this port.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
+) -> None:
     """Run a job worker alone (scale-out: any number, on any machine). SIGTERM stops it
     gracefully: running jobs finish, no new ones start."""
+    from whop_autocancel.metrics import start_metrics_server
     from whop_autocancel.worker import run_worker
 
-    settings = cli_settings()
-    settings.require_runtime()
-    runtime = start_runtime(settings)
+    settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
+    server = None
+    if metrics_port is not None:  # before anything starts: a taken port stops it cleanly
+        token = settings.METRICS_TOKEN
+        try:
+            server = start_metrics_server(
+                metrics_port,
+                metrics_host,
+                token=token.get_secret_value() if token is not None else None,
+            )
+        except OSError as error:
+            raise ConfigurationError(
+                f"--metrics-port: cannot listen on {metrics_host}:{metrics_port}: "
+                f"{error.strerror or error}"
+            ) from None
+        log.info("metrics_serving", host=metrics_host, port=metrics_port)
+    try:
+        runtime = start_runtime(settings)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     try:
         run_worker(runtime)
     finally:
+        if server is not None:
+            server.stop()
         runtime.close()
 
 
@@ -92,23 +129,38 @@ def migrate() -> None:
     else:
         out.print(f"Database migrated from {before or 'empty'} to {after}.")
     out.print(
-        f"Watching Whop since {since:%Y-%m-%d %H:%M:%S} UTC: purchases paid before it are "
-        "not delivered (`whop-autocancel recover` lists them)."
+        f"Watching Whop since {format_utc(since)}: purchases paid before it are "
+        "not delivered (`whop-autocancel recover` lists them).",
+        soft_wrap=True,
     )
 
 
-def check() -> None:
+def check(json_output: JsonOption = False) -> None:
     """Check settings, catalog, database, queue, SMTP and the Whop API key; one line each.
     Exits non-zero when any check fails."""
     from whop_autocancel.checks import CANCEL_NOTE, run_checks
 
     settings = cli_settings()
-    failed = 0
+    results = []
     for result in run_checks(settings):
-        failed += not result.ok
-        mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
-        out.print(f"{mark} {result.name}: {result.detail}", soft_wrap=True)
-    out.print(CANCEL_NOTE, soft_wrap=True)
+        results.append(result)
+        if not json_output:
+            mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
+            out.print(f"{mark} {escape(result.name)}: {escape(result.detail)}", soft_wrap=True)
+    failed = sum(not result.ok for result in results)
+    if json_output:
+        print_json(
+            {
+                "ok": not failed,
+                "checks": [
+                    {"name": result.name, "ok": result.ok, "detail": result.detail}
+                    for result in results
+                ],
+                "note": CANCEL_NOTE,
+            }
+        )
+    else:
+        out.print(CANCEL_NOTE, soft_wrap=True)
     if failed:
         raise WhopAutocancelError(f"{failed} check(s) failed")
 

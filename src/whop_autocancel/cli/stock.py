@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from whop_autocancel.cli.common import out
+from whop_autocancel.cli.output import (
+    Column,
+    JsonOption,
+    WideOption,
+    iso,
+    out,
+    print_json,
+    print_json_lines,
+    print_table,
+    say,
+)
 
 if TYPE_CHECKING:
+    from whop_autocancel.delivery.stock import PoolLevel
     from whop_autocancel.runtime import Runtime
 
 
@@ -101,34 +111,60 @@ def import_(
 
 
 @stock_app.command("levels")
-def levels() -> None:
-    """A table per pool: available, assigned, void, the low-stock threshold, waiting orders."""
+def levels(json_output: JsonOption = False, wide: WideOption = False) -> None:
+    """Per pool: available, assigned, void, the low-stock threshold, waiting orders."""
     from whop_autocancel.admin.stock import stock_levels
 
     with _stock_runtime() as runtime:
-        rows = stock_levels(runtime)
+        rows = [level_row(level) for level in stock_levels(runtime)]
+    if json_output:
+        print_json_lines(rows)
+        return
     if not rows:
         out.print("No stock pools: no plan in the catalog uses stock:<pool>, and none is stored.")
         return
-    table = Table(title="Stock levels")
-    for name in ("Pool", "Available", "Assigned", "Void", "Threshold", "Waiting", "Plans"):
-        table.add_column(name, justify="right" if name not in ("Pool", "Plans") else "left")
-    for row in rows:
-        table.add_row(
-            escape(row.pool),
-            f"{row.available}" + (" LOW" if row.low else ""),
-            str(row.assigned),
-            str(row.void),
-            str(row.threshold),
-            str(row.waiting),
-            escape(", ".join(row.plans) or "(not in the catalog)"),
-        )
-    out.print(table)
-    if any(row.waiting for row in rows):
-        out.print(
+    print_table(LEVEL_COLUMNS, rows, title="Stock levels", wide=wide)
+    if any(row["waiting"] for row in rows):
+        say(
             "Orders are waiting for stock: `whop-autocancel stock import POOL FILE` adds "
             "items, and they are delivered oldest payment first."
         )
+
+
+def level_row(level: PoolLevel) -> dict[str, Any]:
+    """A pool as `stock levels` shows it."""
+    return {
+        "pool": level.pool,
+        "available": level.available,
+        "low": level.low,
+        "assigned": level.assigned,
+        "void": level.void,
+        "threshold": level.threshold,
+        "waiting": level.waiting,
+        "plans": list(level.plans),
+    }
+
+
+LEVEL_COLUMNS = (
+    Column("Pool", "pool", priority=100, identifier=True, keep=True),
+    Column(
+        "Available",
+        "available",
+        priority=90,
+        right=True,
+        cell=lambda row: f"{row['available']}" + (" LOW" if row["low"] else ""),
+    ),
+    Column("Assigned", "assigned", priority=60, right=True),
+    Column("Void", "void", priority=50, right=True),
+    Column("Threshold", "threshold", priority=70, right=True),
+    Column("Waiting", "waiting", priority=80, right=True),
+    Column(
+        "Plans",
+        "plans",
+        priority=40,
+        cell=lambda row: ", ".join(row["plans"]) or "(not in the catalog)",
+    ),
+)
 
 
 @stock_app.command("void")
@@ -167,12 +203,29 @@ def show(
             metavar="ITEM|ORDER", help="The item's number, or the order (ord_…) that holds it."
         ),
     ],
+    json_output: JsonOption = False,
 ) -> None:
-    """Print one item, decrypted, with its status and order (for support; never logged)."""
+    """Print one item, decrypted, with its status and order (for support; never logged).
+    With --json the item is in `content`: that is what the command is for."""
     from whop_autocancel.admin.stock import show_item
 
     with _stock_runtime() as runtime:
         item, content = show_item(runtime, reference)
+    if json_output:
+        print_json(
+            {
+                "id": item.id,
+                "pool": item.pool,
+                "status": item.status,
+                "order_id": item.order_id,
+                "void_reason": item.void_reason,
+                "created_at": iso(item.created_at),
+                "assigned_at": iso(item.assigned_at),
+                "voided_at": iso(item.voided_at),
+                "content": content,
+            }
+        )
+        return
     out.print(
         escape(
             f"Stock item #{item.id} · pool {item.pool} · {item.status}"

@@ -10,6 +10,7 @@ import typer
 
 from whop_autocancel.admin.timeline import PurchaseView, find_orders, purchase, view_json
 from whop_autocancel.cli.common import open_session
+from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import WhopAutocancelError
 
 SOURCE_WIDTH = 12  # the longest source name ("cancellation") sets the column
@@ -17,7 +18,7 @@ SOURCE_WIDTH = 12  # the longest source name ("cancellation") sets the column
 
 def _time(moment: datetime | str | int | None) -> str:
     if isinstance(moment, datetime):
-        return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+        return format_utc(moment)
     return "-" if moment is None else str(moment)
 
 

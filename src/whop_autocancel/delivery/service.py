@@ -46,6 +46,12 @@ from whop_autocancel.sealing import Sealer
 log = structlog.get_logger(__name__)
 
 
+def email_failed_key(email_id: int) -> str:
+    """The dedupe key of the `email_failed` alert of one email (resolved when an admin puts
+    the email back to be sent, so that failing again alerts again)."""
+    return f"email_failed:{email_id}"
+
+
 # What one delivery attempt did (`serve_waiting` goes on or stops by it).
 Outcome = Literal["delivered", "waiting", "out_of_stock", "unreadable", "failed", "not_applicable"]
 
@@ -456,6 +462,8 @@ class DeliveryService:
             "block or quota), fix that first; `whop-autocancel check` tests the connection.",
             f"Then send the product again: whop-autocancel orders resend {order.id}"
             + (" (the membership is cancelled once the server accepts it)." if cancels else "."),
+            "If the cause was on the server's side (your SMTP settings, a full mailbox, an "
+            f"outage), this same email can go again: whop-autocancel emails retry {email.id}",
             "If the address itself is wrong or dead, contact the customer in Whop and deliver "
             "the product another way.",
         ]
@@ -467,7 +475,7 @@ class DeliveryService:
         self._alerts.raise_once(
             session,
             AlertKind.EMAIL_FAILED,
-            f"email_failed:{email.id}",
+            email_failed_key(email.id),
             AlertContent(
                 subject=f"Order {order.id}: the delivery email to {email.to_address} failed",
                 summary=(

@@ -136,6 +136,29 @@ class Outbox:
             session, kind=CHAT_KIND, to=webhook_url, email=message, now=now, alert_id=alert_id
         )
 
+    def requeue(self, session: Session, email_id: int, now: datetime) -> bool:
+        """Put a message the outbox gave up (`failed`) back to be sent, as if queued `now`:
+        attempts from zero, the retry schedule and EMAIL_GIVE_UP_AFTER from the start, its
+        `mail.send` job enqueued after commit. The row is the truth, the job only wakes it (a
+        lost job is re-enqueued by the stuck-work sweep), and sending it runs the same hooks
+        as any message (an accepted delivery email wakes its order's held cancellation).
+        False, changing nothing, when it is not failed (sent, or still being tried)."""
+        result = session.execute(
+            update(Email)
+            .where(Email.id == email_id, Email.failed_at.is_not(None), Email.sent_at.is_(None))
+            .values(
+                failed_at=None,
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                lease_until=None,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        self._jobs.defer(session, SEND_TASK, email_id)
+        return True
+
     def _require_sealer(self) -> Sealer:
         if self._sealer is None:
             raise ConfigurationError("STOCK_ENCRYPTION_KEY is not set: sealed email unavailable")

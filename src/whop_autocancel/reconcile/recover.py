@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.catalog import Catalog
-from whop_autocancel.clock import Clock
+from whop_autocancel.clock import Clock, format_utc
 from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import watching_since
 from whop_autocancel.errors import WhopAutocancelError
@@ -91,8 +91,8 @@ class Recovery:
             )
         if since >= until:
             raise RecoverRefused(
-                f"--since {since:%Y-%m-%d %H:%M} UTC is not before the service started watching "
-                f"({until:%Y-%m-%d %H:%M:%S} UTC): purchases since then are the Whop sweep's"
+                f"--since {format_utc(since)} is not before the service started watching "
+                f"({format_utc(until)}): purchases since then are the Whop sweep's"
             )
         if not self._versioned and self._company_id is None:
             raise RecoverRefused("set WHOP_COMPANY_ID: Whop's payment list needs it")
