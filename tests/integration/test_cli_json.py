@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from support.cli_shop import BROKEN_EVENT, Shop, cli_shop
 from support.harness import MESSAGE_PLAN, STOCK_POOL, UNLISTED_PLAN, make_runtime, make_settings
 from support.terminal import Run
+from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import watching_since
+from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
 
@@ -145,11 +148,20 @@ def test_stock_levels_and_show_as_json(shop: Shop) -> None:
         "plans": ["Game account"],
     }
 
-    shown = json_document(shop.pipe("stock", "show", "1", "--json"))
+    # Ids come from the database's sequence, which earlier tests on a server may have moved on.
+    database = Database(shop.env["DATABASE_URL"])
+    try:
+        with database.transaction() as session:
+            item_id = session.scalars(
+                select(func.min(StockItem.id)).where(StockItem.pool == STOCK_POOL)
+            ).one()
+    finally:
+        database.dispose()
+    shown = json_document(shop.pipe("stock", "show", str(item_id), "--json"))
     assert shown.pop("content") in ("KEY-AAAA-1111", "KEY-BBBB-2222")  # the point of `show`
     assert shown.pop("created_at").endswith("Z")
     assert shown == {
-        "id": 1,
+        "id": item_id,
         "pool": STOCK_POOL,
         "status": "available",
         "order_id": None,
