@@ -1,7 +1,8 @@
 """The dashboard as a merchant uses it, in headless Chromium: log in (a wrong password is
 refused, then throttled), a POST without its CSRF token changes nothing, find a purchase by
-email and read its timeline, retry a failed cancellation until Whop cancels it, replay an
-event from the inbox, import stock; every page fits a phone, and each is photographed."""
+email and read its timeline, retry a failed cancellation until Whop cancels it, retry a failed
+email until it is sent, replay an event from the inbox, import stock; every page fits a phone,
+and each is photographed."""
 
 from __future__ import annotations
 
@@ -142,6 +143,30 @@ def test_a_failed_cancellation_is_retried_from_the_page(shop: Shop, page: Any) -
 
     wait_for(shows_canceled, 30, "the row to show canceled", every=0.3)
     assert shop.simulator.state.membership(bought["membership_id"])["status"] == "canceled"
+
+
+def test_a_failed_email_is_retried_from_the_page(shop: Shop, page: Any) -> None:
+    bouncing = "typo.buyer@example.invalid"
+    shop.sink.reject(bouncing)  # 550: the delivery email is given up at once
+    bought = shop.buy(email=bouncing)
+    order_id = shop.wait_order(bought["payment_id"], "delivered")
+    failed = shop.wait_delivery_email(order_id, "failed")
+    log_in(page, shop)
+    page.goto(f"{shop.url}/admin/emails?status=failed")
+    row = page.locator(f"#email-{failed.id}")
+    assert "550" in row.locator("td[data-label='Last error']").inner_text()
+    shop.sink.accept(bouncing)  # the cause is fixed at the mail server
+    with page.expect_navigation():
+        row.locator("button", has_text="Retry").click()
+    assert page.url == f"{shop.url}/admin/emails?status=failed"
+    assert f"Email #{failed.id} (delivery to {bouncing}" in page.locator(".flash").inner_text()
+    shop.wait_delivery_email(order_id, "sent")
+    # Accepted: the cancellation that waited for the delivery email runs.
+    shop.wait_cancellation(bought["payment_id"], "canceled")
+    page.goto(f"{shop.url}/admin/emails")
+    row = page.locator(f"#email-{failed.id}")
+    assert "sent" in row.locator("td[data-label=Status]").inner_text()
+    assert row.locator("button", has_text="Retry").count() == 0
 
 
 def test_an_event_is_ignored_then_replayed_from_the_inbox(shop: Shop, page: Any) -> None:

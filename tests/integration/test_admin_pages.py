@@ -1,6 +1,7 @@
 """The dashboard's pages and actions over real HTTP, on data made by the real webhook,
 delivery and cancellation paths: each action is the admin layer's, audited as `web:admin@…`,
-and what a page shows is escaped (and never a stock item's content)."""
+and what a page shows is escaped (and never a stock item's content, an email's body or a chat
+webhook's URL)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from support.dashboard import AdminClient, dashboard_settings
-from support.harness import STOCK_CATALOG, STOCK_POOL
+from support.harness import STOCK_CATALOG, STOCK_POOL, drain
 from support.shop import Shop, open_shop
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.audit import AdminAction
@@ -20,12 +21,16 @@ from whop_autocancel.simulator import SimulatorServer
 from whop_autocancel.webhooks.models import WebhookEvent
 
 SECRET_ITEMS = ["SECRET-KEY-7F3A-0001", "SECRET-KEY-7F3A-0002"]
+CHAT_TOKEN = "chat-token-never-on-a-page-91d2"
+CHAT_URL = f"http://127.0.0.1:9/api/webhooks/1/{CHAT_TOKEN}"  # nobody listens: stays pending
 
 
 @pytest.fixture
 def shop(tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer) -> Iterator[Shop]:
     (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
-    yield from open_shop(tmp_path, clock, simulator, **dashboard_settings())
+    yield from open_shop(
+        tmp_path, clock, simulator, ALERT_WEBHOOK_URL=CHAT_URL, **dashboard_settings()
+    )
 
 
 @pytest.fixture
@@ -151,6 +156,67 @@ def test_a_delivery_email_is_resent_from_the_emails_page(shop: Shop, admin: Admi
     assert "delivery email is queued again" in follow(admin, response)
     assert len(shop.customer_emails(bought)) == 2
     assert [a.action for a in actions(shop)][-1] == "delivery.resend"
+
+
+def test_a_failed_email_is_retried_from_the_emails_page(shop: Shop, admin: AdminClient) -> None:
+    bouncing = "typo.buyer@example.invalid"
+    sink = shop.smtp_up()
+    sink.reject(bouncing)  # 550: the delivery email is given up at once
+    bought = shop.buy(email=bouncing)
+    [failed] = shop.customer_emails(bought)
+    assert failed.failed_at is not None
+    assert "550" in (failed.last_error or "")
+    retry = f'action="/admin/emails/{failed.id}/retry"'
+    page = admin.get("/admin/emails").text
+    assert retry in page
+    assert page.count('/retry"') == 1  # only a failed email has a Retry button
+    assert "(chat webhook)" in page  # the email_failed alert's chat message, pending
+    assert CHAT_TOKEN not in page  # a chat webhook's URL holds its token
+    assert "Here is your pack" not in page  # never a body
+    only_failed = admin.get("/admin/emails", params={"status": "failed"}).text
+    assert retry in only_failed
+    assert "(chat webhook)" not in only_failed
+
+    # Without its CSRF token: refused, and nothing changed.
+    refused = admin.post(f"/admin/emails/{failed.id}/retry", token=False)
+    assert refused.status_code == 403
+    [unchanged] = shop.customer_emails(bought)
+    assert (unchanged.failed_at, unchanged.attempts) == (failed.failed_at, failed.attempts)
+    assert not [a for a in actions(shop) if a.action == "email.retry"]
+
+    # The address is fixed at the mail server; the admin presses Retry.
+    sink.accept(bouncing)
+    response = admin.post(
+        f"/admin/emails/{failed.id}/retry", {"back": "/admin/emails?status=failed"}
+    )
+    assert response.status_code == 303
+    assert response.headers["location"] == "/admin/emails?status=failed"
+    assert (
+        f"Email #{failed.id} (delivery to {bouncing}, order {bought['order_id']}) is queued "
+        "again (attempts start over)"
+    ) in follow(admin, response)
+    [again] = shop.customer_emails(bought)
+    assert (again.failed_at, again.sent_at, again.attempts) == (None, None, 0)
+    [retried] = [a for a in actions(shop) if a.action == "email.retry"]
+    assert (retried.actor, retried.target, retried.order_id, retried.outcome) == (
+        "web:admin@127.0.0.1",
+        f"#{failed.id}",
+        bought["order_id"],
+        "done",
+    )
+
+    # The outbox's own job sends it; sent, it has no Retry button, and a retry is refused.
+    drain(shop.runtime)
+    [sent] = shop.customer_emails(bought)
+    assert sent.sent_at is not None
+    assert len(sink.to(bouncing)) == 1
+    assert retry not in admin.get("/admin/emails").text
+    twice = admin.post(f"/admin/emails/{failed.id}/retry")
+    assert "only failed emails are retried" in follow(admin, twice)
+    assert [a.outcome for a in actions(shop) if a.action == "email.retry"] == [
+        "done",
+        "refused",
+    ]
 
 
 def test_stock_is_imported_and_voided_from_the_page_and_never_shown(

@@ -320,6 +320,11 @@ def test_the_admin_functions_refuse_and_read_no_body(outbox: Outbox) -> None:
         with pytest.raises(OpsError, match="unknown status 'bounced'; valid statuses: pending"):
             list_emails(session, status="bounced")
     assert all(not hasattr(row, "text_body") for row in rows)
+    # The order's status comes along (the dashboard offers Resend for a delivered order).
+    [typo] = [row for row in rows if row.to == TYPO]
+    assert typo.order_id == outbox.order_of(TYPO).id
+    assert typo.order_status == outbox.order_of(TYPO).status == "delivered"
+    assert all(row.order_status is None for row in rows if row.order_id is None)
     with pytest.raises(OpsError, match=r"no email #12345"):
         retry_email(outbox.runtime, 12345, actor="web:test")
     [refusal] = outbox.audit()

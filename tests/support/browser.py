@@ -31,6 +31,7 @@ from support.harness import (
 )
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database
+from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.simulator import SimulatorServer
@@ -172,6 +173,30 @@ class Shop:
         found = self.order(payment_id)
         assert found is not None
         return found.id
+
+    def delivery_email(self, order_id: str) -> Email | None:
+        """The order's latest customer delivery email (its row, read without the body)."""
+        with self.database.transaction() as session:
+            return session.scalars(
+                select(Email)
+                .where(Email.order_id == order_id, Email.kind == DELIVERY_KIND)
+                .order_by(Email.id.desc())
+            ).first()
+
+    def wait_delivery_email(self, order_id: str, status: str, seconds: float = 30) -> Email:
+        """Until the order's delivery email is `pending`, `sent` or `failed`."""
+
+        def settled() -> bool:
+            row = self.delivery_email(order_id)
+            if row is None:
+                return False
+            now = "sent" if row.sent_at else "failed" if row.failed_at else "pending"
+            return now == status
+
+        wait_for(settled, seconds, f"the delivery email of {order_id} to be {status}", 0.1)
+        row = self.delivery_email(order_id)
+        assert row is not None
+        return row
 
     def order_ids_waiting(self) -> list[str]:
         with self.database.transaction() as session:

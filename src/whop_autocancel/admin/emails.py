@@ -1,6 +1,7 @@
-"""The outbox as the admin sees it (`whop-autocancel emails`): what is waiting, what failed,
-and putting a failed email back to be sent (`emails retry`). The body of an email is never
-read here: it may hold a stock item."""
+"""The outbox as the admin sees it (`whop-autocancel emails` and the dashboard's emails page):
+what is waiting, what failed, and putting a failed email back to be sent (`emails retry`, the
+page's Retry). The body of an email is never read here: it may hold a stock item; nor is a
+chat webhook's URL shown: it holds the channel's token."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from whop_autocancel.admin.operations import (
 from whop_autocancel.delivery.service import email_failed_key
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.outbox import CHAT_KIND
+from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -51,6 +53,9 @@ class EmailRow:
     created_at: datetime  # when it was queued (or put back by `emails retry`)
     sent_at: datetime | None
     failed_at: datetime | None
+    # Its order's status, read by `list_emails` (None for an email of no order, and as read
+    # by `emails retry`, which locks the email row alone).
+    order_status: str | None = None
 
     @property
     def status(self) -> str:
@@ -100,15 +105,16 @@ def list_emails(
     if limit < 1:
         raise OpsError(f"limit must be at least 1, not {limit}")
     rows = session.execute(
-        select(*_COLUMNS)
+        select(*_COLUMNS, Order.status.label("order_status"))
+        .outerjoin(Order, Order.id == Email.order_id)
         .where(*_filter(status))
         .order_by(Email.created_at.desc(), Email.id.desc())
         .limit(limit)
     ).all()
-    return [_email_row(row) for row in rows]
+    return [_email_row(row, row.order_status) for row in rows]
 
 
-def _email_row(row: Any) -> EmailRow:
+def _email_row(row: Any, order_status: str | None = None) -> EmailRow:
     return EmailRow(
         id=row.id,
         kind=row.kind,
@@ -121,6 +127,7 @@ def _email_row(row: Any) -> EmailRow:
         created_at=row.created_at,
         sent_at=row.sent_at,
         failed_at=row.failed_at,
+        order_status=order_status,
     )
 
 

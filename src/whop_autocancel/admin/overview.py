@@ -1,6 +1,7 @@
 """What the dashboard's overview shows, read from the database (the rows are the truth): hourly
 activity for a week, how far behind the work is, the periodic sweeps, open alerts; and the
-listings of the emails and cancellations pages. Functions of a session; nothing here writes.
+listings of the purchases and cancellations pages (the emails page lists with `admin/emails.py`,
+as the `emails` command does). Functions of a session; nothing here writes.
 
 The hourly counts are grouped by the database itself, with each backend's own way of writing
 an hour (`strftime` on SQLite, `to_char` on PostgreSQL, `DATE_FORMAT` on MariaDB): times are
@@ -207,7 +208,7 @@ def sweep_started(lease_until: datetime | None, interval: float) -> datetime | N
     return None if lease_until is None else lease_until - timedelta(seconds=interval * 0.9)
 
 
-# Alerts, emails, cancellations ---------------------------------------------------------------
+# Alerts, purchases, cancellations ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -229,59 +230,6 @@ def open_alerts(session: Session, limit: int = 20) -> OpenAlerts:
         .limit(limit)
     ).all()
     return OpenAlerts(int(total), list(newest))
-
-
-EMAIL_STATES = ("pending", "sent", "failed")
-
-
-@dataclass(frozen=True)
-class EmailListing:
-    """An email without its bodies (they may carry a stock item)."""
-
-    id: int
-    kind: str
-    to_address: str
-    subject: str
-    order_id: str | None
-    order_status: str | None
-    created_at: datetime
-    attempts: int
-    sent_at: datetime | None
-    failed_at: datetime | None
-    last_error: str | None
-
-    @property
-    def state(self) -> str:
-        if self.sent_at is not None:
-            return "sent"
-        return "failed" if self.failed_at is not None else "pending"
-
-
-def list_emails(
-    session: Session, *, state: str | None = None, limit: int = 100
-) -> list[EmailListing]:
-    """Emails newest first, optionally only the `pending`, `sent` or `failed` ones."""
-    statement = select(
-        Email.id,
-        Email.kind,
-        Email.to_address,
-        Email.subject,
-        Email.order_id,
-        Order.status,
-        Email.created_at,
-        Email.attempts,
-        Email.sent_at,
-        Email.failed_at,
-        Email.last_error,
-    ).outerjoin(Order, Order.id == Email.order_id)
-    if state == "sent":
-        statement = statement.where(Email.sent_at.is_not(None))
-    elif state == "failed":
-        statement = statement.where(Email.sent_at.is_(None), Email.failed_at.is_not(None))
-    elif state == "pending":
-        statement = statement.where(Email.sent_at.is_(None), Email.failed_at.is_(None))
-    rows = session.execute(statement.order_by(Email.id.desc()).limit(limit)).all()
-    return [EmailListing(*row) for row in rows]
 
 
 def orders_by_ids(session: Session, order_ids: Sequence[str]) -> list[OrderListing]:

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from whop_autocancel.admin import overview, timeline
 from whop_autocancel.admin import stock as admin_stock
 from whop_autocancel.admin.audit import record
+from whop_autocancel.admin.emails import EmailStatus, list_emails, retry_email
 from whop_autocancel.admin.operations import (
     OrderListing,
     ignore_event,
@@ -348,22 +349,26 @@ def admin_router(runtime: Runtime) -> APIRouter:
         )
 
     @router.get("/emails")
-    async def emails_page(request: Request, state: str = "") -> Response:
+    async def emails_page(request: Request, status: str = "") -> Response:
+        """The outbox, as `whop-autocancel emails` lists it (never a body, never a chat
+        webhook's URL); every email unless a status is chosen."""
         session = guard.page_session(request)
-        wanted = state if state in overview.EMAIL_STATES else ""
+        chosen = [member.value for member in EmailStatus if member is not EmailStatus.ALL]
+        wanted = status if status in chosen else ""
         emails = await run_in_threadpool(
-            read, lambda db: overview.list_emails(db, state=wanted or None, limit=LIST_LIMIT)
+            read,
+            lambda db: list_emails(db, status=wanted or EmailStatus.ALL.value, limit=LIST_LIMIT),
         )
-        states = [("", "All")] + [(value, value) for value in overview.EMAIL_STATES]
-        back = f"/admin/emails?state={wanted}" if wanted else "/admin/emails"
+        statuses = [("", "All")] + [(value, value) for value in chosen]
+        back = f"/admin/emails?status={wanted}" if wanted else "/admin/emails"
         return page(
             request,
             session,
             "emails.html",
             "emails",
             emails=emails,
-            state=wanted,
-            states=states,
+            selected=wanted,
+            statuses=statuses,
             back=back,
         )
 
@@ -431,6 +436,21 @@ def admin_router(runtime: Runtime) -> APIRouter:
         def work() -> str:
             resent = resend_delivery(runtime, order_id, actor=who)
             return f"Order {resent.order_id}: the delivery email is queued again to {resent.to}."
+
+        return await act(request, "/admin/emails", work)
+
+    @router.post("/emails/{email_id}/retry")
+    async def retry_email_route(request: Request, email_id: int) -> Response:
+        who = actor(request)
+
+        def work() -> str:
+            retried = retry_email(runtime, email_id, actor=who)
+            what = f"Email #{retried.id} ({retried.kind} to {retried.to}"
+            what += f", order {retried.order_id})" if retried.order_id else ")"
+            return (
+                f"{what} is queued again (attempts start over); a worker sends it now. It had "
+                f"failed with: {retried.previous_error or '-'}"
+            )
 
         return await act(request, "/admin/emails", work)
 
