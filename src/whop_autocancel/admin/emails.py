@@ -20,6 +20,7 @@ from whop_autocancel.admin.operations import (
     _refusals_audited,  # refusals audited as every admin operation audits them
     format_time,
 )
+from whop_autocancel.admin.timeline import CHAT_ADDRESS
 from whop_autocancel.delivery.service import email_failed_key
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.outbox import CHAT_KIND
@@ -30,7 +31,6 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_LIMIT = 50
 # A chat message's "address" is the channel's webhook URL, which holds its token.
-CHAT_ADDRESS = "(chat webhook)"
 
 
 class EmailStatus(enum.StrEnum):

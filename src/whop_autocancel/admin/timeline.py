@@ -19,12 +19,14 @@ from whop_autocancel.cancellation.models import Cancellation, CancellationAttemp
 from whop_autocancel.clock import format_utc
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.outbox import CHAT_KIND
 from whop_autocancel.orders.models import Order
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.whop.payloads import PayloadError, parse_envelope
 
 Value = str | int | None
 
+CHAT_ADDRESS = "(chat webhook)"
 # Events that never reached an order (failed or not yet applied) are found by the ids in their
 # payload; only this many, newest first, are searched.
 UNLINKED_EVENTS_SEARCHED = 500
@@ -364,7 +366,8 @@ def _email_entries(session: Session, order: Order) -> list[TimelineEntry]:
         fields: dict[str, Value] = {
             "email_id": email.id,
             "kind": email.kind,
-            "to": email.to_address,
+            # A chat message's address is its webhook URL, which holds the channel's token.
+            "to": CHAT_ADDRESS if email.kind == CHAT_KIND else email.to_address,
             "status": email_status(email),
             "attempts": email.attempts,
             "smtp_answer": email.last_error,
