@@ -32,8 +32,8 @@ def secure(response: Response) -> Response:
 
 
 def when(moment: datetime | None) -> str:
-    """A stored (UTC) time as the pages show it."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+    """A stored (UTC) time as the pages show it, with its zone."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
 
 
 def duration(seconds: float | None) -> str:
