@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from whop_autocancel.admin.audit import cli_actor, record
 from whop_autocancel.admin.operations import (
     OpsError,
-    _refusals_audited,  # refusals audited as every admin operation audits them
     format_time,
+    refusals_audited,  # refusals audited as every admin operation audits them
 )
 from whop_autocancel.admin.timeline import CHAT_ADDRESS
 from whop_autocancel.delivery.service import email_failed_key
@@ -146,7 +146,7 @@ def retry_email(runtime: Runtime, email_id: int, *, actor: str | None = None) ->
     sent one does), resolve its `email_failed` alert (failing again alerts again), and record
     it in the audit table, in one transaction. Refused, and the refusal audited, for an email
     that was sent or is still being tried."""
-    with _refusals_audited(runtime, actor, "email.retry", f"#{email_id}"):
+    with refusals_audited(runtime, actor, "email.retry", f"#{email_id}"):
         return _retry(runtime, email_id, actor or cli_actor())
 
 

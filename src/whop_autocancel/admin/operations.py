@@ -217,7 +217,7 @@ def replay_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -
             changed_tables=() if failed else tuple(sorted(tables - _BOOKKEEPING_TABLES)),
         )
 
-    with _refusals_audited(runtime, actor, "event.replay", event_id):
+    with refusals_audited(runtime, actor, "event.replay", event_id):
         return runtime.database.run(replay)
 
 
@@ -262,7 +262,7 @@ def ignore_event(runtime: Runtime, event_id: str, *, actor: str | None = None) -
         log.warning("webhook_ignored_by_admin", event_id=stored.id, previous_status=previous)
         return IgnoreResult(stored.id, stored.type, previous, changed=True)
 
-    with _refusals_audited(runtime, actor, "event.ignore", event_id):
+    with refusals_audited(runtime, actor, "event.ignore", event_id):
         return runtime.database.run(ignore)
 
 
@@ -422,7 +422,7 @@ def cancel_membership(
     membership already cancelled is reported without calling Whop."""
     membership_id = membership_id.strip()
     runtime.settings.require("WHOP_API_KEY")  # before anything changes
-    with _refusals_audited(runtime, actor, "membership.cancel", membership_id):
+    with refusals_audited(runtime, actor, "membership.cancel", membership_id):
         cancellation_id, action = _cancel_now(runtime, membership_id, actor or cli_actor())
     # The admin's decision: no wait for the delivery email (e.g. it failed and the customer
     # got the product another way).
@@ -514,7 +514,7 @@ def retry_cancellation(
     worker runs it at once."""
     target = f"#{cancellation_id}"
     with (
-        _refusals_audited(runtime, actor, "cancellation.retry", target),
+        refusals_audited(runtime, actor, "cancellation.retry", target),
         runtime.database.transaction() as session,
     ):
         row = runtime.cancellations.retry(session, cancellation_id)
@@ -537,7 +537,7 @@ def failed_cancellation_ids(runtime: Runtime) -> list[int]:
 
 def resend_delivery(runtime: Runtime, order_id: str, *, actor: str | None = None) -> Resent:
     """Queue the customer's delivery email again, with the same item or message."""
-    with _refusals_audited(runtime, actor, "delivery.resend", order_id):
+    with refusals_audited(runtime, actor, "delivery.resend", order_id):
         resent = runtime.delivery.resend(order_id)
     with runtime.database.transaction() as session:
         record(
@@ -553,7 +553,7 @@ def resend_delivery(runtime: Runtime, order_id: str, *, actor: str | None = None
 
 
 @contextmanager
-def _refusals_audited(
+def refusals_audited(
     runtime: Runtime, actor: str | None, action: str, target: str
 ) -> Iterator[None]:
     """An operation refused (it raised a clear error and changed nothing) is audited too, in a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -14,12 +13,6 @@ from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import WhopAutocancelError
 
 SOURCE_WIDTH = 12  # the longest source name ("cancellation") sets the column
-
-
-def _time(moment: datetime | str | int | None) -> str:
-    if isinstance(moment, datetime):
-        return format_utc(moment)
-    return "-" if moment is None else str(moment)
 
 
 def render(view: PurchaseView) -> list[str]:
@@ -46,7 +39,7 @@ def render(view: PurchaseView) -> list[str]:
         )
     lines.append("")
     for entry in view.entries:
-        lines.append(f"{_time(entry.at)}  {entry.source:<{SOURCE_WIDTH}}  {entry.title}")
+        lines.append(f"{format_utc(entry.at)}  {entry.source:<{SOURCE_WIDTH}}  {entry.title}")
         if entry.source == "attempt" and entry.fields.get("idempotency_key"):
             lines.append(
                 f"{'':<22}{'':<{SOURCE_WIDTH}}Idempotency-Key {entry.fields['idempotency_key']}"

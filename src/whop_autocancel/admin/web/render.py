@@ -9,6 +9,8 @@ from typing import Any
 from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from whop_autocancel.clock import format_utc
+
 # No inline script or style anywhere: the pages load /admin/static/admin.css and admin.js only.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -32,8 +34,8 @@ def secure(response: Response) -> Response:
 
 
 def when(moment: datetime | None) -> str:
-    """A stored (UTC) time as the pages show it, with its zone."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
+    """A stored time as every page, command and JSON document shows it (`clock.format_utc`)."""
+    return format_utc(moment) if moment else "-"
 
 
 def duration(seconds: float | None) -> str:
