@@ -100,6 +100,12 @@ WHOP_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+WHOP_PACING = Histogram(
+    f"{PREFIX}_whop_pacing_wait_seconds",
+    "How long a Whop API call waited for its turn under WHOP_RATE_LIMIT (all processes share "
+    "one budget).",
+    buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 TRANSPORT_ERROR = "transport_error"
 
 # Mail and alerts ----------------------------------------------------------------------------------
@@ -144,6 +150,10 @@ def observe_webhook(event_type: str | None, outcome: str, seconds: float) -> Non
 def observe_whop_call(endpoint: str, status: int | None, seconds: float) -> None:
     WHOP_REQUESTS.labels(endpoint, TRANSPORT_ERROR if status is None else str(status)).inc()
     WHOP_SECONDS.labels(endpoint).observe(seconds)
+
+
+def observe_whop_pacing(seconds: float) -> None:
+    WHOP_PACING.observe(max(seconds, 0.0))
 
 
 def observe_cancellation_end(outcome: str, attempts: int, seconds: float | None) -> None:

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from whop_autocancel.alerts.service import Alerts
+from whop_autocancel.cancellation.dispatch import CancelDispatcher, active_limit
 from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.cancellation.service import CancellationService
 from whop_autocancel.catalog import Catalog, load_catalog
@@ -31,7 +32,8 @@ from whop_autocancel.reconcile.whop_sweep import WhopSweep
 from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import Settings
 from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
-from whop_autocancel.whop.client import WhopClient
+from whop_autocancel.whop.client import AsyncWhopClient, WhopClient
+from whop_autocancel.whop.pacing import WhopPacer
 
 SWEEP_TASK = "sweeps.stuck"
 
@@ -59,22 +61,67 @@ class Runtime:
     whop_sweep: WhopSweep
     owner: str
     sealer: Sealer | None = None  # STOCK_ENCRYPTION_KEY's cipher (None: no key, no stock)
+    pacer: WhopPacer | None = None  # the shared budget of Whop calls (WHOP_RATE_LIMIT)
+    dispatcher: CancelDispatcher | None = None  # in a worker: runs the cancellation attempts
     _whop: WhopClient | None = None
     _whop_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def _api_key(self) -> str:
+        self.settings.require("WHOP_API_KEY")
+        assert self.settings.WHOP_API_KEY is not None
+        return self.settings.WHOP_API_KEY.get_secret_value()
+
     def whop(self) -> WhopClient:
+        """The blocking client (sweeps, backfill, recovery, checkouts), paced."""
         with self._whop_lock:
             if self._whop is None:
-                self.settings.require("WHOP_API_KEY")
-                assert self.settings.WHOP_API_KEY is not None
                 self._whop = WhopClient(
                     self.settings.WHOP_API_URL,
-                    self.settings.WHOP_API_KEY.get_secret_value(),
+                    self._api_key(),
                     version_date=self.settings.WHOP_API_VERSION_DATE,
                     timeout=self.settings.WHOP_TIMEOUT,
                     clock=self.clock,
+                    pacer=self.pacer,
                 )
             return self._whop
+
+    def async_whop(self) -> AsyncWhopClient:
+        """A new non-blocking client for the cancellations (the caller closes it), paced."""
+        settings = self.settings
+        return AsyncWhopClient(
+            settings.WHOP_API_URL,
+            self._api_key(),
+            version_date=settings.WHOP_API_VERSION_DATE,
+            timeout=settings.WHOP_TIMEOUT,
+            clock=self.clock,
+            pacer=self.pacer,
+            max_connections=active_limit(settings.WHOP_RATE_LIMIT, settings.WHOP_RATE_BURST),
+        )
+
+    def start_dispatcher(self) -> None:
+        """A worker runs its cancellations on one event loop, off the job threads."""
+        if self.dispatcher is None:
+            self.dispatcher = CancelDispatcher(
+                self.cancellations,
+                self.async_whop,
+                rate=self.settings.WHOP_RATE_LIMIT,
+                burst=self.settings.WHOP_RATE_BURST,
+                shutdown_timeout=self.settings.SHUTDOWN_TIMEOUT,
+            )
+            self.dispatcher.start()
+
+    def stop_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+            self.dispatcher = None
+
+    def run_cancellation(self, cancellation_id: int) -> None:
+        """The `cancellation.run` job: handed to the dispatcher in a worker, else run here."""
+        dispatcher = self.dispatcher
+        if dispatcher is not None and dispatcher.running:
+            dispatcher.submit(cancellation_id)
+        else:
+            self.cancellations.run(cancellation_id)
 
     def backfill(self) -> Backfill:
         """The onboarding backfill (`backfill --plan`), wired to this runtime."""
@@ -103,6 +150,7 @@ class Runtime:
         )
 
     def close(self) -> None:
+        self.stop_dispatcher()
         self.inbox.rejected.close()  # (logs what it folded since its last summary)
         if self._whop is not None:
             self._whop.close()
@@ -188,7 +236,7 @@ def build_runtime(
         jobs,
         alerts,
         clock,
-        lambda: runtime_box[0].whop(),
+        lambda: runtime_box[0].async_whop(),
         owner=owner,
         retry_schedule=settings.RETRY_SCHEDULE,
         give_up_after=settings.CANCEL_GIVE_UP_AFTER,
@@ -250,6 +298,13 @@ def build_runtime(
         whop_sweep=whop_sweep,
         owner=owner,
         sealer=sealer,
+        pacer=WhopPacer(
+            database,
+            clock,
+            rate=settings.WHOP_RATE_LIMIT,
+            burst=settings.WHOP_RATE_BURST,
+            owner=owner,
+        ),
     )
     runtime_box.append(runtime)
     _register_tasks(runtime)
@@ -260,7 +315,7 @@ def _register_tasks(runtime: Runtime) -> None:
     jobs = runtime.jobs
     jobs.register(DELIVER_TASK, runtime.delivery.deliver)
     jobs.register(SERVE_TASK, runtime.delivery.serve_waiting)
-    jobs.register(CANCEL_TASK, runtime.cancellations.run)
+    jobs.register(CANCEL_TASK, runtime.run_cancellation)
     jobs.register(SEND_TASK, runtime.outbox.send)
     jobs.register(REAPPLY_TASK, runtime.inbox.reapply)
     jobs.register(SWEEP_TASK, lambda: _sweep_quietly(runtime))

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     WHOP_API_VERSION_DATE: str | None = None
     WHOP_COMPANY_ID: str | None = None
     WHOP_TIMEOUT: PositiveSeconds = 10.0
+    WHOP_RATE_LIMIT: Annotated[float, Field(gt=0, le=10000)] = 10.0
+    WHOP_RATE_BURST: Annotated[int, Field(ge=1, le=10000)] = 5
     WHOP_WEBHOOK_SECRET: SecretStr | None = None
 
     # Checkout API (POST /api/checkouts)

@@ -68,8 +68,10 @@ class InProcessWorker:
             own_signals=False,
         )
         self._ticker = SweepTicker(runtime)
+        self._runtime = runtime
 
     def start(self) -> None:
+        self._runtime.start_dispatcher()
         self._consumer.start()
         self._ticker.start()
         log.info("worker_started", mode="in-process")
@@ -77,6 +79,7 @@ class InProcessWorker:
     def stop(self) -> None:
         self._ticker.stop()
         self._consumer.stop(graceful=True)
+        self._runtime.stop_dispatcher()
         log.info("worker_stopped", mode="in-process")
 
 
@@ -90,10 +93,12 @@ def run_worker(runtime: Runtime) -> None:
         own_signals=True,
     )
     ticker = SweepTicker(runtime)
+    runtime.start_dispatcher()
     ticker.start()
     log.info("worker_started", mode="standalone", threads=settings.WORKER_THREADS)
     try:
         consumer.run()
     finally:
         ticker.stop()
+        runtime.stop_dispatcher()
         log.info("worker_stopped", mode="standalone")

@@ -767,3 +767,48 @@ def test_the_echo_while_our_call_is_in_flight_ends_canceled(
         (200, False),
         (200, True),
     ]
+
+
+def test_calls_to_whop_hold_no_job_thread(world: World) -> None:
+    """One job thread hands six due cancellations over; all six calls are at Whop at once (a
+    slow Whop holds no thread), and each membership is cancelled by one call."""
+    purchases = [world.buy() for _ in range(6)]
+    world.clock.advance(5)
+    runtime, sim = world.runtime, world.simulator.state
+    sim.hold(True)
+    runtime.start_dispatcher()
+    try:
+        for purchase in purchases:
+            runtime.run_cancellation(purchase["cancellation_id"])  # the job, on this thread
+        wait_for(lambda: sim.held == 6, what="six calls in flight at once")
+        sim.hold(False)
+        wait_for(
+            lambda: all(world.row(p["cancellation_id"]).status == "canceled" for p in purchases),
+            what="every cancellation done",
+        )
+    finally:
+        sim.hold(False)
+        runtime.stop_dispatcher()
+    for purchase in purchases:
+        assert [c["method"] for c in world.calls(purchase["membership_id"])] == ["POST"]
+
+
+def test_one_cancellation_handed_over_many_times_makes_one_call(world: World) -> None:
+    purchase = world.buy()
+    world.clock.advance(5)
+    runtime, sim = world.runtime, world.simulator.state
+    sim.hold(True)
+    runtime.start_dispatcher()
+    try:
+        for _ in range(5):
+            runtime.run_cancellation(purchase["cancellation_id"])
+        wait_for(lambda: sim.held == 1, what="the call at Whop")
+        for _ in range(5):  # while its call is in flight: the row is leased
+            runtime.run_cancellation(purchase["cancellation_id"])
+        sim.hold(False)
+        wait_for(lambda: world.row(purchase["cancellation_id"]).status == "canceled")
+    finally:
+        sim.hold(False)
+        runtime.stop_dispatcher()
+    assert [c["method"] for c in world.calls(purchase["membership_id"])] == ["POST"]
+    assert sim.held == 0

@@ -217,6 +217,7 @@ def test_a_purchase_moves_each_counter_by_exactly_its_share(shop: StockWorld) ->
         key(f"{P}_email_attempts_total", kind="alert", result="sent"): 1,
         key(f"{P}_whop_requests_total", endpoint=CANCEL_ENDPOINT, status="200"): 1,
         key(f"{P}_whop_request_seconds_count", endpoint=CANCEL_ENDPOINT): 1,
+        key(f"{P}_whop_pacing_wait_seconds_count"): 1,  # its turn: no wait (sum unmoved)
         key(f"{P}_cancellations_total", outcome="canceled"): 1,
         key(f"{P}_cancellation_attempts_count"): 1,
         key(f"{P}_cancellation_attempts_sum"): 1,

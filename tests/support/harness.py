@@ -111,6 +111,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "STOCK_ENCRYPTION_KEY": STOCK_KEY,
         "CANCEL_DELAY": 5,
         "WHOP_TIMEOUT": 5,
+        "WHOP_RATE_LIMIT": 1000,  # pacing has its own tests; here it must never be the wait
+        "WHOP_RATE_BURST": 100,
         "LOG_FORMAT": "console",
     }
     values.update(overrides)
@@ -237,6 +239,8 @@ def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
             "STOCK_ENCRYPTION_KEY": STOCK_KEY,
             "LOG_FORMAT": "json",
             "COLUMNS": "200",
+            "WHOP_RATE_LIMIT": "100",  # pacing has its own tests; here it must never be the wait
+            "WHOP_RATE_BURST": "50",
         }
     )
     environment.update(overrides)

@@ -3,11 +3,14 @@ case, classify the answer, and record it. The worker never sleeps: it reschedule
 
 from __future__ import annotations
 
+import asyncio
 import random
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
+from typing import Protocol, TypeVar
 
 import structlog
 from sqlalchemy import and_, or_, select, update
@@ -31,16 +34,30 @@ from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
-from whop_autocancel.whop.client import WhopClient, WhopReply
+from whop_autocancel.whop.client import AsyncWhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES, Outcome, classify, may_have_acted
+from whop_autocancel.whop.pacing import NOT_BEFORE_KEY
 
 log = structlog.get_logger(__name__)
 
-NOT_BEFORE_KEY = "whop:not_before"
 Status = CancellationStatus
 # How `last_error` starts while a row waits for its order's delivery email (`_email_hold`);
 # `wake_after_email` brings exactly those rows forward when the email is accepted.
 WAITING_FOR_EMAIL = "Waiting for the customer's delivery email"
+
+
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs a piece of blocking (database) work for a coroutine."""
+
+    def __call__(self, work: Callable[[], T]) -> Awaitable[T]: ...
+
+
+async def inline(work: Callable[[], T]) -> T:
+    """Offload by not offloading: the work runs in the caller's thread (its own event loop)."""
+    return work()
 
 
 class RetryRefused(WhopAutocancelError):
@@ -288,7 +305,7 @@ class CancellationService:
         jobs: Jobs,
         alerts: Alerts,
         clock: Clock,
-        whop: Callable[[], WhopClient],
+        whop: Callable[[], AsyncWhopClient],
         *,
         owner: str,
         retry_schedule: Sequence[float],
@@ -315,8 +332,30 @@ class CancellationService:
     # The job --------------------------------------------------------------------------------
 
     def run(self, cancellation_id: int, *, wait_for_email: bool = True) -> None:
-        """The `cancellation.run` job: safe to run any number of times, anywhere."""
-        claim = self._claim(cancellation_id, wait_for_email)
+        """The `cancellation.run` job, done in this thread now (tests, the `cancel` command, a
+        process without a dispatcher): safe to run any number of times, anywhere."""
+
+        async def alone() -> None:
+            client = self._whop()
+            try:
+                await self.attempt(cancellation_id, client, inline, wait_for_email=wait_for_email)
+            finally:
+                await client.aclose()
+
+        asyncio.run(alone())
+
+    async def attempt(
+        self,
+        cancellation_id: int,
+        client: AsyncWhopClient,
+        offload: Offload,
+        *,
+        wait_for_email: bool = True,
+    ) -> None:
+        """One attempt: lease the row, call Whop (each call waits its turn under the shared
+        rate limit, holding no thread), record the answer. `offload` runs the database work
+        (a thread pool in the dispatcher, inline when run alone)."""
+        claim = await offload(partial(self._claim, cancellation_id, wait_for_email))
         if claim is None:
             return
         log.info(
@@ -327,18 +366,18 @@ class CancellationService:
             generation=claim.generation,
             attempt=claim.attempts + 1,
         )
-        client = self._whop()
         if claim.membership_id is None:
-            found = self._find_membership(client, claim)
+            found = await self._find_membership(client, claim)
             if isinstance(found, WhopReply):  # listing failed: retry, pause or wait as usual
-                self._record(claim, found, None, request=SEARCH_REQUEST)
+                await offload(partial(self._record, claim, found, None, request=SEARCH_REQUEST))
                 return
             if found is None:
-                self._fail_unresolved(claim)
+                await offload(partial(self._fail_unresolved, claim))
                 return
             claim = replace(claim, membership_id=found)
         assert claim.membership_id is not None
-        reply = client.cancel_membership(claim.membership_id, claim.idempotency_key)
+        api = client.api
+        reply = await client.send(api.cancel_membership(claim.membership_id, claim.idempotency_key))
         check: WhopReply | None = None
         outcome = classify(reply)
         unreadable = reply.membership_status is None or reply.membership_id is None
@@ -347,10 +386,12 @@ class CancellationService:
             and unreadable
             and _other_membership(reply, claim.membership_id) is None
         ):
-            check = client.retrieve_membership(claim.membership_id)
-        self._record(claim, reply, check, request=CANCEL_REQUEST)
+            check = await client.send(api.retrieve_membership(claim.membership_id))
+        await offload(partial(self._record, claim, reply, check, request=CANCEL_REQUEST))
 
-    def _find_membership(self, client: WhopClient, claim: _Claim) -> str | WhopReply | None:
+    async def _find_membership(
+        self, client: AsyncWhopClient, claim: _Claim
+    ) -> str | WhopReply | None:
         """The membership of this purchase, from the customer's memberships of the plan: only
         one whose checkout configuration or `metadata.order_id` is this order's counts."""
         if claim.user_id is None or claim.plan_id is None:
@@ -360,12 +401,14 @@ class CancellationService:
         matches: list[str] = []
         cursor: str | None = None
         for _ in range(MEMBERSHIP_SEARCH_PAGES):
-            page = client.list_memberships(
-                company_id=self._company_id,
-                first=50,
-                after=cursor,
-                user_id=claim.user_id,
-                plan_id=claim.plan_id,
+            page = await client.send(
+                client.api.list_memberships(
+                    company_id=self._company_id,
+                    first=50,
+                    after=cursor,
+                    user_id=claim.user_id,
+                    plan_id=claim.plan_id,
+                )
             )
             if not page.ok:
                 return page
@@ -756,11 +799,11 @@ class CancellationService:
     def _throttled(
         self, session: Session, row: Cancellation, now: datetime, reply: WhopReply
     ) -> None:
+        """A 429 costs no attempt: the row waits out `Retry-After` (the client's pacer has
+        already stopped every process until then and slowed the shared budget)."""
         wait = reply.retry_after
         if wait is None:
             wait = self._schedule[min(row.attempts, len(self._schedule) - 1)]
-        not_before = now + timedelta(seconds=wait)
-        leases.extend_until(session, NOT_BEFORE_KEY, self._owner, not_before)
         row.last_error = reply.describe()
         log.warning(
             "whop_rate_limited", cancellation_id=row.id, order_id=row.order_id, retry_after=wait

@@ -195,7 +195,6 @@ class Backfill:
                 self._clock,
                 self._whop(),
                 page,
-                owner=self._owner,
                 max_pages=MAX_PAGES,
             ):
                 membership = LiveMembership.from_item(item)

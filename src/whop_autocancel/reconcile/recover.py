@@ -113,7 +113,6 @@ class Recovery:
                 self._clock,
                 self._whop(),
                 page,
-                owner=self._owner,
                 max_pages=MAX_PAGES,
             ):
                 survey.payments_seen += 1

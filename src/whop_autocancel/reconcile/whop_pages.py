@@ -1,20 +1,19 @@
 """Reading a Whop list page by page, the one way the Whop sweep, `recover` and `backfill` do:
-every page respects the API key's shared "not before" time after a 429 (and a 429 sets it for
-every worker and every cancellation), and a bad answer ends the listing with its reason."""
+every page respects the API key's shared "not before" time after a 429 (which the client's
+pacer sets for every worker and every cancellation), and a bad answer ends the listing with its
+reason."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import timedelta
-from functools import partial
 from typing import Any
 
-from whop_autocancel.cancellation.service import NOT_BEFORE_KEY
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
 from whop_autocancel.db.engine import Database
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.whop.client import WhopClient, WhopReply
+from whop_autocancel.whop.pacing import DEFAULT_RETRY_AFTER, NOT_BEFORE_KEY
 
 PAGE_SIZE = 100
 
@@ -32,7 +31,6 @@ def whop_items(
     client: WhopClient,
     fetch: PageFetch,
     *,
-    owner: str,
     max_pages: int,
 ) -> Iterator[dict[str, Any]]:
     """Every item of a list, `fetch(client, cursor)` giving one page; raises ListingStopped."""
@@ -42,12 +40,8 @@ def whop_items(
         if not_before is not None and not_before > clock.now():
             raise ListingStopped(f"Whop asked to wait until {not_before.isoformat()}")
         page = fetch(client, cursor)
-        if page.status == 429:
-            wait = page.retry_after if page.retry_after is not None else 60.0
-            until = clock.now() + timedelta(seconds=wait)
-            database.run(
-                partial(leases.extend_until, key=NOT_BEFORE_KEY, holder=owner, until=until)
-            )
+        if page.status == 429:  # (the client's pacer made every process wait)
+            wait = page.retry_after if page.retry_after is not None else DEFAULT_RETRY_AFTER
             raise ListingStopped(f"Whop rate-limited the listing for {wait:g} s")
         if not page.ok:
             raise ListingStopped(f"listing failed: {page.describe()}")

@@ -341,6 +341,4 @@ class WhopSweep:
 
     def _pages(self, fetch: PageFetch) -> Iterator[dict[str, Any]]:
         """Raises ListingStopped (the sweep ends, keeping what it did; the next one goes on)."""
-        return whop_items(
-            self._database, self._clock, self._whop(), fetch, owner=self._owner, max_pages=MAX_PAGES
-        )
+        return whop_items(self._database, self._clock, self._whop(), fetch, max_pages=MAX_PAGES)

@@ -4,6 +4,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation, CancellationAttempt
 from whop_autocancel.db.audit import AdminAction
 from whop_autocancel.db.base import Base
+from whop_autocancel.db.buckets import RateBucket
 from whop_autocancel.db.install import ServiceMarker
 from whop_autocancel.db.leases import Lease
 from whop_autocancel.db.locks import Lock
@@ -24,6 +25,7 @@ __all__ = [
     "Lock",
     "LoginFailure",
     "Order",
+    "RateBucket",
     "ServiceMarker",
     "StockItem",
     "WebhookEvent",

@@ -55,6 +55,13 @@ def create_app(sim: Simulator) -> FastAPI:
             body=await request.body(),
             query=request.url.query,
         )
+        if sim.holding:
+            sim.count_held(1)
+            try:
+                while sim.holding:
+                    await asyncio.sleep(0.005)
+            finally:
+                sim.count_held(-1)
         if sim.latency:
             await asyncio.sleep(sim.latency)
         response = sim.handle_api(api_request)

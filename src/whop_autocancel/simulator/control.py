@@ -119,6 +119,12 @@ class LatencyBody(_Strict):
     seconds: float = Field(ge=0)
 
 
+class HoldBody(_Strict):
+    """`POST /_sim/hold`: API requests wait at the door while `on`."""
+
+    on: bool
+
+
 class WebhookOptionsBody(_Strict):
     """`POST /_sim/webhooks/options`."""
 
@@ -259,6 +265,11 @@ def control_router(sim: Simulator) -> APIRouter:
     def latency(body: LatencyBody) -> dict[str, Any]:
         sim.set_latency(body.seconds)
         return {"seconds": body.seconds}
+
+    @router.post("/hold")
+    def hold(body: HoldBody) -> dict[str, Any]:
+        sim.hold(body.on)
+        return {"on": body.on, "held": sim.held}
 
     @router.post("/config")
     def config(body: ConfigBody) -> dict[str, Any]:

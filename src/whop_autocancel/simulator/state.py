@@ -100,6 +100,8 @@ class Simulator:
         self._calls: list[dict[str, Any]] = []
         self._idempotent: dict[tuple[str, str], ApiResponse] = {}
         self._faults = Faults(seed=seed)
+        self._holding = False
+        self._held = 0
         self._endpoints = Endpoints(
             store=self._store,
             echo_cancel=self._echo_cancel,
@@ -452,6 +454,27 @@ class Simulator:
         with self._lock:
             return self._faults.latency
 
+    def hold(self, enabled: bool) -> None:
+        """While enabled every `/api/v1` request waits at the door (before it is answered or
+        counted against the rate limit) until `hold(False)`: `held` says how many are waiting,
+        so a test can see how many calls a client has in flight at once."""
+        with self._lock:
+            self._holding = enabled
+
+    @property
+    def holding(self) -> bool:
+        with self._lock:
+            return self._holding
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+    def count_held(self, change: int) -> None:
+        with self._lock:
+            self._held += change
+
     def set_forbidden(self, enabled: bool) -> None:
         """While enabled every cancel answers 403 (the key lacks `membership:cancel`)."""
         with self._lock:
@@ -496,6 +519,7 @@ class Simulator:
             self._idempotent.clear()
             seed = self._faults.seed
             self._faults = Faults(seed=seed)
+            self._holding = False
             self._sender.reset()
             self._sender.seed(seed)
 

@@ -1,4 +1,6 @@
-"""A thin typed Whop API client (httpx) for the few endpoints we use.
+"""A thin typed Whop API client (httpx) for the few endpoints we use: one request builder
+(`WhopApi`) and two senders, blocking (`WhopClient`) and non-blocking (`AsyncWhopClient`), both
+paced by the shared `Pacer` and teaching it what Whop answered.
 
 It never retries by itself: the cancellation state machine decides what a reply means
 (`whop.outcomes`), so every attempt is recorded and nothing is retried twice over.
@@ -6,11 +8,12 @@ It never retries by itself: the cancellation state machine decides what a reply 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -26,6 +29,8 @@ class WhopReply:
     body: Any = None
     transport_error: str | None = None
     retry_after: float | None = None
+    remaining: int | None = None  # X-RateLimit-Remaining, when Whop sends it
+    reset_after: float | None = None  # X-RateLimit-Reset, as seconds from now
 
     @property
     def ok(self) -> bool:
@@ -75,52 +80,55 @@ class WhopReply:
         return f"HTTP {self.status}"
 
 
-class WhopClient:
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        version_date: str | None,
-        timeout: float,
-        clock: Clock,
-    ) -> None:
+@dataclass(frozen=True)
+class WhopRequest:
+    """One API request, built once for either client. `endpoint` names it for the metrics as a
+    route template (never an id). `wait`: take the pacer's turn (False: draw from the shared
+    budget but go at once, for a buyer waiting on a checkout)."""
+
+    method: str
+    path: str
+    endpoint: str
+    options: dict[str, Any]
+    wait: bool = True
+
+
+class WhopApi:
+    """The requests we make, in the dialect of the configured API version (no header: legacy;
+    a date: versioned)."""
+
+    def __init__(self, version_date: str | None) -> None:
+        self.version_date = version_date
+
+    def headers(self, api_key: str) -> dict[str, str]:
         headers = {
             "Authorization": f"Bearer {api_key}",
             "Accept": "application/json",
             "User-Agent": "whop-autocancel",
         }
-        if version_date:
-            headers["Api-Version-Date"] = version_date
-        self.version_date = version_date
-        self._clock = clock
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout
-        )
+        if self.version_date:
+            headers["Api-Version-Date"] = self.version_date
+        return headers
 
-    def close(self) -> None:
-        self._http.close()
-
-    def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopReply:
+    def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopRequest:
         """Cancel immediately, in the body the configured API version expects."""
         body: dict[str, Any] = (
             {"cancel_at_period_end": False}
             if self.version_date
             else {"cancellation_mode": "immediate"}
         )
-        return self._call(
+        return WhopRequest(
             "POST",
             f"memberships/{membership_id}/cancel",
             "POST /memberships/{id}/cancel",
-            json=body,
-            headers={"Idempotency-Key": idempotency_key},
+            {"json": body, "headers": {"Idempotency-Key": idempotency_key}},
         )
 
-    def retrieve_membership(self, membership_id: str) -> WhopReply:
-        return self._call("GET", f"memberships/{membership_id}", "GET /memberships/{id}")
+    def retrieve_membership(self, membership_id: str) -> WhopRequest:
+        return WhopRequest("GET", f"memberships/{membership_id}", "GET /memberships/{id}", {})
 
-    def retrieve_plan(self, plan_id: str) -> WhopReply:
-        return self._call("GET", f"plans/{plan_id}", "GET /plans/{id}")
+    def retrieve_plan(self, plan_id: str) -> WhopRequest:
+        return WhopRequest("GET", f"plans/{plan_id}", "GET /plans/{id}", {})
 
     def list_memberships(
         self,
@@ -131,13 +139,13 @@ class WhopClient:
         user_id: str | None = None,
         plan_id: str | None = None,
         created_after: datetime | None = None,
-    ) -> WhopReply:
+    ) -> WhopRequest:
         """One page of memberships, with the filters named the way the API version wants."""
         params = self._page(first, after, company_id, created_after)
         params += [("plan_ids", plan_id)] if plan_id else []
         if user_id:
             params.append(("user_id" if self.version_date else "user_ids", user_id))
-        return self._call("GET", "memberships", "GET /memberships", params=params)
+        return WhopRequest("GET", "memberships", "GET /memberships", {"params": params})
 
     def list_payments(
         self,
@@ -147,12 +155,12 @@ class WhopClient:
         after: str | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
-    ) -> WhopReply:
+    ) -> WhopRequest:
         """One page of payments, newest first."""
         params = self._page(first, after, company_id, created_after)
         if created_before is not None:
             params.append(("created_before", _iso(created_before)))
-        return self._call("GET", "payments", "GET /payments", params=params)
+        return WhopRequest("GET", "payments", "GET /payments", {"params": params})
 
     def _page(
         self, first: int, after: str | None, company_id: str | None, created_after: datetime | None
@@ -174,63 +182,208 @@ class WhopClient:
         redirect_url: str | None,
         company_id: str | None,
         timeout: float,
-    ) -> WhopReply:
-        """A checkout for one order: Whop copies `metadata` onto its payment and membership."""
+    ) -> WhopRequest:
+        """A checkout for one order: Whop copies `metadata` onto its payment and membership.
+        A buyer is waiting: it draws from the shared budget but never waits its turn."""
         body: dict[str, Any] = {"plan_id": plan_id, "metadata": metadata, "mode": "payment"}
         if redirect_url:
             body["redirect_url"] = redirect_url
         if company_id:
             body["account_id" if self.version_date else "company_id"] = company_id
-        return self._call(
+        return WhopRequest(
             "POST",
             "checkout_configurations",
             "POST /checkout_configurations",
-            json=body,
-            timeout=timeout,
+            {"json": body, "timeout": timeout},
+            wait=False,
         )
 
-    def _call(self, method: str, path: str, endpoint: str, **options: Any) -> WhopReply:
-        """One request. `endpoint` names it for the metrics as a route template (never an
-        id): `POST /memberships/{id}/cancel`."""
-        started = time.monotonic()
-        try:
-            response = self._http.request(method, path, **options)
-        except httpx.TimeoutException as error:
-            metrics.observe_whop_call(endpoint, None, time.monotonic() - started)
+
+class Pacer(Protocol):
+    """Spaces the calls of every process under the API key's rate limit (`whop.pacing`)."""
+
+    def turn(self, wait: bool) -> float:
+        """Draw one request; the seconds to wait before sending it."""
+        ...
+
+    def observe(self, reply: WhopReply) -> None:
+        """Learn from an answer (a 429, rate-limit headers)."""
+        ...
+
+
+class _Sender:
+    def __init__(self, clock: Clock, pacer: Pacer | None) -> None:
+        self._clock = clock
+        self.pacer = pacer
+
+    def _failed(self, request: WhopRequest, started: float, error: httpx.HTTPError) -> WhopReply:
+        metrics.observe_whop_call(request.endpoint, None, time.monotonic() - started)
+        if isinstance(error, httpx.TimeoutException):
             return WhopReply(status=None, transport_error=f"timeout ({type(error).__name__})")
-        except httpx.HTTPError as error:
-            metrics.observe_whop_call(endpoint, None, time.monotonic() - started)
-            return WhopReply(status=None, transport_error=f"{type(error).__name__}: {error}")
-        metrics.observe_whop_call(endpoint, response.status_code, time.monotonic() - started)
+        return WhopReply(status=None, transport_error=f"{type(error).__name__}: {error}")
+
+    def _answered(
+        self, request: WhopRequest, started: float, response: httpx.Response
+    ) -> WhopReply:
+        metrics.observe_whop_call(
+            request.endpoint, response.status_code, time.monotonic() - started
+        )
         try:
             body = response.json()
         except ValueError:
             body = None
-        return WhopReply(
+        headers = response.headers
+        reply = WhopReply(
             status=response.status_code,
             body=body,
-            retry_after=self._retry_after(response.headers),
+            retry_after=_retry_after(headers, self._clock),
+            remaining=_int_header(headers, "x-ratelimit-remaining"),
+            reset_after=_reset_after(headers, self._clock),
+        )
+        if self.pacer is not None:
+            self.pacer.observe(reply)
+        return reply
+
+
+class WhopClient(_Sender):
+    """The blocking client: sweeps, backfill, recovery, checks, the checkout API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        version_date: str | None,
+        timeout: float,
+        clock: Clock,
+        pacer: Pacer | None = None,
+    ) -> None:
+        super().__init__(clock, pacer)
+        self.api = WhopApi(version_date)
+        self.version_date = version_date
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/", headers=self.api.headers(api_key), timeout=timeout
         )
 
-    def _retry_after(self, headers: httpx.Headers) -> float | None:
-        milliseconds = headers.get("retry-after-ms")
-        if milliseconds:
-            try:
-                return max(0.0, float(milliseconds) / 1000)
-            except ValueError:
-                pass
-        value = headers.get("retry-after")
-        if not value:
-            return None
+    def close(self) -> None:
+        self._http.close()
+
+    def send(self, request: WhopRequest) -> WhopReply:
+        """One request (after the pacer's turn). It never retries."""
+        if self.pacer is not None and (delay := self.pacer.turn(request.wait)) > 0:
+            time.sleep(delay)
+        started = time.monotonic()
         try:
-            return max(0.0, float(value))
+            response = self._http.request(request.method, request.path, **request.options)
+        except httpx.HTTPError as error:
+            return self._failed(request, started, error)
+        return self._answered(request, started, response)
+
+    def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopReply:
+        return self.send(self.api.cancel_membership(membership_id, idempotency_key))
+
+    def retrieve_membership(self, membership_id: str) -> WhopReply:
+        return self.send(self.api.retrieve_membership(membership_id))
+
+    def retrieve_plan(self, plan_id: str) -> WhopReply:
+        return self.send(self.api.retrieve_plan(plan_id))
+
+    def list_memberships(self, **filters: Any) -> WhopReply:
+        return self.send(self.api.list_memberships(**filters))
+
+    def list_payments(self, **filters: Any) -> WhopReply:
+        return self.send(self.api.list_payments(**filters))
+
+    def create_checkout_configuration(self, **fields: Any) -> WhopReply:
+        return self.send(self.api.create_checkout_configuration(**fields))
+
+
+class AsyncWhopClient(_Sender):
+    """The non-blocking client of the cancellations: as many calls in flight as the rate limit
+    and Whop's latency need, on one event loop, none holding a thread while it waits."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        version_date: str | None,
+        timeout: float,
+        clock: Clock,
+        pacer: Pacer | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        super().__init__(clock, pacer)
+        self.api = WhopApi(version_date)
+        self.version_date = version_date
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=self.api.headers(api_key),
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, request: WhopRequest) -> WhopReply:
+        if self.pacer is not None:
+            loop = asyncio.get_running_loop()
+            delay = await loop.run_in_executor(None, self.pacer.turn, request.wait)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        started = time.monotonic()
+        try:
+            response = await self._http.request(request.method, request.path, **request.options)
+        except httpx.HTTPError as error:
+            return self._failed(request, started, error)
+        return self._answered(request, started, response)
+
+
+def _int_header(headers: httpx.Headers, name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _reset_after(headers: httpx.Headers, clock: Clock) -> float | None:
+    """`X-RateLimit-Reset` as seconds from now: a Unix time (what Whop's SDKs expect) or, when
+    small, a number of seconds."""
+    value = headers.get("x-ratelimit-reset")
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if number > 1_000_000_000:  # a Unix timestamp
+        return max(0.0, number - clock.now().timestamp())
+    return max(0.0, number)
+
+
+def _retry_after(headers: httpx.Headers, clock: Clock) -> float | None:
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
         except ValueError:
             pass
-        try:
-            moment = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, (moment - self._clock.now()).total_seconds())
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - clock.now()).total_seconds())
 
 
 def _iso(moment: datetime) -> str:

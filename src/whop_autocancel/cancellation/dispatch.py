@@ -1,0 +1,146 @@
+"""Cancellations off the job threads: a worker's job only hands the row's id over, and one event
+loop runs the attempts, as many at once as the shared rate limit and Whop's latency need.
+
+A job thread that made the Whop call itself would be held for the whole call, capping a worker
+at `WORKER_THREADS / latency` cancellations per second (4 threads at 1 s: 4/s) and stalling
+delivery and email jobs behind a slow Whop. Here each attempt is a coroutine: it leases its row
+and reads the database in a small thread pool, waits for its turn under `WHOP_RATE_LIMIT`, and
+holds no thread while Whop answers.
+
+Nothing is lost by handing over: the row is the truth. An id waiting here when the process dies
+is still `scheduled` (or `running` with a lease that runs out), and the stuck-work sweep
+enqueues it again; a duplicate id is dropped here, and one that slips through finds the row
+leased or done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import structlog
+
+from whop_autocancel.cancellation.service import CancellationService
+from whop_autocancel.whop.client import AsyncWhopClient
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+LOOKAHEAD = 4.0  # seconds of the rate limit's budget each process may hold leased at once
+DATABASE_THREADS = 4
+
+
+def active_limit(rate: float, burst: int) -> int:
+    """How many attempts one process runs at once: a burst plus `LOOKAHEAD` seconds of the
+    rate, so that a leased row never waits long for its turn."""
+    return max(8, min(1024, burst + math.ceil(rate * LOOKAHEAD)))
+
+
+class CancelDispatcher:
+    def __init__(
+        self,
+        service: CancellationService,
+        client: Callable[[], AsyncWhopClient],
+        *,
+        rate: float,
+        burst: int,
+        shutdown_timeout: float,
+    ) -> None:
+        self._service = service
+        self._new_client = client
+        self._limit = active_limit(rate, burst)
+        self._shutdown_timeout = shutdown_timeout
+        self._lock = threading.Lock()
+        self._queued: set[int] = set()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[int] | None = None
+        self._stopping: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="cancel-db")
+
+    @property
+    def running(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="whop-calls", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=10)
+        log.info("cancel_dispatcher_started", at_once=self._limit)
+
+    def submit(self, cancellation_id: int) -> None:
+        """Run this cancellation's attempt soon (thread-safe; a duplicate is dropped)."""
+        loop, queue = self._loop, self._queue
+        if loop is None or queue is None or not self.running:
+            self._service.run(cancellation_id)  # (stopping: do it here, as before)
+            return
+        with self._lock:
+            if cancellation_id in self._queued:
+                return
+            self._queued.add(cancellation_id)
+        loop.call_soon_threadsafe(queue.put_nowait, cancellation_id)
+
+    def stop(self) -> None:
+        """Take no new attempts, let the ones in flight finish (bounded by SHUTDOWN_TIMEOUT);
+        one cut short keeps its lease and is retried by the sweep with the same key."""
+        loop, stopping = self._loop, self._stopping
+        if loop is None or stopping is None or self._thread is None:
+            return
+        self._ready.clear()
+        loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout=self._shutdown_timeout + 10)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("cancel_dispatcher_stopped", left=len(self._queued))
+
+    # The loop -------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        slots = asyncio.Semaphore(self._limit)
+        client = self._new_client()
+        attempts: set[asyncio.Task[None]] = set()
+
+        async def one(cancellation_id: int) -> None:
+            try:
+                await self._service.attempt(cancellation_id, client, self._offload)
+            except Exception:  # the row keeps its lease; the stuck-work sweep runs it again
+                log.exception("cancel_attempt_crashed", cancellation_id=cancellation_id)
+            finally:
+                slots.release()
+
+        async def pump() -> None:
+            assert self._queue is not None
+            while True:
+                cancellation_id = await self._queue.get()
+                await slots.acquire()
+                with self._lock:
+                    self._queued.discard(cancellation_id)
+                task = asyncio.create_task(one(cancellation_id))
+                attempts.add(task)
+                task.add_done_callback(attempts.discard)
+
+        self._ready.set()
+        pumping = asyncio.create_task(pump())
+        try:
+            await self._stopping.wait()
+        finally:
+            pumping.cancel()
+            if attempts:
+                await asyncio.wait(set(attempts), timeout=self._shutdown_timeout)
+            for task in list(attempts):
+                task.cancel()
+            await client.aclose()
+
+    def _offload(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        assert self._loop is not None
+        return self._loop.run_in_executor(self._executor, work)
