@@ -381,6 +381,16 @@ def run_all(settings: Knobs, folder: Path) -> tuple[dict[str, dict[str, Any]], l
     return results, notes
 
 
+def answered_ok(figures: dict[str, Any]) -> int:
+    """Requests a target answered 200, in all its runs and their warm-ups."""
+    return sum(
+        run[key].get("200", 0)
+        for phase in ("closed", "steady")
+        if (run := figures.get(phase))
+        for key in ("statuses", "warmup_statuses")
+    )
+
+
 def ms(value: float) -> str:
     return f"{value:.1f}"
 
@@ -439,6 +449,7 @@ def build_table(
                 f"{settings.rate:g} req/s {steady:.1f} ms (target ≤ {P99_TARGET_MS:g} ms: "
                 f"{'met' if steady <= P99_TARGET_MS else 'missed'}); stored: "
                 + ", ".join(f"{k} {v}" for k, v in results[name]["stored"].items())
+                + f" (answered 200, warm-ups included: {answered_ok(results[name])})"
             )
     load_average = "/".join(f"{x:.1f}" for x in os.getloadavg())
     notes.append(

@@ -21,7 +21,7 @@ Prints one JSON object: requests, seconds, rate (answers per second), p50_ms, p9
 max_ms, statuses (answers by HTTP status; 0 = broken connection), loadgen_cpu (the share of one
 core this process used while timing: its own ceiling is far off while it stays well under 1),
 generated, exhausted (the closed loop ran out of pre-made bodies before SECONDS; its rate still
-holds).
+holds), warmup_statuses (the uncounted warm-up's answers).
 """
 
 from __future__ import annotations
@@ -249,37 +249,34 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     maker = Requests(
         os.environ[SECRET_ENV].encode(), options.plan, options.host, options.port, options.path
     )
+    address = (options.host, options.port, options.connections)
+    warmed = Result()
     if options.mode == "open":
         if options.warmup > 0:
             warm = maker.make(math.ceil(options.rate * options.warmup))
-            asyncio.run(
-                open_loop(warm, options.host, options.port, options.connections, options.rate)
-            )
+            warmed = asyncio.run(open_loop(warm, *address, options.rate))
             del warm
         requests = maker.make(round(options.rate * options.seconds))
         if options.announce:
             print("timing", flush=True)
-        result = asyncio.run(
-            open_loop(requests, options.host, options.port, options.connections, options.rate)
-        )
-        return {"mode": "open", "target_rate": options.rate, **result.summary()}
-    estimate = float(options.expect or 0)
-    if options.warmup > 0:
-        warm = maker.make(math.ceil(options.warmup * WARMUP_BODIES_PER_SECOND))
-        warmed = asyncio.run(
-            closed_loop(warm, options.host, options.port, options.connections, options.warmup)
-        )
-        estimate = max(estimate, warmed.summary()["rate"])
-        del warm
-    # A short warm-up underestimates: three times its rate, so the run is rarely cut short.
-    count = min(MAX_BODIES, math.ceil(max(estimate, 50.0) * options.seconds * 3) + 500)
-    requests = maker.make(count)
-    if options.announce:  # the caller may start a profiler, or its CPU accounting, now
-        print("timing", flush=True)
-    result = asyncio.run(
-        closed_loop(requests, options.host, options.port, options.connections, options.seconds)
-    )
-    return {"mode": "closed", "connections": options.connections, **result.summary()}
+        result = asyncio.run(open_loop(requests, *address, options.rate))
+        head: dict[str, Any] = {"mode": "open", "target_rate": options.rate}
+    else:
+        estimate = float(options.expect or 0)
+        if options.warmup > 0:
+            warm = maker.make(math.ceil(options.warmup * WARMUP_BODIES_PER_SECOND))
+            warmed = asyncio.run(closed_loop(warm, *address, options.warmup))
+            estimate = max(estimate, warmed.summary()["rate"])
+            del warm
+        # A short warm-up underestimates: three times its rate, so the run is rarely cut short.
+        count = min(MAX_BODIES, math.ceil(max(estimate, 50.0) * options.seconds * 3) + 500)
+        requests = maker.make(count)
+        if options.announce:  # the caller may start a profiler, or its CPU accounting, now
+            print("timing", flush=True)
+        result = asyncio.run(closed_loop(requests, *address, options.seconds))
+        head = {"mode": "closed", "connections": options.connections}
+    warm_statuses = {str(k): v for k, v in sorted(warmed.statuses.items())}
+    return {**head, **result.summary(), "warmup_statuses": warm_statuses}
 
 
 def main() -> None:
