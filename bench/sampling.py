@@ -97,9 +97,37 @@ def library_of(frame: str) -> str:
     return parts[0].removesuffix(".py") if parts else "?"
 
 
+def _file_of(frame: str) -> str:
+    match = _FRAME.match(frame)
+    return match["file"] if match else ""
+
+
+def _waiting(frame: str) -> bool:
+    """A frame of the wait plumbing (locks, conditions, queues)."""
+    return _file_of(frame).endswith(("threading.py", "queue.py"))
+
+
+def _waiter(stack: tuple[str, ...]) -> str | None:
+    """For a stack that ends waiting in threading/queue code, the frame that waits."""
+    if not _waiting(stack[-1]):
+        return None
+    return next((frame for frame in reversed(stack) if not _waiting(frame)), None)
+
+
+# Pool threads with no work wait here; py-spy does not always see them as idle (a woken thread
+# waiting for the CPU or the GIL is running, to the kernel).
+_IDLE_LOOPS = ("WorkerThread.run (anyio/", "_worker (concurrent/futures/thread.py")
+
+
+def _idle(stack: tuple[str, ...]) -> bool:
+    waiter = _waiter(stack)
+    return waiter is not None and waiter.startswith(_IDLE_LOOPS)
+
+
 @dataclass
 class Summary:
     samples: int
+    idle_left_out: int = 0  # samples of pool threads waiting for work, not counted
     self_share: list[tuple[str, float]] = field(default_factory=list)
     total_share: list[tuple[str, float]] = field(default_factory=list)  # our functions only
     module_share: list[tuple[str, float]] = field(default_factory=list)
@@ -110,7 +138,8 @@ class Summary:
             return ", ".join(f"{name} {share:.0%}" for name, share in items[:top])
 
         return [
-            f"{self.samples} samples; {self.package_share:.0%} with {PACKAGE} on the stack",
+            f"{self.samples} samples (+{self.idle_left_out} of idle pool threads, left out); "
+            f"{self.package_share:.0%} with {PACKAGE} on the stack",
             f"by self: {join(self.self_share)}",
             f"by total ({PACKAGE} functions): {join(self.total_share)}",
             f"by module (innermost {PACKAGE} frame; else the library running): "
@@ -119,15 +148,23 @@ class Summary:
 
 
 def summarize(stacks: Counter[tuple[str, ...]], package: str = PACKAGE) -> Summary:
+    """Shares of the samples, idle pool threads left out. A sample that waits on a lock,
+    condition or queue is named, by self, after the frame that waits (`wait ← Caller`)."""
+    idle = sum(count for stack, count in stacks.items() if _idle(stack))
+    stacks = Counter({stack: count for stack, count in stacks.items() if not _idle(stack)})
     samples = sum(stacks.values())
     if not samples:
-        return Summary(samples=0)
+        return Summary(samples=0, idle_left_out=idle)
     self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
     modules: Counter[str] = Counter()
     ours = 0
     for stack, count in stacks.items():
-        self_counts[function_of(stack[-1])] += count
+        waiter = _waiter(stack)
+        leaf = function_of(stack[-1]).partition(" (")[0]
+        self_counts[f"{leaf} ← {function_of(waiter)}" if waiter else function_of(stack[-1])] += (
+            count
+        )
         for function in {function_of(frame) for frame in stack}:
             total_counts[function] += count
         owner = next((m for f in reversed(stack) if (m := module_of(f, package))), None)
@@ -145,6 +182,7 @@ def summarize(stacks: Counter[tuple[str, ...]], package: str = PACKAGE) -> Summa
     )
     return Summary(
         samples=samples,
+        idle_left_out=idle,
         self_share=shares(self_counts),
         total_share=shares(ours_total),
         module_share=shares(modules),
