@@ -434,9 +434,9 @@ def build_table(
                 odd.append(f"{name}: ran out of pre-made bodies after {figures['seconds']} s")
     notes = [
         f"Closed loop: {settings.connections} keep-alive connections for {settings.seconds:g} s; "
-        f"steady (run first): {settings.rate:g} requests/s for {settings.steady_seconds:g} s, "
-        f"latency from the scheduled send time; each after {settings.warmup:g} s of uncounted "
-        "warm-up. Every request "
+        f"steady: {settings.rate:g} requests/s for {settings.steady_seconds:g} s, latency from "
+        f"the scheduled send time; each after {settings.warmup:g} s of uncounted warm-up, each "
+        "service run on a fresh deployment (a floor runs both on one process). Every request "
         f"is a unique payment.succeeded signed before the clock starts, of a listed plan "
         f"({MESSAGE_PLAN}): the service stores it, creates and pays an order, queues delivery.",
     ]
