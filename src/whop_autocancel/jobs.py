@@ -32,6 +32,8 @@ from whop_autocancel.errors import ConfigurationError
 log = structlog.get_logger(__name__)
 
 JobHandler = Callable[..., object]  # the return value is ignored
+# Offered a job enqueued in this process (its args, its delay): True when it took it.
+LocalHandler = Callable[[tuple[Any, ...], float], bool]
 CONFLICT_ATTEMPTS = 5
 BACKLOG_PEEK = 20  # ready jobs read to find a due time (the next ones to run, oldest first)
 
@@ -93,6 +95,7 @@ class Jobs:
                 f"QUEUE_URL: cannot use {_safe(queue_url)}: {type(error).__name__}: {error}"
             ) from None
         self._tasks: dict[str, Any] = {}
+        self._local: dict[str, LocalHandler] = {}
 
     def register(self, name: str, handler: JobHandler) -> None:
         """Register `handler` as task `name`. A transaction the database aborted to break a
@@ -120,7 +123,24 @@ class Jobs:
     def names(self) -> list[str]:
         return sorted(self._tasks)
 
+    def run_locally(self, name: str, handler: LocalHandler | None) -> None:
+        """While set, a `name` job enqueued in this process is offered to `handler` first and
+        skips the queue when it takes it: it runs on time to the millisecond, not at huey's
+        next scheduler tick. Only for work whose row is the truth and which the stuck-work
+        sweep enqueues again if this process dies first (the cancellations)."""
+        if handler is None:
+            self._local.pop(name, None)
+        else:
+            self._local[name] = handler
+
     def enqueue(self, name: str, *args: Any, delay: float = 0.0) -> None:
+        local = self._local.get(name)
+        if local is not None and local(args, delay):
+            return
+        self.to_queue(name, *args, delay=delay)
+
+    def to_queue(self, name: str, *args: Any, delay: float = 0.0) -> None:
+        """Put the job on the queue, for any worker (never to a local handler)."""
         task = self._tasks[name]
         if delay > 0:
             task.schedule(args=args, delay=delay)
@@ -165,7 +185,7 @@ class Jobs:
             "worker_type": "thread",
             "periodic": False,
             "initial_delay": 0.05,
-            "max_delay": 0.5,
+            "max_delay": 0.1,  # an idle consumer looks every 0.1 s: a cheap read
             "backoff": 1.5,
             "scheduler_interval": 1,
             "check_worker_health": True,

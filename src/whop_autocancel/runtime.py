@@ -109,18 +109,23 @@ class Runtime:
                 shutdown_timeout=self.settings.SHUTDOWN_TIMEOUT,
             )
             self.dispatcher.start()
+            dispatcher = self.dispatcher
+            self.jobs.run_locally(
+                CANCEL_TASK, lambda args, delay: dispatcher.submit(int(args[0]), delay)
+            )
 
     def stop_dispatcher(self) -> None:
         if self.dispatcher is not None:
-            self.dispatcher.stop()
+            self.jobs.run_locally(CANCEL_TASK, None)
+            self.dispatcher.stop(
+                lambda cid, delay: self.jobs.to_queue(CANCEL_TASK, cid, delay=delay)
+            )
             self.dispatcher = None
 
     def run_cancellation(self, cancellation_id: int) -> None:
         """The `cancellation.run` job: handed to the dispatcher in a worker, else run here."""
         dispatcher = self.dispatcher
-        if dispatcher is not None and dispatcher.running:
-            dispatcher.submit(cancellation_id)
-        else:
+        if dispatcher is None or not dispatcher.submit(cancellation_id):
             self.cancellations.run(cancellation_id)
 
     def backfill(self) -> Backfill:

@@ -812,3 +812,44 @@ def test_one_cancellation_handed_over_many_times_makes_one_call(world: World) ->
         runtime.stop_dispatcher()
     assert [c["method"] for c in world.calls(purchase["membership_id"])] == ["POST"]
     assert sim.held == 0
+
+
+def test_a_workers_own_delayed_cancellation_skips_the_queue_and_runs_on_its_timer(
+    world: World,
+) -> None:
+    purchase = world.buy()
+    world.clock.advance(5)  # due (the service's clock); the dispatcher's timer is its own
+    runtime = world.runtime
+    runtime.jobs.huey.flush()
+    runtime.start_dispatcher()
+    try:
+        runtime.jobs.enqueue("cancellation.run", purchase["cancellation_id"], delay=0.05)
+        assert runtime.jobs.pending() == 0  # not on the job queue
+        wait_for(lambda: world.row(purchase["cancellation_id"]).status == "canceled")
+    finally:
+        runtime.stop_dispatcher()
+
+
+def test_a_graceful_stop_hands_what_waits_back_to_the_queue(world: World) -> None:
+    first, second = world.buy(), world.buy()
+    runtime = world.runtime
+    runtime.jobs.huey.flush()
+    runtime.start_dispatcher()
+    world.simulator.state.hold(True)
+    try:
+        runtime.jobs.enqueue("cancellation.run", first["cancellation_id"], delay=3600)
+        runtime.jobs.enqueue("cancellation.run", second["cancellation_id"], delay=3600)
+        assert runtime.jobs.pending() == 0
+    finally:
+        runtime.stop_dispatcher()
+        world.simulator.state.hold(False)
+    waiting = runtime.jobs.huey.pending()  # (huey files a delayed job on the queue, with its eta)
+    assert all(task.eta is not None for task in waiting)
+    assert sorted(task.args for task in waiting) == sorted(
+        [(first["cancellation_id"],), (second["cancellation_id"],)]
+    )
+    # With no dispatcher, the job runs in the thread that takes it, as before.
+    world.clock.advance(5)
+    drain(runtime, include_scheduled=True)
+    assert world.row(first["cancellation_id"]).status == "canceled"
+    assert world.row(second["cancellation_id"]).status == "canceled"

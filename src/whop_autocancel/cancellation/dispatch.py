@@ -7,10 +7,15 @@ delivery and email jobs behind a slow Whop. Here each attempt is a coroutine: it
 and reads the database in a small thread pool, waits for its turn under `WHOP_RATE_LIMIT`, and
 holds no thread while Whop answers.
 
-Nothing is lost by handing over: the row is the truth. An id waiting here when the process dies
-is still `scheduled` (or `running` with a lease that runs out), and the stuck-work sweep
-enqueues it again; a duplicate id is dropped here, and one that slips through finds the row
-leased or done.
+A worker's own cancellations skip the job queue (`Jobs.run_locally`): one scheduled
+`CANCEL_DELAY` after a delivery waits here on the loop's timer and runs on time to the
+millisecond, where huey's scheduler would add up to its one-second tick and a poll.
+
+Nothing is lost by handing over: the row is the truth. On a graceful stop whatever waits here
+goes back to the job queue with its remaining delay. An id waiting here when the process dies
+is still `scheduled` (or `running` with a lease that runs out), and the stuck-work sweep enqueues
+it again STUCK_GRACE after it was due; a duplicate id is dropped here, and one that slips
+through finds the row leased or done.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class CancelDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[int] | None = None
         self._stopping: asyncio.Event | None = None
+        self._timers: dict[tuple[int, float], asyncio.TimerHandle] = {}
+        self._left: list[tuple[int, float]] = []  # what was waiting when the loop stopped
         self._executor = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="cancel-db")
 
     @property
@@ -73,21 +80,42 @@ class CancelDispatcher:
         self._ready.wait(timeout=10)
         log.info("cancel_dispatcher_started", at_once=self._limit)
 
-    def submit(self, cancellation_id: int) -> None:
-        """Run this cancellation's attempt soon (thread-safe; a duplicate is dropped)."""
-        loop, queue = self._loop, self._queue
-        if loop is None or queue is None or not self.running:
-            self._service.run(cancellation_id)  # (stopping: do it here, as before)
-            return
+    def submit(self, cancellation_id: int, delay: float = 0.0) -> bool:
+        """Run this cancellation's attempt now, or `delay` seconds from now, here (thread-safe;
+        a duplicate waiting in the queue is dropped). False when not running (stopping): the
+        caller puts it on the job queue instead."""
+        loop = self._loop
+        if loop is None or not self.running:
+            return False
+        if delay > 0:
+            loop.call_soon_threadsafe(self._later, cancellation_id, delay)
+        else:
+            loop.call_soon_threadsafe(self._put, cancellation_id)
+        return True
+
+    def _later(self, cancellation_id: int, delay: float) -> None:
+        assert self._loop is not None
+        due = self._loop.time() + delay
+        handle = self._loop.call_at(due, self._fire, cancellation_id, due)
+        self._timers[(cancellation_id, due)] = handle
+
+    def _fire(self, cancellation_id: int, due: float) -> None:
+        self._timers.pop((cancellation_id, due), None)
+        self._put(cancellation_id)
+
+    def _put(self, cancellation_id: int) -> None:
+        assert self._queue is not None
         with self._lock:
             if cancellation_id in self._queued:
                 return
             self._queued.add(cancellation_id)
-        loop.call_soon_threadsafe(queue.put_nowait, cancellation_id)
+        self._queue.put_nowait(cancellation_id)
 
-    def stop(self) -> None:
-        """Take no new attempts, let the ones in flight finish (bounded by SHUTDOWN_TIMEOUT);
-        one cut short keeps its lease and is retried by the sweep with the same key."""
+    def stop(self, hand_back: Callable[[int, float], None]) -> None:
+        """Take no new attempts and let the ones in flight finish (bounded by
+        SHUTDOWN_TIMEOUT; one cut short keeps its lease and is retried by the sweep with the
+        same key). What waits here (due now or later) goes to `hand_back(id, delay)`: the job
+        queue, for any worker."""
         loop, stopping = self._loop, self._stopping
         if loop is None or stopping is None or self._thread is None:
             return
@@ -95,7 +123,12 @@ class CancelDispatcher:
         loop.call_soon_threadsafe(stopping.set)
         self._thread.join(timeout=self._shutdown_timeout + 10)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        log.info("cancel_dispatcher_stopped", left=len(self._queued))
+        for cancellation_id, delay in self._left:
+            try:
+                hand_back(cancellation_id, delay)
+            except Exception:  # the queue is down too: the sweep finds the row when it is due
+                log.exception("cancel_hand_back_failed", cancellation_id=cancellation_id)
+        log.info("cancel_dispatcher_stopped", handed_back=len(self._left))
 
     # The loop -------------------------------------------------------------------------------
 
@@ -135,6 +168,12 @@ class CancelDispatcher:
             await self._stopping.wait()
         finally:
             pumping.cancel()
+            now = self._loop.time()
+            self._left = [(cid, max(0.0, due - now)) for cid, due in self._timers]
+            for handle in self._timers.values():
+                handle.cancel()
+            with self._lock:
+                self._left += [(cid, 0.0) for cid in self._queued]
             if attempts:
                 await asyncio.wait(set(attempts), timeout=self._shutdown_timeout)
             for task in list(attempts):
