@@ -1,0 +1,102 @@
+"""The performance chart: one panel per benchmark section that knows how to draw itself, from
+the raw `figures` of its table (never from the rendered text).
+
+A section's figures name it (`figures["section"]`); `DRAWINGS` maps that name to a function
+that draws one panel. A section without a drawing is left out of the chart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt
+import report
+from matplotlib.axes import Axes
+
+SERVICE_COLOR = "#2f6fb0"
+GUIDE_COLOR = "#b0b0b0"
+
+
+def _latency(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
+
+
+def cancellations(axes: Axes, figures: dict[str, Any]) -> None:
+    """Grouped bars per row: service and guide-style cancels/s ÷ the rate limit, the target
+    and the limit as lines, and where 5xx eat tokens, the attainable ceiling."""
+    rows = figures["rows"]
+    positions = list(range(len(rows)))
+    width = 0.38
+    for offset, side, label, color in (
+        (-width / 2, "service", "service", SERVICE_COLOR),
+        (width / 2, "guide", "guide-style worker", GUIDE_COLOR),
+    ):
+        values = [row[side]["ratio"] for row in rows]
+        bars = axes.bar(
+            [p + offset for p in positions],
+            [v or 0.0 for v in values],
+            width,
+            label=label,
+            color=color,
+        )
+        axes.bar_label(
+            bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=8
+        )
+    for position, row in zip(positions, rows, strict=True):
+        if row["ceiling_ratio"] < 1:
+            axes.hlines(
+                row["ceiling_ratio"],
+                position - width,
+                position + width,
+                colors="black",
+                linestyles="dotted",
+                label="ceiling with 5xx" if position == positions[-1] else None,
+            )
+    target = figures.get("target_ratio", 0.95)
+    axes.axhline(1.0, color="black", linewidth=1, label="rate limit")
+    axes.axhline(target, color="#c0392b", linestyle="--", linewidth=1, label=f"target {target}")
+    axes.set_xticks(
+        positions,
+        [f"{_latency(r['latency_seconds'])}\n{r['error_rate'] * 100:.0f} % 5xx" for r in rows],
+    )
+    highest = max([1.0] + [r[s]["ratio"] or 0.0 for r in rows for s in ("service", "guide")])
+    axes.set_ylim(0, highest * 1.15)
+    axes.set_ylabel("cancellations/s ÷ rate limit")
+    smoke = " (smoke run)" if figures.get("smoke") else ""
+    axes.set_title(
+        f"Cancellations against Whop's rate limit ({figures['rate_limit_per_second']:g}/s), "
+        f"{figures['purchases']} a row{smoke}"
+    )
+    pad = max(0.0, (4 - len(rows)) / 2)  # a lone row keeps its bars narrow, in the middle
+    axes.set_xlim(-0.5 - pad, len(rows) - 0.5 + pad)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=5)
+
+
+DRAWINGS: dict[str, Callable[[Axes, dict[str, Any]], None]] = {
+    "cancellations": cancellations,
+}
+
+
+def draw(tables: list[report.Table], path: Path) -> bool:
+    """Write the chart of every drawable table to `path` (PNG); False when none is."""
+    panels = [
+        (DRAWINGS[table.figures["section"]], table.figures)
+        for table in tables
+        if table.figures.get("section") in DRAWINGS
+    ]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 4.8 * len(panels)), squeeze=False)
+    for (drawing, figures), panel in zip(panels, axes[:, 0], strict=True):
+        drawing(panel, figures)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
