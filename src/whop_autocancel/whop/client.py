@@ -233,16 +233,17 @@ class _Sender:
         except ValueError:
             body = None
         headers = response.headers
-        reply = WhopReply(
+        return WhopReply(
             status=response.status_code,
             body=body,
             retry_after=_retry_after(headers, self._clock),
             remaining=_int_header(headers, "x-ratelimit-remaining"),
             reset_after=_reset_after(headers, self._clock),
         )
-        if self.pacer is not None:
-            self.pacer.observe(reply)
-        return reply
+
+    def _teaches(self, reply: WhopReply) -> bool:
+        """Whether the pacer has something to learn from this answer (it writes then)."""
+        return self.pacer is not None and (reply.status == 429 or reply.remaining == 0)
 
 
 class WhopClient(_Sender):
@@ -277,7 +278,10 @@ class WhopClient(_Sender):
             response = self._http.request(request.method, request.path, **request.options)
         except httpx.HTTPError as error:
             return self._failed(request, started, error)
-        return self._answered(request, started, response)
+        reply = self._answered(request, started, response)
+        if self.pacer is not None and self._teaches(reply):
+            self.pacer.observe(reply)
+        return reply
 
     def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopReply:
         return self.send(self.api.cancel_membership(membership_id, idempotency_key))
@@ -339,7 +343,10 @@ class AsyncWhopClient(_Sender):
             response = await self._http.request(request.method, request.path, **request.options)
         except httpx.HTTPError as error:
             return self._failed(request, started, error)
-        return self._answered(request, started, response)
+        reply = self._answered(request, started, response)
+        if self.pacer is not None and self._teaches(reply):
+            await asyncio.get_running_loop().run_in_executor(None, self.pacer.observe, reply)
+        return reply
 
 
 def _int_header(headers: httpx.Headers, name: str) -> int | None:
