@@ -6,13 +6,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -183,3 +184,44 @@ def insert_once(session: Session, row: object) -> bool:
     except IntegrityError:
         return False
     return True
+
+
+def insert_absent(
+    session: Session, model: type[Any], rows: Sequence[Mapping[str, Any]], key: str
+) -> set[Any]:
+    """Insert every row whose `key` is not in `model`'s table yet; the keys it inserted. Rows that
+    another transaction inserts concurrently end as one row, never as an error: PostgreSQL and
+    SQLite in one statement (`ON CONFLICT DO NOTHING RETURNING`); elsewhere (MariaDB) the keys
+    already there are left out first and the rest inserted in one statement, row by row
+    (`insert_once`'s savepoints) only when a concurrent insert took one in between. Pass the
+    rows sorted by `key`: transactions then lock keys in one order and cannot deadlock on them."""
+    if not rows:
+        return set()
+    column = model.__table__.c[key]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        upsert = postgresql.insert(model) if dialect == "postgresql" else sqlite.insert(model)
+        statement = (
+            upsert.values(list(rows))
+            .on_conflict_do_nothing(index_elements=[column])
+            .returning(column)
+        )
+        return set(session.scalars(statement))
+    present = set(session.scalars(select(column).where(column.in_([row[key] for row in rows]))))
+    fresh = [row for row in rows if row[key] not in present]
+    if not fresh:
+        return set()
+    try:
+        with session.begin_nested():
+            session.execute(insert(model).values(fresh))
+    except IntegrityError:  # a concurrent transaction inserted one of them since the select
+        inserted = set()
+        for row in fresh:
+            try:
+                with session.begin_nested():
+                    session.execute(insert(model).values(dict(row)))
+            except IntegrityError:
+                continue
+            inserted.add(row[key])
+        return inserted
+    return {row[key] for row in fresh}
