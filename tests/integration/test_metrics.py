@@ -200,7 +200,7 @@ def test_a_purchase_moves_each_counter_by_exactly_its_share(shop: StockWorld) ->
     durations = {
         sample_key: changes.pop(sample_key)
         for sample_key in [
-            key(f"{P}_webhook_ingest_seconds_sum", outcome="handled"),
+            key(f"{P}_webhook_ingest_seconds_sum", outcome="received"),
             key(f"{P}_whop_request_seconds_sum", endpoint=CANCEL_ENDPOINT),
             key(f"{P}_purchase_to_cancelled_seconds_sum"),
         ]
@@ -208,8 +208,9 @@ def test_a_purchase_moves_each_counter_by_exactly_its_share(shop: StockWorld) ->
     assert all(duration > 0 for duration in durations.values())
     assert durations[key(f"{P}_purchase_to_cancelled_seconds_sum")] == pytest.approx(since_purchase)
     assert changes == {
-        key(f"{P}_webhooks_total", type="payment.succeeded", outcome="handled"): 1,
-        key(f"{P}_webhook_ingest_seconds_count", outcome="handled"): 1,
+        key(f"{P}_webhooks_total", type="payment.succeeded", outcome="received"): 1,
+        key(f"{P}_webhook_ingest_seconds_count", outcome="received"): 1,
+        key(f"{P}_webhook_applies_total", type="payment.succeeded", outcome="handled"): 1,
         key(f"{P}_deliveries_total", outcome="delivered"): 1,
         key(f"{P}_alerts_total", kind="low_stock", outcome="sent"): 1,
         key(f"{P}_email_attempts_total", kind="delivery", result="sent"): 1,
@@ -406,7 +407,7 @@ def test_multiprocess_mode_adds_up_every_process_on_the_machine(
     }
     record = (
         "from whop_autocancel import metrics\n"
-        "metrics.observe_webhook('payment.succeeded', 'handled', 0.02)\n"
+        "metrics.observe_webhook('payment.succeeded', 'received', 0.02)\n"
         "metrics.observe_whop_call('GET /payments', 200, 0.1)\n"
         "metrics.observe_whop_call('GET /payments', None, 5.0)\n"
     )
@@ -417,8 +418,8 @@ def test_multiprocess_mode_adds_up_every_process_on_the_machine(
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(shared))
     with web(tmp_path, clock, METRICS_TOKEN=TOKEN) as http:
         samples = scrape(http)
-    assert samples.value(f"{P}_webhooks_total", type="payment.succeeded", outcome="handled") == 2
-    assert samples.value(f"{P}_webhook_ingest_seconds_count", outcome="handled") == 2
+    assert samples.value(f"{P}_webhooks_total", type="payment.succeeded", outcome="received") == 2
+    assert samples.value(f"{P}_webhook_ingest_seconds_count", outcome="received") == 2
     assert samples.value(f"{P}_whop_requests_total", endpoint="GET /payments", status="200") == 2
     assert (
         samples.value(
@@ -560,8 +561,10 @@ def test_every_line_about_a_purchase_names_its_order(
     events = {line["event"] for line in lines}
     assert {"payment_matched", "delivered", "email_sent", "cancel_attempt", "cancelled"} <= events
     assert [line for line in lines if line.get("order_id") != purchase["order_id"]] == []
-    [received] = logged(logs, "webhook_received")
-    assert received["order_id"] == purchase["order_id"]
+    [received] = logged(logs, "webhook_received")  # stored: its order is not known yet
+    [applied] = logged(logs, "webhook_applied")
+    assert applied["event_id"] == received["event_id"]
+    assert applied["order_id"] == purchase["order_id"]
 
 
 def test_the_worker_command_serves_metrics_on_its_port_behind_the_token(tmp_path: Path) -> None:
