@@ -6,6 +6,7 @@ log and its summary, the access log, and the order id on every line about a purc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -293,6 +294,8 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     shop.pay(email=bounced)  # its delivery email fails for good: an email_failed alert
     shop.drain()
     waiting = shop.pay()  # paid, its delivery job still in the queue
+    unapplied = json.dumps({"id": "msg_Unapplied1", "type": "course.created", "data": {}})
+    assert post_event(shop.http, unapplied.encode()).json() == {"status": "received"}  # only
     shop.clock.advance(30)
     samples = scrape(shop.http)
     now = shop.clock.now()
@@ -347,9 +350,10 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     } == dict(open_alerts)
     assert dict(open_alerts)["email_failed"] == 1
 
-    # Work overdue, as the clock sees it: the paid order waits since its payment (30 s ago);
-    # the earliest scheduled cancellation is late by its own time.
+    # Work overdue, as the clock sees it: the paid order waits since its payment (30 s ago), the
+    # stored event since it arrived; the earliest scheduled cancellation is late by its own time.
     assert samples.value(f"{P}_overdue_work_seconds", kind="delivery") == pytest.approx(30)
+    assert samples.value(f"{P}_overdue_work_seconds", kind="event") == pytest.approx(30)
     earliest = min(due for _, due in cancellations)
     assert samples.value(f"{P}_overdue_work_seconds", kind="cancellation") == pytest.approx(
         (now - earliest).total_seconds()
@@ -360,6 +364,7 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     assert samples.value(f"{P}_queue_jobs", state="ready") == backlog.ready >= 1
     assert samples.value(f"{P}_queue_jobs", state="scheduled") == backlog.scheduled
     assert samples.value(f"{P}_webhook_event_rows", status="failed") == 0
+    assert samples.value(f"{P}_webhook_event_rows", status="received") == 1
     assert samples.value(f"{P}_collector_up", part="database") == 1
     assert delivered["order_id"] != waiting["order_id"]
 
