@@ -199,23 +199,45 @@ def test_a_batch_that_cannot_be_committed_is_answered_503_and_stores_nothing(
     assert len(event_rows(runtime)) == 20
 
 
-def test_the_apply_job_applies_each_event_once_with_two_workers_racing(runtime: Runtime) -> None:
+def test_the_apply_job_applies_each_event_once_with_workers_racing(
+    runtime: Runtime, tmp_path: Path, clock: FrozenClock
+) -> None:
+    other_path = tmp_path / "other"
+    other_path.mkdir()
+    # A second worker process: its own runtime, on the same database and queue.
+    settings = runtime.settings
+    other = make_runtime(
+        make_settings(
+            other_path,
+            DATABASE_URL=settings.DATABASE_URL,
+            QUEUE_URL=settings.QUEUE_URL,
+            QUEUE_NAME=settings.QUEUE_NAME,
+        ),
+        clock,
+    )
     bodies = [payment(number) for number in range(30)]
     for body in bodies:
         assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
-    runtime.jobs.huey.flush()  # only the two racing workers below apply
-    start = threading.Barrier(2)
+    runtime.jobs.huey.flush()  # only the racing workers below apply
+    start = threading.Barrier(4)
 
-    def worker() -> None:
+    def worker(process: Runtime) -> None:
         start.wait()
-        runtime.jobs.run_here(APPLY_TASK)
+        process.jobs.run_here(APPLY_TASK)
 
-    with ThreadPoolExecutor(2) as pool:
-        for future in [pool.submit(worker) for _ in range(2)]:
-            future.result()
+    try:
+        # Two threads in each process: the second one in a process leaves the events to the
+        # first (one run per process); the two processes race for every event.
+        with ThreadPoolExecutor(4) as pool:
+            runs = [pool.submit(worker, process) for process in (runtime, other) * 2]
+            for future in runs:
+                future.result()
+    finally:
+        other.close()
     assert set(event_rows(runtime).values()) == {("handled", 1)}  # each applied exactly once
     assert order_count(runtime) == 30
-    # Each order's delivery enqueued once, by the transaction that applied its payment.
+    # Each order's delivery enqueued once, by the transaction that applied its payment (both
+    # processes share the queue).
     deliveries = [task for task in runtime.jobs.huey.pending() if task.name == "delivery.deliver"]
     assert len(deliveries) == len({tuple(task.args) for task in deliveries}) == 30
 

@@ -50,6 +50,7 @@ APPLY_TASK = "webhooks.apply"
 REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
 APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
+INGEST_FIRST = 0.5  # seconds an apply waits at most for the requests being stored to be answered
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -138,6 +139,9 @@ class Inbox:
         self._max_attempts = max_attempts
         self._rejections = RejectionCounter(signature_alert_at, signature_window)
         self.rejected = RejectionLog(clock)
+        self._apply_lock = threading.Lock()
+        self._applying = False  # a run of the apply job is going in this process
+        self._apply_again = False  # another run came meanwhile: look for new events again
         self._writer: GroupCommit[Arrival, str] = GroupCommit(
             self._store_batch,
             after=self._wake_apply,
@@ -275,20 +279,45 @@ class Inbox:
         """The `webhooks.apply` job: apply the `received` events, oldest first, each in its own
         transaction (a worker dying mid-apply rolls it back: the event stays `received`). Runs
         at once never apply one event twice: each takes an event locked (skipping one that
-        another run holds, where the database can) and only while it is still `received`. One
-        run takes up to `APPLY_BATCH` events and hands any more to a new run, so other jobs get
-        their turn. Returns how many it applied."""
-        with self._database.transaction() as session:
-            oldest = oldest_received_events(session, APPLY_BATCH)
+        another run holds, where the database can) and only while it is still `received`.
+
+        One run per process at a time: a run that finds another one going tells it to look
+        again before it ends, and leaves. A run goes on until no event is left, or hands over
+        to a new run after `APPLY_BATCH` events so that other jobs get their turn. Before each
+        event it gives way to the requests this process is storing (`serve`: web and worker
+        share one interpreter), for at most `INGEST_FIRST` seconds: under a burst, answering
+        Whop comes first and applying catches up after. Returns how many it applied."""
+        with self._apply_lock:
+            if self._applying:
+                self._apply_again = True
+                return 0
+            self._applying = True
         applied = 0
-        for event_id in oldest:
-            done = self._database.run(partial(self._apply_received, event_id=event_id))
-            if done is not None:
-                metrics.observe_webhook_apply(*done)
-                applied += 1
-        if len(oldest) == APPLY_BATCH:
-            self._jobs.enqueue(APPLY_TASK)
-        return applied
+        try:
+            while applied < APPLY_BATCH:
+                with self._apply_lock:
+                    self._apply_again = False
+                with self._database.transaction() as session:
+                    oldest = oldest_received_events(session, APPLY_BATCH - applied)
+                if not oldest:
+                    with self._apply_lock:
+                        if not self._apply_again:
+                            return applied
+                    continue
+                applied_before = applied
+                for event_id in oldest:
+                    self._writer.wait_idle(INGEST_FIRST)
+                    done = self._database.run(partial(self._apply_received, event_id=event_id))
+                    if done is not None:
+                        metrics.observe_webhook_apply(*done)
+                        applied += 1
+                if applied == applied_before:  # other processes' runs hold them all
+                    return applied
+            self._jobs.enqueue(APPLY_TASK)  # more may be waiting: a new run takes them
+            return applied
+        finally:
+            with self._apply_lock:
+                self._applying = False
 
     def _apply_received(self, session: Session, event_id: str) -> tuple[str, str] | None:
         """Apply one event if it is still `received`: its (type, status) then; None when
