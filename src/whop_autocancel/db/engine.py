@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,12 +74,19 @@ class Database:
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite lets one transaction write at a time (ours all begin IMMEDIATE), and one that
+        # waits polls with growing sleeps (its busy timeout). Between this process's threads
+        # (`serve`: requests, the webhook writer, the worker's jobs) the turn is handed over
+        # at once instead; other processes still meet the busy timeout.
+        self._write_turn: AbstractContextManager[object] = (
+            threading.RLock() if self.backend == "sqlite" else nullcontext()
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: commit on success, roll back on error, then run the
         callbacks registered with `after_commit` (enqueueing jobs, mostly)."""
-        with self.sessions() as session:
+        with self._write_turn, self.sessions() as session:
             with session.begin():
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
