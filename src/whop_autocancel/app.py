@@ -92,8 +92,9 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
         },
     )
     async def receive_webhook(request: Request) -> JSONResponse:
-        """Whop's webhooks (Standard Webhooks signed). 200 once stored; 401 bad signature;
-        400 not an event; 413 too large; 503 database down (Whop retries)."""
+        """Whop's webhooks (Standard Webhooks signed). 200 once stored durably (applied
+        after, by a worker); 401 bad signature; 400 not an event; 413 too large; 503 database
+        down (Whop retries)."""
         started = time.monotonic()
         client = request.client.host if request.client else None
         try:
@@ -102,9 +103,7 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
             result = runtime.inbox.refuse_too_large(limit, client)
         else:
             try:
-                result = await run_in_threadpool(
-                    runtime.inbox.ingest, body, dict(request.headers), client
-                )
+                result = await runtime.inbox.receive(body, request.headers, client)
             except Exception:
                 metrics.observe_webhook(None, "error", time.monotonic() - started)
                 raise

@@ -48,14 +48,21 @@ if _multiproc_dir := os.environ.get(MULTIPROC_ENV):
 
 WEBHOOKS = Counter(
     f"{PREFIX}_webhooks",
-    "Webhooks received at POST /webhooks/whop, by event type and what became of them.",
+    "Webhooks received at POST /webhooks/whop, by event type and what became of them "
+    "(received: stored, to be applied; duplicate; or refused).",
     ["type", "outcome"],
 )
 WEBHOOK_SECONDS = Histogram(
     f"{PREFIX}_webhook_ingest_seconds",
-    "Time to answer one webhook (read, verify, store, apply, commit), by outcome.",
+    "Time to answer one webhook (read, verify, store durably), by outcome.",
     ["outcome"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WEBHOOK_APPLIES = Counter(
+    f"{PREFIX}_webhook_applies",
+    "Stored webhooks applied by a worker (the webhooks.apply and webhooks.reapply jobs), by "
+    "event type and result (handled, ignored: a type we do not act on, failed: retried).",
+    ["type", "outcome"],
 )
 UNKNOWN_TYPE = "unknown"  # not verified or not readable: the body's type is not trusted
 OTHER_TYPE = "other"  # signed, but not shaped like an event type (kept out of the labels)
@@ -145,6 +152,10 @@ def email_kind(kind: str) -> str:
 def observe_webhook(event_type: str | None, outcome: str, seconds: float) -> None:
     WEBHOOKS.labels(webhook_type(event_type), outcome).inc()
     WEBHOOK_SECONDS.labels(outcome).observe(seconds)
+
+
+def observe_webhook_apply(event_type: str, outcome: str) -> None:
+    WEBHOOK_APPLIES.labels(webhook_type(event_type), outcome).inc()
 
 
 def observe_whop_call(endpoint: str, status: int | None, seconds: float) -> None:

@@ -31,7 +31,7 @@ from whop_autocancel.reconcile.sweeps import StuckWorkSweep
 from whop_autocancel.reconcile.whop_sweep import WhopSweep
 from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import Settings
-from whop_autocancel.webhooks.inbox import REAPPLY_TASK, Inbox
+from whop_autocancel.webhooks.inbox import APPLY_TASK, REAPPLY_TASK, Inbox
 from whop_autocancel.whop.client import AsyncWhopClient, WhopClient
 from whop_autocancel.whop.pacing import WhopPacer
 
@@ -156,7 +156,7 @@ class Runtime:
 
     def close(self) -> None:
         self.stop_dispatcher()
-        self.inbox.rejected.close()  # (logs what it folded since its last summary)
+        self.inbox.close()  # (stores what is queued; logs what its refusal log folded)
         if self._whop is not None:
             self._whop.close()
         self.database.dispose()
@@ -210,6 +210,7 @@ def build_runtime(
         database,
         orders,
         alerts,
+        jobs,
         clock,
         secrets=settings.webhook_secrets,
         tolerance=settings.WEBHOOK_TOLERANCE,
@@ -322,6 +323,7 @@ def _register_tasks(runtime: Runtime) -> None:
     jobs.register(SERVE_TASK, runtime.delivery.serve_waiting)
     jobs.register(CANCEL_TASK, runtime.run_cancellation)
     jobs.register(SEND_TASK, runtime.outbox.send)
+    jobs.register(APPLY_TASK, runtime.inbox.apply_received)
     jobs.register(REAPPLY_TASK, runtime.inbox.reapply)
     jobs.register(SWEEP_TASK, lambda: _sweep_quietly(runtime))
 

@@ -183,7 +183,7 @@ def test_an_event_is_ignored_then_replayed_from_the_inbox(shop: Shop, page: Any)
             "reason": "fraudulent",
         },
     )
-    assert event_status(shop, event_id) == "failed"
+    shop.wait_event(event_id, "failed")
     log_in(page, shop)
     page.goto(f"{shop.url}/admin/events")
     row = page.locator("tr", has_text=event_id)

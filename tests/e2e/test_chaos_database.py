@@ -9,32 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from support import backends
 from support.chaos import Cluster, report, wait
 
 pytestmark = pytest.mark.e2e
-
-
-def allow_connections(url: str, allowed: bool) -> None:
-    """Close a PostgreSQL database to new connections and drop the open ones (or reopen it)."""
-    name = make_url(url).database
-    admin = create_engine(make_url(backends.require("postgresql")), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(
-            text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {"true" if allowed else "false"}')
-        )
-        if not allowed:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-    admin.dispose()
 
 
 def test_database_unavailable_during_ingest_then_whop_redelivers(
@@ -50,7 +29,7 @@ def test_database_unavailable_during_ingest_then_whop_redelivers(
         "QUEUE_NAME": f"{backends.RUN_ID}-{uuid.uuid4().hex[:8]}",
     }
     with Cluster(tmp_path, workers=1, time_scale=0.05, **settings) as cluster:
-        allow_connections(url, False)
+        backends.allow_connections(url, False)
         try:
             purchases = cluster.buy(10)
             ids = {p["payment_id"] for p in purchases}
@@ -65,7 +44,7 @@ def test_database_unavailable_during_ingest_then_whop_redelivers(
 
             wait(first_attempts_refused, 30, "every payment webhook's first attempt")
         finally:
-            allow_connections(url, True)
+            backends.allow_connections(url, True)
         wait(lambda: cluster.settled(10), 60, "every purchase to complete after recovery")
         deliveries = [d for d in cluster.state.deliveries() if d["type"] == "payment.succeeded"]
         first = Counter(d["status"] for d in deliveries if d["attempt"] == 1)

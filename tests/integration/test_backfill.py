@@ -22,6 +22,7 @@ from support.harness import (
     STOCK_CATALOG,
     STOCK_PLAN,
     UNLISTED_PLAN,
+    apply_webhooks,
     drain,
     make_runtime,
     make_settings,
@@ -131,7 +132,8 @@ def whop_object(simulator: SimulatorServer, kind: str, object_id: str) -> dict[s
 def deliver_webhook(
     runtime: Runtime, simulator: SimulatorServer, event_type: str, object_id: str
 ) -> None:
-    """A signed webhook of this payment or membership reaches the inbox, as Whop sends it."""
+    """A signed webhook of this payment or membership reaches the inbox, as Whop sends it, and
+    is applied, as the worker does."""
     kind = "payments" if event_type.startswith("payment.") else "memberships"
     body = json.dumps(
         {
@@ -144,6 +146,7 @@ def deliver_webhook(
     ).encode()
     result = runtime.inbox.ingest(body, signed_headers(body))
     assert result.http_status == 200, result.body
+    apply_webhooks(runtime)
 
 
 def sale(simulator: SimulatorServer, plan: str, at: datetime, email: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from support.harness import (
     MESSAGE_PLAN,
     NONE_PLAN,
     ServiceServer,
+    apply_webhooks,
     drain,
     make_runtime,
     make_settings,
@@ -188,6 +189,7 @@ def test_cancelled_elsewhere_before_we_run_becomes_already_inactive_without_a_ca
         headers={"Authorization": f"Bearer {API_KEY}"},
     ).raise_for_status()
     wait_for(lambda: world.simulator.state.pending_webhooks() == 0)  # the deactivated webhook
+    apply_webhooks(world.runtime)  # as the worker does
     row = world.run(purchase["cancellation_id"], after=5)
     assert row.status == "already_inactive"
     assert [c["method"] for c in world.calls(membership)] == ["POST"]  # only the manual one

@@ -6,6 +6,7 @@ log and its summary, the access log, and the order id on every line about a purc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -200,7 +201,7 @@ def test_a_purchase_moves_each_counter_by_exactly_its_share(shop: StockWorld) ->
     durations = {
         sample_key: changes.pop(sample_key)
         for sample_key in [
-            key(f"{P}_webhook_ingest_seconds_sum", outcome="handled"),
+            key(f"{P}_webhook_ingest_seconds_sum", outcome="received"),
             key(f"{P}_whop_request_seconds_sum", endpoint=CANCEL_ENDPOINT),
             key(f"{P}_purchase_to_cancelled_seconds_sum"),
         ]
@@ -208,8 +209,9 @@ def test_a_purchase_moves_each_counter_by_exactly_its_share(shop: StockWorld) ->
     assert all(duration > 0 for duration in durations.values())
     assert durations[key(f"{P}_purchase_to_cancelled_seconds_sum")] == pytest.approx(since_purchase)
     assert changes == {
-        key(f"{P}_webhooks_total", type="payment.succeeded", outcome="handled"): 1,
-        key(f"{P}_webhook_ingest_seconds_count", outcome="handled"): 1,
+        key(f"{P}_webhooks_total", type="payment.succeeded", outcome="received"): 1,
+        key(f"{P}_webhook_ingest_seconds_count", outcome="received"): 1,
+        key(f"{P}_webhook_applies_total", type="payment.succeeded", outcome="handled"): 1,
         key(f"{P}_deliveries_total", outcome="delivered"): 1,
         key(f"{P}_alerts_total", kind="low_stock", outcome="sent"): 1,
         key(f"{P}_email_attempts_total", kind="delivery", result="sent"): 1,
@@ -293,6 +295,8 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     shop.pay(email=bounced)  # its delivery email fails for good: an email_failed alert
     shop.drain()
     waiting = shop.pay()  # paid, its delivery job still in the queue
+    unapplied = json.dumps({"id": "msg_Unapplied1", "type": "course.created", "data": {}})
+    assert post_event(shop.http, unapplied.encode()).json() == {"status": "received"}  # only
     shop.clock.advance(30)
     samples = scrape(shop.http)
     now = shop.clock.now()
@@ -347,9 +351,10 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     } == dict(open_alerts)
     assert dict(open_alerts)["email_failed"] == 1
 
-    # Work overdue, as the clock sees it: the paid order waits since its payment (30 s ago);
-    # the earliest scheduled cancellation is late by its own time.
+    # Work overdue, as the clock sees it: the paid order waits since its payment (30 s ago), the
+    # stored event since it arrived; the earliest scheduled cancellation is late by its own time.
     assert samples.value(f"{P}_overdue_work_seconds", kind="delivery") == pytest.approx(30)
+    assert samples.value(f"{P}_overdue_work_seconds", kind="event") == pytest.approx(30)
     earliest = min(due for _, due in cancellations)
     assert samples.value(f"{P}_overdue_work_seconds", kind="cancellation") == pytest.approx(
         (now - earliest).total_seconds()
@@ -360,6 +365,7 @@ def test_the_database_figures_match_the_rows(shop: StockWorld) -> None:
     assert samples.value(f"{P}_queue_jobs", state="ready") == backlog.ready >= 1
     assert samples.value(f"{P}_queue_jobs", state="scheduled") == backlog.scheduled
     assert samples.value(f"{P}_webhook_event_rows", status="failed") == 0
+    assert samples.value(f"{P}_webhook_event_rows", status="received") == 1
     assert samples.value(f"{P}_collector_up", part="database") == 1
     assert delivered["order_id"] != waiting["order_id"]
 
@@ -407,7 +413,7 @@ def test_multiprocess_mode_adds_up_every_process_on_the_machine(
     }
     record = (
         "from whop_autocancel import metrics\n"
-        "metrics.observe_webhook('payment.succeeded', 'handled', 0.02)\n"
+        "metrics.observe_webhook('payment.succeeded', 'received', 0.02)\n"
         "metrics.observe_whop_call('GET /payments', 200, 0.1)\n"
         "metrics.observe_whop_call('GET /payments', None, 5.0)\n"
     )
@@ -418,8 +424,8 @@ def test_multiprocess_mode_adds_up_every_process_on_the_machine(
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(shared))
     with web(tmp_path, clock, METRICS_TOKEN=TOKEN) as http:
         samples = scrape(http)
-    assert samples.value(f"{P}_webhooks_total", type="payment.succeeded", outcome="handled") == 2
-    assert samples.value(f"{P}_webhook_ingest_seconds_count", outcome="handled") == 2
+    assert samples.value(f"{P}_webhooks_total", type="payment.succeeded", outcome="received") == 2
+    assert samples.value(f"{P}_webhook_ingest_seconds_count", outcome="received") == 2
     assert samples.value(f"{P}_whop_requests_total", endpoint="GET /payments", status="200") == 2
     assert (
         samples.value(
@@ -561,8 +567,10 @@ def test_every_line_about_a_purchase_names_its_order(
     events = {line["event"] for line in lines}
     assert {"payment_matched", "delivered", "email_sent", "cancel_attempt", "cancelled"} <= events
     assert [line for line in lines if line.get("order_id") != purchase["order_id"]] == []
-    [received] = logged(logs, "webhook_received")
-    assert received["order_id"] == purchase["order_id"]
+    [received] = logged(logs, "webhook_received")  # stored: its order is not known yet
+    [applied] = logged(logs, "webhook_applied")
+    assert applied["event_id"] == received["event_id"]
+    assert applied["order_id"] == purchase["order_id"]
 
 
 def test_the_worker_command_serves_metrics_on_its_port_behind_the_token(tmp_path: Path) -> None:

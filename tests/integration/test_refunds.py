@@ -15,17 +15,18 @@ from sqlalchemy import select
 from support.harness import (
     MESSAGE_PLAN,
     ServiceServer,
+    deliver_event,
     drain,
     event_body,
     make_runtime,
     make_settings,
-    post_event,
 )
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.models import WebhookEvent
 
 
 @pytest.fixture
@@ -69,6 +70,13 @@ def the_order(runtime: Runtime, payment_id: str) -> Order:
         return session.scalars(select(Order).where(Order.whop_payment_id == payment_id)).one()
 
 
+def event_status(runtime: Runtime, body: bytes) -> str:
+    with runtime.database.transaction() as session:
+        event = session.get(WebhookEvent, json.loads(body)["id"])
+        assert event is not None
+        return event.status
+
+
 def kinds(runtime: Runtime) -> list[str]:
     with runtime.database.transaction() as session:
         return [a.kind for a in session.scalars(select(Alert).order_by(Alert.id))]
@@ -78,18 +86,20 @@ def test_a_refund_after_delivery_is_recorded_alerted_once_and_stops_the_cancel(
     service: tuple[Runtime, httpx.Client], clock: FrozenClock
 ) -> None:
     runtime, http = service
-    post_event(http, payment("pay_Refund1"))
+    deliver_event(runtime, http, payment("pay_Refund1"))
     drain(runtime)
     assert the_order(runtime, "pay_Refund1").status == "delivered"
-    assert post_event(http, claim("refund", "rf_1", "pay_Refund1")).json() == {"status": "handled"}
-    post_event(http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    pending = claim("refund", "rf_1", "pay_Refund1")
+    assert deliver_event(runtime, http, pending).json() == {"status": "received"}
+    assert event_status(runtime, pending) == "handled"
+    deliver_event(runtime, http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
     order = the_order(runtime, "pay_Refund1")
     assert order.status == "refunded"
     assert [(r["id"], r["status"]) for r in order.order_metadata["refunds"]] == [
         ("rf_1", "succeeded")
     ]
     # One while the refund is pending (nothing changes), one when it succeeds: not one per event.
-    post_event(http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    deliver_event(runtime, http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
     assert kinds(runtime) == ["order_refunded", "order_refunded"]
     with runtime.database.transaction() as session:
         row = session.scalars(select(Cancellation)).one()
@@ -105,8 +115,8 @@ def test_a_refund_before_its_payment_means_the_payment_delivers_nothing(
     service: tuple[Runtime, httpx.Client],
 ) -> None:
     runtime, http = service
-    post_event(http, claim("refund", "rf_2", "pay_Early1", "succeeded"))
-    post_event(http, payment("pay_Early1"))
+    deliver_event(runtime, http, claim("refund", "rf_2", "pay_Early1", "succeeded"))
+    deliver_event(runtime, http, payment("pay_Early1"))
     drain(runtime)
     order = the_order(runtime, "pay_Early1")
     assert order.status == "refunded"
@@ -119,10 +129,10 @@ def test_a_dispute_is_recorded_and_a_late_payment_does_not_undo_it(
     service: tuple[Runtime, httpx.Client],
 ) -> None:
     runtime, http = service
-    post_event(http, payment("pay_Dispute1"))
-    post_event(http, claim("dispute", "dp_1", "pay_Dispute1", "lost"))
+    deliver_event(runtime, http, payment("pay_Dispute1"))
+    deliver_event(runtime, http, claim("dispute", "dp_1", "pay_Dispute1", "lost"))
     duplicate_payment = json.loads(payment("pay_Dispute1"))
-    post_event(http, json.dumps(duplicate_payment).encode())
+    deliver_event(runtime, http, json.dumps(duplicate_payment).encode())
     order = the_order(runtime, "pay_Dispute1")
     assert order.status == "disputed"
     assert order.order_metadata["disputes"][0]["id"] == "dp_1"
@@ -135,6 +145,7 @@ def test_a_dispute_is_recorded_and_a_late_payment_does_not_undo_it(
 def test_a_claim_without_a_payment_id_is_stored_failed(
     service: tuple[Runtime, httpx.Client],
 ) -> None:
-    _, http = service
+    runtime, http = service
     body = json.dumps({"id": "msg_claim_bad", "type": "refund.created", "data": {"id": "rf"}})
-    assert post_event(http, body.encode()).json() == {"status": "failed"}
+    assert deliver_event(runtime, http, body.encode()).json() == {"status": "received"}
+    assert event_status(runtime, body.encode()) == "failed"

@@ -23,7 +23,6 @@ from support.harness import (
     STOCK_POOL,
     make_runtime,
     make_settings,
-    post_event,
     wait_for,
 )
 from support.stock import StockWorld, stock_world
@@ -378,8 +377,8 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
             items[buyer["order_id"]] = item.id
 
         # on_refund = "void": a pending refund does not void yet (it may fail)…
-        response = post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"]))
-        assert response.json() == {"status": "handled"}
+        response = world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"]))
+        assert response.json() == {"status": "received"}
         item = world.item_of(refunded["order_id"])
         assert item is not None
         assert item.status == "assigned"
@@ -387,7 +386,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "voided only if the refund succeeds" in alert.text_body
         # …once it succeeds, the item is void and a second alert says to rotate it.
         world.clock.advance(60)
-        post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
+        world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
         item = world.item_of(refunded["order_id"])
         assert item is not None
         assert (item.status, item.void_reason) == ("void", "refund rf_S1")
@@ -398,16 +397,16 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "will never be handed out again" in alert.text_body
         assert "Rotate it" in alert.text_body
         # The same update again changes nothing and raises nothing more.
-        post_event(world.http, claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
+        world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
         assert len(world.alerts("order_refunded")) == 2
         assert world.order(refunded["order_id"]).status == "refunded"
 
         # A dispute voids it only once lost; one the merchant wins keeps it.
-        post_event(world.http, claim_event("dispute", "dp_S1", disputed["payment_id"], "won"))
+        world.deliver(claim_event("dispute", "dp_S1", disputed["payment_id"], "won"))
         item = world.item_of(disputed["order_id"])
         assert item is not None
         assert item.status == "assigned"
-        post_event(world.http, claim_event("dispute", "dp_S1", disputed["payment_id"], "lost"))
+        world.deliver(claim_event("dispute", "dp_S1", disputed["payment_id"], "lost"))
         item = world.item_of(disputed["order_id"])
         assert item is not None
         assert (item.status, item.void_reason) == ("void", "dispute dp_S1")
@@ -416,7 +415,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "Rotate it" in alert.text_body
 
         # on_refund = "keep": the customer keeps it, and the alert says how to retire it.
-        post_event(world.http, claim_event("refund", "rf_S2", kept["payment_id"]))
+        world.deliver(claim_event("refund", "rf_S2", kept["payment_id"]))
         item = world.item_of(kept["order_id"])
         assert item is not None
         assert (item.status, item.order_id) == ("assigned", kept["order_id"])
@@ -444,7 +443,7 @@ def test_an_order_refunded_while_waiting_for_stock_is_never_served(world: StockW
     refunded = world.pay(paid_at=start - timedelta(minutes=5))
     world.drain()
     assert world.order(refunded["order_id"]).waiting_for_stock == STOCK_POOL
-    post_event(world.http, claim_event("refund", "rf_W1", refunded["payment_id"], "succeeded"))
+    world.deliver(claim_event("refund", "rf_W1", refunded["payment_id"], "succeeded"))
     assert world.order(refunded["order_id"]).status == "refunded"
 
     report = world.import_items(ITEMS[0], ITEMS[1])

@@ -24,6 +24,7 @@ from support.harness import (
     STOCK_PLAN,
     STOCK_POOL,
     ServiceServer,
+    deliver_event,
     drain,
     event_body,
     make_runtime,
@@ -146,8 +147,8 @@ def payment(
 
 
 def pay(runtime: Runtime, *emails: str) -> list[str]:
-    """Signed payment webhooks for the stock plan, over HTTP to the real endpoint; returns the
-    orders' ids, in payment order."""
+    """Signed payment webhooks for the stock plan, over HTTP to the real endpoint, each applied
+    as the worker would; returns the orders' ids, in payment order."""
     payment_ids = []
     with (
         ServiceServer(runtime).running() as server,
@@ -155,7 +156,7 @@ def pay(runtime: Runtime, *emails: str) -> list[str]:
     ):
         for email in emails:
             body = payment(email)
-            response = post_event(client, body)
+            response = deliver_event(runtime, client, body)
             assert response.status_code == 200, response.text
             payment_ids.append(json.loads(body)["data"]["id"])
     with runtime.database.transaction() as session:

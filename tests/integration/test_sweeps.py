@@ -187,6 +187,7 @@ def test_a_failed_event_is_reapplied_with_backoff_and_alerts_after_max_attempts(
     mariadb = runtime.database.backend == "mysql"
     with orders_refused(runtime):
         assert runtime.inbox.ingest(body, signed_headers(body)).http_status == 200
+        drain(runtime)  # the apply job: the first attempt fails
         assert runtime.stuck_sweep.run(force=True).events == 0  # first retry in 10 s
         for attempt in (2, 3):
             clock.advance(25)
@@ -217,6 +218,7 @@ def test_an_event_whose_data_can_never_apply_is_not_retried(
     from support.harness import signed_headers
 
     assert runtime.inbox.ingest(body, signed_headers(body)).http_status == 200
+    drain(runtime)  # the apply job: it fails for good
     clock.advance(3600)
     assert runtime.stuck_sweep.run(force=True).events == 0
     with runtime.database.transaction() as session:

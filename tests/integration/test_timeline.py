@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from support.harness import STOCK_CATALOG, STOCK_PLAN, STOCK_POOL, signed_headers
+from support.harness import STOCK_CATALOG, STOCK_PLAN, STOCK_POOL, apply_webhooks, signed_headers
 from support.shop import Shop, open_shop
 from whop_autocancel.admin.audit import actions_for, record
 from whop_autocancel.admin.operations import (
@@ -160,6 +160,7 @@ def test_a_failed_event_that_never_reached_an_order_is_still_on_its_timeline(
     ).encode()
     result = shop.runtime.inbox.ingest(body, signed_headers(body))
     assert result.http_status == 200
+    apply_webhooks(shop.runtime)  # as the worker does: it fails, and is stored `failed`
     with shop.runtime.database.transaction() as session:
         stored = session.get(WebhookEvent, "msg_RefundBroken1")
         assert stored is not None

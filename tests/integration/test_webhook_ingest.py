@@ -1,4 +1,5 @@
-"""POST /webhooks/whop over real HTTP against a real SQLite file."""
+"""POST /webhooks/whop over real HTTP, on each database: the request stores the event
+(`received`); the queued `webhooks.apply` job, run here as a worker runs it, applies it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from support.harness import (
     MESSAGE_PLAN,
     UNLISTED_PLAN,
     ServiceServer,
+    apply_webhooks,
     event_body,
     fixture_body,
     make_runtime,
@@ -28,6 +31,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.inbox import APPLY_TASK
 from whop_autocancel.webhooks.models import WebhookEvent
 
 
@@ -53,6 +57,12 @@ class Service:
     def queued(self) -> list[str]:
         return [task.name for task in self.runtime.jobs.huey.pending()]
 
+    def deliver(self, body: bytes, **options: Any) -> httpx.Response:
+        """Post a signed webhook, then apply it as the worker would."""
+        response = post_event(self.http, body, **options)
+        apply_webhooks(self.runtime)
+        return response
+
 
 @pytest.fixture
 def service(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[Service]:
@@ -73,12 +83,22 @@ def payment(plan: str = MESSAGE_PLAN, **changes: object) -> bytes:
     )
 
 
-def test_the_fixture_payment_is_stored_applied_and_delivery_is_queued(service: Service) -> None:
+def test_the_fixture_payment_is_stored_then_applied_by_the_job(service: Service) -> None:
     body = fixture_body("payment.succeeded.legacy.json")
     response = post_event(service.http, body)
     assert response.status_code == 200
-    assert response.json() == {"status": "handled"}
+    assert response.json() == {"status": "received"}
+    event = service.event("msg_2ZtQ8kLm4xVb7NcR1pWs9YdE")
+    assert event is not None
+    assert (event.status, event.attempts, event.payload) == ("received", 0, body.decode())
+    assert service.orders() == []  # nothing is applied on the request path
+    assert service.queued() == [APPLY_TASK]
+    assert apply_webhooks(service.runtime) == 1
+    event = service.event("msg_2ZtQ8kLm4xVb7NcR1pWs9YdE")
+    assert event is not None
+    assert (event.status, event.attempts) == ("handled", 1)
     [order] = service.orders()
+    assert event.order_id == order.id
     assert order.status == "paid"
     assert order.whop_payment_id == "pay_9fKx2LqP7mWzR4"
     assert order.whop_membership_id == "mem_Hc4Tq8Wn2ZkPa9"
@@ -90,15 +110,15 @@ def test_the_fixture_payment_is_stored_applied_and_delivery_is_queued(service: S
 
 def test_listed_one_time_payment_queues_exactly_one_delivery(service: Service) -> None:
     body = payment()
-    assert post_event(service.http, body).json() == {"status": "handled"}
+    assert service.deliver(body).json() == {"status": "received"}
     assert service.queued() == ["delivery.deliver"]
 
 
 def test_duplicate_delivery_of_one_webhook_changes_nothing(service: Service) -> None:
     body = payment()
-    first = post_event(service.http, body)
-    second = post_event(service.http, body)
-    assert (first.json(), second.json()) == ({"status": "handled"}, {"status": "duplicate"})
+    first = service.deliver(body)
+    second = service.deliver(body)
+    assert (first.json(), second.json()) == ({"status": "received"}, {"status": "duplicate"})
     assert service.count(Order) == 1
     assert service.queued() == ["delivery.deliver"]
 
@@ -107,8 +127,8 @@ def test_same_payment_under_two_webhook_ids_is_one_order(service: Service) -> No
     body = payment(id="pay_SamePayment1")
     other = json.loads(body)
     other["id"] = "msg_another_delivery"
-    post_event(service.http, body)
-    post_event(service.http, json.dumps(other).encode())
+    service.deliver(body)
+    service.deliver(json.dumps(other).encode())
     assert service.count(Order) == 1
     assert service.count(WebhookEvent) == 2
     assert service.queued() == ["delivery.deliver"]
@@ -121,7 +141,7 @@ def test_pinned_payload_is_understood(service: Service) -> None:
         metadata={},
         checkout_configuration_id=None,
     )
-    assert post_event(service.http, body).json() == {"status": "handled"}
+    assert service.deliver(body).json() == {"status": "received"}
     [order] = service.orders()
     assert (order.plan_id, order.email, order.whop_membership_id) == (
         MESSAGE_PLAN,
@@ -205,15 +225,15 @@ def test_body_over_the_limit_gets_413(service: Service) -> None:
     assert service.count(WebhookEvent) == 0
 
 
-def test_unknown_event_types_are_stored_as_ignored(service: Service) -> None:
+def test_unknown_event_types_are_stored_then_ignored(service: Service) -> None:
     body = json.dumps({"id": "msg_unknown1", "type": "course.created", "data": {"id": "c"}})
-    assert post_event(service.http, body.encode()).json() == {"status": "ignored"}
+    assert service.deliver(body.encode()).json() == {"status": "received"}
     event = service.event("msg_unknown1")
     assert event is not None
     assert event.status == "ignored"
 
 
-def test_an_event_that_fails_to_apply_is_stored_failed_and_answered_200(service: Service) -> None:
+def test_an_event_that_fails_to_apply_is_answered_200_and_stored_failed(service: Service) -> None:
     body = json.dumps(
         {
             "id": "msg_broken1",
@@ -221,9 +241,9 @@ def test_an_event_that_fails_to_apply_is_stored_failed_and_answered_200(service:
             "data": {"status": "paid", "plan": {"id": MESSAGE_PLAN}},
         }
     ).encode()
-    response = post_event(service.http, body)
+    response = service.deliver(body)
     assert response.status_code == 200
-    assert response.json() == {"status": "failed"}
+    assert response.json() == {"status": "received"}
     event = service.event("msg_broken1")
     assert event is not None
     assert event.status == "failed"
@@ -245,12 +265,13 @@ def test_database_unavailable_gets_503(service: Service) -> None:
     (service.tmp_path / "moved.db").rename(path)
     service.runtime.database.engine.dispose()
     assert service.count(WebhookEvent) == 0
+    assert service.queued() == []
     # Whop's redelivery of the same event now succeeds.
     assert post_event(service.http, payment()).status_code == 200
 
 
 def test_unlisted_plan_is_recorded_only(service: Service) -> None:
-    post_event(service.http, payment(plan=UNLISTED_PLAN))
+    service.deliver(payment(plan=UNLISTED_PLAN))
     [order] = service.orders()
     assert order.status == "paid"
     assert service.queued() == []
@@ -258,9 +279,7 @@ def test_unlisted_plan_is_recorded_only(service: Service) -> None:
 
 def test_renewal_of_a_listed_plan_is_recorded_and_alerts_once(service: Service) -> None:
     for number in range(2):
-        post_event(
-            service.http, payment(id=f"pay_Renewal{number}", billing_reason="subscription_cycle")
-        )
+        service.deliver(payment(id=f"pay_Renewal{number}", billing_reason="subscription_cycle"))
     assert [o.status for o in service.orders()] == ["paid", "paid"]
     assert [name for name in service.queued() if name != "mail.send"] == []
     with service.runtime.database.transaction() as session:
@@ -277,11 +296,11 @@ def test_membership_activated_first_then_payment_matches_the_same_order(service:
         metadata={},
         checkout_configuration_id=None,
     )
-    assert post_event(service.http, activation).json() == {"status": "handled"}
+    assert service.deliver(activation).json() == {"status": "received"}
     [pending] = service.orders()
     assert (pending.status, pending.whop_membership_id) == ("pending", "mem_Hc4Tq8Wn2ZkPa9")
     assert service.queued() == []  # activation never delivers
-    post_event(service.http, payment())
+    service.deliver(payment())
     [order] = service.orders()
     assert order.id == pending.id
     assert order.status == "paid"

@@ -63,6 +63,25 @@ def create_database(kind: str) -> str:
     return url
 
 
+def allow_connections(url: str, allowed: bool) -> None:
+    """Close a PostgreSQL database to new connections and drop the open ones (or reopen it)."""
+    name = make_url(url).database
+    admin = create_engine(make_url(require("postgresql")), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(
+            text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {"true" if allowed else "false"}')
+        )
+        if not allowed:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+    admin.dispose()
+
+
 def drop_database(kind: str, url: str) -> None:
     server = make_url(SERVERS[kind])
     name = make_url(url).database

@@ -35,6 +35,7 @@ from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.simulator import SimulatorServer
+from whop_autocancel.webhooks.models import WebhookEvent
 
 CHROMIUM = Path(os.environ.get("WA_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -174,6 +175,16 @@ class Shop:
         assert found is not None
         return found.id
 
+    def wait_event(self, event_id: str, status: str, seconds: float = 30) -> None:
+        """Wait until the worker has applied a stored webhook to `status`."""
+
+        def applied() -> bool:
+            with self.database.transaction() as session:
+                found = session.get(WebhookEvent, event_id)
+                return found is not None and found.status == status
+
+        wait_for(applied, seconds, f"event {event_id} to be {status}", 0.1)
+
     def delivery_email(self, order_id: str) -> Email | None:
         """The order's latest customer delivery email (its row, read without the body)."""
         with self.database.transaction() as session:
@@ -258,4 +269,5 @@ def seed(shop: Shop) -> None:
     shop.wait_order(unlisted, "paid")
     waiting = shop.buy(STOCK_PLAN, email="waiting@example.com")  # the pool is empty now
     shop.wait_order(waiting["payment_id"], "delivery_failed")
-    shop.post_event("payment.succeeded", {"status": "paid", "billing_reason": "one_time"})
+    broken = shop.post_event("payment.succeeded", {"status": "paid", "billing_reason": "one_time"})
+    shop.wait_event(broken, "failed")  # it has no payment id: the worker stores it failed

@@ -17,6 +17,7 @@ from support.harness import (
     MESSAGE_PLAN,
     STOCK_CATALOG,
     UNLISTED_PLAN,
+    apply_webhooks,
     drain,
     event_body,
     make_runtime,
@@ -61,7 +62,8 @@ class Shop:
 
 
 def buy(runtime: Runtime, simulator: SimulatorServer, email: str, plan: str = MESSAGE_PLAN) -> str:
-    """A purchase at the simulator whose payment webhook reached the inbox; its membership."""
+    """A purchase at the simulator whose payment webhook reached the inbox and was applied; its
+    membership."""
     made = simulator.state.create_purchase(plan, email=email, send_webhooks=False)
     body = event_body(
         "payment.succeeded.legacy.json",
@@ -74,6 +76,7 @@ def buy(runtime: Runtime, simulator: SimulatorServer, email: str, plan: str = ME
         checkout_configuration_id=None,
     )
     assert runtime.inbox.ingest(body, signed_headers(body)).http_status == 200
+    apply_webhooks(runtime)  # as the worker does
     return str(made["membership_id"])
 
 
@@ -125,6 +128,7 @@ def cli_shop(
             }
         ).encode()
         assert runtime.inbox.ingest(broken, signed_headers(broken)).http_status == 200
+        apply_webhooks(runtime)  # stored `failed`: its payment has no id
         shop = read_back(runtime, Shop(tmp_path, service_environment(tmp_path, **values)))
     finally:
         runtime.close()

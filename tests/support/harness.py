@@ -23,6 +23,7 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.runtime import Runtime, build_runtime
 from whop_autocancel.schema.migrate import upgrade
 from whop_autocancel.settings import Settings, load_settings
+from whop_autocancel.webhooks.inbox import APPLY_TASK
 from whop_autocancel.webhooks.verify import sign
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "whop"
@@ -147,6 +148,24 @@ def drain(runtime: Runtime, *, include_scheduled: bool = False, rounds: int = 50
     raise AssertionError("queue did not drain")
 
 
+def apply_webhooks(runtime: Runtime) -> int:
+    """Run the queued `webhooks.apply` jobs, and only those, like a consumer would (huey's own
+    `execute`): the stored webhooks are applied, and every other job (those queued before, and
+    the follow-ups the apply enqueues) stays queued, in order. Returns how many ran."""
+    huey = runtime.jobs.huey
+    kept = []
+    ran = 0
+    while (task := huey.dequeue()) is not None:
+        if task.name == APPLY_TASK:
+            huey.execute(task)
+            ran += 1
+        else:
+            kept.append(task)
+    for task in kept:
+        huey.enqueue(task)
+    return ran
+
+
 class ServiceServer:
     """The web app under uvicorn on a free loopback port, in a thread."""
 
@@ -210,6 +229,15 @@ def signed_headers(
 
 def post_event(client: httpx.Client, body: bytes, **options: Any) -> httpx.Response:
     return client.post("/webhooks/whop", content=body, headers=signed_headers(body, **options))
+
+
+def deliver_event(
+    runtime: Runtime, client: httpx.Client, body: bytes, **options: Any
+) -> httpx.Response:
+    """Post a signed webhook as Whop does, then apply it as a worker does (`apply_webhooks`)."""
+    response = post_event(client, body, **options)
+    apply_webhooks(runtime)
+    return response
 
 
 def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:

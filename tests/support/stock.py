@@ -20,11 +20,11 @@ from support.harness import (
     STOCK_PLAN,
     STOCK_POOL,
     ServiceServer,
+    deliver_event,
     drain,
     event_body,
     make_runtime,
     make_settings,
-    post_event,
 )
 from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.alerts.models import Alert
@@ -84,9 +84,9 @@ class StockWorld:
             plan={"id": plan, "internal_notes": None, "metadata": {}},
             product={"id": purchase["product_id"], "title": "Product", "metadata": {}},
         )
-        response = post_event(self.http, body)
+        response = self.deliver(body)
         assert response.status_code == 200, response.text
-        assert response.json() == {"status": "handled"}, response.text
+        assert response.json() == {"status": "received"}, response.text
         with self.runtime.database.transaction() as session:
             order = session.scalars(
                 select(Order).where(Order.whop_payment_id == purchase["payment_id"])
@@ -94,6 +94,10 @@ class StockWorld:
         purchase["order_id"] = order.id
         purchase["email"] = email
         return purchase
+
+    def deliver(self, body: bytes) -> httpx.Response:
+        """Post a signed webhook, then apply it as the worker would."""
+        return deliver_event(self.runtime, self.http, body)
 
     # Stock ----------------------------------------------------------------------------------
 

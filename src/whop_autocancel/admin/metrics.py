@@ -43,6 +43,8 @@ OPEN_CANCELLATION_STATES = (
     CancellationStatus.RUNNING.value,
     CancellationStatus.FAILED.value,
 )
+# Webhook events not applied (yet): the applied ones grow with every sale.
+OPEN_EVENT_STATES = (EventStatus.RECEIVED.value, EventStatus.FAILED.value)
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -194,7 +196,8 @@ class DatabaseCollector:
             "overdue_work_seconds",
             "How long the most overdue piece of work has been due: a cancellation past its "
             "next attempt, an unsent email past its next try, a paid order of a listed "
-            "one-time plan not delivered since its payment (0: nothing overdue).",
+            "one-time plan not delivered since its payment, a stored webhook not applied since "
+            "it arrived (0: nothing overdue).",
             ["kind"],
         )
         cancellation = session.scalar(
@@ -219,23 +222,33 @@ class DatabaseCollector:
             if listed
             else None
         )
+        event = session.scalar(
+            select(func.min(WebhookEvent.received_at)).where(
+                WebhookEvent.status == EventStatus.RECEIVED.value
+            )
+        )
         overdue.add_metric(["cancellation"], _age(now, cancellation))
         overdue.add_metric(["delivery"], _age(now, delivery))
         overdue.add_metric(["email"], _age(now, email))
+        overdue.add_metric(["event"], _age(now, event))
         return overdue
 
     def _events(self, session: Session) -> Metric:
-        failed = session.scalar(
-            select(func.count())
-            .select_from(WebhookEvent)
-            .where(WebhookEvent.status == EventStatus.FAILED.value)
+        counts = dict(
+            session.execute(
+                select(WebhookEvent.status, func.count())
+                .where(WebhookEvent.status.in_(OPEN_EVENT_STATES))
+                .group_by(WebhookEvent.status)
+            ).all()
         )
         events = _gauge(
             "webhook_event_rows",
-            "Stored webhooks that failed to apply (re-applied with backoff; see events list).",
+            "Stored webhooks not applied: received (waiting for the webhooks.apply job) and "
+            "failed (re-applied with backoff; see events list).",
             ["status"],
         )
-        events.add_metric([EventStatus.FAILED.value], failed or 0)
+        for status in OPEN_EVENT_STATES:
+            events.add_metric([status], counts.get(status, 0))
         return events
 
     def _alerts(self, session: Session) -> list[Metric]:

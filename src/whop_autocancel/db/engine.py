@@ -6,13 +6,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,7 +42,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -73,12 +74,19 @@ class Database:
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite lets one transaction write at a time (ours all begin IMMEDIATE), and one that
+        # waits polls with growing sleeps (its busy timeout). Between this process's threads
+        # (`serve`: requests, the webhook writer, the worker's jobs) the turn is handed over
+        # at once instead; other processes still meet the busy timeout.
+        self._write_turn: AbstractContextManager[object] = (
+            threading.RLock() if self.backend == "sqlite" else nullcontext()
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: commit on success, roll back on error, then run the
         callbacks registered with `after_commit` (enqueueing jobs, mostly)."""
-        with self.sessions() as session:
+        with self._write_turn, self.sessions() as session:
             with session.begin():
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
@@ -183,3 +191,44 @@ def insert_once(session: Session, row: object) -> bool:
     except IntegrityError:
         return False
     return True
+
+
+def insert_absent(
+    session: Session, model: type[Any], rows: Sequence[Mapping[str, Any]], key: str
+) -> set[Any]:
+    """Insert every row whose `key` is not in `model`'s table yet; the keys it inserted. Rows that
+    another transaction inserts concurrently end as one row, never as an error: PostgreSQL and
+    SQLite in one statement (`ON CONFLICT DO NOTHING RETURNING`); elsewhere (MariaDB) the keys
+    already there are left out first and the rest inserted in one statement, row by row
+    (`insert_once`'s savepoints) only when a concurrent insert took one in between. Pass the
+    rows sorted by `key`: transactions then lock keys in one order and cannot deadlock on them."""
+    if not rows:
+        return set()
+    column = model.__table__.c[key]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        upsert = postgresql.insert(model) if dialect == "postgresql" else sqlite.insert(model)
+        statement = (
+            upsert.values(list(rows))
+            .on_conflict_do_nothing(index_elements=[column])
+            .returning(column)
+        )
+        return set(session.scalars(statement))
+    present = set(session.scalars(select(column).where(column.in_([row[key] for row in rows]))))
+    fresh = [row for row in rows if row[key] not in present]
+    if not fresh:
+        return set()
+    try:
+        with session.begin_nested():
+            session.execute(insert(model).values(fresh))
+    except IntegrityError:  # a concurrent transaction inserted one of them since the select
+        inserted = set()
+        for row in fresh:
+            try:
+                with session.begin_nested():
+                    session.execute(insert(model).values(dict(row)))
+            except IntegrityError:
+                continue
+            inserted.add(row[key])
+        return inserted
+    return {row[key] for row in fresh}

@@ -25,7 +25,12 @@ from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.outbox import SEND_TASK
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME, close_unpaid_orders
-from whop_autocancel.webhooks.inbox import REAPPLY_TASK, due_failed_events
+from whop_autocancel.webhooks.inbox import (
+    APPLY_TASK,
+    REAPPLY_TASK,
+    due_failed_events,
+    unapplied_events,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +95,7 @@ class SweepReport:
     cancellations: int = 0
     deliveries: int = 0
     emails: int = 0
-    events: int = 0
+    events: int = 0  # failed ones due for another try, and received ones never applied
     digests: int = 0
     stock_pools: int = 0  # pools whose waiting orders are served again
     abandoned: int = 0  # pending orders nobody paid within PENDING_ORDER_TTL, closed
@@ -177,6 +182,9 @@ class StuckWorkSweep:
                 )
             )
             events = due_failed_events(session, now, BATCH)
+            # Stored webhooks never applied: their apply job was lost (the queue was down, the
+            # web process died between its commit and the enqueue, a worker was killed).
+            unapplied = unapplied_events(session, overdue, BATCH)
             if not dry_run:
                 follow_renamed_pools(session, self._catalog)
             pools = pools_to_serve(session)
@@ -186,7 +194,7 @@ class StuckWorkSweep:
                     cancellations=len(cancellations),
                     deliveries=len(deliveries),
                     emails=len(emails),
-                    events=len(events),
+                    events=len(events) + len(unapplied),
                     stock_pools=len(pools),
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
@@ -203,6 +211,8 @@ class StuckWorkSweep:
                 self._jobs.defer(session, SEND_TASK, email_id)
             for event_id in events:
                 self._jobs.defer(session, REAPPLY_TASK, event_id)
+            if unapplied:  # one job applies them all, oldest first
+                self._jobs.defer(session, APPLY_TASK)
             for pool in pools:
                 self._jobs.defer(session, SERVE_TASK, pool)
         report = SweepReport(
@@ -210,7 +220,7 @@ class StuckWorkSweep:
             cancellations=len(cancellations),
             deliveries=len(deliveries),
             emails=len(emails),
-            events=len(events),
+            events=len(events) + len(unapplied),
             digests=digests,
             stock_pools=len(pools),
             abandoned=len(abandoned),

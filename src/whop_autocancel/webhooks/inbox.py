@@ -1,14 +1,20 @@
-"""Webhook ingest (DESIGN §5): verify → store once → apply in the same transaction → commit →
-enqueue follow-up jobs → answer. An event that fails to apply is stored `failed` and re-applied
-by the stuck-work sweep with backoff; only an event that cannot be stored at all gets a 5xx."""
+"""Webhook ingest (DESIGN §5): verify → store once, durably → answer. Nothing else happens on
+the request path: the events of concurrent requests are stored together by one writer thread
+per process (group commit), and each request is answered once its event's transaction has
+committed. The `webhooks.apply` job, enqueued once per commit, then applies every stored
+(`received`) event, oldest first, each in its own transaction; the stuck-work sweep applies any
+event whose job was lost. An event that fails to apply is stored `failed` and re-applied with
+backoff; only an event that cannot be stored at all gets a 5xx."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import structlog
 from sqlalchemy import select
@@ -16,12 +22,15 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
-from whop_autocancel.db.engine import Database, insert_once, savepoint
+from whop_autocancel.db.engine import Database, insert_absent, savepoint
+from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.service import OrderService, order_of_membership
+from whop_autocancel.webhooks.group_commit import GroupCommit
 from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 from whop_autocancel.webhooks.rejections import RejectionLog
 from whop_autocancel.webhooks.verify import SignatureError, verify_signature
@@ -37,7 +46,11 @@ from whop_autocancel.whop.payloads import (
 
 log = structlog.get_logger(__name__)
 
+APPLY_TASK = "webhooks.apply"
 REAPPLY_TASK = "webhooks.reapply"
+STORE_BATCH = 200  # events stored per transaction at most
+APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
+INGEST_FIRST = 0.5  # seconds an apply waits at most for the requests being stored to be answered
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -61,8 +74,9 @@ class RejectionCounter:
             return len(self._times) == self.threshold
 
 
-# What became of a webhook (the `outcome` of the metrics): stored as `handled`, `ignored` or
-# `failed` (its apply failed; retried), or not stored.
+# What became of a webhook (the `outcome` of the metrics): stored (`received`; applied later by
+# the worker), or a `duplicate` of a stored one, or not stored.
+RECEIVED = EventStatus.RECEIVED.value
 DUPLICATE = "duplicate"
 BAD_SIGNATURE = "bad_signature"
 BAD_REQUEST = "bad_request"
@@ -78,12 +92,33 @@ class IngestResult:
     event_type: str | None = None  # None: not verified, or not an event
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A verified event, on its way to the inbox table."""
+
+    event_id: str
+    event_type: str
+    payload: str  # the raw body, exactly as signed
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What verifying and parsing a request gave: an event to store, or the answer refusing
+    it; and, when this refusal crossed the threshold, the reason to alert with."""
+
+    arrival: Arrival | None
+    refusal: IngestResult | None = None
+    alert_reason: str | None = None
+
+
 class Inbox:
     def __init__(
         self,
         database: Database,
         orders: OrderService,
         alerts: Alerts,
+        jobs: Jobs,
         clock: Clock,
         *,
         secrets: Sequence[bytes],
@@ -96,6 +131,7 @@ class Inbox:
         self._database = database
         self._orders = orders
         self._alerts = alerts
+        self._jobs = jobs
         self._clock = clock
         self._secrets = list(secrets)
         self._tolerance = tolerance
@@ -103,19 +139,75 @@ class Inbox:
         self._max_attempts = max_attempts
         self._rejections = RejectionCounter(signature_alert_at, signature_window)
         self.rejected = RejectionLog(clock)
+        self._apply_lock = threading.Lock()
+        self._applying = False  # a run of the apply job is going in this process
+        self._apply_again = False  # another run came meanwhile: look for new events again
+        self._writer: GroupCommit[Arrival, str] = GroupCommit(
+            self._store_batch,
+            after=self._wake_apply,
+            max_batch=STORE_BATCH,
+            name="webhook-writer",
+        )
+
+    # Ingest (the request path) -----------------------------------------------------------------
+
+    async def receive(
+        self, body: bytes, headers: Mapping[str, str], client: str | None = None
+    ) -> IngestResult:
+        """The webhook route: verify and parse here (cheap, no I/O), then wait, without a
+        thread, for the writer to commit the event. `client`: the sender's address, for the
+        log of refusals."""
+        checked = self._check(body, headers, client)
+        if checked.alert_reason is not None:
+            await asyncio.to_thread(self._alert_signature_failures, checked.alert_reason)
+        if checked.arrival is None:
+            assert checked.refusal is not None
+            return checked.refusal
+        arrival = checked.arrival
+        try:
+            status = await asyncio.wrap_future(self._writer.submit(arrival))
+        except (OperationalError, DBInterfaceError) as error:
+            return self._unavailable(arrival, error)
+        return self._stored(arrival, status)
 
     def ingest(
         self, body: bytes, headers: Mapping[str, str], client: str | None = None
     ) -> IngestResult:
-        """Verify, store once, apply. `client`: the sender's address, for the log of refusals."""
+        """The same as `receive`, blocking (tests, tools): verify, store once, answer."""
+        checked = self._check(body, headers, client)
+        if checked.alert_reason is not None:
+            self._alert_signature_failures(checked.alert_reason)
+        if checked.arrival is None:
+            assert checked.refusal is not None
+            return checked.refusal
+        future = self._writer.submit(checked.arrival)
+        try:
+            status = future.result()
+        except (OperationalError, DBInterfaceError) as error:
+            return self._unavailable(checked.arrival, error)
+        return self._stored(checked.arrival, status)
+
+    def refuse_too_large(self, limit: int, client: str | None = None) -> IngestResult:
+        """A body over WEBHOOK_MAX_BYTES, refused before it is read (413)."""
+        self.rejected.record(TOO_LARGE, client, reason=f"body over {limit} bytes", http_status=413)
+        return IngestResult(413, {"error": f"body larger than {limit} bytes"}, TOO_LARGE)
+
+    def close(self) -> None:
+        """Store what is queued already, stop the writer, log what the refusal log folded."""
+        self._writer.close()
+        self.rejected.close()
+
+    def _check(self, body: bytes, headers: Mapping[str, str], client: str | None) -> _Checked:
         now = self._clock.now()
         try:
             verified = verify_signature(body, headers, self._secrets, now, self._tolerance)
         except SignatureError as error:
             self.rejected.record(BAD_SIGNATURE, client, reason=str(error), http_status=401)
-            if self._rejections.add(now):
-                self._alert_signature_failures(now, str(error))
-            return IngestResult(401, {"error": str(error)}, BAD_SIGNATURE)
+            return _Checked(
+                None,
+                IngestResult(401, {"error": str(error)}, BAD_SIGNATURE),
+                str(error) if self._rejections.add(now) else None,
+            )
         try:
             envelope = parse_envelope(body)
         except PayloadError as error:
@@ -126,56 +218,142 @@ class Inbox:
                 http_status=400,
                 event_id=verified.webhook_id,
             )
-            return IngestResult(400, {"error": str(error)}, BAD_REQUEST)
-        event_id = verified.webhook_id
-        try:
-            status, order_id = self._store_and_apply(event_id, envelope, body, now)
-        except (OperationalError, DBInterfaceError) as error:
-            log.error(
-                "webhook_store_failed",
-                event_id=event_id,
-                type=envelope.type,
-                error=type(error).__name__,
-            )
-            return IngestResult(
-                503, {"error": "database unavailable; retry later"}, DB_DOWN, envelope.type
-            )
+            return _Checked(None, IngestResult(400, {"error": str(error)}, BAD_REQUEST))
+        # (verify_signature checked the body is UTF-8)
+        return _Checked(Arrival(verified.webhook_id, envelope.type, body.decode("utf-8"), now))
+
+    def _stored(self, arrival: Arrival, status: str) -> IngestResult:
         log.info(
-            "webhook_received",
-            event_id=event_id,
-            type=envelope.type,
-            status=status,
+            "webhook_received", event_id=arrival.event_id, type=arrival.event_type, status=status
+        )
+        return IngestResult(200, {"status": status}, status, arrival.event_type)
+
+    def _unavailable(self, arrival: Arrival, error: Exception) -> IngestResult:
+        log.error(
+            "webhook_store_failed",
+            event_id=arrival.event_id,
+            type=arrival.event_type,
+            error=type(error).__name__,
+        )
+        return IngestResult(
+            503, {"error": "database unavailable; retry later"}, DB_DOWN, arrival.event_type
+        )
+
+    # The writer thread ---------------------------------------------------------------------------
+
+    def _store_batch(self, arrivals: Sequence[Arrival]) -> list[str | Exception]:
+        """One transaction for the whole batch: each event's status (`received`, or
+        `duplicate`). The database unavailable fails every request of the batch (503); any
+        other error is one event's own, so its batch is stored again one event at a time."""
+        try:
+            return list(self._database.run(lambda session: store_arrivals(session, arrivals)))
+        except (OperationalError, DBInterfaceError):
+            raise
+        except Exception:
+            if len(arrivals) == 1:
+                raise
+            log.exception("webhook_batch_failed", events=len(arrivals))
+        return [self._store_alone(arrival) for arrival in arrivals]
+
+    def _store_alone(self, arrival: Arrival) -> str | Exception:
+        try:
+            [status] = self._database.run(lambda session: store_arrivals(session, [arrival]))
+        except Exception as error:
+            return error
+        return status
+
+    def _wake_apply(self, outcomes: Sequence[str | Exception]) -> None:
+        """After a commit that stored anything, before its requests are answered: one apply job
+        for the whole batch. Lost (the queue is down, the process dies first), the sweep
+        applies the events instead."""
+        if RECEIVED not in outcomes:
+            return
+        try:
+            self._jobs.enqueue(APPLY_TASK)
+        except Exception as error:
+            log.warning("webhook_apply_enqueue_failed", error=f"{type(error).__name__}: {error}")
+
+    # Apply (the worker) --------------------------------------------------------------------------
+
+    def apply_received(self) -> int:
+        """The `webhooks.apply` job: apply the `received` events, oldest first, each in its own
+        transaction (a worker dying mid-apply rolls it back: the event stays `received`). Runs
+        at once never apply one event twice: each takes an event locked (skipping one that
+        another run holds, where the database can) and only while it is still `received`.
+
+        One run per process at a time: a run that finds another one going tells it to look
+        again before it ends, and leaves. A run goes on until no event is left, or hands over
+        to a new run after `APPLY_BATCH` events so that other jobs get their turn. Before each
+        event it gives way to the requests this process is storing (`serve`: web and worker
+        share one interpreter), for at most `INGEST_FIRST` seconds: under a burst, answering
+        Whop comes first and applying catches up after. Returns how many it applied."""
+        with self._apply_lock:
+            if self._applying:
+                self._apply_again = True
+                return 0
+            self._applying = True
+        applied = 0
+        try:
+            while applied < APPLY_BATCH:
+                with self._apply_lock:
+                    self._apply_again = False
+                with self._database.transaction() as session:
+                    oldest = oldest_received_events(session, APPLY_BATCH - applied)
+                if not oldest:
+                    with self._apply_lock:
+                        if not self._apply_again:
+                            return applied
+                    continue
+                applied_before = applied
+                for event_id in oldest:
+                    self._writer.wait_idle(INGEST_FIRST)
+                    done = self._database.run(partial(self._apply_received, event_id=event_id))
+                    if done is not None:
+                        metrics.observe_webhook_apply(*done)
+                        applied += 1
+                if applied == applied_before:  # other processes' runs hold them all
+                    return applied
+            self._jobs.enqueue(APPLY_TASK)  # more may be waiting: a new run takes them
+            return applied
+        finally:
+            with self._apply_lock:
+                self._applying = False
+
+    def _apply_received(self, session: Session, event_id: str) -> tuple[str, str] | None:
+        """Apply one event if it is still `received`: its (type, status) then; None when
+        another run applied it already, or holds it now."""
+        now = self._clock.now()
+        statement = select(WebhookEvent).where(
+            WebhookEvent.id == event_id, WebhookEvent.status == RECEIVED
+        )
+        if self._database.skip_locked:
+            statement = statement.with_for_update(skip_locked=True)
+        # (SQLite: the transaction began with the write lock, so nobody else applies now.)
+        event = session.scalars(statement).first()
+        if event is None:
+            return None
+        order_id = self._apply_stored(session, event, now)
+        log.info(
+            "webhook_applied",
+            event_id=event.id,
+            type=event.type,
+            status=event.status,
+            attempt=event.attempts,
             order_id=order_id,
         )
-        return IngestResult(200, {"status": status}, status, envelope.type)
+        return event.type, event.status
 
-    def refuse_too_large(self, limit: int, client: str | None = None) -> IngestResult:
-        """A body over WEBHOOK_MAX_BYTES, refused before it is read (413)."""
-        self.rejected.record(TOO_LARGE, client, reason=f"body over {limit} bytes", http_status=413)
-        return IngestResult(413, {"error": f"body larger than {limit} bytes"}, TOO_LARGE)
-
-    def _store_and_apply(
-        self, event_id: str, envelope: Envelope, body: bytes, now: datetime
-    ) -> tuple[str, str | None]:
-        """The event's status (or `duplicate`) and the order it concerns (None: none)."""
-
-        def store_and_apply(session: Session) -> tuple[str, str | None]:
-            if session.get(WebhookEvent, event_id) is not None:
-                return DUPLICATE, None
-            event = WebhookEvent(
-                id=event_id,
-                type=envelope.type,
-                payload=body.decode("utf-8"),
-                received_at=now,
-                status=EventStatus.RECEIVED.value,
-                attempts=0,
-            )
-            if not insert_once(session, event):
-                return DUPLICATE, None  # a concurrent delivery of the same event won
-            order_id = self._apply_recording(session, event, envelope, now)
-            return event.status, order_id
-
-        return self._database.run(store_and_apply)
+    def _apply_stored(self, session: Session, event: WebhookEvent, now: datetime) -> str | None:
+        try:
+            envelope = parse_envelope(event.payload.encode("utf-8"))
+        except PayloadError as error:  # (it was read when it arrived: a row edited since)
+            event.attempts += 1
+            event.status = EventStatus.FAILED.value
+            event.last_error = f"stored body cannot be read: {error}"
+            event.next_attempt_at = None
+            self._alert_apply_failed(session, event, now, retried=False)
+            return None
+        return self._apply_recording(session, event, envelope, now)
 
     def _apply_recording(
         self, session: Session, event: WebhookEvent, envelope: Envelope, now: datetime
@@ -248,8 +426,8 @@ class Inbox:
                 return
             if event.next_attempt_at is not None and event.next_attempt_at > now:
                 return
-            envelope = parse_envelope(event.payload.encode("utf-8"))
-            order_id = self._apply_recording(session, event, envelope, now)
+            order_id = self._apply_stored(session, event, now)
+            applied = event.type, event.status
             log.info(
                 "webhook_reapplied",
                 event_id=event.id,
@@ -257,9 +435,11 @@ class Inbox:
                 attempt=event.attempts,
                 order_id=order_id,
             )
+        metrics.observe_webhook_apply(*applied)
 
-    def _alert_signature_failures(self, now: datetime, last_reason: str) -> None:
+    def _alert_signature_failures(self, last_reason: str) -> None:
         """Many refused signatures in a short time: most likely the wrong secret is set."""
+        now = self._clock.now()
 
         def raise_alert(session: Session) -> None:
             self._alerts.raise_once(
@@ -325,6 +505,59 @@ class Inbox:
             ),
             now,
         )
+
+
+def store_arrivals(session: Session, arrivals: Sequence[Arrival]) -> list[str]:
+    """Insert the events not stored yet, `received`, in one statement; each arrival's status:
+    `received`, or `duplicate` (stored before, by another request of this batch, or by a
+    concurrent transaction: one row per event id whatever the race)."""
+    first: dict[str, int] = {}
+    for index, arrival in enumerate(arrivals):
+        first.setdefault(arrival.event_id, index)
+    rows = [
+        {
+            "id": arrival.event_id,
+            "type": arrival.event_type,
+            "payload": arrival.payload,
+            "received_at": arrival.received_at,
+            "status": RECEIVED,
+            "attempts": 0,
+        }
+        for arrival in sorted((arrivals[index] for index in first.values()), key=_event_id)
+    ]
+    inserted = insert_absent(session, WebhookEvent, rows, "id")
+    return [
+        RECEIVED if first[arrival.event_id] == index and arrival.event_id in inserted else DUPLICATE
+        for index, arrival in enumerate(arrivals)
+    ]
+
+
+def _event_id(arrival: Arrival) -> str:
+    return arrival.event_id
+
+
+def oldest_received_events(session: Session, limit: int) -> list[str]:
+    """The ids of the events waiting to be applied, oldest first."""
+    return list(
+        session.scalars(
+            select(WebhookEvent.id)
+            .where(WebhookEvent.status == RECEIVED)
+            .order_by(WebhookEvent.received_at, WebhookEvent.id)
+            .limit(limit)
+        )
+    )
+
+
+def unapplied_events(session: Session, received_before: datetime, limit: int) -> list[str]:
+    """Events still `received` that arrived before `received_before`: their apply job was lost
+    (or is very late)."""
+    return list(
+        session.scalars(
+            select(WebhookEvent.id)
+            .where(WebhookEvent.status == RECEIVED, WebhookEvent.received_at < received_before)
+            .limit(limit)
+        )
+    )
 
 
 def due_failed_events(session: Session, now: datetime, limit: int) -> list[str]:

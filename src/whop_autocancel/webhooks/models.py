@@ -1,4 +1,5 @@
-"""The webhook inbox: every signed event is stored once, keyed by its `webhook-id`."""
+"""The webhook inbox: every signed event is stored once, keyed by its `webhook-id`, as
+`received`; the `webhooks.apply` job then applies it (`handled`, `ignored` or `failed`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,271 @@
+"""Webhook ingest under load (issue 12): the request path only verifies and stores, many events
+to a transaction (group commit), and answers once the commit is done; the `webhooks.apply` job
+applies each stored event once, and the sweep applies those whose job was lost. On SQLite,
+PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from support import backends
+from support.harness import (
+    MESSAGE_PLAN,
+    ServiceServer,
+    drain,
+    event_body,
+    make_runtime,
+    make_settings,
+    signed_headers,
+)
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.orders.models import Order
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.inbox import APPLY_TASK, Arrival, store_arrivals
+from whop_autocancel.webhooks.models import WebhookEvent
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[Runtime]:
+    runtime = make_runtime(
+        make_settings(tmp_path, DATABASE_URL=database_url, STUCK_GRACE=30, SWEEP_INTERVAL=60),
+        clock,
+    )
+    yield runtime
+    runtime.close()
+
+
+def payment(number: int, plan: str = MESSAGE_PLAN) -> bytes:
+    return event_body(
+        "payment.succeeded.legacy.json",
+        id=f"pay_Group{number}",
+        plan={"id": plan, "metadata": {}},
+        membership={"id": f"mem_Group{number}"},
+        metadata={},
+        checkout_configuration_id=None,
+    )
+
+
+def event_rows(runtime: Runtime) -> dict[str, tuple[str, int]]:
+    """Every stored event: its status and attempts, by id."""
+    with runtime.database.transaction() as session:
+        return {
+            event.id: (event.status, event.attempts)
+            for event in session.scalars(select(WebhookEvent))
+        }
+
+
+def order_count(runtime: Runtime) -> int:
+    with runtime.database.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(Order)) or 0)
+
+
+def queued(runtime: Runtime) -> list[str]:
+    return [task.name for task in runtime.jobs.huey.pending()]
+
+
+async def post_all(url: str, posts: list[bytes], connections: int) -> list[tuple[str, int, str]]:
+    """Post every body at once over `connections` connections: (event id, status, answer)."""
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def post(body: bytes) -> tuple[str, int, str]:
+            response = await client.post(
+                "/webhooks/whop", content=body, headers=signed_headers(body)
+            )
+            answer = response.json().get("status", "") if response.status_code == 200 else ""
+            return json.loads(body)["id"], response.status_code, answer
+
+        return list(await asyncio.gather(*(post(body) for body in posts)))
+
+
+def test_concurrent_deliveries_store_each_event_once_and_answer_after_the_commit(
+    runtime: Runtime,
+) -> None:
+    bodies = [payment(number) for number in range(60)]
+    # Each event three times, its copies side by side: they are in flight at the same moment.
+    posts = [body for body in bodies for _ in range(3)]
+    with ServiceServer(runtime).running() as server:
+        answers = asyncio.run(post_all(server.url, posts, connections=32))
+    assert Counter(status for _, status, _ in answers) == Counter({200: 180})
+    by_event: dict[str, Counter[str]] = {}
+    for event_id, _, answer in answers:
+        by_event.setdefault(event_id, Counter())[answer] += 1
+    assert len(by_event) == 60
+    assert all(answers == Counter({"received": 1, "duplicate": 2}) for answers in by_event.values())
+    rows = event_rows(runtime)
+    assert set(rows) == set(by_event)  # one row per event id, each answered 200
+    assert set(rows.values()) == {("received", 0)}  # stored only: nothing applied on the way
+    assert order_count(runtime) == 0
+    # One apply job per commit (not per request): fewer than the 60 events stored.
+    assert set(queued(runtime)) == {APPLY_TASK}
+    assert len(queued(runtime)) < 60
+
+
+def test_one_batch_holding_an_event_twice_and_a_stored_one_stores_one_new_row(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    def arrival(event_id: str) -> Arrival:
+        return Arrival(event_id, "payment.succeeded", "{}", clock.now())
+
+    with runtime.database.transaction() as session:
+        assert store_arrivals(session, [arrival("msg_b")]) == ["received"]
+    with runtime.database.transaction() as session:
+        statuses = store_arrivals(
+            session, [arrival("msg_c"), arrival("msg_a"), arrival("msg_b"), arrival("msg_a")]
+        )
+    assert statuses == ["received", "received", "duplicate", "duplicate"]
+    assert event_rows(runtime) == {
+        "msg_a": ("received", 0),
+        "msg_b": ("received", 0),
+        "msg_c": ("received", 0),
+    }
+
+
+def test_two_processes_storing_the_same_events_at_once_keep_one_row_each(
+    runtime: Runtime, tmp_path: Path, clock: FrozenClock
+) -> None:
+    other_path = tmp_path / "other"
+    other_path.mkdir()
+    other = make_runtime(
+        make_settings(other_path, DATABASE_URL=runtime.settings.DATABASE_URL), clock
+    )
+    bodies = [payment(number) for number in range(40)]
+    start = threading.Barrier(8)
+
+    def deliver(inbox_of: Runtime, share: list[bytes]) -> list[tuple[str, int, str]]:
+        start.wait()
+        results = []
+        for body in share:
+            result = inbox_of.inbox.ingest(body, signed_headers(body))
+            results.append((json.loads(body)["id"], result.http_status, result.body["status"]))
+        return results
+
+    try:
+        # Four threads per "process", each delivering every event: the same id reaches both
+        # processes' writers at once, over and over.
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(deliver, runtime if index % 2 else other, bodies) for index in range(8)
+            ]
+            answers = [answer for future in futures for answer in future.result()]
+    finally:
+        other.close()
+    assert Counter(status for _, status, _ in answers) == Counter({200: 320})
+    received = Counter(event_id for event_id, _, answer in answers if answer == "received")
+    assert received == Counter({json.loads(body)["id"]: 1 for body in bodies})
+    assert len(event_rows(runtime)) == 40
+
+
+def test_a_batch_that_cannot_be_committed_is_answered_503_and_stores_nothing(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    backend = runtime.database.backend
+    if backend not in ("sqlite", "postgresql"):
+        pytest.skip("makes the database unavailable on SQLite (its file) and PostgreSQL only")
+    bodies = [payment(number) for number in range(20)]
+    with ServiceServer(runtime).running() as server:
+        if backend == "sqlite":
+            path = tmp_path / "service.db"
+            path.rename(tmp_path / "moved.db")
+            path.mkdir()  # the database path is now a folder: nothing can be stored
+        else:
+            backends.allow_connections(runtime.settings.DATABASE_URL, False)
+        runtime.database.engine.dispose()
+        try:
+            answers = asyncio.run(post_all(server.url, bodies, connections=20))
+        finally:
+            if backend == "sqlite":
+                path.rmdir()
+                (tmp_path / "moved.db").rename(path)
+            else:
+                backends.allow_connections(runtime.settings.DATABASE_URL, True)
+            runtime.database.engine.dispose()
+        assert Counter(status for _, status, _ in answers) == Counter({503: 20})
+        assert event_rows(runtime) == {}
+        assert queued(runtime) == []
+        # Whop's redelivery is stored.
+        again = asyncio.run(post_all(server.url, bodies, connections=20))
+    assert Counter(answer for _, _, answer in again) == Counter({"received": 20})
+    assert len(event_rows(runtime)) == 20
+
+
+def test_the_apply_job_applies_each_event_once_with_workers_racing(
+    runtime: Runtime, tmp_path: Path, clock: FrozenClock
+) -> None:
+    other_path = tmp_path / "other"
+    other_path.mkdir()
+    # A second worker process: its own runtime, on the same database and queue.
+    settings = runtime.settings
+    other = make_runtime(
+        make_settings(
+            other_path,
+            DATABASE_URL=settings.DATABASE_URL,
+            QUEUE_URL=settings.QUEUE_URL,
+            QUEUE_NAME=settings.QUEUE_NAME,
+        ),
+        clock,
+    )
+    bodies = [payment(number) for number in range(30)]
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    runtime.jobs.huey.flush()  # only the racing workers below apply
+    start = threading.Barrier(4)
+
+    def worker(process: Runtime) -> None:
+        start.wait()
+        process.jobs.run_here(APPLY_TASK)
+
+    try:
+        # Two threads in each process: the second one in a process leaves the events to the
+        # first (one run per process); the two processes race for every event.
+        with ThreadPoolExecutor(4) as pool:
+            runs = [pool.submit(worker, process) for process in (runtime, other) * 2]
+            for future in runs:
+                future.result()
+    finally:
+        other.close()
+    assert set(event_rows(runtime).values()) == {("handled", 1)}  # each applied exactly once
+    assert order_count(runtime) == 30
+    # Each order's delivery enqueued once, by the transaction that applied its payment (both
+    # processes share the queue).
+    deliveries = [task for task in runtime.jobs.huey.pending() if task.name == "delivery.deliver"]
+    assert len(deliveries) == len({tuple(task.args) for task in deliveries}) == 30
+
+
+def test_a_failing_apply_is_stored_failed_by_the_job_not_by_the_request(runtime: Runtime) -> None:
+    body = json.dumps(
+        {"id": "msg_noid", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
+    ).encode()
+    assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    assert event_rows(runtime) == {"msg_noid": ("received", 0)}
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        event = session.get(WebhookEvent, "msg_noid")
+        assert event is not None
+        assert (event.status, event.attempts, event.next_attempt_at) == ("failed", 1, None)
+        assert "payment has no id" in (event.last_error or "")
+
+
+def test_the_sweep_applies_events_whose_apply_job_was_lost(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    body = payment(1)
+    assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    runtime.jobs.huey.flush()  # the apply job is lost
+    assert runtime.stuck_sweep.run(force=True).events == 0  # within the grace: not yet
+    clock.advance(31)
+    assert runtime.stuck_sweep.run(force=True).events == 1
+    assert queued(runtime) == [APPLY_TASK]
+    drain(runtime)
+    assert set(event_rows(runtime).values()) == {("handled", 1)}
+    assert order_count(runtime) == 1
