@@ -1197,6 +1197,26 @@ def test_drop_records_events_without_sending(client: httpx.Client, receiver: Rec
     assert not {h["webhook-id"] for h, _ in receiver.received} & set(ids)
 
 
+def test_deliveries_record_when_the_answer_came_back(client: httpx.Client) -> None:
+    receiver = Receiver(delay=0.1)
+    try:
+        client.post("/_sim/config", json={"webhook_url": receiver.url})
+        ids = buy(client)["webhook_ids"]
+        wait_for(lambda: len(client.get("/_sim/webhooks").json()["deliveries"]) == 2)
+        deliveries = client.get("/_sim/webhooks").json()["deliveries"]
+    finally:
+        receiver.close()
+    assert [d["webhook_id"] for d in deliveries] == ids
+    for delivery in deliveries:
+        assert parse_at(delivery["answered_at"]) - parse_at(delivery["at"]) >= 0.1 - 0.002
+    # One purchase's events go one at a time: the activation starts after the payment's answer.
+    assert parse_at(deliveries[1]["at"]) >= parse_at(deliveries[0]["answered_at"])
+    client.post("/_sim/webhooks/options", json={"drop": True})
+    buy(client)
+    dropped = client.get("/_sim/webhooks").json()["deliveries"][2:]
+    assert [(d["error"], d["answered_at"]) for d in dropped] == [("dropped", None)] * 2
+
+
 # ----- reset ----------------------------------------------------------------------------------
 
 

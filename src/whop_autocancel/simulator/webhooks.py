@@ -73,6 +73,7 @@ class _Outcome:
     at: str
     status: int | None
     error: str | None
+    answered_at: str | None = None  # when the answer (or the error) came back; None: not sent
 
     @property
     def ok(self) -> bool:
@@ -228,12 +229,20 @@ class WebhookSender:
         try:
             response = client.post(url, content=event.body, headers=headers)
         except httpx.HTTPError as exc:
-            return _Outcome(started, str(iso(wall)), None, f"{type(exc).__name__}: {exc}")
+            failure = f"{type(exc).__name__}: {exc}"
+            return _Outcome(started, str(iso(wall)), None, failure, _wall())
         error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-        return _Outcome(started, str(iso(wall)), response.status_code, error)
+        return _Outcome(started, str(iso(wall)), response.status_code, error, _wall())
 
     def _record(
-        self, event: Event, *, attempt: int, status: int | None, error: str | None, at: str
+        self,
+        event: Event,
+        *,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        at: str,
+        answered_at: str | None = None,
     ) -> None:
         self._deliveries.append(
             {
@@ -243,6 +252,7 @@ class WebhookSender:
                 "status": status,
                 "error": error,
                 "at": at,
+                "answered_at": answered_at,
             }
         )
 
@@ -257,6 +267,7 @@ class WebhookSender:
                 status=outcome.status,
                 error=outcome.error,
                 at=outcome.at,
+                answered_at=outcome.answered_at,
             )
             if outcome.ok or not retry or job.attempt >= MAX_ATTEMPTS:
                 return
