@@ -69,9 +69,11 @@ def cancellations(axes: Axes, figures: dict[str, Any]) -> None:
     axes.set_ylim(0, highest * 1.15)
     axes.set_ylabel("cancellations/s ÷ rate limit")
     smoke = " (smoke run)" if figures.get("smoke") else ""
+    guide_count = figures.get("guide_purchases", figures["purchases"])
+    guide = f" (guide-style: {guide_count})" if guide_count != figures["purchases"] else ""
     axes.set_title(
         f"Cancellations against Whop's rate limit ({figures['rate_limit_per_second']:g}/s), "
-        f"{figures['purchases']} a row{smoke}"
+        f"{figures['purchases']} a row{guide}{smoke}"
     )
     pad = max(0.0, (4 - len(rows)) / 2)  # a lone row keeps its bars narrow, in the middle
     axes.set_xlim(-0.5 - pad, len(rows) - 0.5 + pad)

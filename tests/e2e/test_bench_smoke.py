@@ -35,7 +35,7 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
     assert row is not None, result.stdout
     cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
     assert cells[1] == "0 %"
-    service_rate, guide_rate = float(cells[3]), float(cells[8])
+    service_rate, guide_rate = float(cells[3]), float(cells[9])
     assert service_rate > 0
     assert guide_rate > 0
     assert cells[-1].endswith("/20")  # guide gave up: k/20
