@@ -1217,6 +1217,31 @@ def test_deliveries_record_when_the_answer_came_back(client: httpx.Client) -> No
     assert [(d["error"], d["answered_at"]) for d in dropped] == [("dropped", None)] * 2
 
 
+def test_concurrent_sender_keeps_each_purchases_events_in_order(
+    client: httpx.Client, sim: SimulatorServer
+) -> None:
+    receiver = Receiver(delay=0.1)
+    try:
+        client.post("/_sim/config", json={"webhook_url": receiver.url})
+        for wrong in (0, 65):
+            assert client.post("/_sim/webhooks/concurrency", json={"in_flight": wrong}).is_error
+        answer = client.post("/_sim/webhooks/concurrency", json={"in_flight": 8})
+        assert answer.json() == {"in_flight": 8}
+        bought = [buy(client, email=f"b{n}@example.com") for n in range(8)]
+        wait_for(lambda: len(sim.state.deliveries()) == 16, seconds=20)
+        deliveries = {d["webhook_id"]: d for d in sim.state.deliveries()}
+    finally:
+        receiver.close()
+    assert 1 < receiver.most_at_once <= 8  # purchases in parallel, never more than allowed
+    for purchase in bought:
+        payment, activation = (deliveries[i] for i in purchase["webhook_ids"])
+        assert payment["type"] == "payment.succeeded"
+        assert activation["type"] == "membership.activated"
+        assert parse_at(activation["at"]) >= parse_at(payment["answered_at"])
+    client.post("/_sim/reset")
+    assert sim.state.webhook_concurrency == 8  # configuration, kept by a reset
+
+
 # ----- reset ----------------------------------------------------------------------------------
 
 
