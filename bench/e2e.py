@@ -72,6 +72,8 @@ class Row:
     stages: dict[str, dict[str, float | None]] = field(default_factory=dict)
     webhook_round_trip_p99: float | None = None  # the sender's POST → the service's answer
     latencies: list[float] = field(default_factory=list)  # s, per canceled purchase
+    # Cores each party used from the first purchase to the end of the row (CPU s ÷ wall s).
+    cores: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def over_delay(self) -> float | None:
@@ -103,6 +105,9 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
         parties.wait_until(lambda: parties.healthy(url), 60, "the service", service)
         parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{url}/webhooks/whop"})
+        watched = {"service": service, "simulator": sim.child}
+        cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
+        began = time.monotonic()
         made = parties.purchase_at_rate(sim.url, row.purchases, rate)
         row.made_per_second = steady_rate([purchase.answered_at for purchase in made])
         wanted = {purchase.membership_id for purchase in made}
@@ -110,6 +115,11 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
         while not wanted <= sim.canceled() and time.monotonic() < deadline:
             service.check("the service")
             time.sleep(POLL_SECONDS)
+        wall = time.monotonic() - began
+        for name, child in watched.items():
+            now, before = parties.cpu_seconds(child.pid), cpu_before[name]
+            used = now - before if now is not None and before is not None else None
+            row.cores[name] = round(used / wall, 2) if used is not None else None
         deliveries = sim.webhooks()["deliveries"]
         views = {p.membership_id: sim.membership(p.membership_id) for p in made}
         steps = service_records.steps_by_membership(env["DATABASE_URL"])
@@ -225,9 +235,12 @@ def _stage_note(rows: list[Row]) -> str:
             f"{name} {_ms(spread['p50'])}/{_ms(spread['p99'])} ms"
             for name, spread in row.stages.items()
         )
+        cores = ", ".join(
+            f"{name} {value:.2f}" for name, value in row.cores.items() if value is not None
+        )
         parts.append(
             f"at {row.rate:g}/s: {stages}; webhook round trip p99 "
-            f"{_ms(row.webhook_round_trip_p99)} ms"
+            f"{_ms(row.webhook_round_trip_p99)} ms; cores used: {cores}"
         )
     return (
         "Where the time goes (p50/p99, the service's database against the simulator's "
@@ -248,7 +261,13 @@ def section(*, smoke: bool = False) -> report.Table:
             print(f"process logs kept in {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
-    notes = [*NOTES, _stage_note(rows)]
+    load = os.getloadavg()
+    notes = [
+        *NOTES,
+        _stage_note(rows),
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
+        f"{os.cpu_count()} cores (other work on the machine moves every figure).",
+    ]
     missed = [f"{row.rate:g}/s" for row in rows if not row.met]
     notes.append("goal: " + (f"NOT met at {', '.join(missed)}." if missed else "met in every row."))
     if smoke:
