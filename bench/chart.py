@@ -69,17 +69,98 @@ def cancellations(axes: Axes, figures: dict[str, Any]) -> None:
     axes.set_ylim(0, highest * 1.15)
     axes.set_ylabel("cancellations/s ÷ rate limit")
     smoke = " (smoke run)" if figures.get("smoke") else ""
+    guide_count = figures.get("guide_purchases", figures["purchases"])
+    guide = f" (guide-style: {guide_count})" if guide_count != figures["purchases"] else ""
     axes.set_title(
         f"Cancellations against Whop's rate limit ({figures['rate_limit_per_second']:g}/s), "
-        f"{figures['purchases']} a row{smoke}"
+        f"{figures['purchases']} a row{guide}{smoke}"
     )
     pad = max(0.0, (4 - len(rows)) / 2)  # a lone row keeps its bars narrow, in the middle
     axes.set_xlim(-0.5 - pad, len(rows) - 0.5 + pad)
     axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=5)
 
 
+ROW_COLORS = (SERVICE_COLOR, "#e08a1e", "#3a9d5d", "#8e44ad")
+GOAL_COLOR = "#c0392b"
+
+
+def e2e(axes: Axes, figures: dict[str, Any]) -> None:
+    """Per row, the share of purchases canceled within t seconds of their payment webhook's
+    2xx (a step curve), CANCEL_DELAY and the goal as vertical lines."""
+    delay = figures["cancel_delay_seconds"]
+    goal = delay + figures["slack_seconds"]
+    highest = goal
+    for row, color in zip(figures["rows"], ROW_COLORS, strict=False):
+        values = sorted(row["latencies"])
+        if not values:
+            continue
+        shares = [(index + 1) / len(values) for index in range(len(values))]
+        p99 = "n/a" if row["p99"] is None else f"{row['p99']:.2f} s"
+        label = f"{row['rate']:g} purchases/s: p99 {p99}, {row['lost']} lost"
+        axes.step(values, shares, where="post", color=color, label=label)
+        highest = max(highest, values[-1])
+    axes.axvline(delay, color="black", linestyle=":", linewidth=1, label="CANCEL_DELAY")
+    axes.axvline(
+        goal, color=GOAL_COLOR, linestyle="--", linewidth=1, label=f"goal: p99 ≤ {goal:g} s"
+    )
+    axes.axhline(0.99, color="grey", linewidth=0.5)
+    axes.set_xlim(0, highest * 1.05)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("seconds from the payment webhook's 2xx to the membership canceled at Whop")
+    axes.set_ylabel("share of purchases")
+    smoke = " (smoke run)" if figures.get("smoke") else ""
+    axes.set_title(f"End to end: webhook accepted → membership canceled{smoke}")
+    axes.legend(fontsize=8, loc="lower right")
+
+
+def flash_sale(axes: Axes, figures: dict[str, Any]) -> None:
+    """Per deployment, memberships canceled (solid) and payment webhooks accepted (dashed)
+    since the first purchase, next to the purchases made and the best drain possible."""
+    purchases, seconds = figures["purchases"], figures["seconds"]
+    limit, delay = figures["rate_limit_per_second"], figures["cancel_delay_seconds"]
+    best = min(purchases / seconds, limit)  # a cancellation follows its purchase by the delay
+    highest = delay + purchases / best
+    for run, color in zip(figures["runs"], ROW_COLORS, strict=False):
+        timeline = run["timeline"]
+        if not timeline:
+            continue
+        moments = [point[0] for point in timeline]
+        ratio = "n/a" if run["drain_ratio"] is None else f"{run['drain_ratio']:.2f}"
+        label = f"{run['deployment']}: canceled, {ratio} of the limit, {run['not_canceled']} lost"
+        axes.plot(moments, [point[2] for point in timeline], color=color, label=label)
+        axes.plot(
+            moments,
+            [point[1] for point in timeline],
+            color=color,
+            linestyle="--",
+            linewidth=1,
+            label=f"{run['deployment']}: payment webhooks accepted",
+        )
+        highest = max(highest, moments[-1])
+    axes.plot([0, seconds], [0, purchases], color="black", linestyle=":", label="purchases made")
+    axes.plot(
+        [delay, delay + purchases / best],
+        [0, purchases],
+        color=GOAL_COLOR,
+        linestyle="-.",
+        linewidth=1,
+        label=f"best possible: {best:g}/s from CANCEL_DELAY on",
+    )
+    axes.set_xlim(0, highest * 1.05)
+    axes.set_ylim(0, purchases * 1.05)
+    axes.set_xlabel("seconds since the first purchase")
+    axes.set_ylabel("purchases")
+    smoke = " (smoke run)" if figures.get("smoke") else ""
+    axes.set_title(
+        f"Flash sale: {purchases} purchases in {seconds:g} s, Whop at {limit:g} requests/s{smoke}"
+    )
+    axes.legend(fontsize=8, loc="lower right")
+
+
 DRAWINGS: dict[str, Callable[[Axes, dict[str, Any]], None]] = {
     "cancellations": cancellations,
+    "e2e": e2e,
+    "flash_sale": flash_sale,
 }
 
 

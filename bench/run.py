@@ -24,6 +24,8 @@ import report
 SECTIONS: dict[str, str] = {
     "cancellations": "cancellations:section",
     "ingest": "ingest:section",
+    "e2e": "e2e:section",
+    "flash_sale": "flash_sale:section",
 }
 
 Section = Callable[..., report.Table]

@@ -1,7 +1,9 @@
-"""The benchmarks keep running: `bench/run.py --smoke` as a real process (a simulator, the
-service, an SMTP sink and the guide-style worker, each its own process), one small row. No
-thresholds: timing lives in bench/; this only checks that the run, its JSON and its chart
-still come out."""
+"""The benchmarks keep running: `bench/run.py --smoke` as a real process (simulators, the
+service, SMTP sinks and the guide-style worker, each its own process), every section small:
+cancellations (one row), ingest (SQLite), e2e (2 purchases/s for 5 s), flash_sale (200
+purchases in 10 s on SQLite). No thresholds: timing lives in bench/; this only checks that the
+run, its tables, JSON and chart still come out, and the invariants (nothing lost or
+duplicated). About 70 s on an idle 2-core machine."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +28,7 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=240,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -35,14 +38,14 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
     assert row is not None, result.stdout
     cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
     assert cells[1] == "0 %"
-    service_rate, guide_rate = float(cells[3]), float(cells[8])
+    service_rate, guide_rate = float(cells[3]), float(cells[9])
     assert service_rate > 0
     assert guide_rate > 0
     assert cells[-1].endswith("/20")  # guide gave up: k/20
 
     # The JSON holds the section's raw figures.
     tables = json.loads(figures_path.read_text())
-    figures = next(t["figures"] for t in tables if t["figures"].get("section") == "cancellations")
+    figures = figures_of(tables, "cancellations")
     assert figures["smoke"] is True
     assert figures["purchases"] == 20
     [measured] = figures["rows"]
@@ -53,5 +56,41 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
         assert isinstance(measured[side]["calls"], int)
     assert measured["service"]["canceled"] == 20  # the service cancels every membership
 
+    # e2e: one row, 10 purchases, each canceled, with its time from webhook to cancel.
+    e2e = figures_of(tables, "e2e")
+    assert e2e["smoke"] is True
+    [e2e_row] = e2e["rows"]
+    assert (e2e_row["rate"], e2e_row["purchases"]) == (2.0, 10)
+    assert e2e_row["lost"] == 0
+    assert len(e2e_row["latencies"]) == 10
+    assert all(latency > 0 for latency in e2e_row["latencies"])
+    assert table_row(result.stdout, "| 2 ")[1] == "10"
+
+    # flash_sale: SQLite only, 200 purchases, nothing lost, failed or duplicated; each
+    # service process's peak memory read.
+    flash = figures_of(tables, "flash_sale")
+    assert (flash["smoke"], flash["purchases"]) == (True, 200)
+    [sale] = flash["runs"]
+    assert sale["deployment"] == "SQLite, 1 serve"
+    assert (sale["not_canceled"], sale["failed"], sale["duplicated"]) == (0, 0, 0)
+    assert sale["canceled_once"] == 200
+    assert sale["counts"]["delivery_emails_sent"] == 200
+    assert isinstance(sale["rss_mb"]["serve"], float)
+    assert table_row(result.stdout, "| SQLite, 1 serve")[1] == "200"
+
     # And the chart is a PNG.
     assert chart_path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def figures_of(tables: list[dict[str, Any]], section: str) -> dict[str, Any]:
+    figures: dict[str, Any] = next(
+        t["figures"] for t in tables if t["figures"].get("section") == section
+    )
+    return figures
+
+
+def table_row(output: str, start: str) -> list[str]:
+    """The cells of the printed table row that starts with `start`."""
+    row = next((line for line in output.splitlines() if line.startswith(start)), None)
+    assert row is not None, output
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]

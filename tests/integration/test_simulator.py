@@ -1197,6 +1197,51 @@ def test_drop_records_events_without_sending(client: httpx.Client, receiver: Rec
     assert not {h["webhook-id"] for h, _ in receiver.received} & set(ids)
 
 
+def test_deliveries_record_when_the_answer_came_back(client: httpx.Client) -> None:
+    receiver = Receiver(delay=0.1)
+    try:
+        client.post("/_sim/config", json={"webhook_url": receiver.url})
+        ids = buy(client)["webhook_ids"]
+        wait_for(lambda: len(client.get("/_sim/webhooks").json()["deliveries"]) == 2)
+        deliveries = client.get("/_sim/webhooks").json()["deliveries"]
+    finally:
+        receiver.close()
+    assert [d["webhook_id"] for d in deliveries] == ids
+    for delivery in deliveries:
+        assert parse_at(delivery["answered_at"]) - parse_at(delivery["at"]) >= 0.1 - 0.002
+    # One purchase's events go one at a time: the activation starts after the payment's answer.
+    assert parse_at(deliveries[1]["at"]) >= parse_at(deliveries[0]["answered_at"])
+    client.post("/_sim/webhooks/options", json={"drop": True})
+    buy(client)
+    dropped = client.get("/_sim/webhooks").json()["deliveries"][2:]
+    assert [(d["error"], d["answered_at"]) for d in dropped] == [("dropped", None)] * 2
+
+
+def test_concurrent_sender_keeps_each_purchases_events_in_order(
+    client: httpx.Client, sim: SimulatorServer
+) -> None:
+    receiver = Receiver(delay=0.1)
+    try:
+        client.post("/_sim/config", json={"webhook_url": receiver.url})
+        for wrong in (0, 65):
+            assert client.post("/_sim/webhooks/concurrency", json={"in_flight": wrong}).is_error
+        answer = client.post("/_sim/webhooks/concurrency", json={"in_flight": 8})
+        assert answer.json() == {"in_flight": 8}
+        bought = [buy(client, email=f"b{n}@example.com") for n in range(8)]
+        wait_for(lambda: len(sim.state.deliveries()) == 16, seconds=20)
+        deliveries = {d["webhook_id"]: d for d in sim.state.deliveries()}
+    finally:
+        receiver.close()
+    assert 1 < receiver.most_at_once <= 8  # purchases in parallel, never more than allowed
+    for purchase in bought:
+        payment, activation = (deliveries[i] for i in purchase["webhook_ids"])
+        assert payment["type"] == "payment.succeeded"
+        assert activation["type"] == "membership.activated"
+        assert parse_at(activation["at"]) >= parse_at(payment["answered_at"])
+    client.post("/_sim/reset")
+    assert sim.state.webhook_concurrency == 8  # configuration, kept by a reset
+
+
 # ----- reset ----------------------------------------------------------------------------------
 
 

@@ -1,17 +1,24 @@
 """A webhook receiver on loopback for tests: records every POST (headers and exact body
-bytes) and answers 200, or 500 for the first `fail_first` requests or while `failing`."""
+bytes) and answers 200, or 500 for the first `fail_first` requests or while `failing`; each
+answer after `delay` seconds. `most_at_once` is the most requests it was answering at once."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
 class Receiver:
-    def __init__(self, fail_first: int = 0, path: str = "/webhooks/whop") -> None:
+    def __init__(
+        self, fail_first: int = 0, path: str = "/webhooks/whop", *, delay: float = 0.0
+    ) -> None:
         self.fail_first = fail_first
+        self.delay = delay
+        self.at_once = 0
+        self.most_at_once = 0
         self.failing = False
         self.path = path
         self.received: list[tuple[dict[str, str], bytes]] = []
@@ -27,6 +34,12 @@ class Receiver:
                     status = 500 if refuse else 200
                     receiver.received.append((dict(self.headers.items()), body))
                     receiver.statuses.append(status)
+                    receiver.at_once += 1
+                    receiver.most_at_once = max(receiver.most_at_once, receiver.at_once)
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                with receiver._lock:
+                    receiver.at_once -= 1
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()

@@ -19,6 +19,7 @@ from whop_autocancel.simulator.state import (
     UnknownMembershipError,
     UnknownPaymentError,
 )
+from whop_autocancel.simulator.webhooks import MAX_CONCURRENCY
 
 
 class _Strict(BaseModel):
@@ -133,6 +134,12 @@ class WebhookOptionsBody(_Strict):
     drop: bool = False
 
 
+class ConcurrencyBody(_Strict):
+    """`POST /_sim/webhooks/concurrency`: deliveries in flight at once."""
+
+    in_flight: int = Field(ge=1, le=MAX_CONCURRENCY)
+
+
 class ConfigBody(_Strict):
     """`POST /_sim/config`."""
 
@@ -232,6 +239,11 @@ def control_router(sim: Simulator) -> APIRouter:
     @router.post("/webhooks/options")
     def webhook_options(body: WebhookOptionsBody) -> dict[str, Any]:
         return sim.set_webhook_options(**body.model_dump())
+
+    @router.post("/webhooks/concurrency")
+    def webhook_concurrency(body: ConcurrencyBody) -> dict[str, Any]:
+        sim.set_webhook_concurrency(body.in_flight)
+        return {"in_flight": sim.webhook_concurrency}
 
     @router.post("/outage")
     def outage(body: OutageBody) -> dict[str, Any]:

@@ -501,6 +501,16 @@ class Simulator:
         self._sender.set_options(options)
         return self.webhook_options()
 
+    def set_webhook_concurrency(self, in_flight: int) -> None:
+        """Let the webhook sender have up to `in_flight` deliveries under way at once (1, one
+        at a time, by default); one membership's events still go one at a time, in order.
+        Raises ValueError outside 1 to MAX_CONCURRENCY."""
+        self._sender.set_concurrency(in_flight)
+
+    @property
+    def webhook_concurrency(self) -> int:
+        return self._sender.concurrency
+
     def webhook_options(self) -> dict[str, Any]:
         options = self._sender.options
         return {
@@ -512,7 +522,8 @@ class Simulator:
     def reset(self) -> None:
         """Forget memberships, payments, checkout configurations, calls, stored idempotent
         answers, webhook deliveries and queue, and switch every fault off. Plans and the
-        configuration (key, secret, webhook URL, time scale, seed) stay."""
+        configuration (key, secret, webhook URL, time scale, seed, webhook concurrency)
+        stay."""
         with self._lock:
             self._store.clear()
             self._calls.clear()
@@ -657,7 +668,7 @@ class Simulator:
             previous_attributes=previous_attributes,
         )
         body = json.dumps(envelope, ensure_ascii=False).encode()
-        return Event(id=msg_id, type=event_type, body=body)
+        return Event(id=msg_id, type=event_type, body=body, key=mem.id)
 
     def _purchase_webhooks(
         self,

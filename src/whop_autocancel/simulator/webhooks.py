@@ -1,8 +1,11 @@
 """The simulator's webhook sender: signs events and (re)delivers them like Whop (WHOP.md §5.1-§5.2).
 
-A background thread pops a time-ordered queue, POSTs each event to the configured URL with a 5 s
-timeout and, on a non-2xx answer or an error, redelivers at +10 s, +20 s and +40 s (times
-`time_scale`) after the previous attempt started, then drops the event.
+Background threads pop a time-ordered queue, POST each event to the configured URL with a 5 s
+timeout and, on a non-2xx answer or an error, redeliver at +10 s, +20 s and +40 s (times
+`time_scale`) after the previous attempt started, then drop the event. One delivery is in flight
+at a time unless `set_concurrency` allows more; even then the events of one purchase (one
+membership: its payment, its activation, the echo of its cancel) are never in flight together
+and start in queue order, as with one thread.
 
 Options make delivery as untidy as Whop's "at least once, in no particular order": a fraction of
 events is sent twice (same webhook id), each event can be held back a random 0-2 s (times
@@ -32,6 +35,8 @@ MAX_ATTEMPTS = len(RETRY_DELAYS) + 1
 DELIVERY_TIMEOUT = 5.0
 #: The longest random hold before a first attempt when `reorder` is on (before `time_scale`).
 REORDER_WINDOW = 2.0
+#: The most deliveries `set_concurrency` allows in flight at once.
+MAX_CONCURRENCY = 64
 NO_URL_ERROR = "no webhook_url"
 DROPPED_ERROR = "dropped"
 
@@ -51,11 +56,14 @@ class WebhookOptions:
 
 @dataclass(frozen=True)
 class Event:
-    """One webhook event: its id, type and the exact body bytes that get signed and sent."""
+    """One webhook event: its id, type and the exact body bytes that get signed and sent.
+    Events with the same `key` (the membership they are about) are delivered one at a time,
+    in queue order."""
 
     id: str
     type: str
     body: bytes
+    key: str | None = None
 
 
 @dataclass(order=True)
@@ -73,6 +81,7 @@ class _Outcome:
     at: str
     status: int | None
     error: str | None
+    answered_at: str | None = None  # when the answer (or the error) came back; None: not sent
 
     @property
     def ok(self) -> bool:
@@ -80,7 +89,8 @@ class _Outcome:
 
 
 class WebhookSender:
-    """Delivers events from a background thread; every attempt is kept in `deliveries()`."""
+    """Delivers events from background threads (one delivery in flight unless
+    `set_concurrency` allows more); every attempt is kept in `deliveries()`."""
 
     def __init__(
         self,
@@ -102,8 +112,10 @@ class WebhookSender:
         self._queue: list[_Job] = []
         self._seq = 0
         self._in_flight = 0
+        self._concurrency = 1
+        self._busy_keys: set[str] = set()  # keys of the events in flight
         self._deliveries: list[dict[str, Any]] = []
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = False
 
     @property
@@ -126,6 +138,23 @@ class WebhookSender:
         """Applies to events enqueued from now on."""
         with self._cond:
             self._options = options
+
+    @property
+    def concurrency(self) -> int:
+        """How many deliveries may be in flight at once."""
+        with self._cond:
+            return self._concurrency
+
+    def set_concurrency(self, in_flight: int) -> None:
+        """Allow up to `in_flight` deliveries at once (1 to MAX_CONCURRENCY; 1 by default).
+        The events of one membership still go one at a time, in queue order."""
+        if not 1 <= in_flight <= MAX_CONCURRENCY:
+            raise ValueError(f"in_flight must be between 1 and {MAX_CONCURRENCY}")
+        with self._cond:
+            self._concurrency = in_flight
+            if self._threads:
+                self._add_threads()
+            self._cond.notify_all()
 
     def seed(self, seed: int) -> None:
         """Restart the dice of `duplicate_rate` and `reorder`."""
@@ -168,22 +197,29 @@ class WebhookSender:
             return [dict(d) for d in self._deliveries]
 
     def start(self) -> None:
-        """Start the sender thread (idempotent)."""
+        """Start the sender threads (idempotent)."""
         with self._cond:
-            if self._thread is not None:
+            if self._threads:
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="whop-sim-webhooks", daemon=True)
-            self._thread.start()
+            self._add_threads()
+
+    def _add_threads(self) -> None:
+        while len(self._threads) < self._concurrency:
+            name = f"whop-sim-webhooks-{len(self._threads)}"
+            thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self, timeout: float = DELIVERY_TIMEOUT + 1.0) -> None:
-        """Stop the thread; queued events stay queued and are not delivered."""
+        """Stop the threads; queued events stay queued and are not delivered."""
         with self._cond:
-            thread, self._thread = self._thread, None
+            threads, self._threads = self._threads, []
             self._stopping = True
             self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _push(self, job: _Job) -> None:
         self._seq += 1
@@ -192,13 +228,31 @@ class WebhookSender:
         self._cond.notify_all()
 
     def _next_job(self) -> tuple[_Job, str | None] | None:
+        """The first due job, in (due, seq) order, whose membership has nothing in flight;
+        None when stopping."""
         with self._cond:
             while not self._stopping:
-                now = time.monotonic()
-                if self._queue and self._queue[0].due <= now:
-                    self._in_flight += 1
-                    return heapq.heappop(self._queue), self._url
-                self._cond.wait(self._queue[0].due - now if self._queue else None)
+                timeout = None  # a finishing delivery notifies
+                if self._in_flight < self._concurrency:
+                    now = time.monotonic()
+                    job, blocked = None, []
+                    while self._queue and self._queue[0].due <= now:
+                        candidate = heapq.heappop(self._queue)
+                        if candidate.event.key in self._busy_keys:
+                            blocked.append(candidate)
+                        else:
+                            job = candidate
+                            break
+                    if job is None and self._queue:
+                        timeout = self._queue[0].due - now
+                    for waiting in blocked:
+                        heapq.heappush(self._queue, waiting)
+                    if job is not None:
+                        self._in_flight += 1
+                        if job.event.key is not None:
+                            self._busy_keys.add(job.event.key)
+                        return job, self._url
+                self._cond.wait(timeout)
             return None
 
     def _run(self) -> None:
@@ -228,12 +282,20 @@ class WebhookSender:
         try:
             response = client.post(url, content=event.body, headers=headers)
         except httpx.HTTPError as exc:
-            return _Outcome(started, str(iso(wall)), None, f"{type(exc).__name__}: {exc}")
+            failure = f"{type(exc).__name__}: {exc}"
+            return _Outcome(started, str(iso(wall)), None, failure, _wall())
         error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-        return _Outcome(started, str(iso(wall)), response.status_code, error)
+        return _Outcome(started, str(iso(wall)), response.status_code, error, _wall())
 
     def _record(
-        self, event: Event, *, attempt: int, status: int | None, error: str | None, at: str
+        self,
+        event: Event,
+        *,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        at: str,
+        answered_at: str | None = None,
     ) -> None:
         self._deliveries.append(
             {
@@ -243,12 +305,16 @@ class WebhookSender:
                 "status": status,
                 "error": error,
                 "at": at,
+                "answered_at": answered_at,
             }
         )
 
     def _finish(self, job: _Job, outcome: _Outcome, *, retry: bool) -> None:
         with self._cond:
             self._in_flight -= 1
+            if job.event.key is not None:
+                self._busy_keys.discard(job.event.key)
+            self._cond.notify_all()
             if job.generation != self._generation:
                 return  # sent before a reset: forgotten
             self._record(
@@ -257,6 +323,7 @@ class WebhookSender:
                 status=outcome.status,
                 error=outcome.error,
                 at=outcome.at,
+                answered_at=outcome.answered_at,
             )
             if outcome.ok or not retry or job.attempt >= MAX_ATTEMPTS:
                 return

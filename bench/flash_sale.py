@@ -1,0 +1,605 @@
+"""A flash sale (issue 12): 10,000 purchases in 60 s against Whop's rate limit of 100 requests/s,
+on SQLite (one `serve`) and on PostgreSQL + Redis (2 web and 3 worker processes): nothing lost,
+failed or duplicated, cancellations drained at ≥ 0.95 of the limit, and every service process
+at most 150 MB at its peak.
+
+Each deployment is fresh, every party its own process: the simulator (50 ms of latency, a token
+bucket of 100 requests/s with a capacity of 100, its webhook sender up to 16 deliveries at
+once), an aiosmtpd sink, the service (WHOP_RATE_LIMIT=100, WHOP_RATE_BURST=20, otherwise
+defaults) and, in front of the two web processes, bench/balancer.py (round robin per
+connection: Whop has one webhook URL). The driver buys the message plan at the simulator at a
+steady rate (an open loop), so the webhooks reach the service as Whop's would; the service
+delivers (an email) and cancels every membership.
+
+The counts come from the simulator (purchases, its call log: successful cancel calls per
+membership; its webhook deliveries) and the service's database (orders, delivery emails,
+cancellations, alerts); the drain rate from the simulator's call log; the peak memory from
+/proc/PID/status (VmHWM) of every service process at the end. The run ends when every
+cancellation is settled, when nothing moved for STALL seconds, or BENCH_FLASH_DEADLINE after
+the last purchase; what is not canceled then is counted as lost.
+
+    PYTHONPATH=src .venv/bin/python bench/flash_sale.py [--smoke]   # needs PostgreSQL, Redis
+    BENCH_FLASH_PURCHASES=10000, BENCH_FLASH_SECONDS=60, BENCH_FLASH_DEADLINE=900 (s),
+    BENCH_ONLY=sqlite|postgresql, BENCH_KEEP=1 keeps the process logs.
+    Smoke: 200 purchases in 10 s, SQLite only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import parties
+import report
+import service_records
+from parties import Child, Simulator, is_cancel, seconds, steady_rate
+
+from support import backends
+from support.harness import free_port, service_environment
+from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.db.engine import Database
+from whop_autocancel.settings import Settings
+from whop_autocancel.webhooks.models import WebhookEvent
+
+BENCH = Path(__file__).resolve().parent
+RATE_LIMIT = 100.0  # the simulator's token bucket, requests/s, and the service's pacing
+CAPACITY = 100
+SERVICE_SETTINGS = {"WHOP_RATE_LIMIT": "100", "WHOP_RATE_BURST": "20"}
+LATENCY = 0.05
+SENDER_IN_FLIGHT = 16
+TARGET = 0.95  # of the limit: the drain goal
+RSS_LIMIT_MB = 150.0
+STALL = 120.0  # s without progress (cancellations settled, webhooks stored) ends a run
+POLL_SECONDS = 2.0
+FINAL = ("canceled", "already_inactive", "failed", "skipped")
+#: The service's default delay between delivery and cancellation (for the chart).
+CANCEL_DELAY = float(Settings.model_fields["CANCEL_DELAY"].default)
+SQLITE = "SQLite, 1 serve"
+POSTGRES = "PostgreSQL + Redis, 2 web + 3 workers"
+
+
+def say(message: str) -> None:
+    print(f"flash_sale: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Knobs:
+    purchases: int
+    seconds: float
+    deadline: float
+    kinds: tuple[str, ...]
+    smoke: bool
+
+
+def knobs(smoke: bool) -> Knobs:
+    if smoke:
+        return Knobs(200, 10.0, 120.0, ("sqlite",), True)
+    only = os.environ.get("BENCH_ONLY")
+    return Knobs(
+        purchases=int(os.environ.get("BENCH_FLASH_PURCHASES", "10000")),
+        seconds=float(os.environ.get("BENCH_FLASH_SECONDS", "60")),
+        deadline=float(os.environ.get("BENCH_FLASH_DEADLINE", "900")),
+        kinds=tuple(k for k in ("sqlite", "postgresql") if only in (None, "", k)),
+        smoke=False,
+    )
+
+
+@dataclass
+class Run:
+    """What one deployment made of the sale."""
+
+    deployment: str
+    purchases: int
+    seconds: float
+    made_per_second: float | None = None  # the driver's clock: purchases answered a second
+    payments_in_per_second: float | None = None  # payment webhooks 2xx'd a second, steady
+    webhooks_in_per_second: float | None = None  # every webhook 2xx'd a second, steady
+    feed_seconds: float | None = None  # first purchase → last payment webhook 2xx'd
+    cancels_per_second: float | None = None  # successful cancel calls a second, steady
+    drain_ratio: float | None = None  # cancels_per_second ÷ RATE_LIMIT
+    drain_seconds: float | None = None  # first successful cancel → last
+    total_seconds: float | None = None  # first purchase → last successful cancel
+    ended: str = ""  # why the run stopped waiting
+    # The simulator
+    canceled_once: int = 0  # memberships with exactly one successful cancel call
+    canceled_more_than_once: int = 0
+    not_canceled: int = 0  # lost
+    cancel_calls: dict[int, int] = field(default_factory=dict)  # by status (not a Counter:
+    # dataclasses.asdict rebuilds a Counter from its items)
+    api_calls: int = 0  # every /api/v1 call from the first purchase on
+    webhook_attempts: int = 0
+    webhook_failed_attempts: int = 0  # non-2xx or no answer (timeouts)
+    webhooks_dropped: int = 0  # 4 attempts failed: only the sweep can find those
+    webhooks_pending: int = 0  # still queued at the simulator at the end
+    # The service
+    counts: dict[str, Any] = field(default_factory=dict)
+    rss_mb: dict[str, float | None] = field(default_factory=dict)  # peak (VmHWM), per process
+    cpu_seconds: dict[str, float | None] = field(default_factory=dict)  # per process, the run
+    # What the stuck-work sweep put on the job queue again (work queued longer than
+    # STUCK_GRACE), summed over its log lines in every service process.
+    requeued: dict[str, int] = field(default_factory=dict)
+    progress: list[tuple[float, int, int]] = field(default_factory=list)  # (s, events, settled)
+    # Second by second since the first purchase: (s, payment webhooks 2xx'd, memberships
+    # canceled) so far, per the simulator.
+    timeline: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def duplicated(self) -> int:
+        counts = self.counts
+        return (
+            max(0, counts.get("orders_paid", 0) - self.purchases)
+            + counts.get("buyers_with_more_than_one_delivery", 0)
+            + self.canceled_more_than_once
+        )
+
+    @property
+    def failed(self) -> int:
+        counts = self.counts
+        return int(counts.get("cancellations", {}).get("failed", 0)) + int(
+            counts.get("delivery_emails_failed", 0)
+        )
+
+    def rss(self, prefix: str) -> list[float]:
+        return [v for k, v in self.rss_mb.items() if k.startswith(prefix) and v is not None]
+
+
+# ----- deployments --------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """The service's processes (by name: web-N, worker-N, serve) and its webhook URL."""
+
+    url: str
+    database_url: str
+    processes: dict[str, Child]
+    helpers: dict[str, Child] = field(default_factory=dict)  # the balancer
+
+
+def _env(folder: Path, sim: Simulator, smtp_url: str, **backend: str) -> dict[str, str]:
+    return service_environment(
+        folder, WHOP_API_URL=sim.api_url, SMTP_URL=smtp_url, **SERVICE_SETTINGS, **backend
+    )
+
+
+def sqlite_deployment(stack: ExitStack, folder: Path, sim: Simulator, smtp: str) -> Deployment:
+    env = _env(folder, sim, smtp)
+    port = free_port()
+    serve = parties.service(stack, folder, "serve", ["serve", "--port", str(port)], env)
+    url = f"http://127.0.0.1:{port}"
+    parties.wait_until(lambda: parties.healthy(url), 60, "serve", serve)
+    return Deployment(url, env["DATABASE_URL"], {"serve": serve})
+
+
+@contextmanager
+def postgres_backend() -> Iterator[dict[str, str]]:
+    """A fresh, migrated PostgreSQL database and a Redis queue of its own; dropped after."""
+    url = backends.create_database("postgresql")
+    queue_url = backends.require("redis")
+    name = f"{backends.RUN_ID}-flash-{uuid.uuid4().hex[:8]}"
+    try:
+        yield {"DATABASE_URL": url, "QUEUE_URL": queue_url, "QUEUE_NAME": name}
+    finally:
+        backends.drop_database("postgresql", url)
+        from whop_autocancel.jobs import Jobs
+
+        Jobs(queue_url, name).huey.storage.flush_all()
+
+
+def postgres_deployment(
+    stack: ExitStack, folder: Path, sim: Simulator, smtp: str, backend: dict[str, str]
+) -> Deployment:
+    env = _env(folder, sim, smtp, **backend)
+    processes: dict[str, Child] = {}
+    ports = {"web-1": free_port(), "web-2": free_port()}
+    for name, port in ports.items():
+        args = ["serve", "--no-worker", "--port", str(port)]
+        processes[name] = parties.service(stack, folder, name, args, env)
+    for number in range(1, 4):
+        processes[f"worker-{number}"] = parties.service(
+            stack, folder, f"worker-{number}", ["worker"], env
+        )
+    for name, port in ports.items():
+        url = f"http://127.0.0.1:{port}"
+        parties.wait_until(lambda url=url: parties.healthy(url), 60, name, processes[name])
+    port = free_port()
+    args = [sys.executable, str(BENCH / "balancer.py"), "--port", str(port)]
+    for backend_port in ports.values():
+        args += ["--backend", str(backend_port)]
+    balancer = stack.enter_context(
+        parties.running(Child(args, folder / "balancer.log", env=parties.environment(), cwd=folder))
+    )
+    parties.wait_until(lambda: parties.accepts(port), 30, "the balancer", balancer)
+    return Deployment(
+        f"http://127.0.0.1:{port}", env["DATABASE_URL"], processes, {"balancer": balancer}
+    )
+
+
+# ----- one run ------------------------------------------------------------------------------
+
+
+def _progress(database_url: str) -> tuple[int, int]:
+    """(webhook events stored, cancellations settled) in the service's database."""
+    database = Database(database_url)
+    try:
+        with database.transaction() as session:
+            events = session.scalar(select(func.count()).select_from(WebhookEvent)) or 0
+            settled = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Cancellation)
+                    .where(Cancellation.status.in_(FINAL))
+                )
+                or 0
+            )
+    finally:
+        database.dispose()
+    return int(events), int(settled)
+
+
+def run_sale(
+    folder: Path,
+    deployment_name: str,
+    settings: Knobs,
+    deploy: Callable[[ExitStack, Path, Simulator, str], Deployment],
+) -> Run:
+    folder.mkdir(parents=True)
+    result = Run(deployment_name, settings.purchases, settings.seconds)
+    with ExitStack() as stack:
+        sim = Simulator(stack, folder, "simulator")
+        sim.control("rate_limit", {"capacity": CAPACITY, "refill_per_second": RATE_LIMIT})
+        sim.control("latency", {"seconds": LATENCY})
+        sim.control("webhooks/concurrency", {"in_flight": SENDER_IN_FLIGHT})
+        deployment = deploy(stack, folder, sim, parties.smtp_sink(stack, folder))
+        after_seq = parties.after_start_up_sweep(sim, LATENCY)
+        sim.control("config", {"webhook_url": f"{deployment.url}/webhooks/whop"})
+        watched = {**deployment.processes, **deployment.helpers, "simulator": sim.child}
+        cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
+        say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
+        made = parties.purchase_at_rate(
+            sim.url, settings.purchases, settings.purchases / settings.seconds
+        )
+        started = made[0].asked_at
+        result.made_per_second = steady_rate([purchase.answered_at for purchase in made])
+        result.ended = _wait(deployment, settings, result, started)
+        for name, child in deployment.processes.items():
+            result.rss_mb[name] = parties.peak_rss_mb(child.pid)
+        for name, child in watched.items():
+            now, before = parties.cpu_seconds(child.pid), cpu_before[name]
+            used = now - before if now is not None and before is not None else None
+            result.cpu_seconds[name] = used
+        calls = [call for call in sim.calls() if call["seq"] > after_seq]
+        webhooks = sim.webhooks()
+        result.counts = asdict(service_records.counts(deployment.database_url))
+    for child in deployment.processes.values():
+        for kind, number in requeued(child.log).items():
+            result.requeued[kind] = result.requeued.get(kind, 0) + number
+    _from_simulator(result, made, calls, webhooks, started)
+    return result
+
+
+def requeued(log: Path) -> dict[str, int]:
+    """What the stuck-work sweep put on the queue again, by kind, per one process's log."""
+    found: dict[str, int] = {}
+    with log.open(errors="replace") as lines:
+        for line in lines:
+            if '"stuck_work_requeued"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            for kind, number in record.items():
+                if isinstance(number, int) and not isinstance(number, bool):
+                    found[kind] = found.get(kind, 0) + number
+    return found
+
+
+def _wait(deployment: Deployment, settings: Knobs, result: Run, started: float) -> str:
+    """Until every cancellation is settled, nothing moves for STALL s, or the deadline."""
+    deadline = time.monotonic() + settings.deadline
+    last, moved, told = (-1, -1), time.monotonic(), time.monotonic()
+    while True:
+        for name, child in deployment.processes.items():
+            child.check(name)
+        now = _progress(deployment.database_url)
+        result.progress.append((round(time.time() - started, 1), *now))
+        if now[1] >= settings.purchases:
+            return "every cancellation settled"
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > STALL:
+            return f"nothing moved for {STALL:g} s"
+        if time.monotonic() > deadline:
+            return f"deadline ({settings.deadline:g} s after the last purchase)"
+        if time.monotonic() - told > 30:
+            told = time.monotonic()
+            say(f"{time.time() - started:.0f} s: {now[0]} webhooks stored, {now[1]} settled")
+        time.sleep(POLL_SECONDS)
+
+
+def _from_simulator(
+    result: Run,
+    made: list[parties.Purchase],
+    calls: list[dict[str, Any]],
+    webhooks: dict[str, Any],
+    started: float,
+) -> None:
+    result.api_calls = len(calls)
+    cancels = [call for call in calls if is_cancel(call)]
+    result.cancel_calls = dict(Counter(call["status"] for call in cancels))
+    succeeded = [call for call in cancels if call["status"] == 200 and not call["replayed"]]
+    per_membership = Counter(call["membership_id"] for call in succeeded)
+    for purchase in made:
+        times = per_membership[purchase.membership_id]
+        result.canceled_once += times == 1
+        result.canceled_more_than_once += times > 1
+        result.not_canceled += times == 0
+    done = [seconds(call["at"]) for call in succeeded]
+    result.cancels_per_second = steady_rate(done)
+    if result.cancels_per_second is not None:
+        result.drain_ratio = result.cancels_per_second / RATE_LIMIT
+    if done:
+        result.drain_seconds = max(done) - min(done)
+        result.total_seconds = max(done) - started
+    deliveries = webhooks["deliveries"]
+    result.webhook_attempts = len(deliveries)
+    result.webhooks_pending = webhooks["pending"]
+    accepted: dict[str, float] = {}
+    failed_by_id: Counter[str] = Counter()
+    for delivery in deliveries:
+        status = delivery["status"]
+        if status is not None and 200 <= status < 300:
+            moment = seconds(delivery["answered_at"])
+            accepted[delivery["webhook_id"]] = min(
+                moment, accepted.get(delivery["webhook_id"], moment)
+            )
+        else:
+            result.webhook_failed_attempts += 1
+            failed_by_id[delivery["webhook_id"]] += 1
+    result.webhooks_dropped = sum(
+        1
+        for webhook_id, failures in failed_by_id.items()
+        if failures >= 4 and webhook_id not in accepted
+    )
+    payments = {purchase.payment_webhook_id for purchase in made}
+    paid = [moment for webhook_id, moment in accepted.items() if webhook_id in payments]
+    result.payments_in_per_second = steady_rate(paid)
+    result.webhooks_in_per_second = steady_rate(list(accepted.values()))
+    if paid:
+        result.feed_seconds = max(paid) - started
+    paid.sort()
+    done.sort()
+    end = max([*paid, *done, started]) - started
+    result.timeline = [
+        (
+            second,
+            bisect.bisect_right(paid, started + second),
+            bisect.bisect_right(done, started + second),
+        )
+        for second in range(math.ceil(end) + 1)
+    ]
+
+
+# ----- the table ----------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _mbs(values: list[float]) -> str:
+    return "/".join(f"{value:.0f}" for value in values) if values else "n/a"
+
+
+COLUMNS = [
+    "deployment",
+    "purchases",
+    "made/s",
+    "payments in/s",
+    "cancels/s",
+    "÷ limit",
+    "drain (s)",
+    "lost",
+    "failed",
+    "duplicated",
+    "peak RSS web (MB)",
+    "peak RSS worker (MB)",
+]
+
+
+def _row(run: Run) -> list[str]:
+    if run.deployment == SQLITE:
+        web, worker = f"{_mbs(run.rss('serve'))} (web + worker)", "(in serve)"
+    else:
+        web, worker = _mbs(run.rss("web")), _mbs(run.rss("worker"))
+    return [
+        run.deployment,
+        str(run.purchases),
+        _number(run.made_per_second),
+        _number(run.payments_in_per_second),
+        _number(run.cancels_per_second),
+        _number(run.drain_ratio, 2),
+        _number(run.drain_seconds),
+        str(run.not_canceled),
+        str(run.failed),
+        str(run.duplicated),
+        web,
+        worker,
+    ]
+
+
+def _verdict(run: Run) -> str:
+    misses = []
+    if run.not_canceled:
+        misses.append(f"{run.not_canceled} lost")
+    if run.failed:
+        misses.append(f"{run.failed} failed")
+    if run.duplicated:
+        misses.append(f"{run.duplicated} duplicated")
+    if run.drain_ratio is None or run.drain_ratio < TARGET:
+        misses.append(f"drained at {_number(run.drain_ratio, 2)} of the limit")
+    over = [f"{name} {mb:.0f} MB" for name, mb in run.rss_mb.items() if mb and mb > RSS_LIMIT_MB]
+    if over:
+        misses.append("over 150 MB: " + ", ".join(over))
+    return "met" if not misses else "NOT met (" + "; ".join(misses) + ")"
+
+
+def _run_note(run: Run) -> str:
+    counts = run.counts
+    cancellations = dict(sorted(counts.get("cancellations", {}).items()))
+    alerts = dict(sorted(counts.get("alerts", {}).items())) or "none"
+    requeued = {
+        kind: number for kind, number in sorted(run.requeued.items()) if number
+    } or "nothing"
+    cpu = ", ".join(
+        f"{name} {value:.0f}" for name, value in run.cpu_seconds.items() if value is not None
+    )
+    feed = _number(run.feed_seconds)
+    return (
+        f"{run.deployment}: {run.ended}. Goal {_verdict(run)}. "
+        f"Simulator: {run.purchases} purchases, {run.canceled_once} memberships canceled by "
+        f"exactly one successful cancel call, {run.canceled_more_than_once} by more, "
+        f"{run.not_canceled} not canceled; cancel calls by status "
+        f"{dict(sorted(run.cancel_calls.items()))}, {run.api_calls} API calls in all; "
+        f"webhooks: {run.webhook_attempts} attempts, {run.webhook_failed_attempts} failed "
+        f"(non-2xx or no answer in 5 s), {run.webhooks_dropped} dropped after 4, "
+        f"{run.webhooks_pending} still queued; all webhooks 2xx'd at "
+        f"{_number(run.webhooks_in_per_second)}/s, the last payment webhook {feed} s after "
+        f"the first purchase; last cancel {_number(run.total_seconds)} s after it. "
+        f"Service: {counts.get('orders', 0)} orders, {counts.get('orders_paid', 0)} paid, "
+        f"{counts.get('delivery_emails_sent', 0)} delivery emails sent "
+        f"({counts.get('delivery_emails_failed', 0)} failed, "
+        f"{counts.get('buyers_with_more_than_one_delivery', 0)} buyers with more than one), "
+        f"{counts.get('unsent_emails', 0)} emails of any kind unsent; cancellations "
+        f"{cancellations}; alerts {alerts}; the stuck-work sweep queued again "
+        f"{requeued} (work that waited longer than STUCK_GRACE, 30 s). CPU s during the run: "
+        f"{cpu}."
+    )
+
+
+NOTES = [
+    "made/s: purchases the driver made a second (its clock; an open loop over 8 connections "
+    "to the simulator's control API). payments in/s: payment.succeeded webhooks the service "
+    "answered 2xx a second (the simulator's answered_at). cancels/s: successful cancel calls "
+    "a second (the simulator's call log; a 200 cancel is the membership's canceled_at). All "
+    "three are the steady state of cancellations.py: between the 10th and the 90th "
+    "percentile event, the events after the first up to the last ÷ the time between them.",
+    f"÷ limit: cancels/s ÷ {RATE_LIMIT:g} (the simulator's bucket: capacity {CAPACITY}, "
+    f"{RATE_LIMIT:g}/s; the service paces at WHOP_RATE_LIMIT={RATE_LIMIT:g}, burst 20); the "
+    f"goal is ≥ {TARGET}. Cancellations can only drain as fast as purchases reach the service: "
+    "while payments in/s is below the limit, the feed, not the limit, bounds cancels/s. "
+    "drain: first successful cancel → last.",
+    "lost: memberships no successful cancel call reached by the end of the run (the "
+    "simulator's call log). failed: cancellations `failed` plus delivery emails `failed` (the "
+    "service's database). duplicated: paid orders beyond one per purchase, buyers with more "
+    "than one delivery email, memberships with more than one successful cancel call.",
+    "peak RSS: VmHWM of /proc/PID/status of each service process, read at the end (the peak "
+    f"since it started); the goal is ≤ {RSS_LIMIT_MB:g} MB each. In the SQLite deployment one "
+    "`serve` is web and worker.",
+    f"Parties, each its own process: the simulator ({LATENCY * 1000:.0f} ms per API answer; "
+    f"its webhook sender {SENDER_IN_FLIGHT} deliveries at once, one purchase's events one at a "
+    "time and in order: one at a time it fed `serve` 59 webhooks/s where 16 fed it 173/s), an "
+    "aiosmtpd sink, the service, and for the two web processes bench/balancer.py (round robin "
+    "per connection). The message plan: every purchase is an order, an email, a cancel.",
+]
+
+
+def section(*, smoke: bool = False) -> report.Table:
+    """The flash-sale table (smoke: 200 purchases in 10 s, SQLite only)."""
+    settings = knobs(smoke)
+    folder = Path(tempfile.mkdtemp(prefix="wa-bench-flash-"))
+    runs: list[Run] = []
+    notes = list(NOTES)
+    try:
+        if "sqlite" in settings.kinds:
+            runs.append(run_sale(folder / "sqlite", SQLITE, settings, sqlite_deployment))
+        if "postgresql" in settings.kinds:
+            reason = _unavailable("postgresql", "redis")
+            if reason:
+                notes.append(f"{POSTGRES}: skipped, {reason}")
+            else:
+                with postgres_backend() as backend:
+
+                    def deploy(
+                        stack: ExitStack, where: Path, sim: Simulator, smtp: str
+                    ) -> Deployment:
+                        return postgres_deployment(stack, where, sim, smtp, backend)
+
+                    runs.append(run_sale(folder / "postgresql", POSTGRES, settings, deploy))
+    finally:
+        if os.environ.get("BENCH_KEEP") == "1":
+            print(f"process logs kept in {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    notes += [_run_note(run_) for run_ in runs]
+    load = os.getloadavg()
+    notes.append(
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
+        f"{os.cpu_count()} cores (other work on the machine moves every figure)."
+    )
+    if smoke:
+        notes.append("smoke run: 200 purchases in 10 s on SQLite, far below the limit.")
+    records = []
+    for run_ in runs:
+        record = asdict(run_)
+        record.update(duplicated=run_.duplicated, failed=run_.failed, verdict=_verdict(run_))
+        records.append(record)
+    return report.Table(
+        title=(
+            f"Flash sale: {settings.purchases} purchases in {settings.seconds:g} s, Whop "
+            f"limited to {RATE_LIMIT:g} requests/s"
+        ),
+        columns=COLUMNS,
+        rows=[_row(run_) for run_ in runs],
+        notes=notes,
+        figures={
+            "section": "flash_sale",
+            "smoke": smoke,
+            "purchases": settings.purchases,
+            "seconds": settings.seconds,
+            "rate_limit_per_second": RATE_LIMIT,
+            "cancel_delay_seconds": CANCEL_DELAY,
+            "target_ratio": TARGET,
+            "rss_limit_mb": RSS_LIMIT_MB,
+            "runs": records,
+        },
+    )
+
+
+def _unavailable(*kinds: str) -> str | None:
+    """Why a server the PostgreSQL deployment needs does not answer (None: they all do)."""
+    for kind in kinds:
+        try:
+            backends.require(kind)
+        except (pytest.skip.Exception, pytest.fail.Exception) as error:
+            return str(error)
+    return None
+
+
+def main() -> int:
+    print(section(smoke="--smoke" in sys.argv[1:]).render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
