@@ -26,6 +26,7 @@ from support.harness import (
     make_runtime,
     make_settings,
     signed_headers,
+    wait_for,
 )
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
@@ -269,3 +270,40 @@ def test_the_sweep_applies_events_whose_apply_job_was_lost(
     drain(runtime)
     assert set(event_rows(runtime).values()) == {("handled", 1)}
     assert order_count(runtime) == 1
+
+
+def test_serve_applies_every_event_it_stores_without_the_sweep(
+    tmp_path: Path, clock: FrozenClock, database_url: str
+) -> None:
+    """Web and in-process worker in one process (`serve`): events stored while apply runs are
+    going are applied by them (a run that finds another going hands its events over), none
+    waits for the sweep (an hour away here)."""
+    runtime = make_runtime(
+        make_settings(
+            tmp_path,
+            DATABASE_URL=database_url,
+            STUCK_GRACE=3600,
+            SWEEP_INTERVAL=3600,
+            WORKER_HEARTBEAT_MAX_AGE=7200,
+        ),
+        clock,
+    )
+    try:
+        with ServiceServer(runtime, with_worker=True).running() as server:
+            for wave in range(4):  # bursts, and single events between them
+                bodies = [payment(wave * 100 + number) for number in range(15)]
+                answers = asyncio.run(post_all(server.url, bodies, connections=8))
+                assert {answer for _, _, answer in answers} == {"received"}
+                single = payment(wave * 100 + 99)
+                assert asyncio.run(post_all(server.url, [single], connections=1))[0][2] == (
+                    "received"
+                )
+            wait_for(
+                lambda: set(event_rows(runtime).values()) == {("handled", 1)},
+                30,
+                "every stored event to be applied once",
+            )
+        assert len(event_rows(runtime)) == 64
+        assert order_count(runtime) == 64
+    finally:
+        runtime.close()

@@ -299,11 +299,6 @@ class Inbox:
                     self._apply_again = False
                 with self._database.transaction() as session:
                     oldest = oldest_received_events(session, APPLY_BATCH - applied)
-                if not oldest:
-                    with self._apply_lock:
-                        if not self._apply_again:
-                            return applied
-                    continue
                 applied_before = applied
                 for event_id in oldest:
                     self._writer.wait_idle(INGEST_FIRST)
@@ -311,8 +306,10 @@ class Inbox:
                     if done is not None:
                         metrics.observe_webhook_apply(*done)
                         applied += 1
-                if applied == applied_before:  # other processes' runs hold them all
-                    return applied
+                if applied == applied_before:  # none left, or other processes' runs hold them
+                    with self._apply_lock:
+                        if not self._apply_again:
+                            return applied
             self._jobs.enqueue(APPLY_TASK)  # more may be waiting: a new run takes them
             return applied
         finally:
