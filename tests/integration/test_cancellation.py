@@ -855,3 +855,18 @@ def test_a_graceful_stop_hands_what_waits_back_to_the_queue(world: World) -> Non
     drain(runtime, include_scheduled=True)
     assert world.row(first["cancellation_id"]).status == "canceled"
     assert world.row(second["cancellation_id"]).status == "canceled"
+
+
+def test_one_attempt_runs_from_a_thread_that_already_runs_an_event_loop(world: World) -> None:
+    """`run` (tests, the `cancel` command) may be called from inside async code or beside
+    Playwright's sync API: it then runs its attempt on a loop of its own."""
+    import asyncio
+
+    purchase = world.buy()
+    world.clock.advance(5)
+
+    async def inside() -> None:
+        world.runtime.cancellations.run(purchase["cancellation_id"])
+
+    asyncio.run(inside())
+    assert world.row(purchase["cancellation_id"]).status == "canceled"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import and_, or_, select, update
@@ -53,6 +54,30 @@ class Offload(Protocol):
     """Runs a piece of blocking (database) work for a coroutine."""
 
     def __call__(self, work: Callable[[], T]) -> Awaitable[T]: ...
+
+
+def run_to_end(coroutine: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine to its end from blocking code: on a new event loop in this thread, or
+    in a thread of its own when this thread already runs a loop (a caller inside async code,
+    Playwright's sync API)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine())
+        return
+    failure: list[BaseException] = []
+
+    def own_loop() -> None:
+        try:
+            asyncio.run(coroutine())
+        except BaseException as error:  # handed to the caller below
+            failure.append(error)
+
+    thread = threading.Thread(target=own_loop, name="cancel-attempt")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 async def inline(work: Callable[[], T]) -> T:
@@ -342,7 +367,7 @@ class CancellationService:
             finally:
                 await client.aclose()
 
-        asyncio.run(alone())
+        run_to_end(alone)
 
     async def attempt(
         self,
