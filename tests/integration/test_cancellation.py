@@ -870,3 +870,31 @@ def test_one_attempt_runs_from_a_thread_that_already_runs_an_event_loop(world: W
 
     asyncio.run(inside())
     assert world.row(purchase["cancellation_id"]).status == "canceled"
+
+
+def test_a_stop_cuts_calls_that_outlast_the_shutdown_timeout_and_their_rows_wait_for_the_sweep(
+    world: World,
+) -> None:
+    from whop_autocancel.cancellation.dispatch import CancelDispatcher
+
+    purchases = [world.buy() for _ in range(3)]
+    world.clock.advance(5)
+    runtime, sim = world.runtime, world.simulator.state
+    dispatcher = CancelDispatcher(
+        runtime.cancellations, runtime.async_whop, rate=100, burst=10, shutdown_timeout=0.2
+    )
+    sim.hold(True)
+    dispatcher.start()
+    try:
+        for purchase in purchases:
+            assert dispatcher.submit(purchase["cancellation_id"])
+        wait_for(lambda: sim.held == 3, what="three calls at Whop")
+        handed_back: list[tuple[int, float]] = []
+        dispatcher.stop(lambda cid, delay: handed_back.append((cid, delay)))
+    finally:
+        sim.hold(False)
+    assert not dispatcher.running
+    assert handed_back == []  # nothing was waiting: all three were at Whop
+    # Cut short mid-call: each row keeps its lease, and the sweep runs it again (same key).
+    assert {world.row(p["cancellation_id"]).status for p in purchases} == {"running"}
+    assert not dispatcher.submit(purchases[0]["cancellation_id"])  # stopped: the queue's turn

@@ -122,7 +122,10 @@ class CancelDispatcher:
         self._ready.clear()
         loop.call_soon_threadsafe(stopping.set)
         self._thread.join(timeout=self._shutdown_timeout + 10)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._thread.is_alive():  # (a database call that hangs: the process ends anyway)
+            log.warning("cancel_dispatcher_stop_timed_out")
+        else:
+            self._executor.shutdown(wait=True, cancel_futures=True)
         for cancellation_id, delay in self._left:
             try:
                 hand_back(cancellation_id, delay)
@@ -138,7 +141,7 @@ class CancelDispatcher:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._stopping = asyncio.Event()
+        self._stopping = stopping = asyncio.Event()
         slots = asyncio.Semaphore(self._limit)
         client = self._new_client()
         attempts: set[asyncio.Task[None]] = set()
@@ -146,8 +149,15 @@ class CancelDispatcher:
         async def one(cancellation_id: int) -> None:
             try:
                 await self._service.attempt(cancellation_id, client, self._offload)
-            except Exception:  # the row keeps its lease; the stuck-work sweep runs it again
-                log.exception("cancel_attempt_crashed", cancellation_id=cancellation_id)
+            except Exception as error:  # the row keeps its lease; the sweep runs it again
+                if stopping.is_set():
+                    log.warning(
+                        "cancel_attempt_cut_short",
+                        cancellation_id=cancellation_id,
+                        error=type(error).__name__,
+                    )
+                else:
+                    log.exception("cancel_attempt_crashed", cancellation_id=cancellation_id)
             finally:
                 slots.release()
 
@@ -176,8 +186,10 @@ class CancelDispatcher:
                 self._left += [(cid, 0.0) for cid in self._queued]
             if attempts:
                 await asyncio.wait(set(attempts), timeout=self._shutdown_timeout)
-            for task in list(attempts):
+            left = list(attempts)
+            for task in left:
                 task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)  # ended here, not after
             await client.aclose()
 
     def _offload(self, work: Callable[[], T]) -> asyncio.Future[T]:
