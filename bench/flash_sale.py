@@ -508,8 +508,15 @@ def _run_note(run: Run) -> str:
         f"{name} {value:.0f}" for name, value in run.cpu_seconds.items() if value is not None
     )
     feed = _number(run.feed_seconds)
+    asked = run.purchases / run.seconds
+    offered = (
+        f"The driver made {_number(run.made_per_second)} purchases/s of the {asked:.0f} asked: "
+        "the machine could not offer the sale at its rate. "
+        if run.made_per_second is not None and run.made_per_second < 0.9 * asked
+        else ""
+    )
     return (
-        f"{run.deployment}: {run.ended}. Goal {_verdict(run)}. "
+        f"{run.deployment}: {run.ended}. Goal {_verdict(run)}. {offered}"
         f"Simulator: {run.purchases} purchases, {run.canceled_once} memberships canceled by "
         f"exactly one successful cancel call, {run.canceled_more_than_once} by more, "
         f"{run.not_canceled} not canceled ({run.unfinished} unfinished, {run.lost} lost); "
