@@ -126,7 +126,10 @@ def flash_sale(axes: Axes, figures: dict[str, Any]) -> None:
             continue
         moments = [point[0] for point in timeline]
         ratio = "n/a" if run["drain_ratio"] is None else f"{run['drain_ratio']:.2f}"
-        label = f"{run['deployment']}: canceled, {ratio} of the limit, {run['not_canceled']} lost"
+        unfinished = f" (+{run['unfinished']} unfinished)" if run["unfinished"] else ""
+        label = (
+            f"{run['deployment']}: canceled, {ratio} of the limit, {run['lost']} lost{unfinished}"
+        )
         axes.plot(moments, [point[2] for point in timeline], color=color, label=label)
         axes.plot(
             moments,

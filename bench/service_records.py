@@ -55,6 +55,29 @@ def steps_by_membership(url: str) -> dict[str, Steps]:
     }
 
 
+#: Cancellation statuses that end a row (nothing more will happen to it by itself).
+FINAL = ("canceled", "already_inactive", "failed", "skipped")
+
+
+def open_work(url: str) -> set[str]:
+    """The membership ids of orders whose cancellation has not ended yet (none made yet, or
+    one still scheduled or running): work the service still holds."""
+    database = Database(url)
+    try:
+        with database.transaction() as session:
+            rows = session.scalars(
+                select(Order.whop_membership_id)
+                .outerjoin(Cancellation, Cancellation.order_id == Order.id)
+                .where(
+                    Order.whop_membership_id.is_not(None),
+                    (Cancellation.id.is_(None)) | (Cancellation.status.not_in(FINAL)),
+                )
+            ).all()
+    finally:
+        database.dispose()
+    return {membership for membership in rows if membership is not None}
+
+
 @dataclass
 class Counts:
     """The service's tallies after a run."""
