@@ -26,8 +26,8 @@ from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")  # Playwright's sync API runs an event loop in the test thread
+def browser() -> Iterator[Any]:  # while it is open: closed with the module, never leaking on
     executable = require_chromium()
     from playwright.sync_api import sync_playwright
 
