@@ -154,6 +154,9 @@ def test_rate_limit_headers_stop_everyone_until_the_reset_without_slowing(
     assert pacer.waiting_for() == 0.0
     pacer.observe(WhopReply(status=200, remaining=0, reset_after=5.0))
     assert pacer.waiting_for() == pytest.approx(5.0)
+    assert pacer.turn() == pytest.approx(5.0)  # a claimed call waits for the reset
+    clock.advance(5)
+    wall.now += 5
     first_turn = pacer.turn()
     assert pacer.turn() - first_turn == pytest.approx(0.1)  # the rate is untouched
 
@@ -165,3 +168,19 @@ def test_an_unreachable_database_never_stops_a_call(tmp_path: object) -> None:
         assert make_pacer(database, wall, clock).turn() == 0.0
     finally:
         database.dispose()
+
+
+def test_a_call_claimed_before_a_short_stop_waits_it_out_a_long_one_does_not(
+    databases: tuple[Database, Database],
+) -> None:
+    first_db, second_db = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    first = make_pacer(first_db, wall, clock, rate=10, burst=5)
+    second = make_pacer(second_db, wall, clock, rate=10, burst=5)
+    first.observe(WhopReply(status=429, retry_after=2.0))
+    assert second.turn() == pytest.approx(2.0)  # claimed already: it waits, it does not go
+    assert second.turn(wait=False) == 0.0  # a buyer's checkout still goes
+    clock.advance(3)
+    first.observe(WhopReply(status=429, retry_after=600.0))
+    # Longer than MAX_HOLD: the call goes and its row reschedules on the 429.
+    assert second.turn() < 1.0

@@ -284,6 +284,7 @@ class WhopSweep:
         for plan in self._catalog.plans.values():
             if not plan.cancel:
                 continue
+            listed_from = self._clock.now()  # every page below is read after this
             for item in self._pages(
                 partial(self._membership_page, plan_id=plan.plan_id, since=since)
             ):
@@ -291,7 +292,9 @@ class WhopSweep:
                 membership_id, status = item.get("id"), item.get("status")
                 if not isinstance(membership_id, str) or status in INACTIVE_STATUSES:
                     continue
-                if self._cancel_again(membership_id, str(status), now, report.dry_run):
+                if self._cancel_again(
+                    membership_id, str(status), now, report.dry_run, listed_from=listed_from
+                ):
                     report.recancelled.append(membership_id)
 
     def _membership_page(
@@ -305,8 +308,18 @@ class WhopSweep:
             created_after=since,
         )
 
-    def _cancel_again(self, membership_id: str, status: str, now: datetime, dry_run: bool) -> bool:
-        """Whether our delivered one-time order of this live membership needs cancelling."""
+    def _cancel_again(
+        self,
+        membership_id: str,
+        status: str,
+        now: datetime,
+        dry_run: bool,
+        *,
+        listed_from: datetime,
+    ) -> bool:
+        """Whether our delivered one-time order of this live membership needs cancelling. A
+        cancellation that ended while the listing was being read is left alone: the page may
+        be older than our cancel (the next sweep looks again)."""
 
         def decide(session: Any) -> bool:
             order = session.scalars(
@@ -329,6 +342,8 @@ class WhopSweep:
                 return True
             if row.status not in ("canceled", "already_inactive"):
                 return False  # still in progress, or failed and already alerted
+            if row.updated_at >= listed_from:
+                return False  # ended after the listing began: "live" may predate it
             if dry_run:
                 return True
             return self._cancellations.reopen(

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from functools import partial
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,6 +37,7 @@ log = structlog.get_logger(__name__)
 BUCKET = "whop"
 NOT_BEFORE_KEY = "whop:not_before"
 SLOW_DOWN = 0.8  # a 429 costs a fifth of the rate in force; +1 %/s of the limit brings it back
+MAX_HOLD = 10.0  # the longest "not before" a call already claimed waits out before it goes
 DEFAULT_RETRY_AFTER = 60.0  # a 429 that does not say how long (Whop's documented cooldown)
 
 
@@ -64,17 +64,28 @@ class WhopPacer:
         when `wait` is False: it goes now, and the others make room). The database being
         unreachable never stops a call: it goes unpaced, and Whop's 429 still holds."""
         now_us = int(self._wall() * buckets.MICROS)
+
+        def draw(session: Session) -> tuple[int, datetime | None]:
+            at_us = buckets.reserve(session, BUCKET, self.limit, now_us)
+            return at_us, leases.read_until(session, NOT_BEFORE_KEY)
+
         try:
-            at_us = self._database.run(
-                partial(buckets.reserve, name=BUCKET, limit=self.limit, now_us=now_us)
-            )
+            at_us, not_before = self._database.run(draw)
         except SQLAlchemyError as error:
             if not self._warned.is_set():
                 self._warned.set()
                 log.warning("whop_pacing_unavailable", error=type(error).__name__)
             return 0.0
         self._warned.clear()
-        delay = (at_us - now_us) / buckets.MICROS if wait else 0.0
+        if not wait:
+            metrics.observe_whop_pacing(0.0)
+            return 0.0
+        delay = (at_us - now_us) / buckets.MICROS
+        # Whop said stop after this call was claimed: a short stop is waited out here; a
+        # long one is not (the call meets the 429 and its row reschedules past it).
+        blocked = (not_before - self._clock.now()).total_seconds() if not_before else 0.0
+        if 0 < blocked <= MAX_HOLD:
+            delay = max(delay, blocked)
         metrics.observe_whop_pacing(delay)
         return delay
 
