@@ -212,7 +212,21 @@ class Pacer(Protocol):
 
 
 class _Sender:
-    def __init__(self, clock: Clock, pacer: Pacer | None) -> None:
+    """What both clients share: the request builder, the headers, the pacer."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        version_date: str | None,
+        clock: Clock,
+        pacer: Pacer | None,
+    ) -> None:
+        self.api = WhopApi(version_date)
+        self.version_date = version_date
+        self._base_url = base_url.rstrip("/") + "/"
+        self._headers = self.api.headers(api_key)
         self._clock = clock
         self.pacer = pacer
 
@@ -259,12 +273,8 @@ class WhopClient(_Sender):
         clock: Clock,
         pacer: Pacer | None = None,
     ) -> None:
-        super().__init__(clock, pacer)
-        self.api = WhopApi(version_date)
-        self.version_date = version_date
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/") + "/", headers=self.api.headers(api_key), timeout=timeout
-        )
+        super().__init__(base_url, api_key, version_date=version_date, clock=clock, pacer=pacer)
+        self._http = httpx.Client(base_url=self._base_url, headers=self._headers, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -282,12 +292,6 @@ class WhopClient(_Sender):
         if self.pacer is not None and self._teaches(reply):
             self.pacer.observe(reply)
         return reply
-
-    def cancel_membership(self, membership_id: str, idempotency_key: str) -> WhopReply:
-        return self.send(self.api.cancel_membership(membership_id, idempotency_key))
-
-    def retrieve_membership(self, membership_id: str) -> WhopReply:
-        return self.send(self.api.retrieve_membership(membership_id))
 
     def retrieve_plan(self, plan_id: str) -> WhopReply:
         return self.send(self.api.retrieve_plan(plan_id))
@@ -317,12 +321,10 @@ class AsyncWhopClient(_Sender):
         pacer: Pacer | None = None,
         max_connections: int = 100,
     ) -> None:
-        super().__init__(clock, pacer)
-        self.api = WhopApi(version_date)
-        self.version_date = version_date
+        super().__init__(base_url, api_key, version_date=version_date, clock=clock, pacer=pacer)
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=self.api.headers(api_key),
+            base_url=self._base_url,
+            headers=self._headers,
             timeout=timeout,
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
