@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
 from support import backends
@@ -31,7 +32,12 @@ from support.harness import (
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
-from whop_autocancel.webhooks.inbox import APPLY_TASK, Arrival, store_arrivals
+from whop_autocancel.webhooks.inbox import (
+    APPLY_PER_TRANSACTION,
+    APPLY_TASK,
+    Arrival,
+    store_arrivals,
+)
 from whop_autocancel.webhooks.models import WebhookEvent
 
 
@@ -307,3 +313,31 @@ def test_serve_applies_every_event_it_stores_without_the_sweep(
         assert order_count(runtime) == 64
     finally:
         runtime.close()
+
+
+def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_stays_alone(
+    runtime: Runtime,
+) -> None:
+    """Applying is batched too: a few events to a transaction (each in its own savepoint), so
+    a burst costs a fraction of the commits; an event that cannot apply fails alone."""
+    bodies = [payment(number) for number in range(2 * APPLY_PER_TRANSACTION)]
+    broken = json.dumps(
+        {"id": "msg_broken", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
+    ).encode()
+    bodies.insert(3, broken)
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    commits = []
+    listener = lambda _connection: commits.append(1)  # noqa: E731
+    sa_event.listen(runtime.database.engine, "commit", listener)
+    try:
+        runtime.jobs.run_here(APPLY_TASK)
+    finally:
+        sa_event.remove(runtime.database.engine, "commit", listener)
+    rows = event_rows(runtime)
+    assert rows.pop("msg_broken") == ("failed", 1)
+    assert set(rows.values()) == {("handled", 1)}
+    assert order_count(runtime) == len(bodies) - 1
+    # The events' transactions, plus the read of the ids waiting (and the retry alert's).
+    applying = -(-len(bodies) // APPLY_PER_TRANSACTION)
+    assert len(commits) <= applying + 3 < len(bodies)

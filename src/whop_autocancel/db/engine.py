@@ -18,6 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from whop_autocancel.db.write_turn import WriteTurn
+
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
@@ -74,19 +76,19 @@ class Database:
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite lets one transaction write at a time (ours all begin IMMEDIATE), and one that
-        # waits polls with growing sleeps (its busy timeout). Between this process's threads
-        # (`serve`: requests, the webhook writer, the worker's jobs) the turn is handed over
-        # at once instead; other processes still meet the busy timeout.
-        self._write_turn: AbstractContextManager[object] = (
-            threading.RLock() if self.backend == "sqlite" else nullcontext()
-        )
+        # SQLite: the turn to write, handed over between this process's threads at once and
+        # urgent callers first (write_turn.py); other processes still meet the busy timeout.
+        self._write_turn = WriteTurn() if self.backend == "sqlite" else None
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, urgent: bool = False) -> Iterator[Session]:
         """A session in one transaction: commit on success, roll back on error, then run the
-        callbacks registered with `after_commit` (enqueueing jobs, mostly)."""
-        with self._write_turn, self.sessions() as session:
+        callbacks registered with `after_commit` (enqueueing jobs, mostly). `urgent`: someone
+        waits on this commit (the webhook writer); on SQLite it writes before the others."""
+        turn: AbstractContextManager[None] = (
+            self._write_turn.turn(urgent=urgent) if self._write_turn is not None else nullcontext()
+        )
+        with turn, self.sessions() as session:
             with session.begin():
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
@@ -102,13 +104,13 @@ class Database:
         """Whether `SELECT … FOR UPDATE SKIP LOCKED` is available (not on SQLite)."""
         return self.backend in ("postgresql", "mysql", "mariadb")
 
-    def run(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def run(self, work: Callable[[Session], T], *, attempts: int = 5, urgent: bool = False) -> T:
         """Run `work` in a transaction, again from the start when the database aborted it to
         break a deadlock or a serialization conflict (MariaDB does so on concurrent inserts of
         one unique key). `work` must therefore be safe to repeat (ours are idempotent)."""
         for attempt in range(1, attempts + 1):
             try:
-                with self.transaction() as session:
+                with self.transaction(urgent=urgent) as session:
                     return work(session)
             except DBAPIError as error:
                 if attempt == attempts or not is_transient_conflict(error):

@@ -50,7 +50,7 @@ APPLY_TASK = "webhooks.apply"
 REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
 APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
-INGEST_FIRST = 0.5  # seconds an apply waits at most for the requests being stored to be answered
+APPLY_PER_TRANSACTION = 8  # events applied in one transaction (each in its savepoint)
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -246,7 +246,9 @@ class Inbox:
         `duplicate`). The database unavailable fails every request of the batch (503); any
         other error is one event's own, so its batch is stored again one event at a time."""
         try:
-            return list(self._database.run(lambda session: store_arrivals(session, arrivals)))
+            return list(
+                self._database.run(lambda session: store_arrivals(session, arrivals), urgent=True)
+            )
         except (OperationalError, DBInterfaceError):
             raise
         except Exception:
@@ -257,7 +259,9 @@ class Inbox:
 
     def _store_alone(self, arrival: Arrival) -> str | Exception:
         try:
-            [status] = self._database.run(lambda session: store_arrivals(session, [arrival]))
+            [status] = self._database.run(
+                lambda session: store_arrivals(session, [arrival]), urgent=True
+            )
         except Exception as error:
             return error
         return status
@@ -276,17 +280,19 @@ class Inbox:
     # Apply (the worker) --------------------------------------------------------------------------
 
     def apply_received(self) -> int:
-        """The `webhooks.apply` job: apply the `received` events, oldest first, each in its own
-        transaction (a worker dying mid-apply rolls it back: the event stays `received`). Runs
-        at once never apply one event twice: each takes an event locked (skipping one that
-        another run holds, where the database can) and only while it is still `received`.
+        """The `webhooks.apply` job: apply the `received` events, oldest first, a few to a
+        transaction (`APPLY_PER_TRANSACTION`, each event in its own savepoint: one that fails
+        is stored `failed` alone; a worker dying mid-apply rolls the transaction back and its
+        events stay `received`). Runs at once never apply one event twice: each takes its events
+        locked (skipping those another run holds, where the database can) and only while they
+        are still `received`.
 
         One run per process at a time: a run that finds another one going tells it to look
         again before it ends, and leaves. A run goes on until no event is left, or hands over
-        to a new run after `APPLY_BATCH` events so that other jobs get their turn. Before each
-        event it gives way to the requests this process is storing (`serve`: web and worker
-        share one interpreter), for at most `INGEST_FIRST` seconds: under a burst, answering
-        Whop comes first and applying catches up after. Returns how many it applied."""
+        to a new run after `APPLY_BATCH` events so that other jobs get their turn. On SQLite the
+        webhook writer's commits go before these (the write turn's urgent callers), so storing
+        what Whop sends is never held up by more than one of these transactions. Returns how
+        many it applied."""
         with self._apply_lock:
             if self._applying:
                 self._apply_again = True
@@ -300,12 +306,12 @@ class Inbox:
                 with self._database.transaction() as session:
                     oldest = oldest_received_events(session, APPLY_BATCH - applied)
                 applied_before = applied
-                for event_id in oldest:
-                    self._writer.wait_idle(INGEST_FIRST)
-                    done = self._database.run(partial(self._apply_received, event_id=event_id))
-                    if done is not None:
-                        metrics.observe_webhook_apply(*done)
-                        applied += 1
+                for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
+                    chunk = oldest[start : start + APPLY_PER_TRANSACTION]
+                    done = self._database.run(partial(self._apply_chunk, event_ids=chunk))
+                    for kind, status in done:
+                        metrics.observe_webhook_apply(kind, status)
+                    applied += len(done)
                 if applied == applied_before:  # none left, or other processes' runs hold them
                     with self._apply_lock:
                         if not self._apply_again:
@@ -316,29 +322,31 @@ class Inbox:
             with self._apply_lock:
                 self._applying = False
 
-    def _apply_received(self, session: Session, event_id: str) -> tuple[str, str] | None:
-        """Apply one event if it is still `received`: its (type, status) then; None when
-        another run applied it already, or holds it now."""
+    def _apply_chunk(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """Apply those of `event_ids` still `received` (and not held by another run), oldest
+        first: the (type, status) of each one applied."""
         now = self._clock.now()
-        statement = select(WebhookEvent).where(
-            WebhookEvent.id == event_id, WebhookEvent.status == RECEIVED
+        statement = (
+            select(WebhookEvent)
+            .where(WebhookEvent.id.in_(event_ids), WebhookEvent.status == RECEIVED)
+            .order_by(WebhookEvent.received_at, WebhookEvent.id)
         )
         if self._database.skip_locked:
             statement = statement.with_for_update(skip_locked=True)
         # (SQLite: the transaction began with the write lock, so nobody else applies now.)
-        event = session.scalars(statement).first()
-        if event is None:
-            return None
-        order_id = self._apply_stored(session, event, now)
-        log.info(
-            "webhook_applied",
-            event_id=event.id,
-            type=event.type,
-            status=event.status,
-            attempt=event.attempts,
-            order_id=order_id,
-        )
-        return event.type, event.status
+        done = []
+        for event in session.scalars(statement).all():
+            order_id = self._apply_stored(session, event, now)
+            log.info(
+                "webhook_applied",
+                event_id=event.id,
+                type=event.type,
+                status=event.status,
+                attempt=event.attempts,
+                order_id=order_id,
+            )
+            done.append((event.type, event.status))
+        return done
 
     def _apply_stored(self, session: Session, event: WebhookEvent, now: datetime) -> str | None:
         try:
