@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from support.harness import MESSAGE_PLAN, ServiceServer, make_runtime, make_settings, wait_for
 from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
 
@@ -73,3 +74,23 @@ def test_readyz_fails_without_a_worker_and_says_why(tmp_path: Path, database_url
             assert http.get("/healthz").status_code == 200
     finally:
         runtime.close()
+
+
+def test_the_sqlite_queue_commits_without_a_disk_flush_and_keeps_what_it_committed(
+    tmp_path: Path,
+) -> None:
+    """The embedded queue holds only job ids whose rows are the truth: it runs WAL with
+    `synchronous=NORMAL` (no flush per enqueue and dequeue, which serialized every thread
+    behind the disk), and a job committed there is still there for the next process."""
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    jobs = Jobs(url, name="flush")
+    jobs.register("test.noop", lambda *args: None)
+    jobs.enqueue("test.noop", 1)
+    storage = jobs.huey.storage
+    assert storage.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert storage.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    storage.close()
+    again = Jobs(url, name="flush")
+    again.register("test.noop", lambda *args: None)
+    assert [task.args for task in again.huey.pending()] == [(1,)]
+    again.huey.storage.close()
