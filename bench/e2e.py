@@ -20,6 +20,7 @@ last purchase plus CANCEL_DELAY.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -32,8 +33,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx
 import parties
 import report
+import sampling
 import service_records
 from parties import Simulator, percentile, seconds, smtp_sink, steady_rate
 
@@ -43,7 +46,12 @@ from whop_autocancel.settings import Settings
 #: The service's default delay between delivery and cancellation (a default, not set here).
 CANCEL_DELAY = float(Settings.model_fields["CANCEL_DELAY"].default)
 SLACK = 1.0  # the goal: p99 ≤ CANCEL_DELAY + SLACK
-SERVICE_SETTINGS = {"WHOP_RATE_LIMIT": "100", "WHOP_RATE_BURST": "20"}
+METRICS_TOKEN = secrets.token_urlsafe(16)  # a fresh one per run
+SERVICE_SETTINGS = {
+    "WHOP_RATE_LIMIT": "100",
+    "WHOP_RATE_BURST": "20",
+    "METRICS_TOKEN": METRICS_TOKEN,
+}
 LATENCY = 0.05  # of every Whop answer
 SENDER_IN_FLIGHT = 16  # the simulator's webhook deliveries at once (see the notes)
 #: (purchases a second, seconds of purchasing) for each row.
@@ -74,6 +82,10 @@ class Row:
     latencies: list[float] = field(default_factory=list)  # s, per canceled purchase
     # Cores each party used from the first purchase to the end of the row (CPU s ÷ wall s).
     cores: dict[str, float | None] = field(default_factory=dict)
+    # The service's CPU per purchase (ms): all of it, and each job's (its job metrics).
+    cpu_ms_per_purchase: float | None = None
+    job_cpu_ms_per_purchase: dict[str, float] = field(default_factory=dict)
+    job_runs_per_purchase: dict[str, float] = field(default_factory=dict)
 
     @property
     def over_delay(self) -> float | None:
@@ -84,8 +96,36 @@ class Row:
         return self.p99 is not None and self.p99 <= CANCEL_DELAY + SLACK and self.lost == 0
 
 
+def job_metrics(url: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The service's job metrics: CPU seconds and runs, by job."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=30
+    )
+    answer.raise_for_status()
+    cpu: dict[str, float] = {}
+    runs: dict[str, float] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            if sample.name == "whop_autocancel_job_cpu_seconds_total":
+                cpu[sample.labels["job"]] = sample.value
+            elif sample.name == "whop_autocancel_job_runs_total":
+                runs[sample.labels["job"]] = sample.value
+    return cpu, runs
+
+
 def _spread(values: list[float]) -> dict[str, float | None]:
     return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
+
+
+def _profile(pid: int, folder: Path, rate: float, duration: float) -> Any:
+    """With BENCH_PROFILE=DIR: a py-spy recording of the service from the first purchase to
+    CANCEL_DELAY + 5 s after the last (DIR/e2e-<rate>.txt)."""
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        return None
+    return sampling.record(pid, Path(where) / f"e2e-{rate:g}.txt", duration + CANCEL_DELAY + 5)
 
 
 def run_row(folder: Path, rate: float, duration: float) -> Row:
@@ -108,6 +148,7 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
         watched = {"service": service, "simulator": sim.child}
         cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
         began = time.monotonic()
+        spy = _profile(service.pid, folder, rate, duration)
         made = parties.purchase_at_rate(sim.url, row.purchases, rate)
         row.made_per_second = steady_rate([purchase.answered_at for purchase in made])
         wanted = {purchase.membership_id for purchase in made}
@@ -116,10 +157,21 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
             service.check("the service")
             time.sleep(POLL_SECONDS)
         wall = time.monotonic() - began
+        if spy is not None:
+            spy.wait()
         for name, child in watched.items():
             now, before = parties.cpu_seconds(child.pid), cpu_before[name]
             used = now - before if now is not None and before is not None else None
             row.cores[name] = round(used / wall, 2) if used is not None else None
+            if name == "service" and used is not None:
+                row.cpu_ms_per_purchase = round(used * 1000 / row.purchases, 1)
+        cpu, runs = job_metrics(url)
+        row.job_cpu_ms_per_purchase = {
+            job: round(seconds * 1000 / row.purchases, 2) for job, seconds in cpu.items()
+        }
+        row.job_runs_per_purchase = {
+            job: round(count / row.purchases, 2) for job, count in runs.items()
+        }
         deliveries = sim.webhooks()["deliveries"]
         views = {p.membership_id: sim.membership(p.membership_id) for p in made}
         steps = service_records.steps_by_membership(env["DATABASE_URL"])
@@ -238,9 +290,14 @@ def _stage_note(rows: list[Row]) -> str:
         cores = ", ".join(
             f"{name} {value:.2f}" for name, value in row.cores.items() if value is not None
         )
+        jobs = ", ".join(
+            f"{job} {ms:g} ms ({row.job_runs_per_purchase.get(job, 0):g} runs)"
+            for job, ms in sorted(row.job_cpu_ms_per_purchase.items(), key=lambda i: -i[1])
+        )
         parts.append(
             f"at {row.rate:g}/s: {stages}; webhook round trip p99 "
-            f"{_ms(row.webhook_round_trip_p99)} ms; cores used: {cores}"
+            f"{_ms(row.webhook_round_trip_p99)} ms; cores used: {cores}; service CPU per "
+            f"purchase {_number(row.cpu_ms_per_purchase, 1)} ms, of which jobs: {jobs}"
         )
     return (
         "Where the time goes (p50/p99, the service's database against the simulator's "
@@ -292,7 +349,12 @@ def section(*, smoke: bool = False) -> report.Table:
 
 
 def main() -> int:
-    print(section(smoke="--smoke" in sys.argv[1:]).render())
+    table = section(smoke="--smoke" in sys.argv[1:])
+    print(table.render())
+    where = os.environ.get("BENCH_PROFILE")
+    for path in sorted(Path(where).glob("e2e-*.txt")) if where else []:
+        print(f"\n== profile of the service ({path})")
+        print("\n".join(sampling.summarize_file(path).lines(top=25)))
     return 0
 
 

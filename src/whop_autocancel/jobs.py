@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from whop_autocancel import metrics
 from whop_autocancel.db.engine import (
     CONFLICTS,
     after_commit,
@@ -116,15 +117,19 @@ class Jobs:
         deadlock reruns the whole (idempotent) job at once instead of dropping it."""
 
         def run(*args: Any) -> None:
-            for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-                try:
-                    handler(*args)
-                    return
-                except DBAPIError as error:
-                    if attempt == CONFLICT_ATTEMPTS or not is_transient_conflict(error):
-                        raise
-                    CONFLICTS.record(error)
-                    time.sleep(random.uniform(0.005, 0.05) * attempt)
+            started = time.thread_time()
+            try:
+                for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+                    try:
+                        handler(*args)
+                        return
+                    except DBAPIError as error:
+                        if attempt == CONFLICT_ATTEMPTS or not is_transient_conflict(error):
+                            raise
+                        CONFLICTS.record(error)
+                        time.sleep(random.uniform(0.005, 0.05) * attempt)
+            finally:
+                metrics.observe_job(name, time.thread_time() - started)
 
         self._tasks[name] = self.huey.task(name=name)(run)
 

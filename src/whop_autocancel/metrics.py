@@ -115,6 +115,31 @@ WHOP_PACING = Histogram(
 )
 TRANSPORT_ERROR = "transport_error"
 
+# Jobs --------------------------------------------------------------------------------------------
+
+JOB_RUNS = Counter(
+    f"{PREFIX}_job_runs",
+    "Jobs this process ran (a worker's queue jobs, and each cancellation attempt of its "
+    "dispatcher as cancellation.attempt), by job name.",
+    ["job"],
+)
+JOB_CPU_SECONDS = Counter(
+    f"{PREFIX}_job_cpu_seconds",
+    "CPU time those jobs spent (their thread's time: waiting for a lock, the database or a "
+    "server is not counted; of a cancellation attempt, its database work: its call to Whop "
+    "runs on the dispatcher's shared event loop), by job name. Divided by job_runs: what one "
+    "costs.",
+    ["job"],
+)
+
+
+def observe_job(job: str, cpu_seconds: float, *, run: bool = True) -> None:
+    """One job run (`run`), or more CPU time of one (`run=False`)."""
+    if run:
+        JOB_RUNS.labels(job).inc()
+    JOB_CPU_SECONDS.labels(job).inc(cpu_seconds)
+
+
 # Mail and alerts ----------------------------------------------------------------------------------
 
 EMAIL_ATTEMPTS = Counter(

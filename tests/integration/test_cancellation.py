@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from support.harness import (
@@ -777,6 +778,7 @@ def test_calls_to_whop_hold_no_job_thread(world: World) -> None:
     purchases = [world.buy() for _ in range(6)]
     world.clock.advance(5)
     runtime, sim = world.runtime, world.simulator.state
+    runs, cpu = attempt_metrics()
     sim.hold(True)
     runtime.start_dispatcher()
     try:
@@ -793,6 +795,19 @@ def test_calls_to_whop_hold_no_job_thread(world: World) -> None:
         runtime.stop_dispatcher()
     for purchase in purchases:
         assert [c["method"] for c in world.calls(purchase["membership_id"])] == ["POST"]
+    # Each attempt counted as a job run, with the CPU time of its database work.
+    runs_after, cpu_after = attempt_metrics()
+    assert runs_after - runs == 6
+    assert cpu_after > cpu
+
+
+def attempt_metrics() -> tuple[float, float]:
+    """The dispatcher's attempts so far in this process: (runs, CPU seconds)."""
+    labels = {"job": "cancellation.attempt"}
+    return (
+        REGISTRY.get_sample_value("whop_autocancel_job_runs_total", labels) or 0.0,
+        REGISTRY.get_sample_value("whop_autocancel_job_cpu_seconds_total", labels) or 0.0,
+    )
 
 
 def test_one_cancellation_handed_over_many_times_makes_one_call(world: World) -> None:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import structlog
 
+from whop_autocancel import metrics
 from whop_autocancel.cancellation.service import CancellationService
 from whop_autocancel.whop.client import AsyncWhopClient
 
@@ -37,6 +39,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 LOOKAHEAD = 4.0  # seconds of the rate limit's budget each process may hold leased at once
 DATABASE_THREADS = 4
+ATTEMPT_JOB = "cancellation.attempt"  # its runs and CPU in the job metrics
 
 
 def active_limit(rate: float, burst: int) -> int:
@@ -147,6 +150,7 @@ class CancelDispatcher:
         attempts: set[asyncio.Task[None]] = set()
 
         async def one(cancellation_id: int) -> None:
+            metrics.observe_job(ATTEMPT_JOB, 0.0)
             try:
                 await self._service.attempt(cancellation_id, client, self._offload)
             except Exception as error:  # the row keeps its lease; the sweep runs it again
@@ -194,4 +198,12 @@ class CancelDispatcher:
 
     def _offload(self, work: Callable[[], T]) -> asyncio.Future[T]:
         assert self._loop is not None
-        return self._loop.run_in_executor(self._executor, work)
+
+        def measured() -> T:
+            started = time.thread_time()
+            try:
+                return work()
+            finally:
+                metrics.observe_job(ATTEMPT_JOB, time.thread_time() - started, run=False)
+
+        return self._loop.run_in_executor(self._executor, measured)
