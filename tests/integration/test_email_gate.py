@@ -12,8 +12,10 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from support.harness import (
@@ -228,3 +230,51 @@ def test_the_wait_for_the_email_does_not_count_against_whops_give_up_time(
     shop.simulator.state.set_outage(False)
     assert shop.run_cancellation(purchase, after=2).status == "canceled"
     assert shop.membership_status(purchase) == "canceled"
+
+
+def cancellation_jobs(shop: Shop) -> list[tuple[Any, ...]]:
+    """The cancellation jobs in the queue, ready or scheduled: their arguments."""
+    huey = shop.runtime.jobs.huey
+    return [
+        tuple(task.args)
+        for task in [*huey.pending(), *huey.scheduled()]
+        if task.name == "cancellation.run"
+    ]
+
+
+def cancellation_runs() -> float:
+    return (
+        REGISTRY.get_sample_value("whop_autocancel_job_runs_total", {"job": "cancellation.run"})
+        or 0.0
+    )
+
+
+def test_a_cancellation_is_armed_by_its_accepted_email_and_runs_once(shop: Shop) -> None:
+    """No run before the delivery email is in: the delivery arms no timer while its email is
+    pending (a run then would only find the email missing and wait again, a wasted claim
+    under load); the accepted email arms it, at CANCEL_DELAY after the delivery or at once
+    when that time has passed."""
+    purchase = shop.buy()  # SMTP is down: the email waits for its next try
+    assert cancellation_jobs(shop) == []
+    shop.clock.advance(30)  # long past CANCEL_DELAY
+    shop.smtp_up()
+    [email] = shop.customer_emails(purchase)
+    shop.clock.set(max(email.next_attempt_at, shop.clock.now()))
+    shop.runtime.jobs.huey.flush()
+    shop.runtime.outbox.send(email.id)
+    assert cancellation_jobs(shop) == [(purchase["cancellation_id"],)]
+    runs = cancellation_runs()
+    drain(shop.runtime)
+    assert cancellation_runs() - runs == 1
+    assert shop.cancellation(purchase).status == "canceled"
+
+    # Accepted before CANCEL_DELAY is over: armed for the rest of it, not at once.
+    second = shop.buy()  # SMTP up now: the email went during the delivery's drain
+    [email] = shop.customer_emails(second)
+    assert email.sent_at is not None
+    [scheduled] = [
+        task for task in shop.runtime.jobs.huey.scheduled() if task.name == "cancellation.run"
+    ]
+    assert tuple(scheduled.args) == (second["cancellation_id"],)
+    assert shop.cancellation(second).status == "scheduled"
+    assert shop.cancellation(second).last_error is None

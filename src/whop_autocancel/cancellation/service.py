@@ -252,23 +252,36 @@ def _email_hold(
     )
 
 
+def waits_for_email(session: Session, order: Order, now: datetime) -> bool:
+    """Whether the order's delivery email is still on its way (queued or being retried, none
+    accepted): its cancellation then runs only once `wake_after_email` arms it."""
+    hold = _email_hold(session, order, now, 0.0)
+    return hold is not None and not hold[1].startswith(f"{WAITING_FOR_EMAIL}, which failed")
+
+
 def wake_after_email(session: Session, jobs: Jobs, order_id: str, now: datetime) -> int:
     """The order's delivery email was accepted: a cancellation held for it runs now (the
-    wait adds no latency). Rows not held (e.g. still within CANCEL_DELAY) keep their time."""
+    wait adds no latency), and one not run yet (the delivery arms none while its email is on
+    its way: a run would only find the email missing) is armed for its own time, CANCEL_DELAY
+    after the delivery. Returns how many it woke or armed."""
     rows = session.scalars(
         select(Cancellation)
         .where(
             Cancellation.order_id == order_id,
             Cancellation.status == Status.SCHEDULED.value,
-            Cancellation.last_error.startswith(WAITING_FOR_EMAIL, autoescape=True),
         )
         .with_for_update()
     ).all()
     for row in rows:
-        row.next_attempt_at = min(row.next_attempt_at, now)
-        row.updated_at = now
-        jobs.defer(session, CANCEL_TASK, row.id)
-        log.info("cancellation_woken_by_email", cancellation_id=row.id, order_id=order_id)
+        held = row.last_error is not None and row.last_error.startswith(WAITING_FOR_EMAIL)
+        if held:
+            row.next_attempt_at = min(row.next_attempt_at, now)
+            row.updated_at = now
+            jobs.defer(session, CANCEL_TASK, row.id)
+            log.info("cancellation_woken_by_email", cancellation_id=row.id, order_id=order_id)
+        else:
+            delay = max(0.0, (row.next_attempt_at - now).total_seconds())
+            jobs.defer(session, CANCEL_TASK, row.id, delay=delay)
     return len(rows)
 
 

@@ -18,7 +18,11 @@ from whop_autocancel import metrics
 from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.models import CANCEL_TASK
-from whop_autocancel.cancellation.service import schedule_cancellation, wake_after_email
+from whop_autocancel.cancellation.service import (
+    schedule_cancellation,
+    waits_for_email,
+    wake_after_email,
+)
 from whop_autocancel.catalog import Catalog, CatalogPlan
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.engine import Database, after_commit
@@ -363,7 +367,9 @@ class DeliveryService:
             cancellation = schedule_cancellation(
                 session, order, now + timedelta(seconds=self._cancel_delay), now
             )
-            if cancellation is not None:
+            # Armed now unless the delivery email is on its way: then its acceptance arms it
+            # (`email_sent`), and a killed worker's row is found by the stuck-work sweep.
+            if cancellation is not None and not waits_for_email(session, order, now):
                 self._jobs.defer(session, CANCEL_TASK, cancellation.id, delay=self._cancel_delay)
 
     def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
@@ -441,7 +447,7 @@ class DeliveryService:
 
     def email_sent(self, session: Session, email: Email, now: datetime) -> None:
         """A customer's delivery email was accepted: the order's cancellation, held for it,
-        runs now."""
+        runs now; one not run yet is armed for CANCEL_DELAY after the delivery."""
         if email.kind == DELIVERY_KIND and email.order_id is not None:
             wake_after_email(session, self._jobs, email.order_id, now)
 
