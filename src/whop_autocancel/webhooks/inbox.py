@@ -270,7 +270,7 @@ class Inbox:
         """After a commit that stored anything, before its requests are answered: one apply job
         for the whole batch. Lost (the queue is down, the process dies first), the sweep
         applies the events instead."""
-        if RECEIVED not in outcomes:
+        if RECEIVED not in outcomes or self.wake_apply_here():  # (`serve`: a run is going)
             return
         try:
             self._jobs.enqueue(APPLY_TASK)
@@ -288,7 +288,8 @@ class Inbox:
         are still `received`.
 
         One run per process at a time: a run that finds another one going tells it to look
-        again before it ends, and leaves. A run goes on until no event is left, or hands over
+        again before it ends, and leaves; so does this process's webhook writer (`serve`),
+        instead of enqueueing a job. A run goes on until no event is left, or hands over
         to a new run after `APPLY_BATCH` events so that other jobs get their turn. On SQLite the
         webhook writer's commits go before these (the write turn's urgent callers), so storing
         what Whop sends is never held up by more than one of these transactions. Returns how
@@ -303,8 +304,9 @@ class Inbox:
             while applied < APPLY_BATCH:
                 with self._apply_lock:
                     self._apply_again = False
+                limit = APPLY_BATCH - applied
                 with self._database.transaction() as session:
-                    oldest = oldest_received_events(session, APPLY_BATCH - applied)
+                    oldest = oldest_received_events(session, limit)
                 applied_before = applied
                 for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
                     chunk = oldest[start : start + APPLY_PER_TRANSACTION]
@@ -312,15 +314,32 @@ class Inbox:
                     for kind, status in done:
                         metrics.observe_webhook_apply(kind, status)
                     applied += len(done)
-                if applied == applied_before:  # none left, or other processes' runs hold them
+                # Fewer than asked for, all applied: none was left when it looked. (Otherwise
+                # none left now, or other processes' runs hold them.) Ending and telling the
+                # writer so is one step: what it stores after that enqueues a new run.
+                drained = len(oldest) < limit and applied - applied_before == len(oldest)
+                if drained or applied == applied_before:
                     with self._apply_lock:
                         if not self._apply_again:
+                            self._applying = False
                             return applied
             self._jobs.enqueue(APPLY_TASK)  # more may be waiting: a new run takes them
             return applied
         finally:
             with self._apply_lock:
                 self._applying = False
+                woken, self._apply_again = self._apply_again, False
+            if woken:  # the run failed after the writer counted on it: a job takes over
+                self._wake_apply([RECEIVED])
+
+    def wake_apply_here(self) -> bool:
+        """Tell this process's apply run, if one is going, to look again before it ends (no
+        job needed); False when none is going."""
+        with self._apply_lock:
+            if not self._applying:
+                return False
+            self._apply_again = True
+            return True
 
     def _apply_chunk(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
         """Apply those of `event_ids` still `received` (and not held by another run), oldest
