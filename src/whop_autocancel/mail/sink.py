@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class ReceivedEmail:
     sender: str
     recipients: tuple[str, ...]
     message: EmailMessage
+    peer: str = ""  # the client's address and port: one per SMTP connection
 
     @property
     def subject(self) -> str:
@@ -34,9 +36,28 @@ class ReceivedEmail:
         return part.get_content() if part is not None else ""
 
 
+def _hang_up(server: Any) -> None:
+    """Close the client's connection from the server's side, after what is being written."""
+    asyncio.get_running_loop().call_soon(server.transport.close)
+
+
 class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: Any
+    ) -> str:
+        if self._sink.take_hang_up_at_mail():
+            _hang_up(server)
+            return "421 4.3.2 sink is closing this connection"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self._sink.count_quit()
+        return "221 Bye"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
@@ -51,11 +72,18 @@ class _Handler:
             return "451 4.3.0 sink is refusing mail for now"
         message = message_from_bytes(envelope.content, policy=policy.default)
         assert isinstance(message, EmailMessage)
+        host, port, *_ = session.peer
         self._sink.add(
             ReceivedEmail(
-                sender=envelope.mail_from, recipients=tuple(envelope.rcpt_tos), message=message
+                sender=envelope.mail_from,
+                recipients=tuple(envelope.rcpt_tos),
+                message=message,
+                peer=f"{host}:{port}",
             )
         )
+        if self._sink.hang_up_after_data:
+            # Kept, but the connection drops before the answer: the client cannot know.
+            server.transport.close()
         return "250 OK"
 
 
@@ -97,6 +125,10 @@ class SmtpSink:
         self.port = port or free_port(host)
         self.refusing = False  # every message answered 451 (a transient refusal)
         self.rejected: set[str] = set()  # recipients answered 550 (a permanent rejection)
+        # Keep each message but close the connection before answering its DATA.
+        self.hang_up_after_data = False
+        self._hang_ups_at_mail = 0  # answer 421 to the next MAIL FROMs and close
+        self._quits = 0
         self._messages: list[ReceivedEmail] = []
         self._lock = threading.Lock()
         options: dict[str, Any] = {}
@@ -115,6 +147,29 @@ class SmtpSink:
 
     def accept(self, address: str) -> None:
         self.rejected.discard(address.lower())
+
+    def hang_up_at_next_mail(self, times: int = 1) -> None:
+        """Answer `421` to the next `times` MAIL FROMs and close those connections, as a
+        server closing an idle connection does."""
+        with self._lock:
+            self._hang_ups_at_mail = times
+
+    def take_hang_up_at_mail(self) -> bool:
+        with self._lock:
+            if self._hang_ups_at_mail <= 0:
+                return False
+            self._hang_ups_at_mail -= 1
+            return True
+
+    def count_quit(self) -> None:
+        with self._lock:
+            self._quits += 1
+
+    @property
+    def quits(self) -> int:
+        """How many clients said QUIT (closed their connection politely)."""
+        with self._lock:
+            return self._quits
 
     def add(self, email: ReceivedEmail) -> None:
         with self._lock:
