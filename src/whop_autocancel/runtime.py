@@ -159,6 +159,7 @@ class Runtime:
         self.inbox.close()  # (stores what is queued; logs what its refusal log folded)
         if self._whop is not None:
             self._whop.close()
+        self.outbox.close()  # (QUITs the SMTP sessions kept open between messages)
         self.database.dispose()
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from support.harness import free_port, make_runtime, make_settings
+from support.harness import free_port, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.mail.models import Email
-from whop_autocancel.mail.render import render_email
+from whop_autocancel.mail.render import RenderedEmail, render_email
 from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.mail.smtp import SMTP_IDLE_SECONDS, SmtpPool, build_message
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.settings import parse_smtp_url
 
 CREDENTIALS = ("shop", "s3cret-pa55")
 
@@ -190,3 +192,236 @@ def test_only_a_delivery_email_is_given_up_by_time(
         runtime.outbox.send(delivery)
         runtime.outbox.send(notice)
         assert [m.recipients for m in sink.messages] == [("admin@shop.test",)]
+
+
+# Reused SMTP connections: one session carries the next messages, until it idles out, the
+# server closes it, or the runtime closes.
+
+
+def peers(sink: SmtpSink) -> list[str]:
+    return [message.peer for message in sink.messages]
+
+
+def test_consecutive_emails_share_one_smtp_connection(runtime: Runtime, port: int) -> None:
+    ids = [queue(runtime, to=f"buyer{n}@example.com") for n in range(3)]
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        for email_id in ids:
+            assert email_id is not None
+            runtime.outbox.send(email_id)
+        assert [m.recipients for m in sink.messages] == [
+            (f"buyer{n}@example.com",) for n in range(3)
+        ]
+        assert len(set(peers(sink))) == 1  # one TCP connection, one login
+        assert sink.quits == 0  # still open, for the next message
+        runtime.outbox.close()  # ends it politely
+        wait_for(lambda: sink.quits == 1, what="the pooled connection's QUIT")
+
+
+def own_runtime(
+    tmp_path: Path, clock: FrozenClock, port: int, database_url: str, **overrides: str
+) -> Runtime:
+    return make_runtime(
+        make_settings(
+            tmp_path,
+            DATABASE_URL=database_url,
+            SMTP_URL=f"smtp://shop:s3cret-pa55@127.0.0.1:{port}",
+            **overrides,
+        ),
+        clock,
+    )
+
+
+def test_closing_the_runtime_quits_its_smtp_connection(
+    tmp_path: Path, clock: FrozenClock, port: int, database_url: str
+) -> None:
+    runtime = own_runtime(tmp_path, clock, port, database_url)
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        try:
+            email_id = queue(runtime)
+            assert email_id is not None
+            runtime.outbox.send(email_id)
+            assert sink.quits == 0
+        finally:
+            runtime.close()
+        wait_for(lambda: sink.quits == 1, what="the pooled connection's QUIT")
+
+
+def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
+    runtime: Runtime, port: int
+) -> None:
+    first, second = queue(runtime), queue(runtime, to="other@example.com")
+    assert first is not None
+    assert second is not None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(first)
+    # The server restarted: the idle connection the outbox kept is closed from its side.
+    with SmtpSink(port=port, credentials=CREDENTIALS) as restarted:
+        runtime.outbox.send(second)
+        assert [m.recipients for m in restarted.messages] == [("other@example.com",)]
+    assert len(sink.messages) == 1
+    sent = row(runtime, second)
+    assert sent.sent_at is not None
+    assert sent.attempts == 1
+    assert sent.last_error is None
+
+
+def test_a_421_on_a_reused_connection_is_sent_again_on_a_fresh_one(
+    runtime: Runtime, port: int
+) -> None:
+    first, second = queue(runtime), queue(runtime, to="other@example.com")
+    assert first is not None
+    assert second is not None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(first)
+        sink.hang_up_at_next_mail()  # "421 closing", as a server ending an idle session
+        runtime.outbox.send(second)
+        assert [m.recipients for m in sink.messages] == [
+            ("buyer@example.com",),
+            ("other@example.com",),
+        ]
+        assert len(set(peers(sink))) == 2
+    sent = row(runtime, second)
+    assert sent.sent_at is not None
+    assert sent.attempts == 1
+
+
+def test_a_421_on_a_fresh_connection_too_is_a_retryable_failure(
+    runtime: Runtime, port: int
+) -> None:
+    first, second = queue(runtime), queue(runtime, to="other@example.com")
+    assert first is not None
+    assert second is not None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(first)
+        sink.hang_up_at_next_mail(times=2)  # the reused one and the fresh one
+        runtime.outbox.send(second)
+        assert len(sink.messages) == 1
+    failed = row(runtime, second)
+    assert failed.sent_at is None
+    assert failed.failed_at is None  # retried later: a 421 is not this message's fault
+    assert failed.attempts == 1
+    assert "421" in (failed.last_error or "")
+    assert "shop:***@127.0.0.1" in (failed.last_error or "")
+    assert "s3cret-pa55" not in (failed.last_error or "")
+
+
+def test_a_hang_up_after_the_content_is_never_resent_at_once(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    """The server may have kept a message whose DATA it never answered: sending it again on
+    a fresh connection could duplicate it, so the outbox records a failed try instead (and
+    sends it again only on its retry schedule: at least once)."""
+    first, second = queue(runtime), queue(runtime, to="other@example.com")
+    assert first is not None
+    assert second is not None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(first)
+        sink.hang_up_after_data = True
+        runtime.outbox.send(second)
+        assert [m.recipients for m in sink.messages] == [
+            ("buyer@example.com",),
+            ("other@example.com",),
+        ]
+        failed = row(runtime, second)
+        assert failed.sent_at is None
+        assert failed.attempts == 1
+        assert "SMTPServerDisconnected" in (failed.last_error or "")
+        sink.hang_up_after_data = False
+        clock.advance(11)
+        runtime.outbox.send(second)
+        copies = sink.to("other@example.com")
+        assert len(copies) == 2
+        # The same Message-ID both times: the resend is recognisably the same message.
+        assert copies[0].message["Message-ID"] == copies[1].message["Message-ID"]
+    assert row(runtime, second).sent_at is not None
+
+
+def test_an_idle_connection_is_not_reused_after_the_idle_time(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    ids = [queue(runtime, to=f"buyer{n}@example.com") for n in range(3)]
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        for email_id, wait in zip(ids, (0, SMTP_IDLE_SECONDS - 1, SMTP_IDLE_SECONDS), strict=True):
+            assert email_id is not None
+            clock.advance(wait)
+            runtime.outbox.send(email_id)
+        first, second, third = peers(sink)
+        assert first == second
+        assert third != second
+        wait_for(lambda: sink.quits == 1, what="the idle connection's QUIT")
+
+
+def test_a_rejection_on_a_reused_connection_is_still_permanent_and_the_next_email_goes(
+    runtime: Runtime, port: int
+) -> None:
+    ids = [queue(runtime), queue(runtime, to="gone@example.com"), queue(runtime, to="x@e.com")]
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        sink.reject("gone@example.com")
+        for email_id in ids:
+            assert email_id is not None
+            runtime.outbox.send(email_id)
+        assert [m.recipients for m in sink.messages] == [("buyer@example.com",), ("x@e.com",)]
+    assert ids[1] is not None
+    failed = row(runtime, ids[1])
+    assert failed.failed_at is not None
+    assert (failed.last_error or "").startswith("550 5.1.1 <gone@example.com>")
+
+
+def test_a_non_ascii_email_arrives_intact(
+    tmp_path: Path, clock: FrozenClock, port: int, database_url: str
+) -> None:
+    runtime = own_runtime(tmp_path, clock, port, database_url)
+    long_line = "Clé: " + "é" * 600 + " fin"  # over 998 bytes once encoded in UTF-8
+    text = f"Bonjour Zoë,\n\nVotre café ☕ est prêt.\n{long_line}\n.\n"
+    html = f"<p>Bonjour Zoë, votre café ☕ est prêt.</p><p>{long_line}</p>"
+    email = RenderedEmail(subject="Votre commande — café ☕", text=text, html=html)
+    try:
+        with runtime.database.transaction() as session:
+            queued = runtime.outbox.queue(
+                session, kind="test", to="buyer@example.com", email=email, now=clock.now()
+            )
+            assert queued is not None
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            runtime.outbox.send(queued.id)
+    finally:
+        runtime.close()
+    [received] = sink.messages
+    message = received.message
+    assert received.sender == "shop@shop.test"
+    assert received.recipients == ("buyer@example.com",)
+    assert message["Subject"] == "Votre commande — café ☕"
+    assert message["From"].addresses[0].addr_spec == "shop@shop.test"
+    assert message["To"].addresses[0].addr_spec == "buyer@example.com"
+    assert message["Date"].datetime is not None
+    created = int(clock.now().timestamp())
+    assert message["Message-ID"] == f"<whop-autocancel.{queued.id}.{created}@shop.test>"
+    assert message.get_content_type() == "multipart/alternative"
+    plain, rich = message.iter_parts()
+    assert plain.get_content_type() == "text/plain"
+    assert rich.get_content_type() == "text/html"
+    assert plain.get_content().replace("\r\n", "\n") == text
+    assert rich.get_content().replace("\r\n", "\n").rstrip("\n") == html
+
+
+def test_sessions_are_kept_per_smtp_configuration() -> None:
+    """Two SMTP_URLs (two runtimes' settings) never share a session."""
+    with (
+        SmtpSink(credentials=CREDENTIALS) as one,
+        SmtpSink(credentials=("other", "pw-2")) as two,
+    ):
+        pool = SmtpPool()
+        try:
+            for sink, auth in (
+                (one, "shop:s3cret-pa55"),
+                (two, "other:pw-2"),
+                (one, "shop:s3cret-pa55"),
+            ):
+                config = parse_smtp_url(f"smtp://{auth}@127.0.0.1:{sink.port}")
+                message = build_message("shop@shop.test", "b@example.com", "S", "x", None, "k")
+                pool.send(config, message, timeout=5)
+        finally:
+            pool.close()
+        assert len(one.messages) == 2
+        assert len(set(peers(one))) == 1
+        assert len(two.messages) == 1
+        wait_for(lambda: one.quits == 1 and two.quits == 1, what="both sessions' QUIT")

@@ -18,7 +18,7 @@ from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.render import RenderedEmail
-from whop_autocancel.mail.smtp import MailError, MailRejected, build_message, send_message
+from whop_autocancel.mail.smtp import MailError, MailRejected, SmtpPool, build_message
 from whop_autocancel.sealing import Sealer, SealError
 from whop_autocancel.settings import SmtpConfig
 
@@ -77,6 +77,8 @@ class Outbox:
         self._lease = lease_seconds
         self._give_up_after = give_up_after
         self._sealer = sealer
+        # Sessions kept open between messages, idle time measured on the service's clock.
+        self._connections = SmtpPool(now=lambda: clock.now().timestamp())
         self._on_sent: list[EmailHook] = []
         self._on_failed: list[EmailHook] = []
 
@@ -180,7 +182,11 @@ class Outbox:
             html or None,
             message_id=f"whop-autocancel.{row.id}.{int(row.created_at.timestamp())}",
         )
-        return lambda: send_message(self._smtp, message, self._timeout)
+        return lambda: self._connections.send(self._smtp, message, self._timeout)
+
+    def close(self) -> None:
+        """End the SMTP sessions kept open between messages (on shutdown)."""
+        self._connections.close()
 
     def send(self, email_id: int) -> None:
         """The `mail.send` job: send one message at least once, retrying until it goes, or

@@ -1,18 +1,35 @@
-"""Sending one message over SMTP (smtplib), as `SMTP_URL` says."""
+"""Sending messages over SMTP (smtplib), as `SMTP_URL` says, on connections kept open between
+messages (`SmtpPool`)."""
 
 from __future__ import annotations
 
+import binascii
+import re
+import secrets
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import Callable
-from email.message import EmailMessage
-from email.utils import formatdate
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import formataddr, formatdate, parseaddr
 from typing import TypeVar
 
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.settings import SmtpConfig
 
 T = TypeVar("T")
+
+# A connection left unused this long is closed rather than reused: servers drop idle clients
+# (often after a minute or more), and an idle worker should not hold one open.
+SMTP_IDLE_SECONDS = 30.0
+# How long a polite QUIT may take when a kept connection is closed (idle, or on shutdown).
+_QUIT_TIMEOUT = 2.0
+# RFC 5322's limit on a line, without its CRLF.
+_MAX_LINE = 998
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class MailError(WhopAutocancelError):
@@ -46,59 +63,303 @@ def _rejection(error: smtplib.SMTPException) -> str | None:
     return None
 
 
+def _mail_error(error: smtplib.SMTPException | OSError, config: SmtpConfig) -> MailError:
+    """`MailRejected` for a permanent rejection, else `MailError`; naming the server, never
+    the password."""
+    if isinstance(error, smtplib.SMTPException):
+        rejected = _rejection(error)
+        if rejected is not None:
+            return MailRejected(f"{rejected} ({config.describe()})")
+    return MailError(f"{type(error).__name__}: {error} ({config.describe()})")
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message ready for SMTP: its envelope and its bytes (CRLF line ends)."""
+
+    sender: str  # MAIL FROM
+    recipients: tuple[str, ...]  # RCPT TO
+    data: bytes
+
+    @property
+    def international(self) -> bool:
+        """An address that is not ASCII: needs the server's SMTPUTF8."""
+        return not (self.sender.isascii() and all(r.isascii() for r in self.recipients))
+
+
+def _header(name: str, value: str) -> str:
+    """`Name: value` folded under 78 columns where it can be; non-ASCII as RFC 2047 words."""
+    value = " ".join(value.splitlines())  # no header injection, whatever the text
+    if value.isascii() and len(name) + 2 + len(value) <= 78:
+        return f"{name}: {value}"
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    folded = Header(value, charset, header_name=name).encode(linesep="\r\n")
+    return f"{name}: {folded}"
+
+
+def _address_header(name: str, address: str) -> str:
+    """An address header; a display name outside ASCII as an RFC 2047 word. An address itself
+    outside ASCII stays raw UTF-8 (it is sent with SMTPUTF8)."""
+    address = " ".join(address.splitlines())  # no header injection, whatever the address
+    display, addr = parseaddr(address)
+    if not addr:
+        addr = address
+    if not addr.isascii():
+        return f"{name}: {formataddr((display, addr)) if display else addr}"
+    return f"{name}: {formataddr((display, addr), charset='utf-8')}"
+
+
+def _text_part(content: str, subtype: str) -> tuple[str, bytes]:
+    """The part's headers and its body, ending in CRLF: 7bit when it is ASCII in short lines,
+    else quoted-printable (UTF-8)."""
+    lines = _NEWLINES.split(content)
+    if lines[-1] == "":
+        lines.pop()  # the text's own last line end
+    body = "\r\n".join(lines) + "\r\n"
+    headers = f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+    if body.isascii() and all(len(line) <= _MAX_LINE for line in lines):
+        return headers + "Content-Transfer-Encoding: 7bit\r\n", body.encode("ascii")
+    encoded = binascii.b2a_qp(body.encode("utf-8"), istext=True)
+    encoded = _BARE_LF.sub(b"\r\n", encoded)
+    return headers + "Content-Transfer-Encoding: quoted-printable\r\n", encoded
+
+
 def build_message(
     sender: str, to: str, subject: str, text: str, html: str | None, message_id: str
-) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = subject
-    message["Date"] = formatdate(localtime=False)
-    domain = sender.rpartition("@")[2] or "localhost"
-    # The same for every try of one outbox row, so a resend after a crash (at-least-once) is
-    # recognisably the same message to mail servers and clients.
-    message["Message-ID"] = f"<{message_id}@{domain}>"
-    message.set_content(text)
-    if html:
-        message.add_alternative(html, subtype="html")
-    return message
+) -> OutgoingMessage:
+    """An RFC 5322 message from `sender` to `to`: the text, and the HTML as its alternative
+    when there is one; UTF-8 throughout. Written out directly (no `email.message` object and
+    its header parsing): this runs for every email."""
+    envelope_from = parseaddr(sender)[1] or sender
+    domain = envelope_from.rpartition("@")[2] or "localhost"
+    headers = [
+        _address_header("From", sender),
+        _address_header("To", to),
+        _header("Subject", subject),
+        f"Date: {formatdate(localtime=False)}",
+        # The same for every try of one outbox row, so a resend after a crash (at-least-once)
+        # is recognisably the same message to mail servers and clients.
+        f"Message-ID: <{message_id}@{domain}>",
+        "MIME-Version: 1.0",
+    ]
+    plain_headers, plain = _text_part(text, "plain")
+    if not html:
+        head = "\r\n".join(headers) + "\r\n" + plain_headers + "\r\n"
+        data = head.encode("utf-8") + plain
+    else:
+        html_headers, rich = _text_part(html, "html")
+        boundary = "=_" + secrets.token_hex(16)  # never in quoted-printable text
+        while boundary.encode() in plain or boundary.encode() in rich:
+            boundary = "=_" + secrets.token_hex(16)
+        head = (
+            "\r\n".join(headers)
+            + f'\r\nContent-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+        )
+        data = b"".join(
+            (
+                head.encode("utf-8"),
+                f"--{boundary}\r\n{plain_headers}\r\n".encode(),
+                plain,
+                f"\r\n--{boundary}\r\n{html_headers}\r\n".encode(),
+                rich,
+                f"\r\n--{boundary}--\r\n".encode(),
+            )
+        )
+    return OutgoingMessage(envelope_from, (parseaddr(to)[1] or to,), data)
+
+
+def _open(config: SmtpConfig, timeout: float) -> smtplib.SMTP:
+    """A new session as `SMTP_URL` says (TLS, STARTTLS, login), ready for MAIL FROM. Raises
+    smtplib's and the socket's errors."""
+    client: smtplib.SMTP
+    if config.implicit_tls:
+        client = smtplib.SMTP_SSL(
+            config.host, config.port, timeout=timeout, context=ssl.create_default_context()
+        )
+    else:
+        client = smtplib.SMTP(config.host, config.port, timeout=timeout)
+    try:
+        client.ehlo()
+        if config.starttls:
+            client.starttls(context=ssl.create_default_context())
+            client.ehlo()
+        if config.username:
+            client.login(config.username, config.password or "")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    """End a session politely if the server still listens, else just close it."""
+    try:
+        if client.sock is not None:
+            client.sock.settimeout(_QUIT_TIMEOUT)
+        client.quit()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 def _session(config: SmtpConfig, timeout: float, work: Callable[[smtplib.SMTP], T]) -> T:
-    """Open a session as `SMTP_URL` says (TLS, STARTTLS, login), run `work`, quit. Every
-    failure becomes a `MailError` that names the server but never the password."""
+    """Open a fresh session, run `work`, quit. Every failure becomes a `MailError` that names
+    the server but never the password."""
     try:
-        client: smtplib.SMTP
-        if config.implicit_tls:
-            client = smtplib.SMTP_SSL(
-                config.host, config.port, timeout=timeout, context=ssl.create_default_context()
-            )
-        else:
-            client = smtplib.SMTP(config.host, config.port, timeout=timeout)
+        client = _open(config, timeout)
         with client:
-            client.ehlo()
-            if config.starttls:
-                client.starttls(context=ssl.create_default_context())
-            if config.username:
-                client.login(config.username, config.password or "")
             return work(client)
-    except smtplib.SMTPException as error:
-        rejected = _rejection(error)
-        if rejected is not None:
-            raise MailRejected(f"{rejected} ({config.describe()})") from None
-        raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None
-    except OSError as error:
-        raise MailError(f"{type(error).__name__}: {error} ({config.describe()})") from None
+    except (smtplib.SMTPException, OSError) as error:
+        raise _mail_error(error, config) from None
 
 
-def send_message(config: SmtpConfig, message: EmailMessage, timeout: float) -> None:
-    """Deliver `message`; raise `MailRejected` when the server rejects it for good (5xx to the
-    recipient or the content), `MailError` on any other failure (retried)."""
-    _session(config, timeout, lambda client: client.send_message(message))
+class _NotSent(Exception):
+    """The transaction failed before any of the content was handed to the server: sending the
+    message again cannot duplicate it."""
+
+    def __init__(self, cause: smtplib.SMTPException | OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _closed_by_server(error: smtplib.SMTPException | OSError) -> bool:
+    """The server ended the session (hung up, or said 421): a new one may work."""
+    if isinstance(error, smtplib.SMTPServerDisconnected | OSError):
+        return True
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        return any(code == 421 for code, _ in error.recipients.values())
+    return isinstance(error, smtplib.SMTPResponseException) and error.smtp_code == 421
+
+
+def _transact(client: smtplib.SMTP, message: OutgoingMessage) -> None:
+    """One mail transaction (MAIL, RCPT, DATA) on an open session, as `smtplib.sendmail`.
+    A failure before DATA raises `_NotSent`; from DATA on, smtplib's own error (the server may
+    have kept the message)."""
+    try:
+        options: list[str] = []
+        if client.does_esmtp and client.has_extn("size"):
+            options.append(f"SIZE={len(message.data)}")
+        if message.international:
+            if not client.has_extn("smtputf8"):
+                raise smtplib.SMTPNotSupportedError(
+                    "an address is not ASCII and the server does not support SMTPUTF8"
+                )
+            options += ["SMTPUTF8", "BODY=8BITMIME"]
+        code, reply = client.mail(message.sender, options)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, reply, message.sender)
+        refused: dict[str, tuple[int, bytes]] = {}
+        for recipient in message.recipients:
+            code, reply = client.rcpt(recipient)
+            if code not in (250, 251):
+                refused[recipient] = (code, reply)
+        if len(refused) == len(message.recipients):
+            raise smtplib.SMTPRecipientsRefused(refused)
+    except (smtplib.SMTPException, OSError) as error:
+        raise _NotSent(error) from None
+    code, reply = client.data(message.data)
+    if code != 250:
+        raise smtplib.SMTPDataError(code, reply)
+
+
+@dataclass
+class _Kept:
+    client: smtplib.SMTP
+    idle_since: float
+
+
+class SmtpPool:
+    """Logged-in SMTP sessions kept open between messages, per `SmtpConfig`: the next message
+    reuses one (MAIL FROM after the last transaction) instead of a new connection, EHLO,
+    STARTTLS and login. A session idle for `idle_seconds` is closed, as is one that failed;
+    `close` ends them all. Thread-safe: a session serves one sender at a time."""
+
+    def __init__(
+        self,
+        *,
+        idle_seconds: float = SMTP_IDLE_SECONDS,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._idle_seconds = idle_seconds
+        self._now = now
+        self._lock = threading.Lock()
+        self._kept: dict[SmtpConfig, list[_Kept]] = {}
+        self._closed = False
+
+    def send(self, config: SmtpConfig, message: OutgoingMessage, timeout: float) -> None:
+        """Deliver `message`; raise `MailRejected` when the server rejects it for good (5xx to
+        the recipient or the content), `MailError` on any other failure (retried).
+
+        On a kept session the server closed (hung up, 421) before taking any of the content,
+        the message is sent once more on a new session; never after DATA (the server may have
+        kept it: a second try could duplicate it, so it is left to the outbox's retries)."""
+        client = self._take(config)
+        if client is not None:
+            try:
+                _transact(client, message)
+            except _NotSent as not_sent:
+                client.close()
+                if not _closed_by_server(not_sent.cause):
+                    raise _mail_error(not_sent.cause, config) from None
+            except (smtplib.SMTPException, OSError) as error:
+                client.close()
+                raise _mail_error(error, config) from None
+            else:
+                self._give_back(config, client)
+                return
+        try:
+            client = _open(config, timeout)
+        except (smtplib.SMTPException, OSError) as error:
+            raise _mail_error(error, config) from None
+        try:
+            _transact(client, message)
+        except _NotSent as not_sent:
+            client.close()
+            raise _mail_error(not_sent.cause, config) from None
+        except (smtplib.SMTPException, OSError) as error:
+            client.close()
+            raise _mail_error(error, config) from None
+        self._give_back(config, client)
+
+    def _take(self, config: SmtpConfig) -> smtplib.SMTP | None:
+        """The most recently used kept session for `config` (None: open one); ends those idle
+        too long, for every config."""
+        now = self._now()
+        expired: list[smtplib.SMTP] = []
+        found: smtplib.SMTP | None = None
+        with self._lock:
+            for key, kept in list(self._kept.items()):
+                fresh = [k for k in kept if now - k.idle_since < self._idle_seconds]
+                expired += [k.client for k in kept if now - k.idle_since >= self._idle_seconds]
+                if key == config and fresh:
+                    found = fresh.pop().client
+                if fresh:
+                    self._kept[key] = fresh
+                else:
+                    del self._kept[key]
+        for client in expired:
+            _quit(client)
+        return found
+
+    def _give_back(self, config: SmtpConfig, client: smtplib.SMTP) -> None:
+        with self._lock:
+            if not self._closed:
+                self._kept.setdefault(config, []).append(_Kept(client, self._now()))
+                return
+        _quit(client)
+
+    def close(self) -> None:
+        """End every kept session (QUIT); a session in use is ended when its send is done."""
+        with self._lock:
+            self._closed = True
+            kept = [k.client for sessions in self._kept.values() for k in sessions]
+            self._kept.clear()
+        for client in kept:
+            _quit(client)
 
 
 def check_connection(config: SmtpConfig, timeout: float) -> str:
-    """Connect and log in as `send_message` would, then quit without sending (for `check`)."""
+    """Connect and log in on a new session, as a send would, then quit without sending (for
+    `check`): a kept session would not test the connection or the login."""
 
     def greeting(client: smtplib.SMTP) -> str:
         code, text = client.noop()
