@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from support.harness import free_port, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
@@ -425,3 +426,30 @@ def test_sessions_are_kept_per_smtp_configuration() -> None:
         assert len(set(peers(one))) == 1
         assert len(two.messages) == 1
         wait_for(lambda: one.quits == 1 and two.quits == 1, what="both sessions' QUIT")
+
+
+def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port: int) -> None:
+    """The claim (one UPDATE and the read of the row) and the record of the send (one UPDATE,
+    no second read): the database work of each email, which runs for every purchase."""
+    email_id = queue(runtime)
+    assert email_id is not None
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "emails" in statement.lower():
+            statements.append(statement.split()[0].upper())
+
+    engine = runtime.database.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            runtime.outbox.send(email_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(sink.messages) == 1
+    assert statements == ["UPDATE", "SELECT", "UPDATE"]
+    sent = row(runtime, email_id)
+    assert sent.sent_at is not None
+    assert sent.attempts == 1
+    assert sent.lease_until is None
+    assert sent.last_error is None
