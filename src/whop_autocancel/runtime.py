@@ -31,7 +31,7 @@ from whop_autocancel.reconcile.sweeps import StuckWorkSweep
 from whop_autocancel.reconcile.whop_sweep import WhopSweep
 from whop_autocancel.sealing import Sealer
 from whop_autocancel.settings import Settings
-from whop_autocancel.webhooks.inbox import APPLY_TASK, REAPPLY_TASK, Inbox
+from whop_autocancel.webhooks.inbox import APPLY_TASK, REAPPLY_TASK, Inbox, names_unapplied
 from whop_autocancel.whop.client import AsyncWhopClient, WhopClient
 from whop_autocancel.whop.pacing import WhopPacer
 
@@ -251,6 +251,7 @@ def build_runtime(
         membership_wait=settings.MEMBERSHIP_WAIT,
         version_date=settings.WHOP_API_VERSION_DATE,
         company_id=settings.WHOP_COMPANY_ID,
+        unapplied_facts=names_unapplied,
     )
     stuck_sweep = StuckWorkSweep(
         database,

@@ -14,12 +14,15 @@ from sqlalchemy import select
 
 from support.harness import (
     MESSAGE_PLAN,
+    NONE_PLAN,
     ServiceServer,
+    apply_webhooks,
     deliver_event,
     drain,
     event_body,
     make_runtime,
     make_settings,
+    post_event,
 )
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
@@ -149,3 +152,40 @@ def test_a_claim_without_a_payment_id_is_stored_failed(
     body = json.dumps({"id": "msg_claim_bad", "type": "refund.created", "data": {"id": "rf"}})
     assert deliver_event(runtime, http, body.encode()).json() == {"status": "received"}
     assert event_status(runtime, body.encode()) == "failed"
+
+
+def test_a_stored_dispute_not_applied_yet_holds_the_cancellation_until_it_is(
+    service: tuple[Runtime, httpx.Client], clock: FrozenClock
+) -> None:
+    """Whop told of the dispute before the cancellation's time came, but no worker has applied
+    the stored webhook yet: the cancellation waits for it (no call, no attempt spent), and once
+    it is applied the order is disputed and the cancellation is skipped."""
+    runtime, http = service
+    body = event_body(
+        "payment.succeeded.legacy.json",
+        id="pay_Dispute2",
+        plan={"id": NONE_PLAN, "metadata": {}},  # delivered without an email to wait for
+        metadata={},
+        checkout_configuration_id=None,
+    )
+    deliver_event(runtime, http, body)
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+    lost = claim("dispute", "dp_2", "pay_Dispute2", "lost")
+    assert post_event(http, lost).json() == {"status": "received"}  # stored, not applied
+    clock.advance(5)
+    runtime.cancellations.run(row.id)
+    with runtime.database.transaction() as session:
+        held = session.get(Cancellation, row.id)
+        assert held is not None
+        assert (held.status, held.attempts) == ("scheduled", 0)
+        assert "webhook" in (held.last_error or "")
+    apply_webhooks(runtime)
+    assert the_order(runtime, "pay_Dispute2").status == "disputed"
+    clock.advance(5)
+    runtime.cancellations.run(row.id)
+    with runtime.database.transaction() as session:
+        done = session.get(Cancellation, row.id)
+        assert done is not None
+        assert (done.status, done.last_error) == ("skipped", "the order is disputed")

@@ -47,6 +47,7 @@ from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import record_watching_since
 from whop_autocancel.delivery.stock import items_for
+from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import ReceivedEmail, SmtpSink
 from whop_autocancel.orders.models import Order
@@ -434,6 +435,10 @@ def run_backfill(runtime: Runtime, plan: str) -> list[str]:
         survey = job.survey(plan, None)
     except BackfillRefused as refused:
         return [f"refused: {refused}"]
+    except WhopAutocancelError as stopped:  # Whop asked everyone to wait (a 429): none done
+        if "listing memberships stopped" not in str(stopped):
+            raise
+        return [f"stopped: {stopped}"]
     return [job.cancel(plan, live) for live in survey.to_cancel]
 
 

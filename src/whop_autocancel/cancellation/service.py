@@ -45,6 +45,10 @@ Status = CancellationStatus
 # How `last_error` starts while a row waits for its order's delivery email (`_email_hold`);
 # `wake_after_email` brings exactly those rows forward when the email is accepted.
 WAITING_FOR_EMAIL = "Waiting for the customer's delivery email"
+WAITING_FOR_WEBHOOKS = "Waiting for stored webhooks about this purchase to be applied first"
+FACTS_WAIT = 1.0  # seconds before a row waiting for them looks again
+# Whether a stored webhook not applied yet names one of these ids (a payment, a membership).
+UnappliedFacts = Callable[[Session, Sequence[str]], bool]
 
 
 T = TypeVar("T")
@@ -352,8 +356,10 @@ class CancellationService:
         membership_wait: float,
         version_date: str | None,
         company_id: str | None = None,
+        unapplied_facts: UnappliedFacts | None = None,
     ) -> None:
         self._database = database
+        self._unapplied_facts = unapplied_facts
         self._catalog = catalog
         self._jobs = jobs
         self._alerts = alerts
@@ -525,6 +531,8 @@ class CancellationService:
             row = session.get(Cancellation, cancellation_id)
             assert row is not None
             order = session.get(Order, row.order_id)
+            if order is not None and self._waits_for_facts(session, row, order, now):
+                return None
             reason = self._skip_reason(order)
             if reason is not None:
                 self._finish(session, row, Status.SKIPPED, now, reason)
@@ -563,6 +571,23 @@ class CancellationService:
                 plan_id=order.plan_id,
                 checkout_configuration_id=order.checkout_configuration_id,
             )
+
+    def _waits_for_facts(
+        self, session: Session, row: Cancellation, order: Order, now: datetime
+    ) -> bool:
+        """Whop told of this purchase in a webhook that is stored but not applied yet (a refund
+        or a dispute, say): apply what Whop said first, then decide. The row waits, spending
+        no attempt, and looks again shortly (the apply job is queued with the event)."""
+        ids = [i for i in (order.whop_payment_id, row.membership_id, order.whop_membership_id) if i]
+        if self._unapplied_facts is None or not ids or not self._unapplied_facts(session, ids):
+            return False
+        if row.last_error != WAITING_FOR_WEBHOOKS:
+            log.info(
+                "cancellation_waits_for_webhooks", cancellation_id=row.id, order_id=row.order_id
+            )
+        row.last_error = WAITING_FOR_WEBHOOKS
+        self._reschedule(session, row, now, FACTS_WAIT, jitter=0.1)
+        return True
 
     def _held_for_email(
         self, session: Session, row: Cancellation, order: Order, now: datetime, wait: bool

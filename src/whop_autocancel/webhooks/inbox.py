@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
@@ -570,6 +570,21 @@ def oldest_received_events(session: Session, limit: int) -> list[str]:
             .limit(limit)
         )
     )
+
+
+def names_unapplied(session: Session, ids: Sequence[str]) -> bool:
+    """Whether an event stored but not applied yet (`received`) names one of `ids` (a
+    payment's or a membership's) in its body. Reads only the events waiting, through the
+    status index: few, unless applying is far behind."""
+    statement = (
+        select(WebhookEvent.id)
+        .where(
+            WebhookEvent.status == RECEIVED,
+            or_(*[WebhookEvent.payload.contains(f'"{i}"', autoescape=True) for i in ids]),
+        )
+        .limit(1)
+    )
+    return session.scalars(statement).first() is not None
 
 
 def unapplied_events(session: Session, received_before: datetime, limit: int) -> list[str]:
