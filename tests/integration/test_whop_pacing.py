@@ -184,3 +184,23 @@ def test_a_call_claimed_before_a_short_stop_waits_it_out_a_long_one_does_not(
     first.observe(WhopReply(status=429, retry_after=600.0))
     # Longer than MAX_HOLD: the call goes and its row reschedules on the 429.
     assert second.turn() < 1.0
+
+
+def test_a_stop_whop_asks_for_while_a_call_waits_for_its_turn_is_waited_out_too(
+    databases: tuple[Database, Database],
+) -> None:
+    """A call that drew a later slot looks again once its wait is over: a 429 answered to
+    another call meanwhile stops it as well (a short stop; a long one it meets)."""
+    first_db, second_db = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    first = make_pacer(first_db, wall, clock, rate=10, burst=1)
+    second = make_pacer(second_db, wall, clock, rate=10, burst=1)
+    assert first.turn() == 0.0
+    assert second.turn() == pytest.approx(0.1)  # its slot is a tenth of a second away
+    assert second.stopped_for() == 0.0  # nothing happened meanwhile: it goes after its wait
+    first.observe(WhopReply(status=429, retry_after=2.0))  # while it waits
+    assert second.stopped_for() == pytest.approx(2.0)
+    clock.advance(2.5)
+    assert second.stopped_for() == 0.0
+    first.observe(WhopReply(status=429, retry_after=600.0))
+    assert second.stopped_for() == 0.0  # longer than MAX_HOLD: it goes and meets the 429

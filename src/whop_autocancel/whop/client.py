@@ -206,6 +206,11 @@ class Pacer(Protocol):
         """Draw one request; the seconds to wait before sending it."""
         ...
 
+    def stopped_for(self) -> float:
+        """After a call's wait for its turn: the seconds of a stop Whop asked for meanwhile
+        that it waits out too (0: it goes)."""
+        ...
+
     def observe(self, reply: WhopReply) -> None:
         """Learn from an answer (a 429, rate-limit headers)."""
         ...
@@ -281,8 +286,11 @@ class WhopClient(_Sender):
 
     def send(self, request: WhopRequest) -> WhopReply:
         """One request (after the pacer's turn). It never retries."""
-        if self.pacer is not None and (delay := self.pacer.turn(request.wait)) > 0:
-            time.sleep(delay)
+        if self.pacer is not None:
+            delay = self.pacer.turn(request.wait)
+            while delay > 0:  # (then looks again: a 429 may have come meanwhile)
+                time.sleep(delay)
+                delay = self.pacer.stopped_for()
         started = time.monotonic()
         try:
             response = self._http.request(request.method, request.path, **request.options)
@@ -338,8 +346,9 @@ class AsyncWhopClient(_Sender):
         if self.pacer is not None:
             loop = asyncio.get_running_loop()
             delay = await loop.run_in_executor(None, self.pacer.turn, request.wait)
-            if delay > 0:
+            while delay > 0:  # (then looks again: a 429 may have come meanwhile)
                 await asyncio.sleep(delay)
+                delay = await loop.run_in_executor(None, self.pacer.stopped_for)
         started = time.monotonic()
         try:
             response = await self._http.request(request.method, request.path, **request.options)

@@ -89,6 +89,17 @@ class WhopPacer:
         metrics.observe_whop_pacing(delay)
         return delay
 
+    def stopped_for(self) -> float:
+        """After a call waited for its turn: the seconds of a stop Whop asked for meanwhile (a
+        429 answered to another call) that it waits out too, before it goes. 0: it goes now,
+        also when the stop is longer than MAX_HOLD (it meets the 429; its row reschedules) or
+        the database cannot be read (Whop's 429 still holds)."""
+        try:
+            blocked = self.waiting_for()
+        except SQLAlchemyError:
+            return 0.0
+        return blocked if blocked <= MAX_HOLD else 0.0
+
     def observe(self, reply: WhopReply) -> None:
         """A 429 stops everyone until its `Retry-After` and slows the bucket; a
         `X-RateLimit-Remaining: 0` stops everyone until its reset."""
