@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from whop_autocancel.catalog import Catalog, CatalogPlan, load_catalog, parse_catalog
+from whop_autocancel.catalog import (
+    Catalog,
+    CatalogPlan,
+    compiled,
+    load_catalog,
+    parse_catalog,
+)
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.errors import ConfigurationError
 
@@ -334,3 +340,13 @@ def test_load_reports_the_path(tmp_path: Path) -> None:
     path.write_text('[plans.plan_A]\ndelivery = "message"\n', encoding="utf-8")
     with pytest.raises(ConfigurationError, match=rf"^{re.escape(str(path))}:1: plan plan_A: "):
         load_catalog(path, KNOWN)
+
+
+def test_a_plans_templates_are_compiled_once_and_render_each_order_anew() -> None:
+    plan = one_plan(delivery='"message"', message='"Order {{ order_id }}"')
+    plan.render_message(order_id="ord_1")
+    compiled_before = compiled.cache_info()
+    assert plan.render_message(order_id="ord_2") == "Order ord_2"
+    assert plan.render_message(order_id="ord_3") == "Order ord_3"
+    after = compiled.cache_info()
+    assert (after.hits - compiled_before.hits, after.misses - compiled_before.misses) == (2, 0)
