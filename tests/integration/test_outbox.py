@@ -247,12 +247,18 @@ def test_closing_the_runtime_quits_its_smtp_connection(
         wait_for(lambda: sink.quits == 1, what="the pooled connection's QUIT")
 
 
-def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
-    runtime: Runtime, port: int
-) -> None:
+def two_queued(runtime: Runtime) -> tuple[int, int]:
+    """Two emails in the outbox: to the buyer, then to other@example.com."""
     first, second = queue(runtime), queue(runtime, to="other@example.com")
     assert first is not None
     assert second is not None
+    return first, second
+
+
+def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
+    runtime: Runtime, port: int
+) -> None:
+    first, second = two_queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
     # The server restarted: the idle connection the outbox kept is closed from its side.
@@ -269,9 +275,7 @@ def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
 def test_a_421_on_a_reused_connection_is_sent_again_on_a_fresh_one(
     runtime: Runtime, port: int
 ) -> None:
-    first, second = queue(runtime), queue(runtime, to="other@example.com")
-    assert first is not None
-    assert second is not None
+    first, second = two_queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
         sink.hang_up_at_next_mail()  # "421 closing", as a server ending an idle session
@@ -289,9 +293,7 @@ def test_a_421_on_a_reused_connection_is_sent_again_on_a_fresh_one(
 def test_a_421_on_a_fresh_connection_too_is_a_retryable_failure(
     runtime: Runtime, port: int
 ) -> None:
-    first, second = queue(runtime), queue(runtime, to="other@example.com")
-    assert first is not None
-    assert second is not None
+    first, second = two_queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
         sink.hang_up_at_next_mail(times=2)  # the reused one and the fresh one
@@ -312,9 +314,7 @@ def test_a_hang_up_after_the_content_is_never_resent_at_once(
     """The server may have kept a message whose DATA it never answered: sending it again on
     a fresh connection could duplicate it, so the outbox records a failed try instead (and
     sends it again only on its retry schedule: at least once)."""
-    first, second = queue(runtime), queue(runtime, to="other@example.com")
-    assert first is not None
-    assert second is not None
+    first, second = two_queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
         sink.hang_up_after_data = True
