@@ -189,3 +189,32 @@ def test_a_stored_dispute_not_applied_yet_holds_the_cancellation_until_it_is(
         done = session.get(Cancellation, row.id)
         assert done is not None
         assert (done.status, done.last_error) == ("skipped", "the order is disputed")
+
+
+def test_only_a_stored_refund_or_dispute_holds_the_cancellation(
+    service: tuple[Runtime, httpx.Client], clock: FrozenClock
+) -> None:
+    """Other webhooks waiting to be applied (a backlog of payments, the purchase's own
+    membership events) never hold a cancellation: only a claim can stop it."""
+    runtime, http = service
+    body = event_body(
+        "payment.succeeded.legacy.json",
+        id="pay_Dispute3",
+        plan={"id": NONE_PLAN, "metadata": {}},
+        metadata={},
+        checkout_configuration_id=None,
+    )
+    deliver_event(runtime, http, body)
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        row = session.scalars(select(Cancellation)).one()
+    again = json.loads(body)
+    again["id"] = "msg_same_payment_again"  # the same payment, told again: not applied yet
+    assert post_event(http, json.dumps(again).encode()).json() == {"status": "received"}
+    clock.advance(5)
+    runtime.cancellations.run(row.id)
+    with runtime.database.transaction() as session:
+        tried = session.get(Cancellation, row.id)
+        assert tried is not None
+        assert tried.attempts == 1  # it called Whop (unreachable here), it did not wait
+        assert "webhook" not in (tried.last_error or "")

@@ -436,7 +436,7 @@ class Inbox:
                 return True, order_of_membership(session, facts.membership_id)
             order = self._orders.apply_membership_live(session, facts, now)
             return True, order.id if order is not None else None
-        if kind.startswith(("refund.", "dispute.")):  # (not dispute_alert.*)
+        if kind.startswith(CLAIM_PREFIXES):  # (not dispute_alert.*)
             claim = claim_facts(kind, envelope.data)
             return True, self._orders.apply_claim(session, claim, now).id
         return False, None
@@ -572,14 +572,21 @@ def oldest_received_events(session: Session, limit: int) -> list[str]:
     )
 
 
+CLAIM_PREFIXES = ("refund.", "dispute.")  # the events that can stop a cancellation
+# Their types (WHOP.md), for the (status, type) index.
+CLAIM_TYPES = ("refund.created", "refund.updated", "dispute.created", "dispute.updated")
+
+
 def names_unapplied(session: Session, ids: Sequence[str]) -> bool:
-    """Whether an event stored but not applied yet (`received`) names one of `ids` (a
-    payment's or a membership's) in its body. Reads only the events waiting, through the
-    status index: few, unless applying is far behind."""
+    """Whether a refund or dispute stored but not applied yet (`received`) names one of `ids`
+    (a payment's or a membership's) in its body. Only those: no other event can stop a
+    cancellation, and a backlog of payments must not be read at every claim: the (status,
+    type) index finds the waiting claims alone, whose bodies are searched."""
     statement = (
         select(WebhookEvent.id)
         .where(
             WebhookEvent.status == RECEIVED,
+            WebhookEvent.type.in_(CLAIM_TYPES),
             or_(*[WebhookEvent.payload.contains(f'"{i}"', autoescape=True) for i in ids]),
         )
         .limit(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Integer, String, Text
+from sqlalchemy import Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, LongText, UTCDateTime
@@ -21,6 +21,8 @@ class EventStatus(enum.StrEnum):
 
 class WebhookEvent(Base):
     __tablename__ = "webhook_events"
+    # (A cancellation looks for a refund or dispute waiting to be applied: status and type.)
+    __table_args__ = (Index("ix_webhook_events_status_type", "status", "type"),)
 
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100))
