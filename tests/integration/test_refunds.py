@@ -53,6 +53,18 @@ def payment(payment_id: str) -> bytes:
     )
 
 
+def no_email_payment(payment_id: str) -> bytes:
+    """A payment of the `none` plan: delivered without an email for the cancellation to wait
+    for."""
+    return event_body(
+        "payment.succeeded.legacy.json",
+        id=payment_id,
+        plan={"id": NONE_PLAN, "metadata": {}},
+        metadata={},
+        checkout_configuration_id=None,
+    )
+
+
 def claim(
     kind: str, claim_id: str, payment_id: str, status: str = "pending", event: str = "created"
 ) -> bytes:
@@ -161,13 +173,7 @@ def test_a_stored_dispute_not_applied_yet_holds_the_cancellation_until_it_is(
     the stored webhook yet: the cancellation waits for it (no call, no attempt spent), and once
     it is applied the order is disputed and the cancellation is skipped."""
     runtime, http = service
-    body = event_body(
-        "payment.succeeded.legacy.json",
-        id="pay_Dispute2",
-        plan={"id": NONE_PLAN, "metadata": {}},  # delivered without an email to wait for
-        metadata={},
-        checkout_configuration_id=None,
-    )
+    body = no_email_payment("pay_Dispute2")
     deliver_event(runtime, http, body)
     drain(runtime)
     with runtime.database.transaction() as session:
@@ -197,13 +203,7 @@ def test_only_a_stored_refund_or_dispute_holds_the_cancellation(
     """Other webhooks waiting to be applied (a backlog of payments, the purchase's own
     membership events) never hold a cancellation: only a claim can stop it."""
     runtime, http = service
-    body = event_body(
-        "payment.succeeded.legacy.json",
-        id="pay_Dispute3",
-        plan={"id": NONE_PLAN, "metadata": {}},
-        metadata={},
-        checkout_configuration_id=None,
-    )
+    body = no_email_payment("pay_Dispute3")
     deliver_event(runtime, http, body)
     drain(runtime)
     with runtime.database.transaction() as session:
