@@ -48,8 +48,6 @@ class GroupCommit(Generic[Item, Outcome]):
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Item, Future[Outcome]] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._in_flight = 0  # submitted, not resolved yet
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -62,15 +60,8 @@ class GroupCommit(Generic[Item, Outcome]):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._in_flight += 1
             self._queue.put((item, future))
         return future
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no caller waits for a commit (at most `timeout` seconds); whether it is
-        idle. Lets other work in the process give way to the callers."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued already, then stop the thread; later submits raise `Closed`."""
@@ -101,20 +92,11 @@ class GroupCommit(Generic[Item, Outcome]):
                     break
                 batch.append(entry)
             try:
-                self._commit_batch(batch)
+                self._commit_live(batch)
             except Exception:  # the thread must outlive anything a batch does
                 log.exception("group_commit_failed", writer=self._name)
             if stopping:
                 return
-
-    def _commit_batch(self, batch: list[tuple[Item, Future[Outcome]]]) -> None:
-        try:
-            self._commit_live(batch)
-        finally:
-            with self._idle:
-                self._in_flight -= len(batch)
-                if self._in_flight == 0:
-                    self._idle.notify_all()
 
     def _commit_live(self, batch: list[tuple[Item, Future[Outcome]]]) -> None:
         # A caller that gave up before its batch started is left out; once running, a future
