@@ -92,6 +92,16 @@ def event_status(runtime: Runtime, body: bytes) -> str:
         return event.status
 
 
+def run_cancellation(runtime: Runtime, clock: FrozenClock, cancellation_id: int) -> Cancellation:
+    """CANCEL_DELAY passes, the cancellation runs once: its row afterwards."""
+    clock.advance(5)
+    runtime.cancellations.run(cancellation_id)
+    with runtime.database.transaction() as session:
+        row = session.get(Cancellation, cancellation_id)
+        assert row is not None
+        return row
+
+
 def kinds(runtime: Runtime) -> list[str]:
     with runtime.database.transaction() as session:
         return [a.kind for a in session.scalars(select(Alert).order_by(Alert.id))]
@@ -118,12 +128,8 @@ def test_a_refund_after_delivery_is_recorded_alerted_once_and_stops_the_cancel(
     assert kinds(runtime) == ["order_refunded", "order_refunded"]
     with runtime.database.transaction() as session:
         row = session.scalars(select(Cancellation)).one()
-    clock.advance(5)
-    runtime.cancellations.run(row.id)
-    with runtime.database.transaction() as session:
-        row = session.get(Cancellation, row.id)
-        assert row is not None
-        assert (row.status, row.last_error) == ("skipped", "the order is refunded")
+    row = run_cancellation(runtime, clock, row.id)
+    assert (row.status, row.last_error) == ("skipped", "the order is refunded")
 
 
 def test_a_refund_before_its_payment_means_the_payment_delivers_nothing(
@@ -180,21 +186,13 @@ def test_a_stored_dispute_not_applied_yet_holds_the_cancellation_until_it_is(
         row = session.scalars(select(Cancellation)).one()
     lost = claim("dispute", "dp_2", "pay_Dispute2", "lost")
     assert post_event(http, lost).json() == {"status": "received"}  # stored, not applied
-    clock.advance(5)
-    runtime.cancellations.run(row.id)
-    with runtime.database.transaction() as session:
-        held = session.get(Cancellation, row.id)
-        assert held is not None
-        assert (held.status, held.attempts) == ("scheduled", 0)
-        assert "webhook" in (held.last_error or "")
+    held = run_cancellation(runtime, clock, row.id)
+    assert (held.status, held.attempts) == ("scheduled", 0)
+    assert "webhook" in (held.last_error or "")
     apply_webhooks(runtime)
     assert the_order(runtime, "pay_Dispute2").status == "disputed"
-    clock.advance(5)
-    runtime.cancellations.run(row.id)
-    with runtime.database.transaction() as session:
-        done = session.get(Cancellation, row.id)
-        assert done is not None
-        assert (done.status, done.last_error) == ("skipped", "the order is disputed")
+    done = run_cancellation(runtime, clock, row.id)
+    assert (done.status, done.last_error) == ("skipped", "the order is disputed")
 
 
 def test_only_a_stored_refund_or_dispute_holds_the_cancellation(
@@ -211,10 +209,6 @@ def test_only_a_stored_refund_or_dispute_holds_the_cancellation(
     again = json.loads(body)
     again["id"] = "msg_same_payment_again"  # the same payment, told again: not applied yet
     assert post_event(http, json.dumps(again).encode()).json() == {"status": "received"}
-    clock.advance(5)
-    runtime.cancellations.run(row.id)
-    with runtime.database.transaction() as session:
-        tried = session.get(Cancellation, row.id)
-        assert tried is not None
-        assert tried.attempts == 1  # it called Whop (unreachable here), it did not wait
-        assert "webhook" not in (tried.last_error or "")
+    tried = run_cancellation(runtime, clock, row.id)
+    assert tried.attempts == 1  # it called Whop (unreachable here), it did not wait
+    assert "webhook" not in (tried.last_error or "")
