@@ -503,7 +503,9 @@ class CancellationService:
         """Lease a due row and decide whether to call Whop now. `wait_for_email`: hold the row
         while its order's delivery email is not accepted (False: an admin's `cancel`)."""
         now = self._clock.now()
-        with self._database.transaction() as session:
+        # Not flushed to disk: lost to a power cut, the row is claimed again and the call made
+        # with the same idempotency key (see `Database.transaction`).
+        with self._database.transaction(durable=False) as session:
             taken = session.execute(
                 update(Cancellation)
                 .where(
@@ -635,7 +637,9 @@ class CancellationService:
         self, claim: _Claim, reply: WhopReply, check: WhopReply | None, *, request: str
     ) -> None:
         now = self._clock.now()
-        with self._database.transaction() as session:
+        # Not flushed to disk: an answer lost to a power cut is asked for again, with the same
+        # idempotency key, and Whop answers it the same (see `Database.transaction`).
+        with self._database.transaction(durable=False) as session:
             row = session.get(Cancellation, claim.id, with_for_update=True)
             if row is None or row.status != Status.RUNNING.value or row.lease_owner != self._owner:
                 log.warning(

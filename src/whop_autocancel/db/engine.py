@@ -24,6 +24,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _AFTER_COMMIT = "after_commit_callbacks"
+# An execution option of the connection a transaction runs on: False when its commit need not
+# wait for the disk (see `Database.transaction`).
+DURABLE = "whop_autocancel_durable"
+_SYNCHRONOUS = "sqlite_synchronous"  # the level last set on a pooled SQLite connection
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -50,9 +54,22 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        # The level can only change between transactions: set it (when it differs from the
+        # connection's last) just before this one begins.
+        level = "FULL" if connection.get_execution_options().get(DURABLE, True) else "NORMAL"
+        if connection.info.get(_SYNCHRONOUS) != level:
+            connection.exec_driver_sql(f"PRAGMA synchronous={level}")
+            connection.info[_SYNCHRONOUS] = level
         # Take the write lock up front: a deferred transaction that later writes can fail with
         # SQLITE_BUSY at once, whatever the busy timeout says.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if not connection.get_execution_options().get(DURABLE, True):
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
 class Database:
@@ -75,21 +92,36 @@ class Database:
         self.backend = self.engine.dialect.name
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
+        elif self.backend == "postgresql":
+            _configure_postgresql(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: the turn to write, handed over between this process's threads at once and
         # urgent callers first (write_turn.py); other processes still meet the busy timeout.
         self._write_turn = WriteTurn() if self.backend == "sqlite" else None
 
     @contextmanager
-    def transaction(self, *, urgent: bool = False) -> Iterator[Session]:
+    def transaction(self, *, urgent: bool = False, durable: bool = True) -> Iterator[Session]:
         """A session in one transaction: commit on success, roll back on error, then run the
         callbacks registered with `after_commit` (enqueueing jobs, mostly). `urgent`: someone
-        waits on this commit (the webhook writer); on SQLite it writes before the others."""
+        waits on this commit (the webhook writer); on SQLite it writes before the others.
+
+        Every commit survives a killed process. A `durable` one (the default) also survives a
+        power cut once it returns: it waits for the disk. `durable=False` is for the steps
+        nobody outside relies on until a later durable commit: the log is written in commit
+        order and a flushed commit flushes every one before it (SQLite's WAL, PostgreSQL's
+        WAL), so a power cut can only take the newest unflushed commits, all of them after
+        the last flushed one, and those are redone from what is durable (the stored webhooks,
+        by the sweeps). On SQLite `synchronous=NORMAL`, on PostgreSQL
+        `synchronous_commit=off`; MariaDB flushes every commit (its setting is server-wide).
+        Before any act outside (an answer to Whop, an email, a call to Whop) commit durably
+        whatever must not be undone after it."""
         turn: AbstractContextManager[None] = (
             self._write_turn.turn(urgent=urgent) if self._write_turn is not None else nullcontext()
         )
         with turn, self.sessions() as session:
             with session.begin():
+                if not durable:
+                    session.connection(execution_options={DURABLE: False})
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
         for callback in callbacks:
@@ -104,13 +136,20 @@ class Database:
         """Whether `SELECT … FOR UPDATE SKIP LOCKED` is available (not on SQLite)."""
         return self.backend in ("postgresql", "mysql", "mariadb")
 
-    def run(self, work: Callable[[Session], T], *, attempts: int = 5, urgent: bool = False) -> T:
+    def run(
+        self,
+        work: Callable[[Session], T],
+        *,
+        attempts: int = 5,
+        urgent: bool = False,
+        durable: bool = True,
+    ) -> T:
         """Run `work` in a transaction, again from the start when the database aborted it to
         break a deadlock or a serialization conflict (MariaDB does so on concurrent inserts of
         one unique key). `work` must therefore be safe to repeat (ours are idempotent)."""
         for attempt in range(1, attempts + 1):
             try:
-                with self.transaction(urgent=urgent) as session:
+                with self.transaction(urgent=urgent, durable=durable) as session:
                     return work(session)
             except DBAPIError as error:
                 if attempt == attempts or not is_transient_conflict(error):

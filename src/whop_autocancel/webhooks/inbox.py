@@ -310,7 +310,9 @@ class Inbox:
                 applied_before = applied
                 for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
                     chunk = oldest[start : start + APPLY_PER_TRANSACTION]
-                    done = self._database.run(partial(self._apply_chunk, event_ids=chunk))
+                    done = self._database.run(
+                        partial(self._apply_chunk, event_ids=chunk), durable=False
+                    )
                     for kind, status in done:
                         metrics.observe_webhook_apply(kind, status)
                     applied += len(done)
