@@ -6,11 +6,13 @@ claim and answer) commit without their own flush (SQLite `synchronous=NORMAL`, P
 `synchronous_commit=off`): the log is written in commit order and every flushed commit flushes
 the ones before it, so a power cut can only take the newest of them, and those are redone from
 the stored webhooks (the sweeps). MariaDB flushes every commit (its setting is server-wide).
+And on SQLite, the processes that share the file take turns to write through a lock file.
 
 Real parts: each database, the Whop simulator over HTTP, an aiosmtpd sink."""
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from itertools import pairwise
@@ -24,7 +26,7 @@ from sqlalchemy import text
 from support.harness import drain
 from support.shop import Shop, open_shop
 from whop_autocancel.clock import FrozenClock
-from whop_autocancel.db.engine import Database
+from whop_autocancel.db.engine import Database, writer_lock_file
 from whop_autocancel.simulator import SimulatorServer
 
 
@@ -109,3 +111,17 @@ def test_a_purchase_flushes_the_webhook_and_each_email_lease_and_not_the_steps_b
         assert levels.count(False) >= 6
     else:
         assert {level for _, level, _ in commits} == {None}
+
+
+def test_a_sqlite_transaction_holds_the_lock_file_other_processes_wait_on(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    lock = writer_lock_file(tmp_path / "service.db")
+    try:
+        with database.transaction() as session:
+            session.execute(text("SELECT 1"))
+            with lock.open("a") as probe, pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with lock.open("a") as probe:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        database.dispose()

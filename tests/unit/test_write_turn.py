@@ -4,8 +4,13 @@ goes first, so applying, delivering and mailing never starve while webhooks keep
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from support.harness import wait_for
 from whop_autocancel.db.write_turn import WriteTurn
@@ -93,3 +98,68 @@ def test_a_thread_holding_the_turn_takes_it_again_and_a_free_turn_is_taken_at_on
     thread.start()
     thread.join(10)
     assert taken.is_set()
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether another process could take the lock file now (a probe of its own)."""
+    with path.open("a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return True
+
+
+def test_the_turn_is_held_against_other_processes_from_first_take_to_last_release(
+    tmp_path: Path,
+) -> None:
+    """Processes that share one SQLite file (`serve` and `worker` on one machine) hand the write
+    turn over through a lock file, without SQLite's busy timeout sleeping between its polls."""
+    path = tmp_path / "service.db-writer"
+    turn = WriteTurn(path)
+    assert lock_is_free(path)
+    with turn.turn():
+        assert not lock_is_free(path)
+        with turn.turn():  # taken again by the same thread (a nested transaction)
+            assert not lock_is_free(path)
+        assert not lock_is_free(path)
+    assert lock_is_free(path)
+    holder = Taker(turn, "holder", [], urgent=True)
+    assert holder.holding.wait(10)
+    assert not lock_is_free(path)
+    holder.let_go()
+    assert lock_is_free(path)
+
+
+def test_another_process_waits_for_the_turn_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    path = tmp_path / "service.db-writer"
+    script = (
+        "import sys, time\n"
+        "from whop_autocancel.db.write_turn import WriteTurn\n"
+        "with WriteTurn(sys.argv[1]).turn():\n"
+        "    print('holding', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "holding"
+        order: list[str] = []
+        waiter = Taker(WriteTurn(path), "waiter", order, urgent=False)
+        assert not lock_is_free(path)
+        assert order == []  # the child holds it: this process's caller waits
+        child.kill()  # kill -9: the kernel frees its lock
+        child.wait(10)
+        assert waiter.holding.wait(10)
+        assert order == ["waiter"]
+        waiter.let_go()
+        assert lock_is_free(path)
+    finally:
+        child.kill()
+        child.wait(10)

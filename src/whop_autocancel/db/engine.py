@@ -40,6 +40,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def writer_lock_file(database: Path) -> Path:
+    """The lock file beside a SQLite database that its writers take turns on."""
+    return database.with_name(f"{database.name}-writer")
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -96,8 +101,12 @@ class Database:
             _configure_postgresql(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: the turn to write, handed over between this process's threads at once and
-        # urgent callers first (write_turn.py); other processes still meet the busy timeout.
-        self._write_turn = WriteTurn() if self.backend == "sqlite" else None
+        # urgent callers first, and between processes through a lock file (write_turn.py).
+        self._write_turn = (
+            WriteTurn(writer_lock_file(path) if path is not None else None)
+            if self.backend == "sqlite"
+            else None
+        )
 
     @contextmanager
     def transaction(self, *, urgent: bool = False, durable: bool = True) -> Iterator[Session]:

@@ -7,17 +7,28 @@ over at once instead, and in an order that keeps Whop answered fast: an *urgent*
 webhook writer, whose commit a sender is waiting on) goes before the others that wait, and after
 each urgent turn one waiting regular caller goes before the next urgent one, so neither side
 can starve the other. A thread that holds the turn may take it again (nested transactions).
+
+Between processes that share the file (`serve --no-worker` and `worker`s on one machine, a
+CLI command) the turn is also a lock file next to the database (`lock_file`, flock): a process
+that waits for it sleeps in the kernel and wakes the moment the holder lets go, where SQLite's
+busy timeout would poll with sleeps of up to 100 ms; a process that dies (even killed -9)
+lets go with it. Each process still orders its own threads as above.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class WriteTurn:
-    def __init__(self) -> None:
+    def __init__(self, lock_file: str | Path | None = None) -> None:
+        self._lock_file = Path(lock_file) if lock_file is not None else None
+        self._fd: int | None = None  # opened at the first turn, kept for the process's life
         self._changed = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._depth = 0
@@ -65,12 +76,27 @@ class WriteTurn:
             self._owner, self._depth = me, 1
             if not urgent:
                 self._regular_owed = False
+        if self._lock_file is not None:
+            try:
+                self._lock_across_processes()
+            except BaseException:
+                self._release(urgent, locked=False)
+                raise
 
-    def _release(self, urgent: bool) -> None:
+    def _lock_across_processes(self) -> None:
+        """Only the thread that holds the process's turn gets here: one taker at a time."""
+        if self._fd is None:
+            assert self._lock_file is not None
+            self._fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # the GIL is released while it waits
+
+    def _release(self, urgent: bool, *, locked: bool = True) -> None:
         with self._changed:
             self._depth -= 1
             if self._depth:
                 return
+            if locked and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._owner = None
             if urgent and self._regular_waiting:
                 self._regular_owed = True
