@@ -35,7 +35,14 @@ def databases(database_url: str) -> Iterator[tuple[Database, Database]]:
 def draw(database: Database, limit: buckets.Limit, at: float) -> float:
     """One turn at wall time `at`: when it may go (seconds)."""
     now_us = int(at * US)
-    return database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us)) / US
+    return database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us))[0] / US
+
+
+def draw_many(database: Database, limit: buckets.Limit, at: float, count: int) -> list[float]:
+    """`count` turns in one transaction at wall time `at`: when each may go (seconds)."""
+    now_us = int(at * US)
+    slots = database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us, count))
+    return [slot / US for slot in slots]
 
 
 def test_a_burst_goes_at_once_then_one_request_per_interval(
@@ -51,6 +58,22 @@ def test_a_burst_goes_at_once_then_one_request_per_interval(
     assert [draw(database, limit, later) for _ in range(4)] == pytest.approx(
         [later, later, later, later + 0.1]
     )
+
+
+def test_one_transaction_reserves_several_consecutive_turns(
+    databases: tuple[Database, Database],
+) -> None:
+    """A chunk is the turns that many single draws at that moment would have given: the burst
+    first, then one interval apart; the next draw continues after it."""
+    database, _ = databases
+    limit = buckets.Limit(rate=100, burst=2)
+    assert draw_many(database, limit, T0, 5) == pytest.approx(
+        [T0, T0, T0 + 0.01, T0 + 0.02, T0 + 0.03]
+    )
+    assert draw(database, limit, T0) == pytest.approx(T0 + 0.04)
+    assert draw_many(database, limit, T0, 2) == pytest.approx([T0 + 0.05, T0 + 0.06])
+    with pytest.raises(ValueError, match="at least one"):
+        draw_many(database, limit, T0, 0)
 
 
 def test_two_processes_share_one_budget(databases: tuple[Database, Database]) -> None:
@@ -90,6 +113,7 @@ def test_a_slow_down_lowers_the_rate_and_it_grows_back(
     # Slowed turns are spaced by the lower rate.
     first = draw(database, limit, T0)
     assert draw(database, limit, T0) - first == pytest.approx(0.2)
+    assert draw_many(database, limit, T0, 2) == pytest.approx([first + 0.4, first + 0.6])
     # Repeated 429s never push the rate below its floor.
     for _ in range(20):
         rate = database.run(lambda s: buckets.slow_down(s, BUCKET, limit, int(T0 * US), 0.5))

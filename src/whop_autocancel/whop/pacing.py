@@ -66,7 +66,7 @@ class WhopPacer:
         now_us = int(self._wall() * buckets.MICROS)
 
         def draw(session: Session) -> tuple[int, datetime | None]:
-            at_us = buckets.reserve(session, BUCKET, self.limit, now_us)
+            [at_us] = buckets.reserve(session, BUCKET, self.limit, now_us)
             return at_us, leases.read_until(session, NOT_BEFORE_KEY)
 
         try:
