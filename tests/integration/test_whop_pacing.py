@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+from support.harness import wait_for
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db import buckets
 from whop_autocancel.db.engine import Database
@@ -35,7 +37,14 @@ def databases(database_url: str) -> Iterator[tuple[Database, Database]]:
 def draw(database: Database, limit: buckets.Limit, at: float) -> float:
     """One turn at wall time `at`: when it may go (seconds)."""
     now_us = int(at * US)
-    return database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us)) / US
+    return database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us))[0] / US
+
+
+def draw_many(database: Database, limit: buckets.Limit, at: float, count: int) -> list[float]:
+    """`count` turns in one transaction at wall time `at`: when each may go (seconds)."""
+    now_us = int(at * US)
+    slots = database.run(lambda s: buckets.reserve(s, BUCKET, limit, now_us, count))
+    return [slot / US for slot in slots]
 
 
 def test_a_burst_goes_at_once_then_one_request_per_interval(
@@ -51,6 +60,22 @@ def test_a_burst_goes_at_once_then_one_request_per_interval(
     assert [draw(database, limit, later) for _ in range(4)] == pytest.approx(
         [later, later, later, later + 0.1]
     )
+
+
+def test_one_transaction_reserves_several_consecutive_turns(
+    databases: tuple[Database, Database],
+) -> None:
+    """A chunk is the turns that many single draws at that moment would have given: the burst
+    first, then one interval apart; the next draw continues after it."""
+    database, _ = databases
+    limit = buckets.Limit(rate=100, burst=2)
+    assert draw_many(database, limit, T0, 5) == pytest.approx(
+        [T0, T0, T0 + 0.01, T0 + 0.02, T0 + 0.03]
+    )
+    assert draw(database, limit, T0) == pytest.approx(T0 + 0.04)
+    assert draw_many(database, limit, T0, 2) == pytest.approx([T0 + 0.05, T0 + 0.06])
+    with pytest.raises(ValueError, match="at least one"):
+        draw_many(database, limit, T0, 0)
 
 
 def test_two_processes_share_one_budget(databases: tuple[Database, Database]) -> None:
@@ -90,6 +115,7 @@ def test_a_slow_down_lowers_the_rate_and_it_grows_back(
     # Slowed turns are spaced by the lower rate.
     first = draw(database, limit, T0)
     assert draw(database, limit, T0) - first == pytest.approx(0.2)
+    assert draw_many(database, limit, T0, 2) == pytest.approx([first + 0.4, first + 0.6])
     # Repeated 429s never push the rate below its floor.
     for _ in range(20):
         rate = database.run(lambda s: buckets.slow_down(s, BUCKET, limit, int(T0 * US), 0.5))
@@ -204,3 +230,255 @@ def test_a_stop_whop_asks_for_while_a_call_waits_for_its_turn_is_waited_out_too(
     assert second.stopped_for() == 0.0
     first.observe(WhopReply(status=429, retry_after=600.0))
     assert second.stopped_for() == 0.0  # longer than MAX_HOLD: it goes and meets the 429
+
+
+# Chunks: a pacer draws the turns of every caller of its process that waits, in one transaction.
+
+
+@contextmanager
+def holding_the_bucket(database_url: str) -> Iterator[None]:
+    """Another process holds the bucket's row (on SQLite: the write lock) until the block ends:
+    the callers of the pacers under test pile up meanwhile."""
+    holder = Database(database_url)
+    try:
+        with holder.transaction() as session:
+            assert session.get(buckets.RateBucket, BUCKET, with_for_update=True) is not None
+            yield
+    finally:
+        holder.dispose()
+
+
+@contextmanager
+def counting_commits(*databases: Database) -> Iterator[list[int]]:
+    commits: list[int] = []
+    listener = lambda _connection: commits.append(1)  # noqa: E731
+    for database in databases:
+        event.listen(database.engine, "commit", listener)
+    try:
+        yield commits
+    finally:
+        for database in databases:
+            event.remove(database.engine, "commit", listener)
+
+
+class Callers:
+    """`count` threads named `name-0`, `name-1`…, each taking one turn from `pacer`."""
+
+    def __init__(self, pacer: WhopPacer, count: int, name: str = "caller") -> None:
+        self.waits: list[float] = []
+        self._lock = threading.Lock()
+        self._pacer = pacer
+        self._threads = [
+            threading.Thread(target=self._take, name=f"{name}-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _take(self) -> None:
+        wait = self._pacer.turn()
+        with self._lock:
+            self.waits.append(wait)
+
+    def join(self) -> list[float]:
+        """Their waits, shortest first."""
+        for thread in self._threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a caller never got its turn"
+        assert len(self.waits) == len(self._threads)
+        return sorted(self.waits)
+
+
+class StallingWall(Wall):
+    """A wall clock that stalls the threads whose name starts with a prefix when they read it,
+    as a busy machine deschedules a thread, until the test lets them go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+        self._prefix: str | None = None
+        self.stalled = 0
+
+    def stall(self, prefix: str) -> None:
+        with self._changed:
+            self._prefix = prefix
+
+    def release(self) -> None:
+        with self._changed:
+            self._prefix = None
+            self._changed.notify_all()
+
+    def __call__(self) -> float:
+        with self._changed:
+            if self._prefix and threading.current_thread().name.startswith(self._prefix):
+                self.stalled += 1
+                self._changed.wait_for(lambda: self._prefix is None, timeout=10)
+            return self.now
+
+
+def callers_waiting(pacer: WhopPacer, count: int) -> None:
+    wait_for(lambda: pacer.callers_waiting() == count, what=f"{count} callers waiting")
+
+
+def test_at_100_a_second_one_transaction_gives_a_turn_to_every_caller_waiting(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """The caller that draws reserves a turn for itself and one for each caller of its process
+    waiting meanwhile, up to 50 ms of the rate (5 at 100/s): six callers, two transactions."""
+    database, _ = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacer = make_pacer(database, wall, clock, rate=100, burst=1)
+    assert pacer.turn() == 0.0
+    with counting_commits(database) as commits:
+        with holding_the_bucket(database_url):
+            first = Callers(pacer, 1)
+            callers_waiting(pacer, 1)
+            others = Callers(pacer, 5)
+            callers_waiting(pacer, 6)
+        waits = sorted(first.join() + others.join())
+    assert waits == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    assert len(commits) == 2
+
+
+def test_at_10_a_second_each_call_is_still_one_transaction(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """50 ms of 10/s is less than one turn: the chunk stays one, as before chunks."""
+    database, _ = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacer = make_pacer(database, wall, clock, rate=10, burst=1)
+    assert pacer.turn() == 0.0
+    with counting_commits(database) as commits:
+        with holding_the_bucket(database_url):
+            callers = Callers(pacer, 6)
+            callers_waiting(pacer, 6)
+        waits = callers.join()
+    assert waits == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert len(commits) == 6
+
+
+def test_two_processes_drawing_chunks_never_exceed_the_limit_over_any_window(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """Rounds of four callers in each of two processes, the wall moving on between rounds
+    (quiet spells refill the burst): every process draws each round's turns in one
+    transaction, and the times the calls go never hold more than rate * t + burst calls in any
+    window t."""
+    rate, burst = 100, 3
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacers = [make_pacer(db, wall, clock, rate=rate, burst=burst) for db in databases]
+    pacers[0].turn()  # the bucket's row exists
+    goes = [0]  # when each call goes: µs after T0
+    steps = [0.0, 0.013, 0.013, 0.5, 0.004, 0.013, 0.9, 0.02, 0.0]
+    with counting_commits(*databases) as commits:
+        for step in steps:
+            wall.now += step
+            with holding_the_bucket(database_url):
+                callers = [Callers(pacer, 4) for pacer in pacers]
+                for pacer in pacers:
+                    callers_waiting(pacer, 4)
+            for each in callers:
+                goes.extend(round((wall.now - T0 + wait) * US) for wait in each.join())
+    assert len(commits) == 2 * len(steps)
+    goes.sort()
+    assert len(goes) == 1 + 8 * len(steps)
+    for i, start in enumerate(goes):
+        for j in range(i, len(goes)):
+            # (to the microsecond: the wall is a float)
+            assert (j - i + 1) * US <= rate * (goes[j] - start + 1) + burst * US, (start, goes[j])
+
+
+def test_a_429_drops_the_turns_kept_for_callers_and_they_draw_again_at_the_slower_rate(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """Turns reserved for the callers waiting, not taken yet when a 429 comes (their threads
+    were descheduled), were drawn at the old rate: they are dropped, and those callers draw
+    again, at the slowed rate."""
+    database, _ = databases
+    wall, clock = StallingWall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacer = make_pacer(database, wall, clock, rate=100, burst=1)
+    assert pacer.turn() == 0.0
+    try:
+        with counting_commits(database) as commits:
+            with holding_the_bucket(database_url):
+                drawer = Callers(pacer, 1, name="drawer")
+                callers_waiting(pacer, 1)
+                kept = Callers(pacer, 3, name="kept")
+                callers_waiting(pacer, 4)
+                wall.stall("kept")
+            # One transaction: the drawer's turn and three kept for the others, which stall
+            # right before they take them.
+            assert drawer.join() == pytest.approx([0.01])
+            wait_for(lambda: wall.stalled == 3, what="the kept callers stalled")
+            assert len(commits) == 1
+            pacer.observe(WhopReply(status=429, retry_after=0.5))
+            assert len(commits) == 2
+            clock.advance(0.5)  # the stop is over (the wall, the bucket's clock, stands still)
+            wall.release()
+            waits = kept.join()
+    finally:
+        wall.release()
+    # Not T0 + 0.02, 0.03, 0.04 (the kept turns): the next ones, 1/80 s apart.
+    assert waits == pytest.approx([0.05, 0.05 + 1 / 80, 0.05 + 2 / 80])
+    assert len(commits) == 3
+
+
+def test_a_kept_turn_that_has_passed_by_more_than_one_interval_is_dropped(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """A kept turn is taken late only a little (less than one interval): older ones are
+    dropped, never sent late in a bunch, and the caller draws a new one."""
+    database, _ = databases
+    wall, clock = StallingWall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacer = make_pacer(database, wall, clock, rate=100, burst=1)
+    assert pacer.turn() == 0.0
+    try:
+        with counting_commits(database) as commits:
+            with holding_the_bucket(database_url):
+                drawer = Callers(pacer, 1, name="drawer")
+                callers_waiting(pacer, 1)
+                kept = Callers(pacer, 3, name="kept")
+                callers_waiting(pacer, 4)
+                wall.stall("kept")
+            assert drawer.join() == pytest.approx([0.01])
+            wait_for(lambda: wall.stalled == 3, what="the kept callers stalled")
+            # Kept: T0 + 0.02, 0.03, 0.04. At T0 + 0.035 the first is 15 ms old (dropped),
+            # the second 5 ms (goes now), the third is 5 ms ahead.
+            wall.now = T0 + 0.035
+            wall.release()
+            waits = kept.join()
+    finally:
+        wall.release()
+    # The caller whose turn was dropped drew the next one, at T0 + 0.05.
+    assert waits == pytest.approx([0.0, 0.005, 0.015])
+    assert len(commits) == 2
+
+
+def test_turns_handed_out_from_a_chunk_wait_out_the_stop_read_with_it(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """A stop another process set is read with the chunk: every turn of the chunk waits it out,
+    not only the drawer's, with no transaction of their own."""
+    first_db, second_db = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    first = make_pacer(first_db, wall, clock, rate=100, burst=1)
+    second = make_pacer(second_db, wall, clock, rate=100, burst=1)
+    assert first.turn() == 0.0
+    second.observe(WhopReply(status=200, remaining=0, reset_after=2.0))
+    with counting_commits(first_db) as commits:
+        with holding_the_bucket(database_url):
+            callers = Callers(first, 4)
+            callers_waiting(first, 4)
+        assert callers.join() == pytest.approx([2.0] * 4)
+    assert len(commits) == 1
+
+
+def test_callers_waiting_for_a_draw_the_database_refused_go_at_once() -> None:
+    database = Database("postgresql://nobody@127.0.0.1:9/none")
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    try:
+        pacer = make_pacer(database, wall, clock, rate=100, burst=1)
+        assert Callers(pacer, 6).join() == [0.0] * 6
+        assert pacer.callers_waiting() == 0
+    finally:
+        database.dispose()

@@ -39,7 +39,8 @@ class Limit:
     floor: float = 0.1  # never slower than this share of `rate`
 
 
-def _row(session: Session, name: str, limit: Limit, now_us: int) -> RateBucket:
+def locked(session: Session, name: str, limit: Limit, now_us: int) -> RateBucket:
+    """Bucket `name`'s row, locked until the transaction ends (created full when missing)."""
     row = session.get(RateBucket, name, with_for_update=True)
     if row is None:
         created = RateBucket(name=name, next_free_us=now_us, rate=limit.rate, slowed_at_us=None)
@@ -59,21 +60,30 @@ def rate_in_force(row: RateBucket, limit: Limit, now_us: int) -> float:
     return min(limit.rate, row.rate + limit.rate * limit.recovery * elapsed)
 
 
-def reserve(session: Session, name: str, limit: Limit, now_us: int) -> int:
-    """Draw one request from bucket `name`: the time (µs since the epoch) at which it may go,
-    `now_us` when the bucket has a token now. Never refuses: a later time is the answer."""
-    row = _row(session, name, limit, now_us)
+def reserve(session: Session, name: str, limit: Limit, now_us: int, n: int = 1) -> list[int]:
+    """Draw `n` consecutive requests from bucket `name` in this transaction: the times (µs since
+    the epoch, earliest first) at which each may go, `now_us` for those the bucket has a token
+    for now. Never refuses: a later time is the answer."""
+    return take(locked(session, name, limit, now_us), limit, now_us, n)
+
+
+def take(row: RateBucket, limit: Limit, now_us: int, n: int = 1) -> list[int]:
+    """`reserve` on a row already `locked` in this transaction: the turns `n` single draws in a
+    row at `now_us` would give (the burst first, then one interval of the rate in force
+    apart)."""
+    if n < 1:
+        raise ValueError(f"a reservation takes at least one turn, not {n}")
     interval = MICROS / rate_in_force(row, limit, now_us)
     tolerance = (limit.burst - 1) * interval
     due = max(row.next_free_us, now_us)
-    row.next_free_us = int(due + interval)
-    return int(max(now_us, due - tolerance))
+    row.next_free_us = int(due + n * interval)
+    return [int(max(now_us, due + i * interval - tolerance)) for i in range(n)]
 
 
 def slow_down(session: Session, name: str, limit: Limit, now_us: int, factor: float) -> float:
     """The server refused for rate (a 429): the rate in force drops to `factor` of itself (not
     below `limit.floor` of the configured rate) and grows back from now. Returns it."""
-    row = _row(session, name, limit, now_us)
+    row = locked(session, name, limit, now_us)
     lowered = max(limit.rate * limit.floor, rate_in_force(row, limit, now_us) * factor)
     row.rate = lowered
     row.slowed_at_us = now_us
