@@ -635,18 +635,20 @@ def test_an_email_that_cannot_be_decrypted_is_retried_and_the_batch_goes_on(
 def test_two_workers_never_send_one_email_twice(
     runtime: Runtime, tmp_path: Path, clock: FrozenClock, port: int, database_url: str
 ) -> None:
-    """Two workers (two runtimes, each its own engine and SMTP session) run the jobs of one
-    burst at once, from opposite ends: every email goes exactly once."""
+    """Two workers (two runtimes, each its own engine and SMTP sessions), with two job
+    threads each, run the jobs of one burst at once, each thread from another point: every
+    email goes exactly once."""
     other = own_runtime(tmp_path, clock, port, database_url)
-    count = 4 * SEND_BATCH
+    count = 6 * SEND_BATCH
     ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(count)]
-    start = threading.Barrier(2)
+    outboxes = [runtime.outbox, other.outbox, runtime.outbox, other.outbox]
+    start = threading.Barrier(len(outboxes))
     errors: list[BaseException] = []
 
-    def worker(outbox: Outbox, order: list[int]) -> None:
+    def worker(outbox: Outbox, first: int) -> None:
         try:
             start.wait()
-            for email_id in order:
+            for email_id in ids[first:] + ids[:first]:
                 outbox.send(email_id)
         except BaseException as error:  # shown by the assertion below
             errors.append(error)
@@ -654,8 +656,8 @@ def test_two_workers_never_send_one_email_twice(
     try:
         with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
             threads = [
-                threading.Thread(target=worker, args=(runtime.outbox, ids)),
-                threading.Thread(target=worker, args=(other.outbox, ids[::-1])),
+                threading.Thread(target=worker, args=(outbox, n * count // len(outboxes)))
+                for n, outbox in enumerate(outboxes)
             ]
             for thread in threads:
                 thread.start()
