@@ -13,6 +13,7 @@ from sqlalchemy import event, update
 
 from support.harness import free_port, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.outbox import SEND_BATCH, Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
@@ -686,21 +687,27 @@ class SlowSink(SmtpSink):
         self.clock.advance(self.seconds)
 
 
-def test_a_batch_stops_before_its_lease_runs_out_and_releases_the_rest(
-    runtime: Runtime, port: int, clock: FrozenClock
-) -> None:
-    lease = 60.0
-    outbox = Outbox(
+def another_outbox(runtime: Runtime, lease_seconds: float = 35.0) -> Outbox:
+    """An outbox on the runtime's database and queue, with a lease of its own and no
+    STOCK_ENCRYPTION_KEY."""
+    return Outbox(
         runtime.database,
         runtime.jobs,
-        clock,
+        runtime.clock,
         smtp=runtime.settings.smtp,
         sender="shop@shop.test",
         timeout=5,
         retry_schedule=[10],
-        lease_seconds=lease,
+        lease_seconds=lease_seconds,
         give_up_after=3600,
     )
+
+
+def test_a_batch_stops_before_its_lease_runs_out_and_releases_the_rest(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    lease = 60.0
+    outbox = another_outbox(runtime, lease_seconds=lease)
     ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(5)]
     runtime.jobs.huey.flush()
     try:
@@ -744,3 +751,48 @@ def test_emails_a_killed_worker_had_claimed_are_sent_once_their_lease_ran_out(
         runtime.outbox.send(ids[1])
         assert sorted(recipients(sink)) == [f"buyer{n}@example.com" for n in range(3)]
     assert all(row(runtime, email_id).sent_at is not None for email_id in ids)
+
+
+def test_a_batch_broken_by_surprise_records_what_went_and_releases_the_rest(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    """A worker without STOCK_ENCRYPTION_KEY meets a sealed email (an error that is not a
+    failed attempt): the job fails, but what the server accepted before is recorded, what
+    was not started is released, and the email that broke it stays leased (as if the worker
+    had died sending it) until its lease runs out."""
+    first = queued(runtime, to="a@example.com")
+    message = RenderedEmail(subject="Your key", text="KEY-1", html="")
+    with runtime.database.transaction() as session:
+        sealed = runtime.outbox.queue(
+            session,
+            kind="delivery",
+            to="b@example.com",
+            email=message,
+            now=clock.now(),
+            sealed=True,
+        )
+        assert sealed is not None
+    last = queued(runtime, to="c@example.com")
+    runtime.jobs.huey.flush()
+    keyless = another_outbox(runtime)
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            with pytest.raises(ConfigurationError):
+                keyless.send(first)
+            assert recipients(sink) == ["a@example.com"]
+            sent = row(runtime, first)
+            assert (sent.sent_at is not None, sent.attempts) == (True, 1)
+            stuck = row(runtime, sealed.id)
+            assert (stuck.sent_at, stuck.attempts) == (None, 0)
+            assert stuck.lease_until is not None
+            rest = row(runtime, last)
+            assert (rest.sent_at, rest.lease_until, rest.attempts) == (None, None, 0)
+            [wake] = runtime.jobs.huey.pending()
+            assert (wake.name, wake.args) == ("mail.send", (last,))
+            runtime.outbox.send(last)  # a worker with the key
+            assert recipients(sink) == ["a@example.com", "c@example.com"]
+            clock.advance(36)  # the keyless worker's lease has run out
+            runtime.outbox.send(last)
+            assert recipients(sink)[-1] == "b@example.com"
+    finally:
+        keyless.close()
