@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from support.harness import free_port, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.outbox import SEND_BATCH, Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
-from whop_autocancel.mail.sink import SmtpSink
+from whop_autocancel.mail.sink import ReceivedEmail, SmtpSink
 from whop_autocancel.mail.smtp import SMTP_IDLE_SECONDS, SmtpPool, build_message
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.settings import parse_smtp_url
@@ -247,22 +252,23 @@ def test_closing_the_runtime_quits_its_smtp_connection(
         wait_for(lambda: sink.quits == 1, what="the pooled connection's QUIT")
 
 
-def two_queued(runtime: Runtime) -> tuple[int, int]:
-    """Two emails in the outbox: to the buyer, then to other@example.com."""
-    first, second = queue(runtime), queue(runtime, to="other@example.com")
-    assert first is not None
-    assert second is not None
-    return first, second
+def queued(runtime: Runtime, to: str = "buyer@example.com") -> int:
+    """A new email in the outbox. (The tests of one session's reuse queue each email just
+    before its job: a job sends every email due, not only its own.)"""
+    email_id = queue(runtime, to=to)
+    assert email_id is not None
+    return email_id
 
 
 def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
     runtime: Runtime, port: int
 ) -> None:
-    first, second = two_queued(runtime)
+    first = queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
     # The server restarted: the idle connection the outbox kept is closed from its side.
     with SmtpSink(port=port, credentials=CREDENTIALS) as restarted:
+        second = queued(runtime, to="other@example.com")
         runtime.outbox.send(second)
         assert [m.recipients for m in restarted.messages] == [("other@example.com",)]
     assert len(sink.messages) == 1
@@ -275,9 +281,10 @@ def test_a_connection_the_server_closed_is_replaced_and_the_email_goes_once(
 def test_a_421_on_a_reused_connection_is_sent_again_on_a_fresh_one(
     runtime: Runtime, port: int
 ) -> None:
-    first, second = two_queued(runtime)
+    first = queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
+        second = queued(runtime, to="other@example.com")
         sink.hang_up_at_next_mail()  # "421 closing", as a server ending an idle session
         runtime.outbox.send(second)
         assert [m.recipients for m in sink.messages] == [
@@ -293,9 +300,10 @@ def test_a_421_on_a_reused_connection_is_sent_again_on_a_fresh_one(
 def test_a_421_on_a_fresh_connection_too_is_a_retryable_failure(
     runtime: Runtime, port: int
 ) -> None:
-    first, second = two_queued(runtime)
+    first = queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
+        second = queued(runtime, to="other@example.com")
         sink.hang_up_at_next_mail(times=2)  # the reused one and the fresh one
         runtime.outbox.send(second)
         assert len(sink.messages) == 1
@@ -314,9 +322,10 @@ def test_a_hang_up_after_the_content_is_never_resent_at_once(
     """The server may have kept a message whose DATA it never answered: sending it again on
     a fresh connection could duplicate it, so the outbox records a failed try instead (and
     sends it again only on its retry schedule: at least once)."""
-    first, second = two_queued(runtime)
+    first = queued(runtime)
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
+        second = queued(runtime, to="other@example.com")
         sink.hang_up_after_data = True
         runtime.outbox.send(second)
         assert [m.recipients for m in sink.messages] == [
@@ -340,12 +349,10 @@ def test_a_hang_up_after_the_content_is_never_resent_at_once(
 def test_an_idle_connection_is_not_reused_after_the_idle_time(
     runtime: Runtime, port: int, clock: FrozenClock
 ) -> None:
-    ids = [queue(runtime, to=f"buyer{n}@example.com") for n in range(3)]
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
-        for email_id, wait in zip(ids, (0, SMTP_IDLE_SECONDS - 1, SMTP_IDLE_SECONDS), strict=True):
-            assert email_id is not None
+        for n, wait in enumerate((0, SMTP_IDLE_SECONDS - 1, SMTP_IDLE_SECONDS)):
             clock.advance(wait)
-            runtime.outbox.send(email_id)
+            runtime.outbox.send(queued(runtime, to=f"buyer{n}@example.com"))
         first, second, third = peers(sink)
         assert first == second
         assert third != second
@@ -453,3 +460,339 @@ def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port:
     assert sent.attempts == 1
     assert sent.lease_until is None
     assert sent.last_error is None
+
+
+# Batches: a `mail.send` job sends every email due (its own first, up to SEND_BATCH), with one
+# transaction to claim them and one to record those the server accepted.
+
+
+@contextmanager
+def counted_commits(runtime: Runtime) -> Iterator[list[int]]:
+    """The transactions committed on the runtime's database while the block runs."""
+    commits: list[int] = []
+    listener = lambda _connection: commits.append(1)  # noqa: E731
+    event.listen(runtime.database.engine, "commit", listener)
+    try:
+        yield commits
+    finally:
+        event.remove(runtime.database.engine, "commit", listener)
+
+
+def recipients(sink: SmtpSink) -> list[str]:
+    return [address for message in sink.messages for address in message.recipients]
+
+
+def test_one_job_sends_the_due_emails_with_one_claim_and_one_record(
+    runtime: Runtime, port: int
+) -> None:
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(4)]
+    hooked: list[tuple[int, int, bool, object, object]] = []
+    runtime.outbox.listen(
+        on_sent=lambda _session, email, now: hooked.append(
+            (email.id, email.attempts, email.sent_at == now, email.lease_until, email.last_error)
+        )
+    )
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        with counted_commits(runtime) as commits:
+            runtime.outbox.send(ids[0])
+        assert len(commits) == 2  # the claim, the record of all four
+        assert recipients(sink) == [f"buyer{n}@example.com" for n in range(4)]
+        assert len(set(peers(sink))) == 1  # one session, one login
+        for email_id in ids[1:]:  # their own jobs find them sent
+            runtime.outbox.send(email_id)
+        assert len(sink.messages) == 4
+    assert sorted(hooked) == [(email_id, 1, True, None, None) for email_id in ids]
+    for email_id in ids:
+        sent = row(runtime, email_id)
+        assert sent.sent_at is not None
+        assert (sent.attempts, sent.lease_until, sent.last_error) == (1, None, None)
+
+
+def test_a_batch_reads_and_writes_the_emails_in_four_statements(
+    runtime: Runtime, port: int
+) -> None:
+    """The claim: its own email's UPDATE, one SELECT of the batch, one UPDATE of the others;
+    then one UPDATE records them all, whatever their number."""
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(3)]
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "emails" in statement.lower():
+            statements.append(statement.split()[0].upper())
+
+    engine = runtime.database.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            runtime.outbox.send(ids[0])
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(sink.messages) == 3
+    assert statements == ["UPDATE", "SELECT", "UPDATE", "UPDATE"]
+
+
+def test_a_job_sends_its_own_email_first_and_at_most_a_batch(runtime: Runtime, port: int) -> None:
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(SEND_BATCH + 2)]
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(ids[-1])
+        assert recipients(sink) == [f"buyer{SEND_BATCH + 1}@example.com"] + [
+            f"buyer{n}@example.com" for n in range(SEND_BATCH - 1)
+        ]
+        # A job whose own email went already still sends what is due: the rows are the truth.
+        runtime.outbox.send(ids[0])
+        assert recipients(sink)[SEND_BATCH:] == [
+            f"buyer{n}@example.com" for n in (SEND_BATCH - 1, SEND_BATCH)
+        ]
+    assert all(row(runtime, email_id).attempts == 1 for email_id in ids)
+
+
+def test_a_batch_leaves_emails_waiting_for_a_retry_and_given_up_ones(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    later, gone = queued(runtime, to="later@example.com"), queued(runtime, to="gone@example.com")
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        sink.refusing = True
+        runtime.outbox.send(later)  # refused for now: both retried in 10 s
+        sink.refusing = False
+        sink.reject("gone@example.com")
+        clock.advance(11)
+        runtime.outbox.send(gone)  # both due again: "gone" is given up
+        assert recipients(sink) == ["later@example.com"]
+        sink.refusing = True
+        fresh = queued(runtime, to="fresh@example.com")
+        runtime.outbox.send(fresh)  # fresh is retried in 10 s
+        sink.refusing = False
+        runtime.outbox.send(queued(runtime, to="new@example.com"))
+        assert recipients(sink) == ["later@example.com", "new@example.com"]
+        clock.advance(11)
+        runtime.outbox.send(gone)  # given up: its job still sends what is due
+        assert recipients(sink)[-1] == "fresh@example.com"
+    assert row(runtime, gone).failed_at is not None
+    assert row(runtime, gone).attempts == 2
+
+
+def test_an_email_rejected_in_a_batch_fails_alone(runtime: Runtime, port: int) -> None:
+    ids = [
+        queued(runtime, to="a@example.com"),
+        queued(runtime, to="gone@example.com"),
+        queued(runtime, to="c@example.com"),
+        queued(runtime, to="d@example.com"),
+    ]
+    failed: list[int] = []
+    sent: list[int] = []
+    runtime.outbox.listen(
+        on_sent=lambda _s, email, _now: sent.append(email.id),
+        on_failed=lambda _s, email, _now: failed.append(email.id),
+    )
+    runtime.jobs.huey.flush()
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        sink.reject("gone@example.com")
+        runtime.outbox.send(ids[0])
+        assert recipients(sink) == ["a@example.com", "c@example.com", "d@example.com"]
+    assert failed == [ids[1]]
+    assert sorted(sent) == [ids[0], ids[2], ids[3]]
+    rejected = row(runtime, ids[1])
+    assert rejected.failed_at is not None
+    assert rejected.attempts == 1
+    assert (rejected.last_error or "").startswith("550 5.1.1 <gone@example.com>")
+    assert sends_queued(runtime) == 0
+    for email_id in (ids[0], ids[2], ids[3]):
+        accepted = row(runtime, email_id)
+        assert accepted.sent_at is not None
+        assert (accepted.attempts, accepted.lease_until) == (1, None)
+
+
+def test_an_email_that_cannot_be_decrypted_is_retried_and_the_batch_goes_on(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    first = queued(runtime, to="a@example.com")
+    message = RenderedEmail(subject="Your key", text="KEY-1", html="<p>KEY-1</p>")
+    with runtime.database.transaction() as session:
+        sealed = runtime.outbox.queue(
+            session,
+            kind="delivery",
+            to="b@example.com",
+            email=message,
+            now=clock.now(),
+            sealed=True,
+        )
+        assert sealed is not None
+        sealed.text_body = "sealed under a key we no longer have"
+    last = queued(runtime, to="c@example.com")
+    runtime.jobs.huey.flush()
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(first)
+        assert recipients(sink) == ["a@example.com", "c@example.com"]
+    unreadable = row(runtime, sealed.id)
+    assert unreadable.sent_at is None
+    assert unreadable.failed_at is None
+    assert unreadable.attempts == 1
+    assert "cannot be decrypted" in (unreadable.last_error or "")
+    assert unreadable.next_attempt_at > clock.now()
+    assert sends_queued(runtime) == 1  # its retry
+    assert row(runtime, last).sent_at is not None
+
+
+def test_two_workers_never_send_one_email_twice(
+    runtime: Runtime, tmp_path: Path, clock: FrozenClock, port: int, database_url: str
+) -> None:
+    """Two workers (two runtimes, each its own engine and SMTP sessions), with two job
+    threads each, run the jobs of one burst at once, each thread from another point: every
+    email goes exactly once."""
+    other = own_runtime(tmp_path, clock, port, database_url)
+    count = 6 * SEND_BATCH
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(count)]
+    outboxes = [runtime.outbox, other.outbox, runtime.outbox, other.outbox]
+    start = threading.Barrier(len(outboxes))
+    errors: list[BaseException] = []
+
+    def worker(outbox: Outbox, first: int) -> None:
+        try:
+            start.wait()
+            for email_id in ids[first:] + ids[:first]:
+                outbox.send(email_id)
+        except BaseException as error:  # shown by the assertion below
+            errors.append(error)
+
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            threads = [
+                threading.Thread(target=worker, args=(outbox, n * count // len(outboxes)))
+                for n, outbox in enumerate(outboxes)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == []
+            assert sorted(recipients(sink)) == sorted(f"buyer{n}@example.com" for n in range(count))
+    finally:
+        other.close()
+    for email_id in ids:
+        sent = row(runtime, email_id)
+        assert sent.sent_at is not None
+        assert (sent.attempts, sent.lease_until) == (1, None)
+
+
+class SlowSink(SmtpSink):
+    """A server that takes `seconds` of the service's clock to accept each message."""
+
+    def __init__(self, clock: FrozenClock, seconds: float, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.clock = clock
+        self.seconds = seconds
+
+    def add(self, email: ReceivedEmail) -> None:
+        super().add(email)
+        self.clock.advance(self.seconds)
+
+
+def another_outbox(runtime: Runtime, lease_seconds: float = 35.0) -> Outbox:
+    """An outbox on the runtime's database and queue, with a lease of its own and no
+    STOCK_ENCRYPTION_KEY."""
+    return Outbox(
+        runtime.database,
+        runtime.jobs,
+        runtime.clock,
+        smtp=runtime.settings.smtp,
+        sender="shop@shop.test",
+        timeout=5,
+        retry_schedule=[10],
+        lease_seconds=lease_seconds,
+        give_up_after=3600,
+    )
+
+
+def test_a_batch_stops_before_its_lease_runs_out_and_releases_the_rest(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    lease = 60.0
+    outbox = another_outbox(runtime, lease_seconds=lease)
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(5)]
+    runtime.jobs.huey.flush()
+    try:
+        # 20 s a message: a third of the lease after the first, two thirds after the second.
+        with SlowSink(clock, lease / 3, port=port, credentials=CREDENTIALS) as sink:
+            outbox.send(ids[0])
+            assert recipients(sink) == ["buyer0@example.com", "buyer1@example.com"]
+            for email_id in ids[:2]:
+                assert row(runtime, email_id).sent_at is not None
+            for email_id in ids[2:]:  # released, untouched: any worker takes them at once
+                rest = row(runtime, email_id)
+                assert (rest.sent_at, rest.lease_until, rest.attempts) == (None, None, 0)
+                assert rest.last_error is None
+            # Their own jobs may have run already: a new one wakes them.
+            [wake] = runtime.jobs.huey.pending()
+            assert (wake.name, wake.args) == ("mail.send", (ids[2],))
+            sink.seconds = 0
+            outbox.send(ids[2])
+            assert len(sink.messages) == 5
+    finally:
+        outbox.close()
+    assert all(row(runtime, email_id).attempts == 1 for email_id in ids)
+
+
+def test_emails_a_killed_worker_had_claimed_are_sent_once_their_lease_ran_out(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    """A worker killed between its claim and its record leaves the rows leased: the stuck-work
+    sweep finds them once the lease has run out, and the next job sends them."""
+    ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(3)]
+    lease_until = clock.now() + timedelta(seconds=runtime.settings.SMTP_TIMEOUT * 3 + 5)
+    with runtime.database.transaction() as session:  # the dead worker's claim
+        session.execute(update(Email).values(lease_until=lease_until))
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        runtime.outbox.send(ids[0])
+        assert sink.messages == []
+        clock.advance(runtime.settings.STUCK_GRACE + 1)
+        assert runtime.stuck_sweep.run(force=True).emails == 0  # still leased
+        clock.set(lease_until + timedelta(seconds=1))
+        assert runtime.stuck_sweep.run(force=True).emails == 3
+        runtime.outbox.send(ids[1])
+        assert sorted(recipients(sink)) == [f"buyer{n}@example.com" for n in range(3)]
+    assert all(row(runtime, email_id).sent_at is not None for email_id in ids)
+
+
+def test_a_batch_broken_by_surprise_records_what_went_and_releases_the_rest(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    """A worker without STOCK_ENCRYPTION_KEY meets a sealed email (an error that is not a
+    failed attempt): the job fails, but what the server accepted before is recorded, what
+    was not started is released, and the email that broke it stays leased (as if the worker
+    had died sending it) until its lease runs out."""
+    first = queued(runtime, to="a@example.com")
+    message = RenderedEmail(subject="Your key", text="KEY-1", html="")
+    with runtime.database.transaction() as session:
+        sealed = runtime.outbox.queue(
+            session,
+            kind="delivery",
+            to="b@example.com",
+            email=message,
+            now=clock.now(),
+            sealed=True,
+        )
+        assert sealed is not None
+    last = queued(runtime, to="c@example.com")
+    runtime.jobs.huey.flush()
+    keyless = another_outbox(runtime)
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+            with pytest.raises(ConfigurationError):
+                keyless.send(first)
+            assert recipients(sink) == ["a@example.com"]
+            sent = row(runtime, first)
+            assert (sent.sent_at is not None, sent.attempts) == (True, 1)
+            stuck = row(runtime, sealed.id)
+            assert (stuck.sent_at, stuck.attempts) == (None, 0)
+            assert stuck.lease_until is not None
+            rest = row(runtime, last)
+            assert (rest.sent_at, rest.lease_until, rest.attempts) == (None, None, 0)
+            [wake] = runtime.jobs.huey.pending()
+            assert (wake.name, wake.args) == ("mail.send", (last,))
+            runtime.outbox.send(last)  # a worker with the key
+            assert recipients(sink) == ["a@example.com", "c@example.com"]
+            clock.advance(36)  # the keyless worker's lease has run out
+            runtime.outbox.send(last)
+            assert recipients(sink)[-1] == "b@example.com"
+    finally:
+        keyless.close()

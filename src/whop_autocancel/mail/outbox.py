@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import httpx
 import structlog
-from sqlalchemy import or_, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -27,6 +28,17 @@ log = structlog.get_logger(__name__)
 
 SEND_TASK = "mail.send"
 CHAT_KIND = "chat"
+# The most messages one `mail.send` job claims and sends: its own and the oldest other due
+# ones. Two write transactions for the batch (the claim, the record of those sent) instead of
+# two for each message: what a burst of purchases needs of SQLite's one writer.
+SEND_BATCH = 10
+# A batch starts no new send once this share of its lease is spent, so the last one started
+# still has the rest of the lease to finish and be recorded before another worker may take
+# its message; the messages not started are released at once.
+LEASE_BUDGET = 0.5
+# How often a job claims again after finding rows it had chosen taken by another worker (not
+# expected: they are locked, or SQLite writes alone); then it leaves them to the next job.
+CLAIM_ATTEMPTS = 3
 
 # Called in the transaction that marks a message sent (or failed for good), with the row and
 # the time: how the layers above react to mail without the outbox knowing them (runtime.py
@@ -46,11 +58,30 @@ def post_chat(url: str, text: str, timeout: float) -> None:
         raise MailError(f"chat webhook answered HTTP {response.status_code}")
 
 
-def _failing(error: MailError) -> Callable[[], None]:
-    def attempt() -> None:
-        raise error
+class _ClaimRaced(Exception):
+    """A claim found rows it had chosen taken by another worker (rolled back, tried again)."""
 
-    return attempt
+    def __init__(self, lost: int) -> None:
+        super().__init__(f"{lost} email(s) taken by another worker during the claim")
+        self.lost = lost
+
+
+def _due(now: datetime, *, leased_by: int | None = None) -> ColumnElement[bool]:
+    """A message to send now: neither sent nor given up, due, and not leased by a worker (or
+    its lease ran out: that worker died or hung); `leased_by`: or this message, whatever its
+    lease (the one a claim has just leased).
+
+    Only `sent_at IS NULL` can be served by an index: `failed_at` is tested inside an
+    expression, since on a table of sent emails `failed_at IS NULL` holds for nearly every
+    row, and SQLite, which keeps no statistics, would otherwise walk its index (all the
+    emails ever sent) instead of `sent_at`'s (the few not sent)."""
+    lease_free = or_(Email.lease_until.is_(None), Email.lease_until < now)
+    return and_(
+        Email.sent_at.is_(None),
+        func.coalesce(Email.failed_at, Email.sent_at).is_(None),
+        Email.next_attempt_at <= now,
+        lease_free if leased_by is None else or_(lease_free, Email.id == leased_by),
+    )
 
 
 class Outbox:
@@ -190,70 +221,159 @@ class Outbox:
         self._connections.close()
 
     def send(self, email_id: int) -> None:
-        """The `mail.send` job: send one message at least once, retrying until it goes, or
-        until it fails for good (see `_failed_attempt`)."""
+        """The `mail.send` job: send the due messages, this job's first, each at least once,
+        retrying until it goes or fails for good (see `_failed_attempt`).
+
+        A job is a wake-up, the rows are the truth: it claims its own message and up to
+        SEND_BATCH - 1 other due ones (oldest first; others even when its own went already)
+        in one transaction, sends them one by one on the kept SMTP session outside any
+        transaction, and records those the server accepted in one more. It starts no new send
+        once LEASE_BUDGET of the lease is spent: the rest are released for any worker, and a
+        job is enqueued to wake them. A worker killed at any point leaves its messages leased
+        until the lease runs out, then the next job or the stuck-work sweep sends them again
+        (at least once)."""
+        claim = self._claim_batch(email_id)
+        if claim is None:
+            return  # nothing due: sent or given up already, not due yet, or being sent
+        batch, lease_until = claim
+        deadline = lease_until - timedelta(seconds=self._lease * (1 - LEASE_BUDGET))
+        accepted: list[Email] = []
+        waiting = deque(batch)
+        try:
+            while waiting and self._clock.now() < deadline:
+                row = waiting.popleft()
+                try:
+                    self._delivery(row)()
+                except SealError as error:  # a changed key: retried, and visible, until fixed
+                    self._failed_attempt(row, MailError(str(error)))
+                except MailError as error:
+                    self._failed_attempt(row, error)
+                else:
+                    accepted.append(row)
+        finally:
+            # Also when something unexpected broke the batch: what went is recorded, what was
+            # not started is released (the message that raised stays leased until its lease
+            # runs out, as if this worker had died while sending it).
+            self._finish(accepted, list(waiting), lease_until)
+
+    def _finish(self, accepted: list[Email], released: list[Email], lease_until: datetime) -> None:
+        if not (accepted or released):
+            return
+        accepted.sort(key=lambda row: row.id)  # (the hooks lock their rows in one order)
+        # The values the hooks' rows get, computed once (`run` may repeat the transaction).
+        attempts = [(row, row.attempts + 1) for row in accepted]
+        self._database.run(lambda session: self._record(session, attempts, released, lease_until))
+        for row in accepted:
+            metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(row.kind), "sent").inc()
+            log.info("email_sent", email_id=row.id, kind=row.kind, order_id=row.order_id)
+        if released:
+            log.warning(
+                "email_batch_cut_short",
+                sent=len(accepted),
+                released=[row.id for row in released],
+                lease_seconds=self._lease,
+            )
+
+    def _claim_batch(self, email_id: int) -> tuple[list[Email], datetime] | None:
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                return self._database.run(lambda session: self._claim(session, email_id))
+            except _ClaimRaced as raced:
+                log.warning("email_claim_raced", email_id=email_id, lost=raced.lost)
+        return None  # the rows are still due: the next job, or the stuck-work sweep
+
+    def _claim(self, session: Session, email_id: int) -> tuple[list[Email], datetime] | None:
+        """Lease `email_id` and up to SEND_BATCH - 1 other due messages, oldest first: the
+        rows (as claimed, in sending order, its own first) and the lease's end; None when none
+        is due. Safe with any number of workers: its own row is claimed by a compare-and-set
+        (waiting for a worker that holds its lock, as before batches), the others are chosen
+        `FOR UPDATE SKIP LOCKED` where the database has it (SQLite writes one transaction at
+        a time) and claimed with the same conditions checked again: all of them, or the claim
+        is rolled back (`_ClaimRaced`)."""
         now = self._clock.now()
-        with self._database.transaction() as session:
+        lease_until = now + timedelta(seconds=self._lease)
+        # (No session synchronisation: it holds no row yet, and the condition cannot be
+        # evaluated in Python, which would cost MariaDB a SELECT before each UPDATE.)
+        own = session.execute(
+            update(Email)
+            .where(Email.id == email_id, _due(now))
+            .values(lease_until=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        mine = own.rowcount == 1  # type: ignore[attr-defined]
+        statement = select(Email).where(_due(now, leased_by=email_id if mine else None))
+        if mine:
+            statement = statement.order_by(case((Email.id == email_id, 0), else_=1), Email.id)
+        else:
+            statement = statement.order_by(Email.id)
+        statement = statement.limit(SEND_BATCH)
+        if self._database.skip_locked:
+            statement = statement.with_for_update(skip_locked=True)
+        batch = list(session.scalars(statement))
+        others = [row.id for row in batch if not (mine and row.id == email_id)]
+        if others:
             claimed = session.execute(
                 update(Email)
-                .where(
-                    Email.id == email_id,
-                    Email.sent_at.is_(None),
-                    Email.failed_at.is_(None),
-                    Email.next_attempt_at <= now,
-                    or_(Email.lease_until.is_(None), Email.lease_until < now),
-                )
-                .values(lease_until=now + timedelta(seconds=self._lease))
+                .where(Email.id.in_(others), _due(now))
+                .values(lease_until=lease_until)
+                .execution_options(synchronize_session=False)
             )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                return  # sent or given up already, not due yet, or another worker has it
-            row = session.get(Email, email_id)
-            assert row is not None
-            kind, attempts, order_id, created_at = (
-                row.kind,
-                row.attempts,
-                row.order_id,
-                row.created_at,
-            )
-            try:
-                deliver = self._delivery(row)
-            except SealError as error:  # a changed key: retried, and visible, until fixed
-                deliver = _failing(MailError(str(error)))
-        try:
-            deliver()
-        except MailError as error:
-            self._failed_attempt(email_id, kind, order_id, attempts, created_at, error)
-            return
-        with self._database.transaction() as session:
-            now = self._clock.now()
+            if claimed.rowcount != len(others):  # type: ignore[attr-defined]
+                # Not expected (the rows are locked, or SQLite writes alone): another worker
+                # took some of them. Which ones cannot be told apart (its lease may end at
+                # the same time as this one): roll the whole claim back.
+                raise _ClaimRaced(len(others) - claimed.rowcount)  # type: ignore[attr-defined]
+        return (batch, lease_until) if batch else None
+
+    def _record(
+        self,
+        session: Session,
+        accepted: Sequence[tuple[Email, int]],
+        released: Sequence[Email],
+        lease_until: datetime,
+    ) -> None:
+        """One transaction for what a batch did not record yet: the messages the server
+        accepted (one UPDATE, then the `on_sent` hooks of each), and those it did not start
+        released (their lease ended, a job enqueued to wake them)."""
+        now = self._clock.now()
+        if accepted:
             changes = {"sent_at": now, "lease_until": None, "last_error": None}
             session.execute(
                 update(Email)
-                .where(Email.id == email_id)
+                .where(Email.id.in_([row.id for row, _ in accepted]))
                 .values(attempts=Email.attempts + 1, **changes)
             )
-            # The hooks get the row as claimed, brought up to date without reading it again
-            # (one round trip less per email): the values it now has, as committed.
-            for name, value in {**changes, "attempts": attempts + 1}.items():
-                set_committed_value(row, name, value)
-            sent = session.merge(row, load=False)
-            for hook in self._on_sent:
-                hook(session, sent, now)
-        metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(kind), "sent").inc()
-        log.info("email_sent", email_id=email_id, kind=kind, order_id=order_id)
+            for row, attempts in accepted:
+                # The hooks get the row as claimed, brought up to date without reading it
+                # again (one round trip less per email): the values it now has, as committed.
+                for name, value in {**changes, "attempts": attempts}.items():
+                    set_committed_value(row, name, value)
+                sent = session.merge(row, load=False)
+                for hook in self._on_sent:
+                    hook(session, sent, now)
+        if released:
+            # Only while the lease is still this batch's: once run out, another worker may
+            # hold the row, and must keep it.
+            session.execute(
+                update(Email)
+                .where(
+                    Email.id.in_([row.id for row in released]),
+                    Email.lease_until == lease_until,
+                )
+                .values(lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            # Their own jobs may have come and gone while this batch held them: one job
+            # claims them all again (they are fewer than a batch).
+            self._jobs.defer(session, SEND_TASK, released[0].id)
 
-    def _failed_attempt(
-        self,
-        email_id: int,
-        kind: str,
-        order_id: str | None,
-        attempts: int,
-        created_at: datetime,
-        error: MailError,
-    ) -> None:
+    def _failed_attempt(self, claimed: Email, error: MailError) -> None:
         """A permanent rejection (5xx to the recipient or the content) ends any message; a
         customer's delivery email also ends when it was not accepted within `give_up_after`
-        (its order waits for it). Anything else is tried again on the schedule."""
+        (its order waits for it). Anything else is tried again on the schedule. `claimed`:
+        the row as the batch claimed it, detached."""
+        email_id, kind, order_id = claimed.id, claimed.kind, claimed.order_id
+        attempts, created_at = claimed.attempts, claimed.created_at
         now = self._clock.now()
         waited = (now - created_at).total_seconds()
         if isinstance(error, MailRejected):
