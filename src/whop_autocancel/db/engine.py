@@ -28,6 +28,7 @@ _AFTER_COMMIT = "after_commit_callbacks"
 # wait for the disk (see `Database.transaction`).
 DURABLE = "whop_autocancel_durable"
 _SYNCHRONOUS = "sqlite_synchronous"  # the level last set on a pooled SQLite connection
+READ_ONLY = "whop_autocancel_read_only"  # an execution option: `Database.read`
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -59,9 +60,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        options = connection.get_execution_options()
+        if options.get(READ_ONLY, False):
+            connection.exec_driver_sql("BEGIN")  # a snapshot; writers go on meanwhile (WAL)
+            return
         # The level can only change between transactions: set it (when it differs from the
         # connection's last) just before this one begins.
-        level = "FULL" if connection.get_execution_options().get(DURABLE, True) else "NORMAL"
+        level = "FULL" if options.get(DURABLE, True) else "NORMAL"
         if connection.info.get(_SYNCHRONOUS) != level:
             connection.exec_driver_sql(f"PRAGMA synchronous={level}")
             connection.info[_SYNCHRONOUS] = level
@@ -139,6 +144,16 @@ class Database:
             except Exception:
                 # The state row is the truth; the stuck-work sweep picks the work up again.
                 log.exception("after_commit_callback_failed")
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """Run `work`, which only reads, in a transaction of its own. On SQLite it reads a
+        snapshot without the write turn (WAL lets readers and the writer go at once), so a
+        writer holding the turn never holds it up; elsewhere it is a plain transaction."""
+        if self._write_turn is None:
+            return self.run(work)
+        with self.sessions() as session, session.begin():
+            session.connection(execution_options={READ_ONLY: True})
+            return work(session)
 
     @property
     def skip_locked(self) -> bool:

@@ -262,7 +262,11 @@ class Outbox:
         accepted.sort(key=lambda row: row.id)  # (the hooks lock their rows in one order)
         # The values the hooks' rows get, computed once (`run` may repeat the transaction).
         attempts = [(row, row.attempts + 1) for row in accepted]
-        self._database.run(lambda session: self._record(session, attempts, released, lease_until))
+        # Not flushed to disk (the claim before the sends was): lost to a power cut, the
+        # emails go again, the same messages (see `Database.transaction`).
+        self._database.run(
+            lambda session: self._record(session, attempts, released, lease_until), durable=False
+        )
         for row in accepted:
             metrics.EMAIL_ATTEMPTS.labels(metrics.email_kind(row.kind), "sent").inc()
             log.info("email_sent", email_id=row.id, kind=row.kind, order_id=row.order_id)

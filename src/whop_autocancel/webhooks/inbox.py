@@ -305,8 +305,7 @@ class Inbox:
                 with self._apply_lock:
                     self._apply_again = False
                 limit = APPLY_BATCH - applied
-                with self._database.transaction() as session:
-                    oldest = oldest_received_events(session, limit)
+                oldest = self._database.read(partial(oldest_received_events, limit=limit))
                 applied_before = applied
                 for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
                     chunk = oldest[start : start + APPLY_PER_TRANSACTION]

@@ -170,7 +170,9 @@ class WhopPacer:
         drawn: tuple[list[int], datetime | None] | None = None
         unreachable = False
         try:
-            drawn = self._database.run(draw)
+            # Not flushed to disk: lost to a power cut, the budget is spent again (Whop's 429
+            # still holds); see `Database.transaction`.
+            drawn = self._database.run(draw, durable=False)
         except SQLAlchemyError as error:
             unreachable = True
             if not self._warned.is_set():
@@ -200,7 +202,7 @@ class WhopPacer:
             return leases.read_until(session, NOT_BEFORE_KEY)
 
         try:
-            not_before = self._database.run(draw)
+            not_before = self._database.run(draw, durable=False)
         except SQLAlchemyError as error:
             if not self._warned.is_set():
                 self._warned.set()
@@ -255,7 +257,7 @@ class WhopPacer:
 
     def not_before(self) -> datetime | None:
         """Until when Whop asked everyone to wait (None, or a past time: go)."""
-        until = self._database.run(lambda session: leases.read_until(session, NOT_BEFORE_KEY))
+        until = self._database.read(lambda session: leases.read_until(session, NOT_BEFORE_KEY))
         with self._changed:
             self._learn(until)
         return until
