@@ -163,3 +163,36 @@ def test_another_process_waits_for_the_turn_and_a_killed_holder_frees_it(tmp_pat
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_many_callers_each_get_the_turn_alone_and_none_is_left_waiting() -> None:
+    """The turn is handed from one caller straight to the next (one thread woken, not all)."""
+    turn = WriteTurn()
+    inside: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def caller(name: str, urgent: bool) -> None:
+        for _ in range(50):
+            with turn.turn(urgent=urgent):
+                with lock:
+                    if inside:
+                        overlaps.append((*inside, name))
+                    inside.append(name)
+                with turn.turn(urgent=urgent):  # nested: the same thread takes it again
+                    taken.append(name)
+                with lock:
+                    inside.remove(name)
+
+    threads = [
+        threading.Thread(target=caller, args=(f"t{n}", n % 3 == 0), daemon=True) for n in range(12)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    assert overlaps == []
+    assert len(taken) == 12 * 50
+    assert turn.waiting() == (0, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +30,13 @@ class WriteTurn:
     def __init__(self, lock_file: str | Path | None = None) -> None:
         self._lock_file = Path(lock_file) if lock_file is not None else None
         self._fd: int | None = None  # opened at the first turn, kept for the process's life
-        self._changed = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
-        self._urgent_waiting = 0
-        self._regular_waiting = 0
+        # The callers waiting, each parked on a lock of its own that the caller before it
+        # releases when it hands the turn over: one thread woken per turn, not every waiter.
+        self._urgent: deque[tuple[int, threading.Lock]] = deque()
+        self._regular: deque[tuple[int, threading.Lock]] = deque()
         self._regular_owed = False  # an urgent turn ended while regular callers waited
 
     @contextmanager
@@ -46,36 +49,34 @@ class WriteTurn:
 
     def waiting(self) -> tuple[int, int]:
         """(urgent, regular) callers waiting for the turn now."""
-        with self._changed:
-            return self._urgent_waiting, self._regular_waiting
-
-    def _may_go(self, urgent: bool) -> bool:
-        if self._owner is not None:
-            return False
-        if urgent:
-            return not (self._regular_owed and self._regular_waiting)
-        return self._urgent_waiting == 0 or self._regular_owed
+        with self._mutex:
+            return len(self._urgent), len(self._regular)
 
     def _acquire(self, urgent: bool) -> None:
         me = threading.get_ident()
-        with self._changed:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return
-            if urgent:
-                self._urgent_waiting += 1
+            if self._owner is None:  # (nobody waits then: a release hands the turn over)
+                self._owner, self._depth = me, 1
+                parked = None
             else:
-                self._regular_waiting += 1
+                parked = threading.Lock()
+                parked.acquire()
+                (self._urgent if urgent else self._regular).append((me, parked))
+        if parked is not None:
             try:
-                self._changed.wait_for(lambda: self._may_go(urgent))
-            finally:
-                if urgent:
-                    self._urgent_waiting -= 1
-                else:
-                    self._regular_waiting -= 1
-            self._owner, self._depth = me, 1
-            if not urgent:
-                self._regular_owed = False
+                parked.acquire()  # until the turn is handed over: this thread owns it then
+            except BaseException:  # (interrupted while waiting: leave the line, or the turn)
+                with self._mutex:
+                    queue = self._urgent if urgent else self._regular
+                    handed = (me, parked) not in queue
+                    if not handed:
+                        queue.remove((me, parked))
+                if handed:
+                    self._release(urgent, locked=False)
+                raise
         if self._lock_file is not None:
             try:
                 self._lock_across_processes()
@@ -91,13 +92,21 @@ class WriteTurn:
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # the GIL is released while it waits
 
     def _release(self, urgent: bool, *, locked: bool = True) -> None:
-        with self._changed:
+        with self._mutex:
             self._depth -= 1
             if self._depth:
                 return
             if locked and self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._owner = None
-            if urgent and self._regular_waiting:
+            if urgent and self._regular:
                 self._regular_owed = True
-            self._changed.notify_all()
+            if self._urgent and not (self._regular_owed and self._regular):
+                self._owner, parked = self._urgent.popleft()
+            elif self._regular:
+                self._owner, parked = self._regular.popleft()
+                self._regular_owed = False
+            else:
+                self._owner = None
+                return
+            self._depth = 1
+        parked.release()
