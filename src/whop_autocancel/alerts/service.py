@@ -167,8 +167,17 @@ class Alerts:
         return self.raise_once(session, kind, f"{kind.value}:open", content, now)
 
     def resolve_incidents(self, session: Session, kinds: Sequence[AlertKind], now: datetime) -> int:
-        """Close open incidents of `kinds` (a later failure opens a new one)."""
-        return sum(self.resolve(session, f"{kind.value}:open", now) for kind in kinds)
+        """Close open incidents of `kinds` (a later failure opens a new one), in one statement:
+        every successful cancellation runs this, nearly always finding none open. The rows
+        are not brought into the session (none of its callers holds them)."""
+        keys = [f"{kind.value}:open" for kind in kinds]
+        result = session.execute(
+            update(Alert)
+            .where(Alert.dedupe_key.in_(keys))
+            .values(dedupe_key=Alert.dedupe_key + f":resolved:{uuid4().hex}", resolved_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount  # type: ignore[attr-defined,no-any-return]
 
     def resolve(self, session: Session, dedupe_key: str, now: datetime) -> int:
         """Mark the alert with `dedupe_key` resolved and free its key, so the same trouble
