@@ -384,14 +384,16 @@ class Inbox:
         self, session: Session, event: WebhookEvent, envelope: Envelope, now: datetime
     ) -> str | None:
         """Apply in a savepoint; on failure keep the event, `failed`, with its error. Returns
-        the id of the order the event was applied to (None: none, or it failed)."""
-        event.attempts += 1
+        the id of the order the event was applied to (None: none, or it failed). The attempt
+        is counted with the outcome, in one UPDATE (counted before the savepoint, it would be
+        flushed on its own first)."""
         try:
             with savepoint(session):
                 handled, order_id = self._apply(session, envelope, now)
         except (OperationalError, DBInterfaceError):
             raise
         except Exception as error:
+            event.attempts += 1
             # Data that can never apply (a missing id, a value longer than its column) is not
             # retried: the admin hears at once, and `events replay` tries it again by hand.
             never = isinstance(error, (EventDataError, DataError))
@@ -410,6 +412,7 @@ class Inbox:
             if never or event.attempts >= self._max_attempts:
                 self._alert_apply_failed(session, event, now, retried=not never)
             return None
+        event.attempts += 1
         event.status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
         event.order_id = order_id or event.order_id
         event.handled_at = now
