@@ -107,9 +107,9 @@ def test_an_unreachable_database_is_one_line_for_every_command(
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
     first = run_cli(tmp_path, "migrate")
     assert first.returncode == 0, first.stderr
-    assert "Database migrated from empty to 0009." in first.stdout
+    assert "Database migrated from empty to 0010." in first.stdout
     second = run_cli(tmp_path, "migrate")
-    assert "already at revision 0009; nothing to do" in second.stdout
+    assert "already at revision 0010; nothing to do" in second.stdout
 
 
 def test_failed_cancellations_are_listed_and_retried(tmp_path: Path) -> None:

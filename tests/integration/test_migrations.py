@@ -25,6 +25,6 @@ def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
             command.downgrade(config, "0003")
         assert current_revision(database) == "0003"
         upgrade(database)  # and back: the shared test databases stay at head
-        assert current_revision(database) == "0009"
+        assert current_revision(database) == "0010"
     finally:
         database.dispose()

@@ -269,6 +269,7 @@ def test_replaying_a_failed_event_applies_it_once(runtime: Runtime, clock: Froze
                 attempts=1,
                 last_error="OperationalError: server closed the connection unexpectedly",
                 next_attempt_at=clock.now(),
+                object_id=payment_id,
             )
         )
     assert count_orders(runtime, payment_id) == 0

@@ -122,7 +122,9 @@ def test_one_batch_holding_an_event_twice_and_a_stored_one_stores_one_new_row(
     runtime: Runtime, clock: FrozenClock
 ) -> None:
     def arrival(event_id: str) -> Arrival:
-        return Arrival(event_id, "payment.succeeded", "{}", clock.now())
+        # (an event about no object stores None beside the others' ids, in one statement)
+        object_id = None if event_id == "msg_c" else event_id.replace("msg_", "pay_")
+        return Arrival(event_id, "payment.succeeded", "{}", clock.now(), object_id)
 
     with runtime.database.transaction() as session:
         assert store_arrivals(session, [arrival("msg_b")]) == ["received"]
@@ -136,6 +138,9 @@ def test_one_batch_holding_an_event_twice_and_a_stored_one_stores_one_new_row(
         "msg_b": ("received", 0),
         "msg_c": ("received", 0),
     }
+    with runtime.database.transaction() as session:
+        stored = session.execute(select(WebhookEvent.id, WebhookEvent.object_id)).all()
+    assert dict(stored) == {"msg_a": "pay_a", "msg_b": "pay_b", "msg_c": None}
 
 
 def test_two_processes_storing_the_same_events_at_once_keep_one_row_each(

@@ -327,3 +327,53 @@ def test_a_burst_of_bad_signatures_raises_one_alert(touchy: Service) -> None:
     assert [a.kind for a in alerts] == ["webhook_signature_failures"]
     assert "WHOP_WEBHOOK_SECRET" in alerts[0].text_body
     assert touchy.count(WebhookEvent) == 0
+
+
+def test_the_stored_event_records_the_id_of_what_it_is_about(service: Service) -> None:
+    """`object_id` is the envelope's `data.id`, read as applying reads it (stripped): the
+    payment's for `payment.*`, the membership's for `membership.*`. The Whop sweep looks a
+    payment up by it."""
+    paid = payment(id="  pay_ObjectId1 ")
+    activation = event_body("membership.activated.legacy.json", id="mem_ObjectId1")
+    for body in (paid, activation):
+        assert post_event(service.http, body).json() == {"status": "received"}
+    for body, object_id in ((paid, "pay_ObjectId1"), (activation, "mem_ObjectId1")):
+        event = service.event(json.loads(body)["id"])
+        assert event is not None
+        assert (event.status, event.object_id) == ("received", object_id)
+    apply_webhooks(service.runtime)  # applying leaves it as it was
+    event = service.event(json.loads(paid)["id"])
+    assert event is not None
+    assert (event.status, event.object_id) == ("handled", "pay_ObjectId1")
+
+
+ABSENT = object()
+
+
+@pytest.mark.parametrize(
+    "data_id", [ABSENT, None, 42, True, "", "   ", {"id": "pay_x"}, ["pay_x"], "p" * 256]
+)
+def test_an_event_whose_data_has_no_usable_id_is_stored_without_one(
+    service: Service, data_id: object
+) -> None:
+    """A `data.id` that is missing, not a string, blank or longer than the column is stored as
+    None: the webhook is never refused for it (applying decides what the event is worth)."""
+    document = json.loads(payment())
+    if data_id is ABSENT:
+        del document["data"]["id"]
+    else:
+        document["data"]["id"] = data_id
+    response = post_event(service.http, json.dumps(document).encode())
+    assert (response.status_code, response.json()) == (200, {"status": "received"})
+    event = service.event(document["id"])
+    assert event is not None
+    assert (event.status, event.object_id) == ("received", None)
+
+
+def test_an_id_as_long_as_the_column_is_kept(service: Service) -> None:
+    long_id = "c" * 255
+    body = json.dumps({"id": "msg_long_object", "type": "course.created", "data": {"id": long_id}})
+    assert post_event(service.http, body.encode()).status_code == 200
+    event = service.event("msg_long_object")
+    assert event is not None
+    assert event.object_id == long_id

@@ -119,6 +119,29 @@ def test_unknown_type_and_empty_data_are_still_an_envelope() -> None:
     assert envelope == Envelope(id="msg_x", type="something.new", data={}, api_version_date=None)
 
 
+@pytest.mark.parametrize(
+    ("data", "object_id"),
+    [
+        ({"id": "pay_x"}, "pay_x"),
+        ({"id": " mem_x\n"}, "mem_x"),  # stripped, as the facts read it
+        ({}, None),
+        ({"id": None}, None),
+        ({"id": 7}, None),
+        ({"id": "  "}, None),
+        ({"id": {"id": "pay_x"}}, None),
+    ],
+)
+def test_the_envelope_names_what_it_is_about(data: dict[str, Any], object_id: str | None) -> None:
+    body = json.dumps({"id": "msg_x", "type": "payment.succeeded", "data": data}).encode()
+    assert parse_envelope(body).object_id == object_id
+
+
+def test_fixture_envelopes_are_about_their_payment_or_membership() -> None:
+    assert parse_envelope(fixture_bytes("payment.succeeded.pinned.json")).object_id == (
+        payment_facts(fixture_data("payment.succeeded.pinned.json")).payment_id
+    )
+
+
 def test_non_string_api_version_date_is_dropped() -> None:
     body = b'{"id": "m", "type": "t", "data": {}, "api_version_date": 20260929}'
     assert parse_envelope(body).api_version_date is None

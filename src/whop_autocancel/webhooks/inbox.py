@@ -31,7 +31,7 @@ from whop_autocancel.db.engine import Database, insert_absent, savepoint
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.service import OrderService, order_of_membership
 from whop_autocancel.webhooks.group_commit import GroupCommit
-from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
+from whop_autocancel.webhooks.models import OBJECT_ID_LENGTH, EventStatus, WebhookEvent
 from whop_autocancel.webhooks.rejections import RejectionLog
 from whop_autocancel.webhooks.verify import SignatureError, verify_signature
 from whop_autocancel.whop.payloads import (
@@ -100,6 +100,7 @@ class Arrival:
     event_type: str
     payload: str  # the raw body, exactly as signed
     received_at: datetime
+    object_id: str | None  # its `data.id` (`stored_object_id`)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,15 @@ class Inbox:
             )
             return _Checked(None, IngestResult(400, {"error": str(error)}, BAD_REQUEST))
         # (verify_signature checked the body is UTF-8)
-        return _Checked(Arrival(verified.webhook_id, envelope.type, body.decode("utf-8"), now))
+        return _Checked(
+            Arrival(
+                verified.webhook_id,
+                envelope.type,
+                body.decode("utf-8"),
+                now,
+                stored_object_id(envelope),
+            )
+        )
 
     def _stored(self, arrival: Arrival, status: str) -> IngestResult:
         log.info(
@@ -550,6 +559,7 @@ def store_arrivals(session: Session, arrivals: Sequence[Arrival]) -> list[str]:
             "received_at": arrival.received_at,
             "status": RECEIVED,
             "attempts": 0,
+            "object_id": arrival.object_id,
         }
         for arrival in sorted((arrivals[index] for index in first.values()), key=_event_id)
     ]
@@ -558,6 +568,13 @@ def store_arrivals(session: Session, arrivals: Sequence[Arrival]) -> list[str]:
         RECEIVED if first[arrival.event_id] == index and arrival.event_id in inserted else DUPLICATE
         for index, arrival in enumerate(arrivals)
     ]
+
+
+def stored_object_id(envelope: Envelope) -> str | None:
+    """The `object_id` to store with an event: its `data.id`, or None when there is none or it
+    is longer than the column (the event is stored all the same: applying judges its data)."""
+    object_id = envelope.object_id
+    return object_id if object_id is None or len(object_id) <= OBJECT_ID_LENGTH else None
 
 
 def _event_id(arrival: Arrival) -> str:

@@ -11,6 +11,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, LongText, UTCDateTime
 
+# The longest `object_id` kept (its column): a longer `data.id` is stored as None.
+OBJECT_ID_LENGTH = 255
+
 
 class EventStatus(enum.StrEnum):
     RECEIVED = "received"
@@ -35,3 +38,9 @@ class WebhookEvent(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     # The order the event was applied to (None: not applied, or about no order of ours).
     order_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
+    # What the event is about, as stored: its `data.id` (the payment's for `payment.*`, the
+    # membership's for `membership.*`, …; None: absent, not a string, or too long). The Whop
+    # sweep asks it whether a payment's webhook came, applied yet or not.
+    object_id: Mapped[str | None] = mapped_column(
+        String(OBJECT_ID_LENGTH), index=True, default=None
+    )

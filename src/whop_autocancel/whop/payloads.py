@@ -27,6 +27,12 @@ class Envelope:
     data: dict[str, Any]
     api_version_date: str | None
 
+    @property
+    def object_id(self) -> str | None:
+        """What the event is about: `data.id` (the payment's, the membership's, …), read as
+        the facts read it (a string, stripped); None when it is absent or not a string."""
+        return _text(self.data.get("id"))
+
 
 @dataclass(frozen=True)
 class PaymentFacts:
