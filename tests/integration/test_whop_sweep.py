@@ -3,24 +3,39 @@ memberships still live at Whop are cancelled again."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
-from support.harness import MESSAGE_PLAN, UNLISTED_PLAN, drain, make_runtime, make_settings
+from support.harness import (
+    MESSAGE_PLAN,
+    UNLISTED_PLAN,
+    ServiceServer,
+    apply_webhooks,
+    drain,
+    make_runtime,
+    make_settings,
+    post_event,
+    wait_for,
+)
+from whop_autocancel.admin.operations import ignore_event
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import start_watching
+from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
+from whop_autocancel.webhooks.models import WebhookEvent
 
 
 @pytest.fixture
@@ -213,3 +228,156 @@ def test_a_claim_that_came_before_a_lost_payment_does_not_hide_it(
     drain(runtime)
     order = orders(runtime)[purchase["payment_id"]]
     assert order.status == ("delivered" if delivered else "refunded")
+
+
+# A backlog: webhooks stored at once, applied by the worker minutes later ---------------------
+
+
+@pytest.fixture
+def web(runtime: Runtime, simulator: SimulatorServer) -> Iterator[httpx.Client]:
+    """The runtime's web app over real HTTP, the simulator sending its webhooks there, and no
+    worker: what a webhook stores waits, `received`, until the test applies it."""
+    with ServiceServer(runtime).running() as server:
+        simulator.state.set_webhook_url(f"{server.url}/webhooks/whop")
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            yield client
+        simulator.state.set_webhook_url(None)
+
+
+def stored_purchase(simulator: SimulatorServer, email: str) -> dict[str, Any]:
+    """A purchase whose webhooks came and were stored, and wait to be applied."""
+    purchase = simulator.state.create_purchase(MESSAGE_PLAN, email=email)
+    wait_for(lambda: simulator.state.pending_webhooks() == 0, what="the purchase's webhooks")
+    assert {d["status"] for d in simulator.state.deliveries()} == {200}
+    return purchase
+
+
+def stored_events(runtime: Runtime) -> list[WebhookEvent]:
+    with runtime.database.transaction() as session:
+        return list(session.scalars(select(WebhookEvent).order_by(WebhookEvent.received_at)))
+
+
+def missed_alerts(runtime: Runtime) -> list[Alert]:
+    with runtime.database.transaction() as session:
+        return list(session.scalars(select(Alert).where(Alert.kind == "missed_webhooks_recovered")))
+
+
+def delivery_emails(runtime: Runtime, order_id: str) -> list[Email]:
+    with runtime.database.transaction() as session:
+        return list(
+            session.scalars(
+                select(Email).where(Email.order_id == order_id, Email.kind == DELIVERY_KIND)
+            )
+        )
+
+
+def test_a_payment_whose_webhook_is_stored_but_not_applied_is_not_missed(
+    runtime: Runtime,
+    web: httpx.Client,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    clock: FrozenClock,
+) -> None:
+    """The flash-sale backlog: the sweep leaves a stored webhook's payment to the apply job
+    (no order, no alert for it) and still recovers, and alerts, the one whose webhook never
+    came, in the same sweep. Applying the stored webhook then delivers it exactly once."""
+    waiting = stored_purchase(simulator, "waiting@example.com")
+    lost = lost_purchase(simulator)
+    by_type = {event.type: event for event in stored_events(runtime)}
+    assert set(by_type) == {"payment.succeeded", "membership.activated"}  # the lost one: none
+    assert by_type["payment.succeeded"].object_id == waiting["payment_id"]
+    assert by_type["membership.activated"].object_id == waiting["membership_id"]
+    assert {event.status for event in by_type.values()} == {"received"}
+    assert orders(runtime) == {}  # the worker is behind
+
+    assert runtime.whop_sweep.run(force=True, dry_run=True).recovered_payments == [
+        lost["payment_id"]
+    ]
+    report = runtime.whop_sweep.run(force=True)
+    assert report.stopped is None
+    assert report.payments_seen == 2
+    assert report.recovered_payments == [lost["payment_id"]]
+    assert set(orders(runtime)) == {lost["payment_id"]}
+    [alert] = missed_alerts(runtime)
+    assert lost["payment_id"] in alert.text_body
+    assert waiting["payment_id"] not in alert.text_body
+    assert alert.subject.startswith("1 purchase(s)")
+
+    # The worker catches up: the stored webhook is applied and delivers its purchase, once.
+    assert apply_webhooks(runtime) >= 1
+    drain(runtime)
+    found = orders(runtime)
+    assert set(found) == {waiting["payment_id"], lost["payment_id"]}
+    order = found[waiting["payment_id"]]
+    assert order.status == "delivered"
+    assert order.whop_membership_id == waiting["membership_id"]
+    assert {event.status for event in stored_events(runtime)} == {"handled"}
+    assert len(delivery_emails(runtime, order.id)) == 1
+    assert len(smtp_sink.to("waiting@example.com")) == 1
+
+    clock.advance(60)  # and the next sweep finds nothing to recover
+    assert runtime.whop_sweep.run(force=True).recovered_payments == []
+    assert len(missed_alerts(runtime)) == 1
+
+
+@pytest.mark.parametrize("outcome", ["received", "ignored", "failed"])
+def test_a_stored_payment_webhook_whatever_became_of_it_is_not_missed(
+    runtime: Runtime, web: httpx.Client, simulator: SimulatorServer, outcome: str
+) -> None:
+    """Whatever became of a stored `payment.succeeded` (waiting, set aside by an admin, failed
+    with its own alert and retry path), its payment is not "missed": the sweep neither
+    applies it nor raises `missed_webhooks_recovered`."""
+    if outcome == "failed":
+        # Its webhook came with data that cannot be stored (a plan id longer than its column).
+        purchase = lost_purchase(simulator)
+        body = json.dumps(
+            {
+                "id": "msg_CannotApply1",
+                "type": "payment.succeeded",
+                "data": {"id": purchase["payment_id"], "plan": {"id": "plan_" + "x" * 80}},
+            }
+        ).encode()
+        assert post_event(web, body).status_code == 200
+        apply_webhooks(runtime)
+    else:
+        purchase = stored_purchase(simulator, "stored@example.com")
+        if outcome == "ignored":
+            [paid] = [e for e in stored_events(runtime) if e.type == "payment.succeeded"]
+            ignore_event(runtime, paid.id, actor="test")
+    statuses = {e.status for e in stored_events(runtime) if e.type == "payment.succeeded"}
+    assert statuses == {outcome}
+
+    report = runtime.whop_sweep.run(force=True)
+    assert (report.payments_seen, report.recovered_payments) == (1, [])
+    assert purchase["payment_id"] not in orders(runtime)
+    assert missed_alerts(runtime) == []
+
+
+def test_a_claim_or_membership_webhook_does_not_hide_a_lost_payment(
+    runtime: Runtime, web: httpx.Client, simulator: SimulatorServer
+) -> None:
+    """Only a stored `payment.succeeded` makes a payment known: its membership's activation
+    (or any event whose data id is not the payment's) does not."""
+    purchase = simulator.state.create_purchase(
+        MESSAGE_PLAN, email="half@example.com", send_webhooks=False
+    )
+    activation = json.dumps(
+        {
+            "id": "msg_OnlyActivation1",
+            "type": "membership.activated",
+            "data": {"id": purchase["membership_id"], "plan": {"id": MESSAGE_PLAN}},
+        }
+    ).encode()
+    pending = json.dumps(
+        {
+            "id": "msg_OnlyPending1",
+            "type": "payment.pending",
+            "data": {"id": purchase["payment_id"]},
+        }
+    ).encode()
+    for body in (activation, pending):
+        assert post_event(web, body).status_code == 200
+    report = runtime.whop_sweep.run(force=True)
+    assert report.recovered_payments == [purchase["payment_id"]]
+    [alert] = missed_alerts(runtime)
+    assert purchase["payment_id"] in alert.text_body

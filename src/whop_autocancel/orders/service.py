@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Protocol
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Exists, Select, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -85,12 +85,20 @@ def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
     """The order that holds this payment as applied (None: the payment was never applied). An
     order a refund or dispute created ahead of its payment, still `pending`, does not count:
     the payment is still to be applied (and delivered, unless the claim ended the order)."""
-    found: str | None = session.scalars(
-        select(Order.id)
-        .where(Order.whop_payment_id == payment_id, Order.status != OrderStatus.PENDING.value)
-        .limit(1)
-    ).first()
+    found: str | None = session.scalars(_recorded_payment(payment_id).limit(1)).first()
     return found
+
+
+def payment_recorded(payment_id: str) -> Exists:
+    """`order_of_recorded_payment` as an EXISTS clause, to ask with other questions in one
+    statement."""
+    return _recorded_payment(payment_id).exists()
+
+
+def _recorded_payment(payment_id: str) -> Select[str]:
+    return select(Order.id).where(
+        Order.whop_payment_id == payment_id, Order.status != OrderStatus.PENDING.value
+    )
 
 
 def close_unpaid_orders(session: Session, created_before: datetime, limit: int) -> list[str]:

@@ -2,7 +2,9 @@
 asks Whop itself, on a schedule, under a database lease:
 
 (a) missed webhooks — payments created since the last sweep (with an overlap) that we do not
-    know are applied exactly as their webhook would have been;
+    know are applied exactly as their webhook would have been. Known: an order records it, or
+    its `payment.succeeded` webhook is stored, applied or not (under a backlog the worker
+    applies it minutes after it came: it was not missed, and no alert says so);
 (b) live memberships — memberships of listed one-time plans that Whop still shows live (any
     status but `canceled`/`expired`; a live one-time membership is `completed`) although our
     cancellation finished are cancelled again; a delivered order with no cancellation gets one.
@@ -24,7 +26,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -38,13 +40,14 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import record_watching_since, watching_since
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.orders.service import ONE_TIME, OrderService, order_of_recorded_payment
+from whop_autocancel.orders.service import ONE_TIME, OrderService, payment_recorded
 from whop_autocancel.reconcile.whop_pages import (
     PAGE_SIZE,
     ListingStopped,
     PageFetch,
     whop_items,
 )
+from whop_autocancel.webhooks.inbox import payment_webhook_stored
 from whop_autocancel.whop.client import WhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
 from whop_autocancel.whop.payloads import EventDataError, PaymentFacts, payment_facts
@@ -247,8 +250,12 @@ class WhopSweep:
         return self._orders.apply_payment(session, facts, now).id
 
     def _known_payment(self, payment_id: str) -> bool:
-        with self._database.transaction() as session:
-            return order_of_recorded_payment(session, payment_id) is not None
+        """Whether an order records this payment, or its `payment.succeeded` webhook is stored
+        (applied or not: under a backlog the worker applies it minutes after it came, and it
+        was not missed). One statement, two indexed lookups; a read, so on SQLite it does not
+        wait for the write turn that a sale's webhooks keep busy."""
+        known = select(or_(payment_recorded(payment_id), payment_webhook_stored(payment_id)))
+        return self._database.read(lambda session: bool(session.scalar(known)))
 
     def _alert_recovered(self, now: datetime, payment_ids: list[str]) -> None:
         shown = ", ".join(payment_ids[:20]) + (" …" if len(payment_ids) > 20 else "")

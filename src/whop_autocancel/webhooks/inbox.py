@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 import structlog
-from sqlalchemy import or_, select
+from sqlalchemy import Exists, or_, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
@@ -46,6 +46,7 @@ from whop_autocancel.whop.payloads import (
 
 log = structlog.get_logger(__name__)
 
+PAYMENT_SUCCEEDED = "payment.succeeded"  # the one payment event that applies a payment
 APPLY_TASK = "webhooks.apply"
 REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
@@ -435,7 +436,7 @@ class Inbox:
         """Apply one event; (False, None) when its type is not one we act on (stored as
         `ignored`). The second item is the order it concerns, for the purchase's timeline."""
         kind = envelope.type
-        if kind == "payment.succeeded":
+        if kind == PAYMENT_SUCCEEDED:
             return True, self._orders.apply_payment(session, payment_facts(envelope.data), now).id
         if (
             kind in LIVE_MEMBERSHIP_EVENTS
@@ -613,6 +614,20 @@ def names_unapplied(session: Session, ids: Sequence[str]) -> bool:
         .limit(1)
     )
     return session.scalars(statement).first() is not None
+
+
+def payment_webhook_stored(payment_id: str) -> Exists:
+    """Whether the `payment.succeeded` webhook of this payment is stored, whatever became of
+    it (an EXISTS clause, by the `object_id` index): waiting (`received`), applied, set aside
+    by an admin (`ignored`) or `failed` (which has its own retries and alert). Its payment was
+    not missed. Other `payment.*` events do not count: they apply nothing (stored `ignored`),
+    so a payment whose `payment.succeeded` never came after its `payment.pending` did is still
+    missed."""
+    return (
+        select(WebhookEvent.id)
+        .where(WebhookEvent.object_id == payment_id, WebhookEvent.type == PAYMENT_SUCCEEDED)
+        .exists()
+    )
 
 
 def unapplied_events(session: Session, received_before: datetime, limit: int) -> list[str]:
