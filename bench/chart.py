@@ -96,7 +96,8 @@ def e2e(axes: Axes, figures: dict[str, Any]) -> None:
             continue
         shares = [(index + 1) / len(values) for index in range(len(values))]
         p99 = "n/a" if row["p99"] is None else f"{row['p99']:.2f} s"
-        label = f"{row['rate']:g} purchases/s: p99 {p99}, {row['lost']} lost"
+        deployment = row.get("deployment", "serve")
+        label = f"{row['rate']:g} purchases/s, {deployment}: p99 {p99}, {row['lost']} lost"
         axes.step(values, shares, where="post", color=color, label=label)
         highest = max(highest, values[-1])
     axes.axvline(delay, color="black", linestyle=":", linewidth=1, label="CANCEL_DELAY")

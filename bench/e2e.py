@@ -54,9 +54,11 @@ SERVICE_SETTINGS = {
 }
 LATENCY = 0.05  # of every Whop answer
 SENDER_IN_FLIGHT = 16  # the simulator's webhook deliveries at once (see the notes)
-#: (purchases a second, seconds of purchasing) for each row.
-ROWS = ((2.0, 30.0), (50.0, 10.0))
-SMOKE_ROWS = ((2.0, 5.0),)
+#: (purchases a second, seconds of purchasing, worker processes) for each row: 0 workers is
+#: `serve` with its in-process worker (the default); N is `serve --no-worker` and N `worker`
+#: processes on the same SQLite files (they take turns to write through its lock file).
+ROWS = ((2.0, 30.0, 0), (50.0, 10.0, 0), (50.0, 10.0, 2))
+SMOKE_ROWS = ((2.0, 5.0, 0), (2.0, 5.0, 1))
 DEADLINE = 60.0  # s after the last purchase (+ CANCEL_DELAY) for a membership to be canceled
 POLL_SECONDS = 0.5
 
@@ -65,6 +67,7 @@ POLL_SECONDS = 0.5
 class Row:
     rate: float
     seconds: float
+    workers: int = 0  # worker processes beside `serve --no-worker` (0: its in-process worker)
     purchases: int = 0
     made_per_second: float | None = None  # purchases the driver made a second (its clock)
     payments_in_per_second: float | None = None  # payment webhooks the service 2xx'd, steady
@@ -86,6 +89,12 @@ class Row:
     cpu_ms_per_purchase: float | None = None
     job_cpu_ms_per_purchase: dict[str, float] = field(default_factory=dict)
     job_runs_per_purchase: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def deployment(self) -> str:
+        if not self.workers:
+            return "serve"
+        return f"serve --no-worker + {self.workers} worker{'s' if self.workers > 1 else ''}"
 
     @property
     def over_delay(self) -> float | None:
@@ -128,10 +137,10 @@ def _profile(pid: int, folder: Path, rate: float, duration: float) -> Any:
     return sampling.record(pid, Path(where) / f"e2e-{rate:g}.txt", duration + CANCEL_DELAY + 5)
 
 
-def run_row(folder: Path, rate: float, duration: float) -> Row:
+def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row:
     """One fresh deployment, `rate` purchases a second for `duration` seconds, measured."""
     folder.mkdir(parents=True)
-    row = Row(rate=rate, seconds=duration, purchases=round(rate * duration))
+    row = Row(rate=rate, seconds=duration, workers=workers, purchases=round(rate * duration))
     with ExitStack() as stack:
         sim = Simulator(stack, folder, "simulator")
         sim.control("latency", {"seconds": LATENCY})
@@ -140,12 +149,18 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
             folder, WHOP_API_URL=sim.api_url, SMTP_URL=smtp_sink(stack, folder), **SERVICE_SETTINGS
         )
         port = free_port()
-        service = parties.service(stack, folder, "service", ["serve", "--port", str(port)], env)
+        serve = ["serve", "--port", str(port)] + (["--no-worker"] if workers else [])
+        service = parties.service(stack, folder, "service", serve, env)
         url = f"http://127.0.0.1:{port}"
         parties.wait_until(lambda: parties.healthy(url), 60, "the service", service)
+        helpers = [
+            parties.service(stack, folder, f"worker-{n}", ["worker"], env)
+            for n in range(1, workers + 1)
+        ]
         parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{url}/webhooks/whop"})
         watched = {"service": service, "simulator": sim.child}
+        watched.update({f"worker-{n}": child for n, child in enumerate(helpers, 1)})
         cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
         began = time.monotonic()
         spy = _profile(service.pid, folder, rate, duration)
@@ -155,17 +170,23 @@ def run_row(folder: Path, rate: float, duration: float) -> Row:
         deadline = time.monotonic() + CANCEL_DELAY + DEADLINE
         while not wanted <= sim.canceled() and time.monotonic() < deadline:
             service.check("the service")
+            for child in helpers:
+                child.check("a worker")
             time.sleep(POLL_SECONDS)
         wall = time.monotonic() - began
         if spy is not None:
             spy.wait()
+        service_cpu: float | None = 0.0
         for name, child in watched.items():
             now, before = parties.cpu_seconds(child.pid), cpu_before[name]
             used = now - before if now is not None and before is not None else None
             row.cores[name] = round(used / wall, 2) if used is not None else None
-            if name == "service" and used is not None:
-                row.cpu_ms_per_purchase = round(used * 1000 / row.purchases, 1)
-        cpu, runs = job_metrics(url)
+            if name != "simulator":  # the service: serve, and its worker processes
+                service_cpu = service_cpu + used if service_cpu is not None and used else None
+        if service_cpu is not None:
+            row.cpu_ms_per_purchase = round(service_cpu * 1000 / row.purchases, 1)
+        # (The job metrics are the web process's: with worker processes it runs no job.)
+        cpu, runs = job_metrics(url) if not workers else ({}, {})
         row.job_cpu_ms_per_purchase = {
             job: round(seconds * 1000 / row.purchases, 2) for job, seconds in cpu.items()
         }
@@ -230,6 +251,7 @@ def _ms(value: float | None) -> str:
 
 
 COLUMNS = [
+    "deployment",
     "purchases/s",
     "purchases",
     "made/s",
@@ -245,6 +267,7 @@ COLUMNS = [
 
 def _row(row: Row) -> list[str]:
     return [
+        row.deployment,
         f"{row.rate:g}",
         str(row.purchases),
         _number(row.made_per_second, 1),
@@ -274,7 +297,8 @@ NOTES = [
     "ms per API answer, no rate limit, webhook sender up to "
     f"{SENDER_IN_FLIGHT} deliveries at once, one purchase's events one at a time and in order: "
     "one at a time it caps the feed near 60 webhooks/s here), an aiosmtpd sink, "
-    "`whop-autocancel serve` on SQLite with its in-process worker, default settings plus "
+    "`whop-autocancel serve` on SQLite with its in-process worker (deployment `serve`), or "
+    "`serve --no-worker` and `worker` processes on the same SQLite files, default settings plus "
     "WHOP_RATE_LIMIT=100 and WHOP_RATE_BURST=20; the message plan, so every purchase is an "
     "email (the cancellation waits for its acceptance) and a cancel.",
 ]
@@ -295,7 +319,7 @@ def _stage_note(rows: list[Row]) -> str:
             for job, ms in sorted(row.job_cpu_ms_per_purchase.items(), key=lambda i: -i[1])
         )
         parts.append(
-            f"at {row.rate:g}/s: {stages}; webhook round trip p99 "
+            f"{row.deployment} at {row.rate:g}/s: {stages}; webhook round trip p99 "
             f"{_ms(row.webhook_round_trip_p99)} ms; cores used: {cores}; service CPU per "
             f"purchase {_number(row.cpu_ms_per_purchase, 1)} ms, of which jobs: {jobs}"
         )
@@ -310,9 +334,11 @@ def section(*, smoke: bool = False) -> report.Table:
     folder = Path(tempfile.mkdtemp(prefix="wa-bench-e2e-"))
     rows: list[Row] = []
     try:
-        for rate, duration in SMOKE_ROWS if smoke else ROWS:
-            rows.append(run_row(folder / f"{rate:g}-per-second", rate, duration))
-            print(f"e2e: {rate:g} purchases/s done", file=sys.stderr, flush=True)
+        for rate, duration, workers in SMOKE_ROWS if smoke else ROWS:
+            name = f"{rate:g}-per-second" + (f"-{workers}-workers" if workers else "")
+            rows.append(run_row(folder / name, rate, duration, workers))
+            done = f"e2e: {rate:g} purchases/s, {rows[-1].deployment}: done"
+            print(done, file=sys.stderr, flush=True)
     finally:
         if os.environ.get("BENCH_KEEP") == "1":
             print(f"process logs kept in {folder}")
@@ -325,16 +351,16 @@ def section(*, smoke: bool = False) -> report.Table:
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
         f"{os.cpu_count()} cores (other work on the machine moves every figure).",
     ]
-    missed = [f"{row.rate:g}/s" for row in rows if not row.met]
+    missed = [f"{row.rate:g}/s ({row.deployment})" for row in rows if not row.met]
     notes.append("goal: " + (f"NOT met at {', '.join(missed)}." if missed else "met in every row."))
     if smoke:
-        notes.append("smoke run: 10 purchases, too few for a p99.")
+        notes.append("smoke run: 10 purchases a row, too few for a p99.")
     figures: dict[str, Any] = {
         "section": "e2e",
         "smoke": smoke,
         "cancel_delay_seconds": CANCEL_DELAY,
         "slack_seconds": SLACK,
-        "rows": [{**asdict(row), "met": row.met} for row in rows],
+        "rows": [{**asdict(row), "met": row.met, "deployment": row.deployment} for row in rows],
     }
     return report.Table(
         title=(

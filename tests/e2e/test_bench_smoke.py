@@ -56,15 +56,22 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
         assert isinstance(measured[side]["calls"], int)
     assert measured["service"]["canceled"] == 20  # the service cancels every membership
 
-    # e2e: one row, 10 purchases, each canceled, with its time from webhook to cancel.
+    # e2e: two rows (serve with its in-process worker; serve --no-worker and one worker
+    # process), 10 purchases each, each canceled, with its time from webhook to cancel.
     e2e = figures_of(tables, "e2e")
     assert e2e["smoke"] is True
-    [e2e_row] = e2e["rows"]
-    assert (e2e_row["rate"], e2e_row["purchases"]) == (2.0, 10)
-    assert e2e_row["lost"] == 0
-    assert len(e2e_row["latencies"]) == 10
-    assert all(latency > 0 for latency in e2e_row["latencies"])
-    assert table_row(result.stdout, "| 2 ")[1] == "10"
+    in_process, split = e2e["rows"]
+    assert (in_process["deployment"], split["deployment"]) == (
+        "serve",
+        "serve --no-worker + 1 worker",
+    )
+    for e2e_row in (in_process, split):
+        assert (e2e_row["rate"], e2e_row["purchases"]) == (2.0, 10)
+        assert e2e_row["lost"] == 0
+        assert len(e2e_row["latencies"]) == 10
+        assert all(latency > 0 for latency in e2e_row["latencies"])
+    assert table_row(result.stdout, "| serve   ")[2] == "10"
+    assert table_row(result.stdout, "| serve --no-worker + 1 worker")[2] == "10"
 
     # flash_sale: SQLite only, 200 purchases, nothing lost, failed or duplicated; each
     # service process's peak memory read.
