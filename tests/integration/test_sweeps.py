@@ -23,7 +23,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
-from whop_autocancel.reconcile.sweeps import StuckWorkSweep
+from whop_autocancel.reconcile.sweeps import QUEUE_BUSY, StuckWorkSweep
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.webhooks.models import WebhookEvent
 from whop_autocancel.whop.payloads import PaymentFacts
@@ -83,6 +83,31 @@ def test_a_paid_order_whose_delivery_job_was_lost_is_delivered_again(
     clock.advance(31)
     report = runtime.stuck_sweep.run(force=True)
     assert report.deliveries == 1
+    assert queued(runtime) == [("delivery.deliver", (order_id,))]
+    drain(runtime)
+    with runtime.database.transaction() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        assert order.status == "delivered"
+
+
+def test_work_queued_behind_a_busy_queue_is_not_queued_again_until_the_queue_drains(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    """A flash sale leaves thousands of jobs ready on the queue: an order paid more than
+    STUCK_GRACE ago is waiting its turn there, not lost. Queued again, it would be done twice
+    over (once per sweep) by a worker already behind; so while QUEUE_BUSY jobs or more are
+    ready, the sweep leaves deliveries and emails to them and looks again at its next tick."""
+    order_id = paid_order(runtime)
+    for number in range(QUEUE_BUSY):  # a backlog (deliveries of orders that do not exist)
+        runtime.jobs.enqueue("delivery.deliver", f"ord_backlog{number}")
+    clock.advance(31)
+    report = runtime.stuck_sweep.run(force=True)
+    assert (report.deliveries, report.queue_busy) == (0, True)
+    assert ("delivery.deliver", (order_id,)) not in queued(runtime)
+    drain(runtime)  # the worker catches up (its own job was lost: the order is still paid)
+    report = runtime.stuck_sweep.run(force=True)
+    assert (report.deliveries, report.queue_busy) == (1, False)
     assert queued(runtime) == [("delivery.deliver", (order_id,))]
     drain(runtime)
     with runtime.database.transaction() as session:

@@ -36,6 +36,10 @@ log = structlog.get_logger(__name__)
 
 STUCK_SWEEP_LEASE = "sweep:stuck"
 BATCH = 500
+# Jobs ready on the queue from which it is working through a backlog (a flash sale): overdue
+# deliveries and emails are then waiting their turn there, not lost, and are not queued again
+# (each would run twice over, by a worker already behind) until the queue has drained.
+QUEUE_BUSY = 50
 
 
 AUTH_ALERT_LISTED = 50
@@ -99,6 +103,7 @@ class SweepReport:
     digests: int = 0
     stock_pools: int = 0  # pools whose waiting orders are served again
     abandoned: int = 0  # pending orders nobody paid within PENDING_ORDER_TTL, closed
+    queue_busy: bool = False  # QUEUE_BUSY jobs or more ready: deliveries and emails left
 
     @property
     def total(self) -> int:
@@ -129,12 +134,22 @@ class StuckWorkSweep:
         self._grace = grace
         self._pending_ttl = pending_ttl
 
+    def _queue_busy(self) -> bool:
+        """Whether QUEUE_BUSY jobs or more are ready (False when the queue cannot say: the
+        sweep then queues again as always)."""
+        try:
+            return self._jobs.backlog().ready >= QUEUE_BUSY
+        except Exception as error:  # the queue is down: enqueueing fails anyway, and says so
+            log.warning("stuck_sweep_queue_unreadable", error=type(error).__name__)
+            return False
+
     def run(self, *, force: bool = False, dry_run: bool = False) -> SweepReport:
         """One tick: skipped when another worker holds this tick's lease (unless `force`).
         `dry_run` counts what it would enqueue and changes nothing."""
         now = self._clock.now()
         overdue = now - timedelta(seconds=self._grace)
         skip_locked = self._database.skip_locked
+        busy = self._queue_busy()
 
         def candidates(statement: Select[Any]) -> list[Any]:
             if skip_locked:  # rows a job is updating right now are being handled already
@@ -162,7 +177,9 @@ class StuckWorkSweep:
             )
             listed = list(self._catalog.plans)
             deliveries = (
-                candidates(
+                []
+                if busy
+                else candidates(
                     select(Order.id).where(
                         Order.status == OrderStatus.PAID.value,
                         Order.billing_reason == ONE_TIME,
@@ -173,12 +190,16 @@ class StuckWorkSweep:
                 if listed
                 else []
             )
-            emails = candidates(
-                select(Email.id).where(
-                    Email.sent_at.is_(None),
-                    Email.failed_at.is_(None),  # given up: only `orders resend` sends again
-                    Email.next_attempt_at < overdue,
-                    or_(Email.lease_until.is_(None), Email.lease_until < now),
+            emails = (
+                []
+                if busy
+                else candidates(
+                    select(Email.id).where(
+                        Email.sent_at.is_(None),
+                        Email.failed_at.is_(None),  # given up: only `orders resend` sends again
+                        Email.next_attempt_at < overdue,
+                        or_(Email.lease_until.is_(None), Email.lease_until < now),
+                    )
                 )
             )
             events = due_failed_events(session, now, BATCH)
@@ -196,6 +217,7 @@ class StuckWorkSweep:
                     emails=len(emails),
                     events=len(events) + len(unapplied),
                     stock_pools=len(pools),
+                    queue_busy=busy,
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
             abandoned = close_unpaid_orders(
@@ -224,7 +246,10 @@ class StuckWorkSweep:
             digests=digests,
             stock_pools=len(pools),
             abandoned=len(abandoned),
+            queue_busy=busy,
         )
+        if busy:
+            log.info("stuck_sweep_leaves_work_to_busy_queue", queue_busy_at=QUEUE_BUSY)
         if abandoned:
             log.info("pending_orders_abandoned", count=len(abandoned), order_ids=abandoned[:20])
         if report.total:
