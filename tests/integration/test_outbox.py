@@ -602,11 +602,11 @@ def test_an_email_rejected_in_a_batch_fails_alone(runtime: Runtime, port: int) -
         assert (accepted.attempts, accepted.lease_until) == (1, None)
 
 
-def test_an_email_that_cannot_be_decrypted_is_retried_and_the_batch_goes_on(
-    runtime: Runtime, port: int, clock: FrozenClock
-) -> None:
+def sealed_between_two(runtime: Runtime, clock: FrozenClock, *, html: str) -> tuple[int, int, int]:
+    """Three due emails, a@, b@ (sealed: it carries a key) and c@, their jobs dropped: the
+    ids."""
     first = queued(runtime, to="a@example.com")
-    message = RenderedEmail(subject="Your key", text="KEY-1", html="<p>KEY-1</p>")
+    message = RenderedEmail(subject="Your key", text="KEY-1", html=html)
     with runtime.database.transaction() as session:
         sealed = runtime.outbox.queue(
             session,
@@ -617,13 +617,23 @@ def test_an_email_that_cannot_be_decrypted_is_retried_and_the_batch_goes_on(
             sealed=True,
         )
         assert sealed is not None
-        sealed.text_body = "sealed under a key we no longer have"
     last = queued(runtime, to="c@example.com")
+    return first, sealed.id, last
+
+
+def test_an_email_that_cannot_be_decrypted_is_retried_and_the_batch_goes_on(
+    runtime: Runtime, port: int, clock: FrozenClock
+) -> None:
+    first, sealed, last = sealed_between_two(runtime, clock, html="<p>KEY-1</p>")
+    with runtime.database.transaction() as session:
+        row_of = session.get(Email, sealed)
+        assert row_of is not None
+        row_of.text_body = "sealed under a key we no longer have"
     runtime.jobs.huey.flush()
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         runtime.outbox.send(first)
         assert recipients(sink) == ["a@example.com", "c@example.com"]
-    unreadable = row(runtime, sealed.id)
+    unreadable = row(runtime, sealed)
     assert unreadable.sent_at is None
     assert unreadable.failed_at is None
     assert unreadable.attempts == 1
@@ -760,19 +770,7 @@ def test_a_batch_broken_by_surprise_records_what_went_and_releases_the_rest(
     failed attempt): the job fails, but what the server accepted before is recorded, what
     was not started is released, and the email that broke it stays leased (as if the worker
     had died sending it) until its lease runs out."""
-    first = queued(runtime, to="a@example.com")
-    message = RenderedEmail(subject="Your key", text="KEY-1", html="")
-    with runtime.database.transaction() as session:
-        sealed = runtime.outbox.queue(
-            session,
-            kind="delivery",
-            to="b@example.com",
-            email=message,
-            now=clock.now(),
-            sealed=True,
-        )
-        assert sealed is not None
-    last = queued(runtime, to="c@example.com")
+    first, sealed, last = sealed_between_two(runtime, clock, html="")
     runtime.jobs.huey.flush()
     keyless = another_outbox(runtime)
     try:
@@ -782,7 +780,7 @@ def test_a_batch_broken_by_surprise_records_what_went_and_releases_the_rest(
             assert recipients(sink) == ["a@example.com"]
             sent = row(runtime, first)
             assert (sent.sent_at is not None, sent.attempts) == (True, 1)
-            stuck = row(runtime, sealed.id)
+            stuck = row(runtime, sealed)
             assert (stuck.sent_at, stuck.attempts) == (None, 0)
             assert stuck.lease_until is not None
             rest = row(runtime, last)

@@ -74,6 +74,13 @@ def paid_order(runtime: Runtime, plan: str = MESSAGE_PLAN, number: int = 1) -> s
     return order_id
 
 
+def order_status(runtime: Runtime, order_id: str) -> str:
+    with runtime.database.transaction() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        return order.status
+
+
 def test_a_paid_order_whose_delivery_job_was_lost_is_delivered_again(
     runtime: Runtime, clock: FrozenClock
 ) -> None:
@@ -85,10 +92,7 @@ def test_a_paid_order_whose_delivery_job_was_lost_is_delivered_again(
     assert report.deliveries == 1
     assert queued(runtime) == [("delivery.deliver", (order_id,))]
     drain(runtime)
-    with runtime.database.transaction() as session:
-        order = session.get(Order, order_id)
-        assert order is not None
-        assert order.status == "delivered"
+    assert order_status(runtime, order_id) == "delivered"
 
 
 def test_work_queued_behind_a_busy_queue_is_not_queued_again_until_the_queue_drains(
@@ -110,10 +114,7 @@ def test_work_queued_behind_a_busy_queue_is_not_queued_again_until_the_queue_dra
     assert (report.deliveries, report.queue_busy) == (1, False)
     assert queued(runtime) == [("delivery.deliver", (order_id,))]
     drain(runtime)
-    with runtime.database.transaction() as session:
-        order = session.get(Order, order_id)
-        assert order is not None
-        assert order.status == "delivered"
+    assert order_status(runtime, order_id) == "delivered"
 
 
 def test_overdue_and_abandoned_cancellations_are_woken(

@@ -388,6 +388,21 @@ def test_two_processes_drawing_chunks_never_exceed_the_limit_over_any_window(
             assert (j - i + 1) * US <= rate * (goes[j] - start + 1) + burst * US, (start, goes[j])
 
 
+def three_kept_and_stalled(pacer: WhopPacer, wall: StallingWall, database_url: str) -> Callers:
+    """One caller draws while three more wait: one transaction, its turn (T0 + 0.01) and three
+    kept for the others (T0 + 0.02, 0.03, 0.04), who stall (their threads descheduled) right
+    before they take them. The three."""
+    with holding_the_bucket(database_url):
+        drawer = Callers(pacer, 1, name="drawer")
+        callers_waiting(pacer, 1)
+        kept = Callers(pacer, 3, name="kept")
+        callers_waiting(pacer, 4)
+        wall.stall("kept")
+    assert drawer.join() == pytest.approx([0.01])
+    wait_for(lambda: wall.stalled == 3, what="the kept callers stalled")
+    return kept
+
+
 def test_a_429_drops_the_turns_kept_for_callers_and_they_draw_again_at_the_slower_rate(
     databases: tuple[Database, Database], database_url: str
 ) -> None:
@@ -400,16 +415,7 @@ def test_a_429_drops_the_turns_kept_for_callers_and_they_draw_again_at_the_slowe
     assert pacer.turn() == 0.0
     try:
         with counting_commits(database) as commits:
-            with holding_the_bucket(database_url):
-                drawer = Callers(pacer, 1, name="drawer")
-                callers_waiting(pacer, 1)
-                kept = Callers(pacer, 3, name="kept")
-                callers_waiting(pacer, 4)
-                wall.stall("kept")
-            # One transaction: the drawer's turn and three kept for the others, which stall
-            # right before they take them.
-            assert drawer.join() == pytest.approx([0.01])
-            wait_for(lambda: wall.stalled == 3, what="the kept callers stalled")
+            kept = three_kept_and_stalled(pacer, wall, database_url)
             assert len(commits) == 1
             pacer.observe(WhopReply(status=429, retry_after=0.5))
             assert len(commits) == 2
@@ -434,14 +440,7 @@ def test_a_kept_turn_that_has_passed_by_more_than_one_interval_is_dropped(
     assert pacer.turn() == 0.0
     try:
         with counting_commits(database) as commits:
-            with holding_the_bucket(database_url):
-                drawer = Callers(pacer, 1, name="drawer")
-                callers_waiting(pacer, 1)
-                kept = Callers(pacer, 3, name="kept")
-                callers_waiting(pacer, 4)
-                wall.stall("kept")
-            assert drawer.join() == pytest.approx([0.01])
-            wait_for(lambda: wall.stalled == 3, what="the kept callers stalled")
+            kept = three_kept_and_stalled(pacer, wall, database_url)
             # Kept: T0 + 0.02, 0.03, 0.04. At T0 + 0.035 the first is 15 ms old (dropped),
             # the second 5 ms (goes now), the third is 5 ms ahead.
             wall.now = T0 + 0.035
