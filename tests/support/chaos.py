@@ -33,6 +33,7 @@ from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import FINAL_STATUSES, Cancellation
 from whop_autocancel.db.engine import Database
 from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.outbox import SEND_BATCH
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.simulator import SimulatorServer
@@ -51,6 +52,10 @@ FAST = {
     "CHECKOUT_RATE_LIMIT": "off",
     "SMTP_TIMEOUT": "2",  # an email held by a killed worker is free again after 3x + 5 s
 }
+#: Emails a kill -9 can make go twice (SMTP is at least once): a worker killed after the server
+#: took a batch's messages but before their `sent_at` was written sends those rows again once
+#: their lease runs out: at most the batches in flight, one per job thread.
+RESENDS_PER_KILL = int(FAST["WORKER_THREADS"]) * SEND_BATCH
 FINAL = sorted(status.value for status in FINAL_STATUSES)
 # Polls database files shared with the processes under test: every 0.1 s is often enough.
 wait = functools.partial(wait_for, every=0.1)
