@@ -10,6 +10,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
 
+DEDUPE_KEY_LENGTH = 200  # the column's length (a resolved alert's freed key is cut to it)
+
 
 class AlertKind(enum.StrEnum):
     CANCELLATION_FAILED = "cancellation_failed"
@@ -33,7 +35,7 @@ class Alert(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(50), index=True)
-    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    dedupe_key: Mapped[str] = mapped_column(String(DEDUPE_KEY_LENGTH), unique=True)
     subject: Mapped[str] = mapped_column(String(300))
     text_body: Mapped[str] = mapped_column(Text)
     order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True, default=None)

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel import metrics
-from whop_autocancel.alerts.models import Alert, AlertKind
+from whop_autocancel.alerts.models import DEDUPE_KEY_LENGTH, Alert, AlertKind
 from whop_autocancel.db.engine import after_commit, insert_once
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
@@ -167,25 +167,27 @@ class Alerts:
         return self.raise_once(session, kind, f"{kind.value}:open", content, now)
 
     def resolve_incidents(self, session: Session, kinds: Sequence[AlertKind], now: datetime) -> int:
-        """Close open incidents of `kinds` (a later failure opens a new one), in one statement:
-        every successful cancellation runs this, nearly always finding none open. The rows
-        are not brought into the session (none of its callers holds them)."""
-        keys = [f"{kind.value}:open" for kind in kinds]
-        result = session.execute(
-            update(Alert)
-            .where(Alert.dedupe_key.in_(keys))
-            .values(dedupe_key=Alert.dedupe_key + f":resolved:{uuid4().hex}", resolved_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount  # type: ignore[attr-defined,no-any-return]
+        """Close open incidents of `kinds` (a later failure opens a new one). Every successful
+        cancellation runs this, nearly always finding none open: one statement for all."""
+        return self.resolve_keys(session, [f"{kind.value}:open" for kind in kinds], now)
 
     def resolve(self, session: Session, dedupe_key: str, now: datetime) -> int:
         """Mark the alert with `dedupe_key` resolved and free its key, so the same trouble
         raises a new alert if it comes back."""
+        return self.resolve_keys(session, [dedupe_key], now)
+
+    def resolve_keys(self, session: Session, keys: Sequence[str], now: datetime) -> int:
+        """`resolve` for several keys in one UPDATE: each freed key becomes
+        `KEY:resolved:<random>`, KEY cut so the whole fits the column (a key as long as the
+        column would otherwise stay itself, never freed). The rows are not brought into the
+        session (its objects are not synchronised: no caller holds the alerts it resolves)."""
+        suffix = f":resolved:{uuid4().hex}"
+        kept = func.substr(Alert.dedupe_key, 1, DEDUPE_KEY_LENGTH - len(suffix))
         result = session.execute(
             update(Alert)
-            .where(Alert.dedupe_key == dedupe_key)
-            .values(dedupe_key=f"{dedupe_key}:resolved:{uuid4().hex}"[:200], resolved_at=now)
+            .where(Alert.dedupe_key.in_(keys))
+            .values(dedupe_key=kept + suffix, resolved_at=now)
+            .execution_options(synchronize_session=False)
         )
         return result.rowcount  # type: ignore[attr-defined,no-any-return]
 
