@@ -175,9 +175,7 @@ class WhopPacer:
             drawn = self._database.run(draw, durable=False)
         except SQLAlchemyError as error:
             unreachable = True
-            if not self._warned.is_set():
-                self._warned.set()
-                log.warning("whop_pacing_unavailable", error=type(error).__name__)
+            self._unavailable(error)
             return 0.0
         finally:
             with self._changed:
@@ -192,6 +190,13 @@ class WhopPacer:
         self._warned.clear()
         return self._delay(drawn[0][0], self._now_us())
 
+    def _unavailable(self, error: SQLAlchemyError) -> None:
+        """The database could not be asked for a turn: the call goes unpaced (said once, until
+        a draw works again)."""
+        if not self._warned.is_set():
+            self._warned.set()
+            log.warning("whop_pacing_unavailable", error=type(error).__name__)
+
     def _turn_now(self) -> float:
         """A call that goes now (a buyer's checkout) still spends a turn: one transaction of its
         own, as before chunks; it never takes a turn kept for the callers waiting."""
@@ -204,9 +209,7 @@ class WhopPacer:
         try:
             not_before = self._database.run(draw, durable=False)
         except SQLAlchemyError as error:
-            if not self._warned.is_set():
-                self._warned.set()
-                log.warning("whop_pacing_unavailable", error=type(error).__name__)
+            self._unavailable(error)
             return 0.0
         self._warned.clear()
         with self._changed:
