@@ -182,7 +182,7 @@ def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row
             used = now - before if now is not None and before is not None else None
             row.cores[name] = round(used / wall, 2) if used is not None else None
             if name != "simulator":  # the service: serve, and its worker processes
-                service_cpu = service_cpu + used if service_cpu is not None and used else None
+                service_cpu = None if service_cpu is None or used is None else service_cpu + used
         if service_cpu is not None:
             row.cpu_ms_per_purchase = round(service_cpu * 1000 / row.purchases, 1)
         # (The job metrics are the web process's: with worker processes it runs no job.)
