@@ -314,6 +314,13 @@ class Outbox:
         if self._database.skip_locked:
             statement = statement.with_for_update(skip_locked=True)
         batch = list(session.scalars(statement))
+        if mine and email_id not in {row.id for row in batch}:
+            # Leased above, so it must go in this batch (else it would stay leased, unsent,
+            # until the lease ran out): MariaDB's SKIP LOCKED can pass over a row this
+            # transaction itself locked, when it reads it through another index.
+            own_row = session.get(Email, email_id)
+            assert own_row is not None
+            batch = [own_row, *batch[: SEND_BATCH - 1]]
         others = [row.id for row in batch if not (mine and row.id == email_id)]
         if others:
             claimed = session.execute(
