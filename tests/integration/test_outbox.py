@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -435,11 +435,8 @@ def test_sessions_are_kept_per_smtp_configuration() -> None:
         wait_for(lambda: one.quits == 1 and two.quits == 1, what="both sessions' QUIT")
 
 
-def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port: int) -> None:
-    """The claim (one UPDATE and the read of the row) and the record of the send (one UPDATE,
-    no second read): the database work of each email, which runs for every purchase."""
-    email_id = queue(runtime)
-    assert email_id is not None
+def statements_on_emails(runtime: Runtime, work: Callable[[], None]) -> list[str]:
+    """Run `work`; the kinds of the statements (UPDATE, SELECT, …) it ran on `emails`."""
     statements: list[str] = []
 
     def record(conn: object, cursor: object, statement: str, *args: object) -> None:
@@ -449,10 +446,19 @@ def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port:
     engine = runtime.database.engine
     event.listen(engine, "before_cursor_execute", record)
     try:
-        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
-            runtime.outbox.send(email_id)
+        work()
     finally:
         event.remove(engine, "before_cursor_execute", record)
+    return statements
+
+
+def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port: int) -> None:
+    """The claim (one UPDATE and the read of the row) and the record of the send (one UPDATE,
+    no second read): the database work of each email, which runs for every purchase."""
+    email_id = queue(runtime)
+    assert email_id is not None
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        statements = statements_on_emails(runtime, lambda: runtime.outbox.send(email_id))
     assert len(sink.messages) == 1
     assert statements == ["UPDATE", "SELECT", "UPDATE"]
     sent = row(runtime, email_id)
@@ -514,19 +520,8 @@ def test_a_batch_reads_and_writes_the_emails_in_four_statements(
     """The claim: its own email's UPDATE, one SELECT of the batch, one UPDATE of the others;
     then one UPDATE records them all, whatever their number."""
     ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(3)]
-    statements: list[str] = []
-
-    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if "emails" in statement.lower():
-            statements.append(statement.split()[0].upper())
-
-    engine = runtime.database.engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
-            runtime.outbox.send(ids[0])
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        statements = statements_on_emails(runtime, lambda: runtime.outbox.send(ids[0]))
     assert len(sink.messages) == 3
     assert statements == ["UPDATE", "SELECT", "UPDATE", "UPDATE"]
 
