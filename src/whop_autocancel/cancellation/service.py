@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel import metrics
@@ -29,6 +29,7 @@ from whop_autocancel.cancellation.models import (
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.clock import Clock
 from whop_autocancel.db import leases
+from whop_autocancel.db.base import UTCDateTime
 from whop_autocancel.db.engine import Database, after_commit, insert_once
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
@@ -99,6 +100,43 @@ def new_idempotency_token() -> str:
     return secrets.token_hex(16)
 
 
+# The statements every purchase runs, built once (their parameters bound at each run):
+# building and keying a statement costs more than SQLite takes to run it.
+_OF_ORDER = select(Cancellation).where(Cancellation.order_id == bindparam("order_id"))
+_OF_ORDER_LOCKED = _OF_ORDER.with_for_update()
+_SCHEDULED_OF_ORDER = _OF_ORDER_LOCKED.where(Cancellation.status == Status.SCHEDULED.value)
+_SCHEDULED_OF_MEMBERSHIP = (
+    select(Cancellation)
+    .where(
+        Cancellation.membership_id == bindparam("membership_id"),
+        Cancellation.status == Status.SCHEDULED.value,
+    )
+    .with_for_update()
+)
+_DELIVERY_EMAILS = select(Email.sent_at, Email.failed_at, Email.next_attempt_at).where(
+    Email.order_id == bindparam("order_id"), Email.kind == DELIVERY_KIND
+)
+_ROWS = cast(Table, Cancellation.__table__)
+_NOW = bindparam("now", type_=UTCDateTime())
+# Lease a due row: a table statement, the claim's session holds no row yet.
+_CLAIM = (
+    update(_ROWS)
+    .where(
+        _ROWS.c.id == bindparam("cancellation_id"),
+        or_(
+            and_(_ROWS.c.status == Status.SCHEDULED.value, _ROWS.c.next_attempt_at <= _NOW),
+            and_(_ROWS.c.status == Status.RUNNING.value, _ROWS.c.lease_until < _NOW),
+        ),
+    )
+    .values(
+        status=Status.RUNNING.value,
+        lease_owner=bindparam("owner"),
+        lease_until=bindparam("new_lease", type_=UTCDateTime()),
+        updated_at=_NOW,
+    )
+)
+
+
 def idempotency_key(token: str, generation: int) -> str:
     """`cancel-<token>-<generation>`: repeated for a call whose outcome we do not know; a new
     token after a definite refusal, a new generation after an admin retry."""
@@ -116,9 +154,7 @@ def attach_membership(session: Session, jobs: Jobs, order: Order, now: datetime)
     takes it, and runs once the delay it was given is over."""
     if order.whop_membership_id is None:
         return
-    cancellation = session.scalars(
-        select(Cancellation).where(Cancellation.order_id == order.id)
-    ).first()
+    cancellation = session.scalars(_OF_ORDER, {"order_id": order.id}).first()
     if cancellation is not None and cancellation.membership_id is None:
         cancellation.membership_id = order.whop_membership_id
         if cancellation.status == "scheduled":
@@ -133,9 +169,7 @@ def schedule_cancellation(
     row that a run `skipped` before the order was delivered (an older `backfill` ran it while
     the order was still pending) is armed again, as a new attempt generation due `at`, and
     returned, so the caller wakes it like a new one."""
-    existing = session.scalars(
-        select(Cancellation).where(Cancellation.order_id == order.id).with_for_update()
-    ).first()
+    existing = session.scalars(_OF_ORDER_LOCKED, {"order_id": order.id}).first()
     if existing is not None:
         if existing.status != Status.SKIPPED.value:
             return None
@@ -167,14 +201,7 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
     when a call of ours may have been carried out (its answer was lost: timeout, 5xx),
     `already_inactive` when no call of ours went through. A `running` row is left alone: the
     answer of its call in flight settles it."""
-    rows = session.scalars(
-        select(Cancellation)
-        .where(
-            Cancellation.membership_id == membership_id,
-            Cancellation.status == Status.SCHEDULED.value,
-        )
-        .with_for_update()
-    ).all()
+    rows = session.scalars(_SCHEDULED_OF_MEMBERSHIP, {"membership_id": membership_id}).all()
     for row in rows:
         if ours_may_have_acted(row):
             row.status = Status.CANCELED.value
@@ -232,11 +259,7 @@ def _email_hold(
 ) -> tuple[float, str] | None:
     """(delay, reason) while the order has delivery emails and none was accepted; None when
     one was, or when the delivery sends none (`none`)."""
-    emails = session.execute(
-        select(Email.sent_at, Email.failed_at, Email.next_attempt_at).where(
-            Email.order_id == order.id, Email.kind == DELIVERY_KIND
-        )
-    ).all()
+    emails = session.execute(_DELIVERY_EMAILS, {"order_id": order.id}).all()
     if not emails or any(sent_at is not None for sent_at, _, _ in emails):
         return None
     retried = [due for _, failed_at, due in emails if failed_at is None]
@@ -268,14 +291,7 @@ def wake_after_email(session: Session, jobs: Jobs, order_id: str, now: datetime)
     wait adds no latency), and one not run yet (the delivery arms none while its email is on
     its way: a run would only find the email missing) is armed for its own time, CANCEL_DELAY
     after the delivery. Returns how many it woke or armed."""
-    rows = session.scalars(
-        select(Cancellation)
-        .where(
-            Cancellation.order_id == order_id,
-            Cancellation.status == Status.SCHEDULED.value,
-        )
-        .with_for_update()
-    ).all()
+    rows = session.scalars(_SCHEDULED_OF_ORDER, {"order_id": order_id}).all()
     for row in rows:
         held = row.last_error is not None and row.last_error.startswith(WAITING_FOR_EMAIL)
         if held:
@@ -507,26 +523,13 @@ class CancellationService:
         # with the same idempotency key (see `Database.transaction`).
         with self._database.transaction(durable=False) as session:
             taken = session.execute(
-                update(Cancellation)
-                .where(
-                    Cancellation.id == cancellation_id,
-                    or_(
-                        and_(
-                            Cancellation.status == Status.SCHEDULED.value,
-                            Cancellation.next_attempt_at <= now,
-                        ),
-                        and_(
-                            Cancellation.status == Status.RUNNING.value,
-                            Cancellation.lease_until < now,
-                        ),
-                    ),
-                )
-                .values(
-                    status=Status.RUNNING.value,
-                    lease_owner=self._owner,
-                    lease_until=now + timedelta(seconds=self._lease),
-                    updated_at=now,
-                )
+                _CLAIM,
+                {
+                    "cancellation_id": cancellation_id,
+                    "now": now,
+                    "owner": self._owner,
+                    "new_lease": now + timedelta(seconds=self._lease),
+                },
             )
             if taken.rowcount != 1:  # type: ignore[attr-defined]
                 return None  # final, not due yet, or leased by another worker

@@ -269,10 +269,12 @@ def insert_absent(
     rows sorted by `key`: transactions then lock keys in one order and cannot deadlock on them."""
     if not rows:
         return set()
-    column = model.__table__.c[key]
+    # Table statements, not the ORM's: plain rows, and no ORM bulk-insert layer to go through.
+    table = model.__table__
+    column = table.c[key]
     dialect = session.get_bind().dialect.name
     if dialect in ("postgresql", "sqlite"):
-        upsert = postgresql.insert(model) if dialect == "postgresql" else sqlite.insert(model)
+        upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         statement = (
             upsert.values(list(rows))
             .on_conflict_do_nothing(index_elements=[column])
@@ -285,13 +287,13 @@ def insert_absent(
         return set()
     try:
         with session.begin_nested():
-            session.execute(insert(model).values(fresh))
+            session.execute(insert(table).values(fresh))
     except IntegrityError:  # a concurrent transaction inserted one of them since the select
         inserted = set()
         for row in fresh:
             try:
                 with session.begin_nested():
-                    session.execute(insert(model).values(dict(row)))
+                    session.execute(insert(table).values(dict(row)))
             except IntegrityError:
                 continue
             inserted.add(row[key])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, delete, func, select, update
+from sqlalchemy import String, bindparam, delete, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
@@ -35,8 +35,11 @@ def try_acquire(session: Session, key: str, holder: str, now: datetime, seconds:
     return insert_once(session, Lease(key=key, holder=holder, until=until))
 
 
+_UNTIL = select(Lease.until).where(Lease.key == bindparam("key"))  # built once: read often
+
+
 def read_until(session: Session, key: str) -> datetime | None:
-    return session.execute(select(Lease.until).where(Lease.key == key)).scalar_one_or_none()
+    return session.execute(_UNTIL, {"key": key}).scalar_one_or_none()
 
 
 def extend_until(session: Session, key: str, holder: str, until: datetime) -> None:

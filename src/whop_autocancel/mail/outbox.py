@@ -6,15 +6,29 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import cast
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from whop_autocancel import metrics
 from whop_autocancel.clock import Clock
+from whop_autocancel.db.base import UTCDateTime
 from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
@@ -66,7 +80,12 @@ class _ClaimRaced(Exception):
         self.lost = lost
 
 
-def _due(now: datetime, *, leased_by: int | None = None) -> ColumnElement[bool]:
+_EMAILS = cast(Table, Email.__table__)
+
+
+def _due(
+    now: ColumnElement[datetime], *, leased_by: ColumnElement[int] | None = None
+) -> ColumnElement[bool]:
     """A message to send now: neither sent nor given up, due, and not leased by a worker (or
     its lease ran out: that worker died or hung); `leased_by`: or this message, whatever its
     lease (the one a claim has just leased).
@@ -75,13 +94,50 @@ def _due(now: datetime, *, leased_by: int | None = None) -> ColumnElement[bool]:
     expression, since on a table of sent emails `failed_at IS NULL` holds for nearly every
     row, and SQLite, which keeps no statistics, would otherwise walk its index (all the
     emails ever sent) instead of `sent_at`'s (the few not sent)."""
-    lease_free = or_(Email.lease_until.is_(None), Email.lease_until < now)
+    lease_free = or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now)
     return and_(
-        Email.sent_at.is_(None),
-        func.coalesce(Email.failed_at, Email.sent_at).is_(None),
-        Email.next_attempt_at <= now,
-        lease_free if leased_by is None else or_(lease_free, Email.id == leased_by),
+        _EMAILS.c.sent_at.is_(None),
+        func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at).is_(None),
+        _EMAILS.c.next_attempt_at <= now,
+        lease_free if leased_by is None else or_(lease_free, _EMAILS.c.id == leased_by),
     )
+
+
+# The statements a send runs for every message, built once (with their parameters bound at
+# each run): building and keying a statement costs more than SQLite takes to run it. They
+# are table statements: the session holds none of these rows when they run (see `_claim`).
+_NOW = bindparam("now", type_=UTCDateTime())
+_ID = bindparam("email_id", type_=Integer())
+_IDS = bindparam("email_ids", type_=Integer(), expanding=True)
+_LEASE = bindparam("new_lease", type_=UTCDateTime())
+_CLAIM_OWN = update(_EMAILS).where(_EMAILS.c.id == _ID, _due(_NOW)).values(lease_until=_LEASE)
+_CLAIM_OTHERS = update(_EMAILS).where(_EMAILS.c.id.in_(_IDS), _due(_NOW)).values(lease_until=_LEASE)
+_MARK_SENT = (
+    update(_EMAILS)
+    .where(_EMAILS.c.id.in_(_IDS))
+    .values(
+        attempts=_EMAILS.c.attempts + 1,
+        sent_at=_NOW,
+        lease_until=None,
+        last_error=None,
+    )
+)
+_RELEASE = (
+    update(_EMAILS)
+    .where(_EMAILS.c.id.in_(_IDS), _EMAILS.c.lease_until == _LEASE)
+    .values(lease_until=None)
+)
+
+
+def _batch_statement(*, mine: bool, skip_locked: bool) -> Select[Email]:
+    """The due messages a claim sends, oldest first (`mine`: the one it leased first)."""
+    statement = select(Email).where(_due(_NOW, leased_by=_ID if mine else None))
+    if mine:
+        statement = statement.order_by(case((Email.id == _ID, 0), else_=1), Email.id)
+    else:
+        statement = statement.order_by(Email.id)
+    statement = statement.limit(SEND_BATCH)
+    return statement.with_for_update(skip_locked=True) if skip_locked else statement
 
 
 class Outbox:
@@ -113,6 +169,10 @@ class Outbox:
         self._connections = SmtpPool(now=lambda: clock.now().timestamp())
         self._on_sent: list[EmailHook] = []
         self._on_failed: list[EmailHook] = []
+        self._batches = {
+            mine: _batch_statement(mine=mine, skip_locked=database.skip_locked)
+            for mine in (False, True)
+        }
 
     def listen(
         self, *, on_sent: EmailHook | None = None, on_failed: EmailHook | None = None
@@ -296,24 +356,13 @@ class Outbox:
         is rolled back (`_ClaimRaced`)."""
         now = self._clock.now()
         lease_until = now + timedelta(seconds=self._lease)
-        # (No session synchronisation: it holds no row yet, and the condition cannot be
-        # evaluated in Python, which would cost MariaDB a SELECT before each UPDATE.)
+        # (Table statements: no session synchronisation, it holds no row yet; the ORM's would
+        # cost MariaDB a SELECT before each UPDATE.)
         own = session.execute(
-            update(Email)
-            .where(Email.id == email_id, _due(now))
-            .values(lease_until=lease_until)
-            .execution_options(synchronize_session=False)
+            _CLAIM_OWN, {"email_id": email_id, "now": now, "new_lease": lease_until}
         )
         mine = own.rowcount == 1  # type: ignore[attr-defined]
-        statement = select(Email).where(_due(now, leased_by=email_id if mine else None))
-        if mine:
-            statement = statement.order_by(case((Email.id == email_id, 0), else_=1), Email.id)
-        else:
-            statement = statement.order_by(Email.id)
-        statement = statement.limit(SEND_BATCH)
-        if self._database.skip_locked:
-            statement = statement.with_for_update(skip_locked=True)
-        batch = list(session.scalars(statement))
+        batch = list(session.scalars(self._batches[mine], {"now": now, "email_id": email_id}))
         if mine and email_id not in {row.id for row in batch}:
             # Leased above, so it must go in this batch (else it would stay leased, unsent,
             # until the lease ran out): MariaDB's SKIP LOCKED can pass over a row this
@@ -324,10 +373,7 @@ class Outbox:
         others = [row.id for row in batch if not (mine and row.id == email_id)]
         if others:
             claimed = session.execute(
-                update(Email)
-                .where(Email.id.in_(others), _due(now))
-                .values(lease_until=lease_until)
-                .execution_options(synchronize_session=False)
+                _CLAIM_OTHERS, {"email_ids": others, "now": now, "new_lease": lease_until}
             )
             if claimed.rowcount != len(others):  # type: ignore[attr-defined]
                 # Not expected (the rows are locked, or SQLite writes alone): another worker
@@ -348,12 +394,8 @@ class Outbox:
         released (their lease ended, a job enqueued to wake them)."""
         now = self._clock.now()
         if accepted:
+            session.execute(_MARK_SENT, {"email_ids": [row.id for row, _ in accepted], "now": now})
             changes = {"sent_at": now, "lease_until": None, "last_error": None}
-            session.execute(
-                update(Email)
-                .where(Email.id.in_([row.id for row, _ in accepted]))
-                .values(attempts=Email.attempts + 1, **changes)
-            )
             for row, attempts in accepted:
                 # The hooks get the row as claimed, brought up to date without reading it
                 # again (one round trip less per email): the values it now has, as committed.
@@ -366,13 +408,7 @@ class Outbox:
             # Only while the lease is still this batch's: once run out, another worker may
             # hold the row, and must keep it.
             session.execute(
-                update(Email)
-                .where(
-                    Email.id.in_([row.id for row in released]),
-                    Email.lease_until == lease_until,
-                )
-                .values(lease_until=None)
-                .execution_options(synchronize_session=False)
+                _RELEASE, {"email_ids": [row.id for row in released], "new_lease": lease_until}
             )
             # Their own jobs may have come and gone while this batch held them: one job
             # claims them all again (they are fewer than a batch).
