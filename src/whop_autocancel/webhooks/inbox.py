@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 import structlog
-from sqlalchemy import Exists, or_, select
+from sqlalchemy import Exists, Integer, bindparam, or_, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
@@ -356,16 +356,10 @@ class Inbox:
         """Apply those of `event_ids` still `received` (and not held by another run), oldest
         first: the (type, status) of each one applied."""
         now = self._clock.now()
-        statement = (
-            select(WebhookEvent)
-            .where(WebhookEvent.id.in_(event_ids), WebhookEvent.status == RECEIVED)
-            .order_by(WebhookEvent.received_at, WebhookEvent.id)
-        )
-        if self._database.skip_locked:
-            statement = statement.with_for_update(skip_locked=True)
+        statement = _RECEIVED_AMONG_LOCKED if self._database.skip_locked else _RECEIVED_AMONG
         # (SQLite: the transaction began with the write lock, so nobody else applies now.)
         done = []
-        for event in session.scalars(statement).all():
+        for event in session.scalars(statement, {"event_ids": list(event_ids)}).all():
             order_id = self._apply_stored(session, event, now)
             log.info(
                 "webhook_applied",
@@ -584,15 +578,26 @@ def _event_id(arrival: Arrival) -> str:
 
 def oldest_received_events(session: Session, limit: int) -> list[str]:
     """The ids of the events waiting to be applied, oldest first."""
-    return list(
-        session.scalars(
-            select(WebhookEvent.id)
-            .where(WebhookEvent.status == RECEIVED)
-            .order_by(WebhookEvent.received_at, WebhookEvent.id)
-            .limit(limit)
-        )
-    )
+    return list(session.scalars(_OLDEST_RECEIVED, {"limit": limit}))
 
+
+# The statements each apply run makes, built once (their parameters bound at each run):
+# building and keying a statement costs more than SQLite takes to run it.
+_OLDEST_RECEIVED = (
+    select(WebhookEvent.id)
+    .where(WebhookEvent.status == RECEIVED)
+    .order_by(WebhookEvent.received_at, WebhookEvent.id)
+    .limit(bindparam("limit", type_=Integer()))
+)
+_RECEIVED_AMONG = (
+    select(WebhookEvent)
+    .where(
+        WebhookEvent.id.in_(bindparam("event_ids", expanding=True)),
+        WebhookEvent.status == RECEIVED,
+    )
+    .order_by(WebhookEvent.received_at, WebhookEvent.id)
+)
+_RECEIVED_AMONG_LOCKED = _RECEIVED_AMONG.with_for_update(skip_locked=True)
 
 CLAIM_PREFIXES = ("refund.", "dispute.")  # the events that can stop a cancellation
 # Their types (WHOP.md), for the (status, type) index.
