@@ -453,14 +453,15 @@ def statements_on_emails(runtime: Runtime, work: Callable[[], None]) -> list[str
 
 
 def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port: int) -> None:
-    """The claim (one UPDATE and the read of the row) and the record of the send (one UPDATE,
-    no second read): the database work of each email, which runs for every purchase."""
+    """The claim (one UPDATE, the read of its row by its key and the look for other due
+    ones) and the record of the send (one UPDATE, no second read): the database work of each
+    email, which runs for every purchase."""
     email_id = queue(runtime)
     assert email_id is not None
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         statements = statements_on_emails(runtime, lambda: runtime.outbox.send(email_id))
     assert len(sink.messages) == 1
-    assert statements == ["UPDATE", "SELECT", "UPDATE"]
+    assert statements == ["UPDATE", "SELECT", "SELECT", "UPDATE"]
     sent = row(runtime, email_id)
     assert sent.sent_at is not None
     assert sent.attempts == 1
@@ -514,16 +515,51 @@ def test_one_job_sends_the_due_emails_with_one_claim_and_one_record(
         assert (sent.attempts, sent.lease_until, sent.last_error) == (1, None, None)
 
 
-def test_a_batch_reads_and_writes_the_emails_in_four_statements(
+def test_a_batch_reads_and_writes_the_emails_in_five_statements(
     runtime: Runtime, port: int
 ) -> None:
-    """The claim: its own email's UPDATE, one SELECT of the batch, one UPDATE of the others;
-    then one UPDATE records them all, whatever their number."""
+    """The claim: its own email's UPDATE, the read of that row by its key, one SELECT of the
+    others, one UPDATE of them; then one UPDATE records them all, whatever their number."""
     ids = [queued(runtime, to=f"buyer{n}@example.com") for n in range(3)]
     with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
         statements = statements_on_emails(runtime, lambda: runtime.outbox.send(ids[0]))
     assert len(sink.messages) == 3
-    assert statements == ["UPDATE", "SELECT", "UPDATE", "UPDATE"]
+    assert statements == ["UPDATE", "SELECT", "SELECT", "UPDATE", "UPDATE"]
+
+
+def test_a_claim_reads_no_more_of_a_backlog_than_it_takes(runtime: Runtime, port: int) -> None:
+    """With thousands of emails waiting (a flash sale), each claim must read a batch, not the
+    whole backlog: SQLite walks the `sent_at` index in id order and stops at the batch's end,
+    with no sort of every waiting row (which made each claim cost as much as the backlog)."""
+    if runtime.database.backend != "sqlite":
+        pytest.skip("reads SQLite's query plan")
+    statements: list[tuple[str, object]] = []
+
+    def record(
+        conn: object, cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM emails" in statement:
+            statements.append((statement, parameters))
+
+    for n in range(3):
+        queued(runtime, to=f"buyer{n}@example.com")
+    engine = runtime.database.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with SmtpSink(port=port, credentials=CREDENTIALS):
+            runtime.outbox.send(queued(runtime, to="own@example.com"))
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    batch = [(sql, parameters) for sql, parameters in statements if "LIMIT" in sql]
+    assert len(batch) == 1
+    sql, parameters = batch[0]
+    with engine.connect() as connection:
+        plan = [
+            str(step[-1])
+            for step in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)  # type: ignore[arg-type]
+        ]
+    assert any("INDEX ix_emails_sent_at" in step for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan
 
 
 def test_a_job_sends_its_own_email_first_and_at_most_a_batch(runtime: Runtime, port: int) -> None:

@@ -17,7 +17,6 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
-    case,
     func,
     or_,
     select,
@@ -83,23 +82,19 @@ class _ClaimRaced(Exception):
 _EMAILS = cast(Table, Email.__table__)
 
 
-def _due(
-    now: ColumnElement[datetime], *, leased_by: ColumnElement[int] | None = None
-) -> ColumnElement[bool]:
+def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
     """A message to send now: neither sent nor given up, due, and not leased by a worker (or
-    its lease ran out: that worker died or hung); `leased_by`: or this message, whatever its
-    lease (the one a claim has just leased).
+    its lease ran out: that worker died or hung).
 
     Only `sent_at IS NULL` can be served by an index: `failed_at` is tested inside an
     expression, since on a table of sent emails `failed_at IS NULL` holds for nearly every
     row, and SQLite, which keeps no statistics, would otherwise walk its index (all the
     emails ever sent) instead of `sent_at`'s (the few not sent)."""
-    lease_free = or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now)
     return and_(
         _EMAILS.c.sent_at.is_(None),
         func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at).is_(None),
         _EMAILS.c.next_attempt_at <= now,
-        lease_free if leased_by is None else or_(lease_free, _EMAILS.c.id == leased_by),
+        or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now),
     )
 
 
@@ -129,14 +124,10 @@ _RELEASE = (
 )
 
 
-def _batch_statement(*, mine: bool, skip_locked: bool) -> Select[Email]:
-    """The due messages a claim sends, oldest first (`mine`: the one it leased first)."""
-    statement = select(Email).where(_due(_NOW, leased_by=_ID if mine else None))
-    if mine:
-        statement = statement.order_by(case((Email.id == _ID, 0), else_=1), Email.id)
-    else:
-        statement = statement.order_by(Email.id)
-    statement = statement.limit(SEND_BATCH)
+def _others_statement(*, skip_locked: bool) -> Select[Email]:
+    """The other due messages a claim sends with its own, oldest first: by the `sent_at`
+    index, in id order, so it reads no more rows than it takes however many wait."""
+    statement = select(Email).where(_due(_NOW)).order_by(Email.id).limit(bindparam("room"))
     return statement.with_for_update(skip_locked=True) if skip_locked else statement
 
 
@@ -169,10 +160,7 @@ class Outbox:
         self._connections = SmtpPool(now=lambda: clock.now().timestamp())
         self._on_sent: list[EmailHook] = []
         self._on_failed: list[EmailHook] = []
-        self._batches = {
-            mine: _batch_statement(mine=mine, skip_locked=database.skip_locked)
-            for mine in (False, True)
-        }
+        self._others = _others_statement(skip_locked=database.skip_locked)
 
     def listen(
         self, *, on_sent: EmailHook | None = None, on_failed: EmailHook | None = None
@@ -362,15 +350,13 @@ class Outbox:
             _CLAIM_OWN, {"email_id": email_id, "now": now, "new_lease": lease_until}
         )
         mine = own.rowcount == 1  # type: ignore[attr-defined]
-        batch = list(session.scalars(self._batches[mine], {"now": now, "email_id": email_id}))
-        if mine and email_id not in {row.id for row in batch}:
-            # Leased above, so it must go in this batch (else it would stay leased, unsent,
-            # until the lease ran out): MariaDB's SKIP LOCKED can pass over a row this
-            # transaction itself locked, when it reads it through another index.
-            own_row = session.get(Email, email_id)
-            assert own_row is not None
-            batch = [own_row, *batch[: SEND_BATCH - 1]]
-        others = [row.id for row in batch if not (mine and row.id == email_id)]
+        # Its own message first, when it leased it (read by its key: never passed over by
+        # SKIP LOCKED), then the oldest others still due (its own, leased now, is not).
+        own_row = session.get(Email, email_id) if mine else None
+        room = SEND_BATCH - (1 if own_row is not None else 0)
+        others_due = list(session.scalars(self._others, {"now": now, "room": room}))
+        batch = [own_row, *others_due] if own_row is not None else others_due
+        others = [row.id for row in others_due]
         if others:
             claimed = session.execute(
                 _CLAIM_OTHERS, {"email_ids": others, "now": now, "new_lease": lease_until}
