@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, update
 
-from support.harness import free_port, make_runtime, make_settings, wait_for
+from support.harness import drain, free_port, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
-from whop_autocancel.mail.outbox import SEND_BATCH, Outbox
+from whop_autocancel.mail.outbox import SEND_BATCH, SEND_TASK, Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
 from whop_autocancel.mail.sink import ReceivedEmail, SmtpSink
 from whop_autocancel.mail.smtp import SMTP_IDLE_SECONDS, SmtpPool, build_message
@@ -46,7 +46,12 @@ def runtime(tmp_path: Path, clock: FrozenClock, port: int, database_url: str) ->
 
 
 def queue(
-    runtime: Runtime, to: str = "buyer@example.com", key: str | None = None, kind: str = "test"
+    runtime: Runtime,
+    to: str = "buyer@example.com",
+    key: str | None = None,
+    kind: str = "test",
+    *,
+    wake: bool = True,
 ) -> int | None:
     email = render_email(
         "alert",
@@ -58,7 +63,13 @@ def queue(
     )
     with runtime.database.transaction() as session:
         row = runtime.outbox.queue(
-            session, kind=kind, to=to, email=email, now=runtime.clock.now(), dedupe_key=key
+            session,
+            kind=kind,
+            to=to,
+            email=email,
+            now=runtime.clock.now(),
+            dedupe_key=key,
+            wake=wake,
         )
         return row.id if row else None
 
@@ -525,6 +536,38 @@ def test_a_batch_reads_and_writes_the_emails_in_five_statements(
         statements = statements_on_emails(runtime, lambda: runtime.outbox.send(ids[0]))
     assert len(sink.messages) == 3
     assert statements == ["UPDATE", "SELECT", "SELECT", "UPDATE", "UPDATE"]
+
+
+def send_jobs(runtime: Runtime) -> list[tuple[object, ...]]:
+    """The `mail.send` jobs on the queue, by their arguments."""
+    return [tuple(task.args) for task in runtime.jobs.huey.pending() if task.name == SEND_TASK]
+
+
+def test_a_message_queued_without_a_job_goes_in_the_batch_of_one_with_a_job(
+    runtime: Runtime, port: int
+) -> None:
+    """A purchase's admin notice wakes no job of its own (`wake=False`): the job of the
+    customer's email, queued in the same transaction, sends both."""
+    customer = queue(runtime, to="customer@example.com")
+    queue(runtime, to="admin@example.com", wake=False)
+    assert send_jobs(runtime) == [(customer,)]
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        assert drain(runtime) == 1
+    assert recipients(sink) == ["customer@example.com", "admin@example.com"]
+
+
+def test_a_full_batch_wakes_the_next_job_until_nothing_is_due(runtime: Runtime, port: int) -> None:
+    """Messages queued without a job of their own never wait for the stuck-work sweep, however
+    many: each full batch enqueues the next job, the last one (not full) none."""
+    quiet = [queue(runtime, to=f"quiet{n}@example.com", wake=False) for n in range(SEND_BATCH + 3)]
+    loud = queue(runtime, to="loud@example.com")
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        assert drain(runtime) == 2  # its own batch (full), then the one it woke (4 left)
+        assert sorted(recipients(sink)) == sorted(
+            [f"quiet{n}@example.com" for n in range(SEND_BATCH + 3)] + ["loud@example.com"]
+        )
+    assert send_jobs(runtime) == []
+    assert all(row(runtime, email_id).attempts == 1 for email_id in [*quiet, loud] if email_id)
 
 
 def test_a_claim_reads_no_more_of_a_backlog_than_it_takes(runtime: Runtime, port: int) -> None:

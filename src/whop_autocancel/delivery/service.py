@@ -319,7 +319,8 @@ class DeliveryService:
         delivery: Delivery,
         now: datetime,
     ) -> None:
-        if delivery.customer_email is not None and order.email:
+        customer_email = delivery.customer_email is not None and bool(order.email)
+        if customer_email:
             self._queue_customer_email(
                 session, order, delivery, now, f"delivery:{order.id}:customer"
             )
@@ -347,6 +348,9 @@ class DeliveryService:
                 now=now,
                 order_id=order.id,
                 dedupe_key=f"delivery:{order.id}:admin:{address}",
+                # Sent in the batch of the customer's email (queued just before: the older),
+                # one `mail.send` job for the purchase instead of one a message.
+                wake=not customer_email,
             )
         if order.waiting_for_stock:
             self._alerts.resolve(session, f"out_of_stock:{order.id}", now)

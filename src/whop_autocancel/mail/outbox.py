@@ -184,9 +184,13 @@ class Outbox:
         alert_id: int | None = None,
         dedupe_key: str | None = None,
         sealed: bool = False,
+        wake: bool = True,
     ) -> Email | None:
         """Add a message to the outbox (None when `dedupe_key` was queued before). `sealed`:
-        the body holds a secret (a stock item) and is stored encrypted."""
+        the body holds a secret (a stock item) and is stored encrypted. `wake=False`: enqueue
+        no `mail.send` job for it, when the caller queues another message in the same
+        transaction that wakes one: a job sends every due message, oldest first, a batch at a
+        time, and a full batch wakes the next job (see `send`), so it goes with that one."""
         text, html = email.text, email.html
         if sealed:
             text, html = self._require_sealer().seal(text), self._require_sealer().seal(html)
@@ -205,7 +209,8 @@ class Outbox:
         )
         if not insert_once(session, row):
             return None
-        self._jobs.defer(session, SEND_TASK, row.id)
+        if wake:
+            self._jobs.defer(session, SEND_TASK, row.id)
         return row
 
     def queue_chat(
@@ -303,6 +308,11 @@ class Outbox:
             # not started is released (the message that raised stays leased until its lease
             # runs out, as if this worker had died while sending it).
             self._finish(accepted, list(waiting), lease_until)
+        if len(batch) == SEND_BATCH and not waiting:
+            # A full batch: more may be due, some queued without a job of their own (`queue`'s
+            # `wake`). The next job takes them (it finds its own message sent: the rows are
+            # the truth), and so on until a batch is not full.
+            self._jobs.enqueue(SEND_TASK, batch[-1].id)
 
     def _finish(self, accepted: list[Email], released: list[Email], lease_until: datetime) -> None:
         if not (accepted or released):
