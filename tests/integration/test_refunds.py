@@ -29,6 +29,7 @@ from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.webhooks.inbox import names_unapplied
 from whop_autocancel.webhooks.models import WebhookEvent
 
 
@@ -212,3 +213,18 @@ def test_only_a_stored_refund_or_dispute_holds_the_cancellation(
     tried = run_cancellation(runtime, clock, row.id)
     assert tried.attempts == 1  # it called Whop (unreachable here), it did not wait
     assert "webhook" not in (tried.last_error or "")
+
+
+def test_a_stored_claim_holds_only_the_purchase_it_names_exactly(
+    service: tuple[Runtime, httpx.Client],
+) -> None:
+    """The search of the stored claims' bodies matches an id as written: `_` and `%` in an id
+    (every Whop id has a `_`) match only themselves, not any character."""
+    runtime, http = service
+    assert post_event(http, claim("refund", "rf_9", "pay_Exact1")).json() == {"status": "received"}
+    with runtime.database.transaction() as session:
+        assert names_unapplied(session, ["pay_Exact1"])
+        assert names_unapplied(session, ["mem_Other", "pay_Exact1"])
+        assert not names_unapplied(session, ["payXExact1"])  # `_` is not a wildcard
+        assert not names_unapplied(session, ["pay%1"])  # nor `%`
+        assert not names_unapplied(session, ["pay_Exact"])  # a prefix is another id

@@ -10,14 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import cast
 from uuid import uuid4
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import String, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel import metrics
 from whop_autocancel.alerts.models import DEDUPE_KEY_LENGTH, Alert, AlertKind
+from whop_autocancel.db.base import UTCDateTime
 from whop_autocancel.db.engine import after_commit, insert_once
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
@@ -181,15 +183,24 @@ class Alerts:
         `KEY:resolved:<random>`, KEY cut so the whole fits the column (a key as long as the
         column would otherwise stay itself, never freed). The rows are not brought into the
         session (its objects are not synchronised: no caller holds the alerts it resolves)."""
-        suffix = f":resolved:{uuid4().hex}"
-        kept = func.substr(Alert.dedupe_key, 1, DEDUPE_KEY_LENGTH - len(suffix))
         result = session.execute(
-            update(Alert)
-            .where(Alert.dedupe_key.in_(keys))
-            .values(dedupe_key=kept + suffix, resolved_at=now)
-            .execution_options(synchronize_session=False)
+            _RESOLVE_KEYS, {"keys": list(keys), "suffix": f":resolved:{uuid4().hex}", "now": now}
         )
         return result.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+_ALERTS = cast(Table, Alert.__table__)
+_SUFFIX_LENGTH = len(f":resolved:{uuid4().hex}")
+# Built once (every successful cancellation runs it): a table statement, see `resolve_keys`.
+_RESOLVE_KEYS = (
+    update(_ALERTS)
+    .where(_ALERTS.c.dedupe_key.in_(bindparam("keys", expanding=True)))
+    .values(
+        dedupe_key=func.substr(_ALERTS.c.dedupe_key, 1, DEDUPE_KEY_LENGTH - _SUFFIX_LENGTH)
+        + bindparam("suffix", type_=String()),
+        resolved_at=bindparam("now", type_=UTCDateTime()),
+    )
+)
 
 
 def _count(session: Session, kind: str, outcome: str) -> None:
