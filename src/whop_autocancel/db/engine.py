@@ -9,14 +9,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
-from sqlalchemy import Engine, create_engine, event, insert, select, text
+from sqlalchemy import Engine, Table, create_engine, event, insert, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from whop_autocancel.db.write_turn import WriteTurn
 
@@ -244,17 +245,56 @@ def savepoint(session: Session) -> Iterator[None]:
 
 
 def insert_once(session: Session, row: object) -> bool:
-    """Insert `row` unless a unique key already holds it (then False, and nothing changes).
+    """Insert `row` unless a unique key already holds it (then False, and nothing changes);
+    inserted, it is in the session, with every column as the database stored it.
 
-    The one place that turns "someone else inserted it first" into a plain answer, in a
-    savepoint so the surrounding transaction stays usable.
+    The one place that turns "someone else inserted it first" into a plain answer. On SQLite
+    and PostgreSQL in one statement (`INSERT … ON CONFLICT DO NOTHING RETURNING`); elsewhere
+    (MariaDB) in a savepoint, so the surrounding transaction stays usable after the error.
     """
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        return _insert_unless_held(session, row, dialect)
     try:
         with session.begin_nested():
             session.add(row)
             session.flush()
     except IntegrityError:
         return False
+    return True
+
+
+# `INSERT … ON CONFLICT DO NOTHING RETURNING *` of each (table, dialect), built once.
+_INSERTS_UNLESS_HELD: dict[tuple[Table, str], Any] = {}
+
+
+def _insert_unless_held(session: Session, row: object, dialect: str) -> bool:
+    """`insert_once` without a savepoint or a unit-of-work flush of its own (each costs more
+    than the insert): the row's set columns go in one statement, and the row, inserted, joins
+    the session as if it had been read. What the session holds is flushed first (the row may
+    refer to it)."""
+    state = inspect(row)
+    mapper = state.mapper
+    table = cast(Table, mapper.local_table)
+    statement = _INSERTS_UNLESS_HELD.get((table, dialect))
+    if statement is None:
+        upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        statement = upsert.on_conflict_do_nothing().returning(*table.c)
+        _INSERTS_UNLESS_HELD[(table, dialect)] = statement
+    columns = [(prop.key, prop.columns[0]) for prop in mapper.column_attrs]
+    values = {
+        column.key: state.dict[key]
+        for key, column in columns
+        if key in state.dict and not (column.primary_key and state.dict[key] is None)
+    }
+    session.flush()
+    stored = session.execute(statement, values).first()
+    if stored is None:
+        return False
+    for key, column in columns:
+        set_committed_value(row, key, stored._mapping[column])
+    make_transient_to_detached(row)
+    session.add(row)
     return True
 
 
