@@ -298,6 +298,10 @@ def _insert_unless_held(session: Session, row: object, dialect: str) -> bool:
     return True
 
 
+# `insert_absent`'s statement for each (table, dialect, key column), built once.
+_ABSENT_INSERTS: dict[tuple[Table, str, str], Any] = {}
+
+
 def insert_absent(
     session: Session, model: type[Any], rows: Sequence[Mapping[str, Any]], key: str
 ) -> set[Any]:
@@ -314,13 +318,16 @@ def insert_absent(
     column = table.c[key]
     dialect = session.get_bind().dialect.name
     if dialect in ("postgresql", "sqlite"):
-        upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-        statement = (
-            upsert.values(list(rows))
-            .on_conflict_do_nothing(index_elements=[column])
-            .returning(column)
-        )
-        return set(session.scalars(statement))
+        # One statement built once, its rows as parameters: SQLAlchemy sends them as one
+        # multi-row INSERT (its "insertmanyvalues"), in the order given, and returns the keys
+        # of those inserted. (A statement built with the rows in it costs more to build and key
+        # than the database takes to run it.)
+        statement = _ABSENT_INSERTS.get((table, dialect, key))
+        if statement is None:
+            upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+            statement = upsert.on_conflict_do_nothing(index_elements=[column]).returning(column)
+            _ABSENT_INSERTS[(table, dialect, key)] = statement
+        return set(session.scalars(statement, [dict(row) for row in rows]))
     present = set(session.scalars(select(column).where(column.in_([row[key] for row in rows]))))
     fresh = [row for row in rows if row[key] not in present]
     if not fresh:
