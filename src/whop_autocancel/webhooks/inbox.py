@@ -319,9 +319,7 @@ class Inbox:
                 applied_before = applied
                 for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
                     chunk = oldest[start : start + APPLY_PER_TRANSACTION]
-                    done = self._database.run(
-                        partial(self._apply_chunk, event_ids=chunk), durable=False
-                    )
+                    done = self._apply_chunk_run(chunk)
                     for kind, status in done:
                         metrics.observe_webhook_apply(kind, status)
                     applied += len(done)
@@ -352,15 +350,31 @@ class Inbox:
             self._apply_again = True
             return True
 
-    def _apply_chunk(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
+    def _apply_chunk_run(self, chunk: Sequence[str]) -> list[tuple[str, str]]:
+        """Apply a chunk in one transaction, first without a savepoint for each event (each
+        costs more than most events' work); when one fails, the whole transaction is rolled
+        back and the chunk applied again with them, so that the failed event is recorded
+        `failed` and the others applied (nothing left the process: the commit never came)."""
+        try:
+            return self._database.run(
+                partial(self._apply_chunk, event_ids=chunk, careful=False), durable=False
+            )
+        except _ApplyFailed as failed:
+            log.info("webhook_chunk_applied_again", events=len(chunk), error=str(failed))
+            return self._database.run(partial(self._apply_chunk, event_ids=chunk), durable=False)
+
+    def _apply_chunk(
+        self, session: Session, event_ids: Sequence[str], careful: bool = True
+    ) -> list[tuple[str, str]]:
         """Apply those of `event_ids` still `received` (and not held by another run), oldest
-        first: the (type, status) of each one applied."""
+        first: the (type, status) of each one applied. `careful=False`: no savepoints, an
+        event that fails raises `_ApplyFailed` (see `_apply_chunk_run`)."""
         now = self._clock.now()
         statement = _RECEIVED_AMONG_LOCKED if self._database.skip_locked else _RECEIVED_AMONG
         # (SQLite: the transaction began with the write lock, so nobody else applies now.)
         done = []
         for event in session.scalars(statement, {"event_ids": list(event_ids)}).all():
-            order_id = self._apply_stored(session, event, now)
+            order_id = self._apply_stored(session, event, now, careful=careful)
             log.info(
                 "webhook_applied",
                 event_id=event.id,
@@ -372,7 +386,9 @@ class Inbox:
             done.append((event.type, event.status))
         return done
 
-    def _apply_stored(self, session: Session, event: WebhookEvent, now: datetime) -> str | None:
+    def _apply_stored(
+        self, session: Session, event: WebhookEvent, now: datetime, *, careful: bool = True
+    ) -> str | None:
         try:
             envelope = parse_envelope(event.payload.encode("utf-8"))
         except PayloadError as error:  # (it was read when it arrived: a row edited since)
@@ -382,6 +398,17 @@ class Inbox:
             event.next_attempt_at = None
             self._alert_apply_failed(session, event, now, retried=False)
             return None
+        if not careful:
+            event_id = event.id  # (the session is unusable once a flush fails)
+            try:
+                handled, order_id = self._apply(session, envelope, now)
+                session.flush()  # (what it wrote fails here, as its savepoint's end would)
+            except (OperationalError, DBInterfaceError):
+                raise
+            except Exception as error:
+                raise _ApplyFailed(f"{event_id}: {type(error).__name__}") from error
+            self._applied(event, handled, order_id, now)
+            return order_id
         return self._apply_recording(session, event, envelope, now)
 
     def _apply_recording(
@@ -416,13 +443,18 @@ class Inbox:
             if never or event.attempts >= self._max_attempts:
                 self._alert_apply_failed(session, event, now, retried=not never)
             return None
+        self._applied(event, handled, order_id, now)
+        return order_id
+
+    def _applied(
+        self, event: WebhookEvent, handled: bool, order_id: str | None, now: datetime
+    ) -> None:
         event.attempts += 1
         event.status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
         event.order_id = order_id or event.order_id
         event.handled_at = now
         event.last_error = None
         event.next_attempt_at = None
-        return order_id
 
     def _apply(
         self, session: Session, envelope: Envelope, now: datetime
@@ -537,6 +569,10 @@ class Inbox:
             ),
             now,
         )
+
+
+class _ApplyFailed(Exception):
+    """An event of a chunk applied without savepoints failed: the chunk goes again with them."""
 
 
 def store_arrivals(session: Session, arrivals: Sequence[Arrival]) -> list[str]:
