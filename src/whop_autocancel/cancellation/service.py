@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Protocol, TypeVar, cast
 
 import structlog
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import Table, and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from whop_autocancel import metrics
@@ -337,22 +337,28 @@ def _record_attempt(
     detail = reply.describe()
     if check is not None:
         detail += f"; read back: {check.describe()}"
-    session.add(
-        CancellationAttempt(
-            cancellation_id=claim.id,
-            order_id=claim.order_id,
-            at=now,
-            generation=claim.generation,
-            attempt=attempts if attempts is not None else claim.attempts,
-            request=request,
-            membership_id=claim.membership_id,
-            idempotency_key=claim.idempotency_key if request == CANCEL_REQUEST else None,
-            http_status=reply.status,
-            outcome=classify(reply).value,
-            result=result,
-            detail=detail[:2000],
-        )
+    # A table statement built once: nothing reads the row back in this transaction, and the
+    # ORM's unit of work would cost more than the insert.
+    session.execute(
+        _INSERT_ATTEMPT,
+        {
+            "cancellation_id": claim.id,
+            "order_id": claim.order_id,
+            "at": now,
+            "generation": claim.generation,
+            "attempt": attempts if attempts is not None else claim.attempts,
+            "request": request,
+            "membership_id": claim.membership_id,
+            "idempotency_key": claim.idempotency_key if request == CANCEL_REQUEST else None,
+            "http_status": reply.status,
+            "outcome": classify(reply).value,
+            "result": result,
+            "detail": detail[:2000],
+        },
     )
+
+
+_INSERT_ATTEMPT = insert(cast(Table, CancellationAttempt.__table__))
 
 
 class CancellationService:
