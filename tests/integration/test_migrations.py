@@ -3,13 +3,26 @@ cleanly: a model change without its migration fails here, not in a merchant's up
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from whop_autocancel.db.engine import Database
+from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.schema import Base
-from whop_autocancel.schema.migrate import alembic_config, current_revision, upgrade
+from whop_autocancel.schema.migrate import (
+    HEAD_REVISION,
+    alembic_config,
+    current_revision,
+    upgrade,
+    upgrade_in_child,
+)
 
 
 def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
@@ -26,5 +39,65 @@ def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
         assert current_revision(database) == "0003"
         upgrade(database)  # and back: the shared test databases stay at head
         assert current_revision(database) == "0010"
+    finally:
+        database.dispose()
+
+
+def test_the_code_knows_the_newest_migration() -> None:
+    """`HEAD_REVISION` (what a start compares the database with, without loading alembic) is
+    alembic's head: a new migration must move it."""
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config(Database("sqlite://"))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+
+
+def test_a_start_on_a_current_schema_does_not_load_alembic(tmp_path: Path) -> None:
+    """The check at every `serve` start reads the revision with one query: a process whose
+    schema is current never imports alembic (9 MB of its memory)."""
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    database = Database(url)
+    try:
+        upgrade(database)  # the first start migrates
+    finally:
+        database.dispose()
+    script = (
+        "import sys\n"
+        "from whop_autocancel.db.engine import Database\n"
+        "from whop_autocancel.schema.migrate import upgrade\n"
+        f"database = Database({url!r})\n"
+        "assert upgrade(database) == ('0010', '0010'), upgrade(database)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_serve_migrates_sqlite_in_a_child_process(tmp_path: Path) -> None:
+    """A first `serve` on SQLite migrates in a child process: the server itself never loads
+    alembic. A migration that fails says why in one line."""
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    script = (
+        "import sys\n"
+        "from whop_autocancel.db.engine import Database\n"
+        "from whop_autocancel.schema.migrate import current_revision, upgrade_in_child\n"
+        f"database = Database({url!r})\n"
+        "assert upgrade_in_child(database) == (None, '0010')\n"
+        "assert current_revision(database) == '0010'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+    broken = tmp_path / "broken.db"  # a table of the first migration's there already
+    sqlite3.connect(broken).execute("CREATE TABLE orders (id TEXT)").connection.close()
+    database = Database(f"sqlite:///{broken}")
+    try:
+        with pytest.raises(ConfigurationError, match=r"migrating the schema failed: .*orders"):
+            upgrade_in_child(database)
     finally:
         database.dispose()

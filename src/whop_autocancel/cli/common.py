@@ -116,13 +116,14 @@ def first_line(error: Exception) -> str:
 def prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
     """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
     from whop_autocancel.db.engine import Database, sqlite_path
-    from whop_autocancel.schema.migrate import current_revision, head_revision, upgrade
+    from whop_autocancel.schema.migrate import current_revision, head_revision, upgrade_in_child
 
     database = Database(settings.DATABASE_URL)
     try:
         ping_database(database)
         if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
-            before, after = upgrade(database)
+            # In a child process: alembic's memory is not kept by a long-running `serve`.
+            before, after = upgrade_in_child(database)
             if before != after:
                 log.info("database_migrated", before=before, after=after)
             return
