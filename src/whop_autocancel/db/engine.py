@@ -281,7 +281,11 @@ def _insert_unless_held(session: Session, row: object, dialect: str) -> bool:
         upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         statement = upsert.on_conflict_do_nothing().returning(*table.c)
         _INSERTS_UNLESS_HELD[(table, dialect)] = statement
-    columns = [(prop.key, prop.columns[0]) for prop in mapper.column_attrs]
+    columns = [
+        (prop.key, prop.columns[0])
+        for prop in mapper.column_attrs
+        if prop.columns[0].table is table  # (the table's own columns, not SQL expressions)
+    ]
     values = {
         column.key: state.dict[key]
         for key, column in columns
