@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from support.harness import (
     MESSAGE_PLAN,
@@ -273,3 +273,33 @@ def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -
     clock.advance(55)
     assert other.run().ran
     assert not runtime.stuck_sweep.run().ran
+
+
+def test_the_sweeps_look_for_unsent_emails_reads_the_unsent_ones_only(runtime: Runtime) -> None:
+    """Every tick looks for unsent emails: by the `sent_at` index (the few not sent), never by
+    `failed_at`'s, where nearly every email ever sent has NULL and SQLite, which keeps no
+    statistics, would walk them all (the outbox's claim reads the same way)."""
+    if runtime.database.backend != "sqlite":
+        pytest.skip("reads SQLite's query plan")
+    statements: list[tuple[str, object]] = []
+
+    def record(
+        conn: object, cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM emails" in statement:
+            statements.append((statement, parameters))
+
+    engine = runtime.database.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        runtime.stuck_sweep.run(force=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(statements) == 1
+    sql, parameters = statements[0]
+    with engine.connect() as connection:
+        plan = [
+            str(step[-1])
+            for step in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)  # type: ignore[arg-type]
+        ]
+    assert any("INDEX ix_emails_sent_at" in step for step in plan), plan

@@ -82,9 +82,12 @@ class _ClaimRaced(Exception):
 _EMAILS = cast(Table, Email.__table__)
 
 
-def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
-    """A message to send now: neither sent nor given up, due, and not leased by a worker (or
-    its lease ran out: that worker died or hung).
+def unsent_due(
+    due_by: ColumnElement[datetime] | datetime, now: ColumnElement[datetime] | datetime
+) -> ColumnElement[bool]:
+    """A message waiting to go: neither sent nor given up, due by `due_by`, and not leased by
+    a worker at `now` (or its lease ran out: that worker died or hung). The outbox's claim
+    asks it of `now`; the stuck-work sweep of a moment a grace period earlier.
 
     Only `sent_at IS NULL` can be served by an index: `failed_at` is tested inside an
     expression, since on a table of sent emails `failed_at IS NULL` holds for nearly every
@@ -93,9 +96,14 @@ def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
     return and_(
         _EMAILS.c.sent_at.is_(None),
         func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at).is_(None),
-        _EMAILS.c.next_attempt_at <= now,
+        _EMAILS.c.next_attempt_at <= due_by,
         or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now),
     )
+
+
+def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """A message to send now (`unsent_due` of now)."""
+    return unsent_due(now, now)
 
 
 # The statements a send runs for every message, built once (with their parameters bound at

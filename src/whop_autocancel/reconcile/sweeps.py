@@ -22,7 +22,7 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.stock import SERVE_TASK, follow_renamed_pools, pools_to_serve
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
-from whop_autocancel.mail.outbox import SEND_TASK
+from whop_autocancel.mail.outbox import SEND_TASK, unsent_due
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME, close_unpaid_orders
 from whop_autocancel.webhooks.inbox import (
@@ -193,14 +193,8 @@ class StuckWorkSweep:
             emails = (
                 []
                 if busy
-                else candidates(
-                    select(Email.id).where(
-                        Email.sent_at.is_(None),
-                        Email.failed_at.is_(None),  # given up: only `orders resend` sends again
-                        Email.next_attempt_at < overdue,
-                        or_(Email.lease_until.is_(None), Email.lease_until < now),
-                    )
-                )
+                # (Given up, `failed`: only `orders resend` sends it again.)
+                else candidates(select(Email.id).where(unsent_due(overdue, now)))
             )
             events = due_failed_events(session, now, BATCH)
             # Stored webhooks never applied: their apply job was lost (the queue was down, the
