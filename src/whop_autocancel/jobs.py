@@ -7,7 +7,9 @@ ids, and are enqueued only after the transaction that creates their row has comm
 
 from __future__ import annotations
 
+import importlib
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from huey import Huey, PostgresHuey, RedisHuey
-from huey.consumer import Consumer
-from huey.storage import SqliteStorage
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -32,6 +31,24 @@ from whop_autocancel.db.engine import (
 from whop_autocancel.errors import ConfigurationError
 
 log = structlog.get_logger(__name__)
+
+# huey's storage module imports the Redis and PostgreSQL drivers whatever the queue: 17 MB of a
+# process's memory (every process must stay under 150 MB; docs/performance.md). It is imported
+# with both held off, and a queue that needs one hands it over when it is built (`_driver`).
+# (Hence huey's imports come last in this file: ruff's E402 is off for it.)
+_DRIVERS = ("redis", "psycopg")
+_held = [name for name in _DRIVERS if name not in sys.modules]
+for _name in _held:
+    sys.modules[_name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+try:
+    import huey.storage as _storage
+finally:
+    for _name in _held:
+        if _name in sys.modules and sys.modules[_name] is None:
+            del sys.modules[_name]
+from huey import Huey, PostgresHuey, RedisHuey
+from huey.consumer import Consumer
+from huey.storage import SqliteStorage
 
 JobHandler = Callable[..., object]  # the return value is ignored
 # Offered a job enqueued in this process (its args, its delay): True when it took it.
@@ -73,6 +90,20 @@ class _SqliteQueue(SqliteStorage):  # type: ignore[misc]
         return connection
 
 
+def _driver(name: str) -> None:
+    """Hand huey's storage module the driver it was imported without (see `_DRIVERS`): the
+    names it binds at import, as its own `try: import …` would have."""
+    if name == "psycopg" and _storage.psycopg is None:
+        _storage.psycopg = importlib.import_module("psycopg")
+    elif name == "redis" and _storage.Redis is None:
+        redis = importlib.import_module("redis")
+        exceptions = importlib.import_module("redis.exceptions")
+        _storage.ConnectionPool = redis.ConnectionPool
+        _storage.Redis = _storage.RedisStorage.redis_client = redis.Redis
+        _storage.ConnectionError = exceptions.ConnectionError
+        _storage.TimeoutError = exceptions.TimeoutError
+
+
 def build_huey(queue_url: str, name: str = "whop-autocancel") -> Any:
     """The huey instance for `QUEUE_URL` (already normalised by the settings)."""
     common: dict[str, Any] = {"results": False, "utc": True}
@@ -81,8 +112,10 @@ def build_huey(queue_url: str, name: str = "whop-autocancel") -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         return Huey(name=name, storage_class=_SqliteQueue, filename=str(path), timeout=30, **common)
     if queue_url.startswith("postgresql://"):
+        _driver("psycopg")
         return PostgresHuey(name=name, dsn=queue_url, **common)
     if queue_url.startswith(("redis://", "rediss://")):
+        _driver("redis")
         return RedisHuey(name=name, url=queue_url, **common)
     raise ConfigurationError(f"QUEUE_URL: unsupported queue backend {queue_url.split(':')[0]}")
 

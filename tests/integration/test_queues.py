@@ -94,3 +94,42 @@ def test_the_sqlite_queue_commits_without_a_disk_flush_and_keeps_what_it_committ
     again.register("test.noop", lambda *args: None)
     assert [task.args for task in again.huey.pending()] == [(1,)]
     again.huey.storage.close()
+
+
+_LEAN_QUEUE = """
+import json, sys
+from whop_autocancel.jobs import Jobs
+drivers = ("redis", "psycopg")
+before = [name for name in drivers if name in sys.modules]
+jobs = Jobs(sys.argv[1], sys.argv[2])
+done = []
+jobs.register("test.echo", lambda value: done.append(value))
+jobs.enqueue("test.echo", 7)
+task = jobs.huey.dequeue()
+jobs.huey.execute(task)
+jobs.huey.flush()
+print(json.dumps({"before": before, "after": [n for n in drivers if n in sys.modules],
+                  "done": done}))
+"""
+
+
+def test_a_queue_loads_only_its_own_driver(queue_settings: dict[str, str]) -> None:
+    """huey imports the Redis and PostgreSQL drivers whatever the queue (17 MB of a process's
+    150 MB budget): a process loads only the one its QUEUE_URL needs, and every backend
+    still runs a job."""
+    import json
+    import subprocess
+    import sys
+
+    url = queue_settings["QUEUE_URL"]
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAN_QUEUE, url, queue_settings["QUEUE_NAME"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    needed = {"sqlite": [], "postgresql": ["psycopg"], "redis": ["redis"]}[url.split(":")[0]]
+    assert report == {"before": [], "after": needed, "done": [7]}
