@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,13 @@ def test_every_command_migrates_a_new_sqlite_database_by_itself(
 
     result = run_cli(tmp_path, *command)
     assert result.returncode == 0, result.stderr
-    assert "migrate" not in result.stdout + result.stderr.replace("database_migrated", "")
+    assert "migrate`" not in result.stdout + result.stderr  # no "run `migrate` first"
+    [migrated] = [
+        json.loads(line) for line in result.stderr.splitlines() if "database_migrated" in line
+    ]
+    assert migrated["before"] is None
+    assert migrated["after"] == HEAD_REVISION
+    assert migrated["database"] == f"sqlite:///{tmp_path / 'service.db'}"  # a typo shows
     database = Database(f"sqlite:///{tmp_path / 'service.db'}")
     try:
         assert current_revision(database) == HEAD_REVISION
@@ -141,6 +148,7 @@ def test_every_command_migrates_a_new_sqlite_database_by_itself(
     # Only `serve`, `worker` and `migrate` start watching Whop (DESIGN §5): a look at the
     # orders before the first start must not move that moment.
     assert "watching_since_recorded" not in result.stderr
+
 
 def test_failed_cancellations_are_listed_and_retried(tmp_path: Path) -> None:
     runtime = make_runtime(make_settings(tmp_path))

@@ -127,7 +127,13 @@ def prepare_database(settings: Settings) -> None:
             # In a child process: alembic's memory is not kept by a long-running `serve`.
             before, after = upgrade_in_child(database)
             if before != after:
-                log.info("database_migrated", before=before, after=after)
+                # Named, so a mistyped path that made a new, empty database shows at once.
+                log.info(
+                    "database_migrated",
+                    before=before,
+                    after=after,
+                    database=safe_url(settings.DATABASE_URL),
+                )
             return
         current, head = current_revision(database), head_revision(database)
         if current != head:
