@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from whop_autocancel import metrics
+from whop_autocancel import __version__, metrics
 from whop_autocancel.admin.metrics import metrics_router
 from whop_autocancel.admin.web.routes import admin_router
 from whop_autocancel.db import leases
@@ -65,7 +65,20 @@ def create_app(runtime: Runtime, *, with_worker: bool = False) -> FastAPI:
             if worker is not None:
                 await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="whop-autocancel", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served on purpose: the public HTTP API (checkouts, Whop's webhooks,
+    # health) is a contract a storefront codes against; the dashboard and /metrics stay out of
+    # it, and there are no interactive /docs pages to keep safe.
+    app = FastAPI(
+        title="whop-autocancel",
+        version=__version__,
+        description=(
+            "The public HTTP API of a whop-autocancel service: a storefront starts a checkout "
+            "and polls its order; Whop posts its signed webhooks; a proxy checks health."
+        ),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     limit = runtime.settings.WEBHOOK_MAX_BYTES
     app.include_router(checkout_router(runtime.checkouts, runtime.settings))
     app.include_router(metrics_router(runtime))  # GET /metrics (METRICS_TOKEN set)

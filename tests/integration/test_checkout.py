@@ -560,3 +560,26 @@ def test_the_openapi_schema_documents_the_checkout_body(
     assert described["required"] == ["plan_id"]
     assert set(described["properties"]) == {"plan_id", "email"}
     assert described["additionalProperties"] is False
+
+
+def test_the_openapi_schema_is_the_public_http_api_and_nothing_else(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    """`/openapi.json` is served on purpose (README): the contract a storefront codes against.
+    It names this version and only what anyone may call; the dashboard and /metrics stay out."""
+    import whop_autocancel
+
+    with contextmanager(start)(tmp_path, clock, simulator, smtp_sink) as (_, http):
+        response = http.get("/openapi.json")
+        assert http.get("/docs").status_code == 404  # no interactive pages to keep safe
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["info"]["version"] == whop_autocancel.__version__
+    assert "storefront" in schema["info"]["description"]
+    assert set(schema["paths"]) == {
+        "/api/checkouts",
+        "/api/checkouts/{order_id}",
+        "/webhooks/whop",
+        "/healthz",
+        "/readyz",
+    }

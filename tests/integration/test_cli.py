@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,43 @@ def test_migrate_says_what_it_did(tmp_path: Path) -> None:
     assert "Database migrated from empty to 0010." in first.stdout
     second = run_cli(tmp_path, "migrate")
     assert "already at revision 0010; nothing to do" in second.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("orders",),
+        ("events", "list"),
+        ("alerts",),
+        ("cancellations", "failed"),
+        ("emails",),
+        ("stock", "levels"),
+    ],
+)
+def test_every_command_migrates_a_new_sqlite_database_by_itself(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """The README's promise: SQLite migrates by itself, whichever command comes first."""
+    from whop_autocancel.db.engine import Database
+    from whop_autocancel.schema.migrate import HEAD_REVISION, current_revision
+
+    result = run_cli(tmp_path, *command)
+    assert result.returncode == 0, result.stderr
+    assert "migrate`" not in result.stdout + result.stderr  # no "run `migrate` first"
+    [migrated] = [
+        json.loads(line) for line in result.stderr.splitlines() if "database_migrated" in line
+    ]
+    assert migrated["before"] is None
+    assert migrated["after"] == HEAD_REVISION
+    assert migrated["database"] == f"sqlite:///{tmp_path / 'service.db'}"  # a typo shows
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    try:
+        assert current_revision(database) == HEAD_REVISION
+    finally:
+        database.dispose()
+    # Only `serve`, `worker` and `migrate` start watching Whop (DESIGN §5): a look at the
+    # orders before the first start must not move that moment.
+    assert "watching_since_recorded" not in result.stderr
 
 
 def test_failed_cancellations_are_listed_and_retried(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def start_runtime(settings: Settings) -> Runtime:
         raise ConfigurationError(
             f"QUEUE_URL: cannot reach the job queue: {first_line(error)}"
         ) from None
-    prepare_database(settings, migrate_sqlite=True)
+    prepare_database(settings)
     runtime = build_runtime(settings, catalog=catalog)
     start_watching_whop(runtime.database, runtime.clock.now())
     return runtime
@@ -113,19 +113,27 @@ def first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
-    """SQLite migrates itself; elsewhere the schema must already be current (`migrate`)."""
+def prepare_database(settings: Settings) -> None:
+    """SQLite migrates itself, whichever command comes first on a new machine; elsewhere the
+    schema must already be current (`migrate`), because several processes on several
+    machines share it and an upgrade is a step the operator takes (docs/operations.md)."""
     from whop_autocancel.db.engine import Database, sqlite_path
     from whop_autocancel.schema.migrate import current_revision, head_revision, upgrade_in_child
 
     database = Database(settings.DATABASE_URL)
     try:
         ping_database(database)
-        if migrate_sqlite and sqlite_path(settings.DATABASE_URL) is not None:
+        if sqlite_path(settings.DATABASE_URL) is not None:
             # In a child process: alembic's memory is not kept by a long-running `serve`.
             before, after = upgrade_in_child(database)
             if before != after:
-                log.info("database_migrated", before=before, after=after)
+                # Named, so a mistyped path that made a new, empty database shows at once.
+                log.info(
+                    "database_migrated",
+                    before=before,
+                    after=after,
+                    database=safe_url(settings.DATABASE_URL),
+                )
             return
         current, head = current_revision(database), head_revision(database)
         if current != head:
@@ -143,7 +151,7 @@ def open_session(settings: Settings | None = None) -> Iterator[Session]:
     from whop_autocancel.db.engine import Database
 
     settings = settings or cli_settings()
-    prepare_database(settings, migrate_sqlite=False)
+    prepare_database(settings)
     database = Database(settings.DATABASE_URL)
     try:
         with database.transaction() as session:
@@ -153,14 +161,13 @@ def open_session(settings: Settings | None = None) -> Iterator[Session]:
 
 
 @contextmanager
-def open_runtime(*, migrate_sqlite: bool = False, required: Required = ()) -> Iterator[Runtime]:
-    """The runtime on a current schema (`migrate_sqlite`: a SQLite file is created or
-    upgraded, as `serve` does, for commands that may come first on a new machine), once the
+def open_runtime(*, required: Required = ()) -> Iterator[Runtime]:
+    """The runtime on a current schema (a SQLite file is created or upgraded), once the
     settings in `required` are known to be set."""
     from whop_autocancel.runtime import build_runtime
 
     settings = cli_settings(required=required)
-    prepare_database(settings, migrate_sqlite=migrate_sqlite)
+    prepare_database(settings)
     runtime = build_runtime(settings)
     try:
         yield runtime

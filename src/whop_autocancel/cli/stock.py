@@ -30,7 +30,7 @@ def _stock_runtime() -> AbstractContextManager[Runtime]:
     """Importing stock may be the first thing done on a new machine: SQLite migrates itself."""
     from whop_autocancel.cli.common import open_runtime as runtime
 
-    return runtime(migrate_sqlite=True)
+    return runtime()
 
 
 stock_app = typer.Typer(
