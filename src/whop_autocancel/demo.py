@@ -42,7 +42,7 @@ from whop_autocancel.settings import load_settings
 from whop_autocancel.simulator import SimulatorServer
 
 API_KEY = "sim_demo_key"
-SECRET = "ws_demo_0f3a9c27e4b14d8fa6c2b5e81d907a3c"  # noqa: S105 (the demo's own simulator)
+SECRET = "ws_demo_be0723b001afeb9faec8ce7480f1eb422b4522d4ea3"  # noqa: S105 (the demo's own simulator)
 ADMIN = "admin@demo-shop.test"
 PACK, SETUP, KEEP, MONTHLY, LIFETIME, KEYS = (
     "plan_DemoPack",

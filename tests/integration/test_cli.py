@@ -68,6 +68,11 @@ def test_a_whop_listing_command_names_both_settings_it_lacks(tmp_path: Path) -> 
             "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none",
         ),
         ("QUEUE_URL", "redis://127.0.0.1:1/0", "QUEUE_URL: cannot reach the job queue"),
+        (
+            "WHOP_WEBHOOK_SECRET",
+            "ws_",
+            "WHOP_WEBHOOK_SECRET: is too short to be a real secret: Whop's is ws_ and 48 hex",
+        ),
     ],
 )
 def test_invalid_settings_stop_with_one_line(

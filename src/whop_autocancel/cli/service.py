@@ -185,7 +185,7 @@ def simulator(
     ] = "sim_key",
     webhook_secret: Annotated[
         str, typer.Option(envvar="SIM_WEBHOOK_SECRET", help="The ws_… secret it signs with.")
-    ] = "ws_simulator",  # noqa: S107
+    ] = "ws_simulator_0cce044aae8d45bd64e73cf4c07c32e0460aa0",  # noqa: S107
     webhook_url: Annotated[
         str | None, typer.Option(envvar="SIM_WEBHOOK_URL", help="Where it sends webhooks.")
     ] = None,
