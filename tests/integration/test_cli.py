@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,21 @@ def test_the_demo_resolves_a_relative_sqlite_path_where_it_was_started(tmp_path:
     assert f"DATABASE_URL=sqlite:///{tmp_path / 'shop.db'}: it holds 1 order already" in (
         result.stdout
     )
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"whop-autocancel: configuration error: --port: 127.0.0.1:{port} is in use (another "
+        "`whop-autocancel serve`?): stop that process or choose another --port"
+    ]  # and nothing else: no worker_started, no migration, no uvicorn line
+    assert result.stdout == ""
+    assert not (tmp_path / "service.db").exists()  # nothing started: not even a migration
+    assert not (tmp_path / "queue.db").exists()
