@@ -6,7 +6,7 @@ import errno
 import socket
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -24,6 +24,9 @@ from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import RUNTIME_SETTINGS
+
+if TYPE_CHECKING:
+    from whop_autocancel.runtime import Runtime
 
 # uvicorn's default: connections the kernel queues until the server accepts them.
 LISTEN_BACKLOG = 2048
@@ -56,6 +59,7 @@ def serve(
         plans=len(runtime.catalog.plans),
         database=safe_url(settings.DATABASE_URL),
     )
+    _warn_of_empty_pools(runtime)
     application = create_app(runtime, with_worker=not no_worker)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -77,6 +81,23 @@ def serve(
         runtime.close()
     if not server.started:  # the application's start-up failed (uvicorn logged why)
         raise typer.Exit(3)
+
+
+def _warn_of_empty_pools(runtime: Runtime) -> None:
+    """A listed plan whose pool is empty still sells (through the checkout API and Whop's own
+    links): say so once at start, where the merchant looks, as `check` does."""
+    from whop_autocancel.admin.stock import empty_listed_pools
+    from whop_autocancel.delivery.stock import restock_command
+
+    empty = empty_listed_pools(runtime)
+    if empty:
+        log.warning(
+            "stock_pools_empty",
+            pools=empty,
+            consequence="their plans still sell: buyers pay, then wait (their memberships "
+            "are not cancelled) until items are imported, and are then served in payment order",
+            action="; ".join(restock_command(pool) for pool in empty),
+        )
 
 
 def _listen(host: str, port: int) -> socket.socket:
