@@ -12,7 +12,12 @@ from whop_autocancel.clock import SystemClock, format_utc
 from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.install import watching_since
 from whop_autocancel.delivery.methods import known_methods
-from whop_autocancel.delivery.stock import stock_levels, unreadable_items
+from whop_autocancel.delivery.stock import (
+    empty_pools,
+    restock_command,
+    stock_levels,
+    unreadable_items,
+)
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.render import EmailTemplates
@@ -157,7 +162,7 @@ def _stock(settings: Settings, catalog: Catalog) -> str:
             "they were imported with? (after a rotation: new key first, old key after)"
         )
     used = [level for level in levels if level.plans]
-    empty = [level.pool for level in used if level.available == 0]
+    empty = empty_pools(levels)
     summary = "; ".join(
         f"{level.pool}: {level.available} available" + (" (low)" if level.low else "")
         for level in used
@@ -165,7 +170,7 @@ def _stock(settings: Settings, catalog: Catalog) -> str:
     if empty:
         raise _Failed(
             f"{summary}. Empty: {', '.join(empty)}: buyers would wait; import items with "
-            "`whop-autocancel stock import POOL FILE`"
+            f"`{restock_command('POOL')}`"
         )
     return f"key set; {summary}"
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import make_url
@@ -33,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import FINAL_STATUSES, Cancellation
-from whop_autocancel.db.engine import Database
+from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink, free_port
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -42,7 +43,7 @@ from whop_autocancel.settings import load_settings
 from whop_autocancel.simulator import SimulatorServer
 
 API_KEY = "sim_demo_key"
-SECRET = "ws_demo_0f3a9c27e4b14d8fa6c2b5e81d907a3c"  # noqa: S105 (the demo's own simulator)
+SECRET = "ws_demo_be0723b001afeb9faec8ce7480f1eb422b4522d4ea3"  # noqa: S105 (the demo's own simulator)
 ADMIN = "admin@demo-shop.test"
 PACK, SETUP, KEEP, MONTHLY, LIFETIME, KEYS = (
     "plan_DemoPack",
@@ -165,11 +166,24 @@ class Waiting:
 def _storage(folder: Path) -> dict[str, str]:
     """The caller's DATABASE_URL and QUEUE_URL when set (PostgreSQL, MariaDB, Redis), else
     temporary SQLite files; always a queue name of the demo's own."""
+    database = os.environ.get("DATABASE_URL")
+    queue = os.environ.get("QUEUE_URL")
     return {
-        "DATABASE_URL": os.environ.get("DATABASE_URL") or f"sqlite:///{folder / 'demo.db'}",
-        "QUEUE_URL": os.environ.get("QUEUE_URL") or f"sqlite:///{folder / 'demo-queue.db'}",
+        "DATABASE_URL": _absolute(database) if database else f"sqlite:///{folder / 'demo.db'}",
+        "QUEUE_URL": _absolute(queue) if queue else f"sqlite:///{folder / 'demo-queue.db'}",
         "QUEUE_NAME": f"whop-autocancel-demo-{folder.name[-8:]}",
     }
+
+
+def _absolute(url: str) -> str:
+    """A relative SQLite path names a file in the folder the demo was started from, not in
+    the temporary folder its `serve` runs in."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path = sqlite_path(url)
+    if path is None or path.is_absolute():
+        return url
+    return make_url(url).set(database=str(Path.cwd() / path)).render_as_string(hide_password=False)
 
 
 def _service_environment(
@@ -270,16 +284,28 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
     started = time.monotonic()
     since = datetime.now(UTC)
     database_url = load_settings(_env_file=None, **_storage(folder)).DATABASE_URL
-    where = (
-        f"a temporary SQLite database in {folder}"
-        if database_url.startswith("sqlite")
-        else make_url(database_url).render_as_string(hide_password=True)
+    shown = make_url(database_url).render_as_string(hide_password=True)  # the shop's, if set
+    where = shown if os.environ.get("DATABASE_URL") else f"a temporary SQLite database in {folder}"
+    console.print(
+        f"[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on {escape(where)}"
     )
-    console.print(f"[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on {where}")
     service: subprocess.Popen[bytes] | None = None
     listings: dict[str, subprocess.Popen[str]] = {}  # `whop-autocancel …` shown at the end
     log_file = (folder / "service.log").open("wb")
     try:
+        earlier = _earlier_orders(database_url)
+        if earlier:
+            # Fake purchases do not belong in a real shop's database; and alerts are raised
+            # once and throttled per database, so the checks need a database of their own.
+            orders = "1 order" if earlier == 1 else f"{earlier} orders"
+            console.print(
+                f"[red]The demo refuses to run on DATABASE_URL={escape(shown)}:[/red] it holds "
+                f"{orders} already, and a shop's database is no place for the demo's fake "
+                "purchases. Point DATABASE_URL at a new, empty database, or unset it to run the "
+                "demo on a temporary SQLite database.",
+                soft_wrap=True,
+            )
+            return False
         with (
             SmtpSink() as sink,
             SimulatorServer(
@@ -287,15 +313,6 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             ) as simulator,
         ):
             environment = _service_environment(folder, simulator, sink, generate_key())
-            earlier = _earlier_orders(database_url)
-            if earlier:
-                # Fake purchases do not belong in a real shop's database; and alerts are raised
-                # once and throttled per database, so the checks need a database of their own.
-                console.print(
-                    f"[red]The demo needs an empty database:[/red] {where} already holds "
-                    f"{earlier} order(s). Point DATABASE_URL at a new, empty database."
-                )
-                return False
             if not database_url.startswith("sqlite"):  # SQLite migrates itself on start
                 code, output = _finish(_cli(environment, folder, "migrate"))
                 if code != 0:

@@ -22,6 +22,11 @@ DEFAULT_DATABASE_URL = "sqlite:///whop-autocancel.db"
 DEFAULT_QUEUE_URL = "sqlite:///whop-autocancel-queue.db"
 
 METRICS_TOKEN_MIN_LENGTH = 16
+# A webhook secret shorter than this (after its prefix) is a copy mistake, not a secret: Whop's
+# is `ws_` and 48 hex characters; a Standard Webhooks secret (`whsec_` and base64) holds 24 to
+# 64 random bytes.
+MIN_WEBHOOK_SECRET_CHARS = 24
+WEBHOOK_SECRET_PREFIXES = ("ws_", "whsec_")
 # The dashboard's session secret: 32 characters of `secrets.token_urlsafe` are 192 bits.
 MIN_SESSION_SECRET_CHARS = 32
 
@@ -322,8 +327,17 @@ class Settings(BaseSettings):
     @field_validator("WHOP_WEBHOOK_SECRET")
     @classmethod
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().split():
+        if value is None or not value.get_secret_value().split():
             return None
+        secrets = value.get_secret_value().split()
+        for number, secret in enumerate(secrets, start=1):
+            if len(_without_prefix(secret)) < MIN_WEBHOOK_SECRET_CHARS:
+                which = f"secret {number} of {len(secrets)} is" if len(secrets) > 1 else "is"
+                raise ValueError(
+                    f"{which} too short to be a real secret: Whop's is ws_ and 48 hex "
+                    f"characters (at least {MIN_WEBHOOK_SECRET_CHARS} characters after ws_ or "
+                    "whsec_); copy it whole from Dashboard → Developer → Webhooks"
+                )
         return value
 
     @field_validator("STOCK_ENCRYPTION_KEY")
@@ -509,6 +523,13 @@ _REQUIRED_HELP = {
         "set it and keep a copy in a safe place (items cannot be read without it)"
     ),
 }
+
+
+def _without_prefix(secret: str) -> str:
+    for prefix in WEBHOOK_SECRET_PREFIXES:
+        if secret.startswith(prefix):
+            return secret.removeprefix(prefix)
+    return secret
 
 
 def _check_address(address: str) -> None:

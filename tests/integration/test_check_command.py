@@ -115,7 +115,9 @@ def test_smtp_down_and_missing_company_id_each_get_their_line(
 def test_a_webhook_secret_that_is_not_whops_fails_settings(
     tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
 ) -> None:
-    code, lines, _ = check(tmp_path, simulator, smtp_sink, WHOP_WEBHOOK_SECRET="whsec_abc")
+    code, lines, _ = check(
+        tmp_path, simulator, smtp_sink, WHOP_WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    )
     assert code == 1
     assert "start with ws_" in line(lines, "settings")
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from support.harness import make_runtime, make_settings, run_cli, service_environment
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.orders.models import Order
+from whop_autocancel.settings import normalise_database_url
 
 
 def test_serve_without_settings_stops_with_one_line_naming_the_setting(tmp_path: Path) -> None:
@@ -69,6 +72,11 @@ def test_a_whop_listing_command_names_both_settings_it_lacks(tmp_path: Path) -> 
             "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none",
         ),
         ("QUEUE_URL", "redis://127.0.0.1:1/0", "QUEUE_URL: cannot reach the job queue"),
+        (
+            "WHOP_WEBHOOK_SECRET",
+            "ws_",
+            "WHOP_WEBHOOK_SECRET: is too short to be a real secret: Whop's is ws_ and 48 hex",
+        ),
     ],
 )
 def test_invalid_settings_stop_with_one_line(
@@ -232,3 +240,74 @@ def test_deploy_prints_units_and_refuses_bad_options(tmp_path: Path) -> None:
     bad = run_cli(tmp_path, "deploy", "supervisor", "--web", "0", "--workers", "0")
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("whop-autocancel: configuration error: --web/--workers")
+
+
+def test_the_demo_refuses_a_shops_database_naming_it_without_its_password(
+    tmp_path: Path, database_url: str
+) -> None:
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url))
+    with runtime.database.transaction() as session:
+        session.add(
+            Order(
+                id="ord_RealShop1",
+                status="delivered",
+                created_at=runtime.clock.now(),
+                order_metadata={},
+            )
+        )
+    runtime.close()
+    shown = make_url(normalise_database_url(database_url)).render_as_string(hide_password=True)
+
+    result = run_cli(tmp_path, "demo", env=service_environment(tmp_path, DATABASE_URL=database_url))
+
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"The demo refuses to run on DATABASE_URL={shown}: it holds 1 order already, and a "
+        "shop's database is no place for the demo's fake purchases. Point DATABASE_URL at a "
+        "new, empty database, or unset it to run the demo on a temporary SQLite database."
+    )
+    assert "temporary SQLite database in" not in result.stdout
+    password = make_url(database_url).password
+    if password:  # a server with a password (CI): it is never shown
+        assert str(password) not in result.stdout + result.stderr
+
+
+def test_the_demo_resolves_a_relative_sqlite_path_where_it_was_started(tmp_path: Path) -> None:
+    """`sqlite:///shop.db` is the merchant's file in the folder they run the demo from."""
+    runtime = make_runtime(
+        make_settings(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'shop.db'}")
+    )
+    with runtime.database.transaction() as session:
+        session.add(
+            Order(
+                id="ord_RealShop2", status="paid", created_at=runtime.clock.now(), order_metadata={}
+            )
+        )
+    runtime.close()
+
+    result = run_cli(
+        tmp_path, "demo", env=service_environment(tmp_path, DATABASE_URL="sqlite:///shop.db")
+    )
+
+    assert result.returncode == 1
+    assert f"DATABASE_URL=sqlite:///{tmp_path / 'shop.db'}: it holds 1 order already" in (
+        result.stdout
+    )
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"whop-autocancel: configuration error: --port: 127.0.0.1:{port} is in use (another "
+        "`whop-autocancel serve`?): stop that process or choose another --port"
+    ]  # and nothing else: no worker_started, no migration, no uvicorn line
+    assert result.stdout == ""
+    assert not (tmp_path / "service.db").exists()  # nothing started: not even a migration
+    assert not (tmp_path / "queue.db").exists()

@@ -26,9 +26,16 @@ from support.harness import (
     wait_for,
 )
 from support.stock import StockWorld, stock_world
-from whop_autocancel.admin.stock import show_item, stock_levels, void_stock
+from whop_autocancel.admin.stock import (
+    empty_listed_pools,
+    import_stock,
+    show_item,
+    stock_levels,
+    void_stock,
+)
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
+from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.service import ResendError
 from whop_autocancel.delivery.stock import items_for
 from whop_autocancel.errors import ConfigurationError
@@ -577,6 +584,34 @@ def test_the_stuck_sweep_serves_waiting_orders_when_the_serve_job_was_lost(
 
 
 # 9. The encryption key --------------------------------------------------------------------------
+
+
+def test_the_empty_pools_are_the_listed_ones_with_no_item_to_hand_out(
+    tmp_path: Path, database_url: str
+) -> None:
+    """What `serve` warns of at start and `check` fails on: a pool a listed plan sells from
+    with nothing available (void items do not count); a pool no plan lists is never one."""
+    (tmp_path / "catalog.toml").write_text(
+        STOCK_CATALOG
+        + '[plans.plan_Codes1]\nname = "Gift code"\ndelivery = "stock:codes"\n\n'
+        + '[plans.plan_Vouchers1]\nname = "Voucher"\ndelivery = "stock:vouchers"\n'
+    )
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url))
+    try:
+        assert empty_listed_pools(runtime) == ["codes", STOCK_POOL, "vouchers"]
+        import_stock(runtime, STOCK_POOL, items_for(ITEMS[:2]))
+        import_stock(runtime, "retired", items_for(ITEMS[2:3]), any_pool=True)
+        import_stock(runtime, "vouchers", items_for(ITEMS[3:4]))
+        [voucher] = [level for level in stock_levels(runtime) if level.pool == "vouchers"]
+        assert voucher.available == 1
+        with runtime.database.transaction() as session:
+            voucher_id = session.scalars(
+                select(StockItem.id).where(StockItem.pool == "vouchers")
+            ).one()
+        void_stock(runtime, voucher_id, "printed on the wrong card")
+        assert empty_listed_pools(runtime) == ["codes", "vouchers"]
+    finally:
+        runtime.close()
 
 
 def test_a_stock_catalog_without_an_encryption_key_is_refused(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from support.harness import (
     deliver_event,
     drain,
     event_body,
+    free_port,
     make_runtime,
     make_settings,
     post_event,
@@ -704,3 +705,56 @@ def test_an_import_that_leaves_the_pool_low_says_so(shell: Shell, tmp_path: Path
     enough = shell("stock", "import", STOCK_POOL, write_items(tmp_path, "one.txt", "K-3"))
     assert "Available now: 3." in enough.stdout
     assert "Still low" not in enough.stdout
+
+
+# serve ---------------------------------------------------------------------------------------
+
+
+def serve_events(shell: Shell) -> list[dict[str, Any]]:
+    """Start `serve` as a real process, wait until it answers, stop it (SIGTERM): its log."""
+    port = free_port()
+    log_path = shell.tmp_path / f"serve-{port}.log"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "whop_autocancel", "serve", "--port", str(port)],
+            env=shell.env,
+            cwd=shell.tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: process.poll() is not None or answers(), 60, "serve to answer")
+            assert process.poll() is None, log_path.read_text()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_serve_warns_at_start_of_the_listed_pools_that_are_empty(
+    shell: Shell, tmp_path: Path
+) -> None:
+    events = serve_events(shell)
+    warnings = [event for event in events if event["event"] == "stock_pools_empty"]
+    assert len(warnings) == 1, events
+    [warning] = warnings
+    assert warning["level"] == "warning"
+    assert warning["pools"] == [STOCK_POOL]
+    assert warning["action"] == f"whop-autocancel stock import {STOCK_POOL} FILE"
+    assert "wait" in warning["consequence"]
+    names = [event["event"] for event in events]
+    assert names.index("stock_pools_empty") < names.index("Application startup complete.")
+
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "items.txt", ACCOUNT_A))
+    assert "stock_pools_empty" not in [event["event"] for event in serve_events(shell)]

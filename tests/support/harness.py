@@ -27,7 +27,7 @@ from whop_autocancel.webhooks.inbox import APPLY_TASK
 from whop_autocancel.webhooks.verify import sign
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "whop"
-SECRET = "ws_test_0f3a9c27e4b14d8fa6c2b5e81d907a3c"
+SECRET = "ws_test_50dae1dbeb27407677a6ea1040bf04e124226ffda08"
 API_KEY = "sim_test_key_do_not_log_7781"
 ADMIN = "admin@shop.test"
 MESSAGE_PLAN = "plan_Message1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ from whop_autocancel.settings import Settings, load_settings
 
 API_KEY = "sk_live_DISTINCTIVE_api_key_7f3e9a"
 WEBHOOK_SECRET = "ws_DISTINCTIVE_webhook_secret_c41d"
+NEW_SECRET = "ws_0f3a9c27e4b14d8fa6c2b5e81d907a3c5e6f1b2d4c8a9e07"
+OLD_SECRET = "ws_5b1e0c9a7d3f42e68a0b9c1d2e3f4a5b6c7d8e9f0a1b2c3d"
+ROOT = Path(__file__).resolve().parents[2]
 SMTP_PASSWORD = "DISTINCTIVE-smtp-pass-88b1"
 
 
@@ -133,13 +138,85 @@ def test_bad_admin_email_names_the_setting(monkeypatch: pytest.MonkeyPatch, valu
 
 
 def test_webhook_secrets_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", "ws_a ws_b")
-    assert load_settings().webhook_secrets == [b"ws_a", b"ws_b"]
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", f"{NEW_SECRET} {OLD_SECRET}")
+    assert load_settings().webhook_secrets == [NEW_SECRET.encode(), OLD_SECRET.encode()]
 
 
 def test_webhook_secret_is_raw_bytes_not_base64_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", "  ws_0f3a9c27e4b14d8f  ")
-    assert load_settings().webhook_secrets == [b"ws_0f3a9c27e4b14d8f"]
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", f"  {NEW_SECRET}  ")
+    assert load_settings().webhook_secrets == [NEW_SECRET.encode()]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        NEW_SECRET,  # Whop's own shape: ws_ and 48 hex characters
+        "ws_" + "a" * 24,  # the shortest accepted
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",  # Standard Webhooks: 24 random bytes, base64
+        "0f3a9c27e4b14d8fa6c2b5e8",  # no prefix, 24 characters
+    ],
+)
+def test_a_secret_of_real_length_is_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WHOP_WEBHOOK_SECRET", value)
+    assert load_settings().webhook_secrets == [value.encode()]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["ws_", "ws_rehearsal", "ws_...", "whsec_c2hvcnQ=", "ws_" + "a" * 23, "0f3a9c27e4b14d8f"],
+)
+def test_a_webhook_secret_too_short_to_be_real_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    message = env_error(monkeypatch, "WHOP_WEBHOOK_SECRET", value)
+    assert message == (
+        "WHOP_WEBHOOK_SECRET: is too short to be a real secret: Whop's is ws_ and 48 hex "
+        "characters (at least 24 characters after ws_ or whsec_); copy it whole from "
+        "Dashboard → Developer → Webhooks"
+    )
+
+
+def test_one_short_secret_among_rotated_ones_is_named_by_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = env_error(monkeypatch, "WHOP_WEBHOOK_SECRET", f"{NEW_SECRET} ws_old {OLD_SECRET}")
+    assert message.startswith(
+        "WHOP_WEBHOOK_SECRET: secret 2 of 3 is too short to be a real secret: Whop's is ws_ and "
+        "48 hex characters"
+    )
+    for secret in (NEW_SECRET, "ws_old", OLD_SECRET):
+        assert secret not in message  # named by its place, never repeated
+
+
+def test_every_webhook_secret_we_ship_passes_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's default, the demo's, the tests', and every one the docs tell a
+    merchant to type (a placeholder such as ws_… aside)."""
+    from support.harness import SECRET as TEST_SECRET
+    from whop_autocancel.cli.service import simulator
+    from whop_autocancel.demo import SECRET as DEMO_SECRET
+
+    shipped = {
+        "simulator --webhook-secret default": inspect.signature(simulator)
+        .parameters["webhook_secret"]
+        .default,
+        "demo": DEMO_SECRET,
+        "tests": TEST_SECRET,
+    }
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        found = re.findall(
+            r"(?:WEBHOOK_SECRET=|--webhook-secret |webhook_secret=\")([^\s\"`]+)", text
+        )
+        for number, value in enumerate(found):
+            if not value.endswith(("…", "...")):
+                shipped[f"{page.name} #{number + 1}"] = value
+    assert "README.md #1" in shipped  # the rehearsal's secret was found
+    for where, value in shipped.items():
+        monkeypatch.setenv("WHOP_WEBHOOK_SECRET", value)
+        try:
+            load_settings()
+        except ConfigurationError as error:
+            raise AssertionError(f"{where}: {value!r} is refused: {error}") from None
 
 
 def test_blank_webhook_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,11 +266,11 @@ def test_environment_names_are_case_sensitive(monkeypatch: pytest.MonkeyPatch) -
 
 def test_dotenv_in_the_working_directory_is_read(clean_environment: Path) -> None:
     (clean_environment / ".env").write_text(
-        "CANCEL_DELAY=7\nWHOP_WEBHOOK_SECRET=ws_from_file\nRETRY_SCHEDULE=3,6\n", encoding="utf-8"
+        f"CANCEL_DELAY=7\nWHOP_WEBHOOK_SECRET={NEW_SECRET}\nRETRY_SCHEDULE=3,6\n", encoding="utf-8"
     )
     settings = load_settings()
     assert settings.CANCEL_DELAY == 7
-    assert settings.webhook_secrets == [b"ws_from_file"]
+    assert settings.webhook_secrets == [NEW_SECRET.encode()]
     assert settings.RETRY_SCHEDULE == [3, 6]
 
 

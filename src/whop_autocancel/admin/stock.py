@@ -90,6 +90,14 @@ def stock_levels(runtime: Runtime) -> list[PoolLevel]:
         return stock.stock_levels(session, runtime.catalog)
 
 
+def empty_listed_pools(runtime: Runtime) -> list[str]:
+    """The catalog's pools with no item to hand out (`stock.empty_pools`); no query when the
+    catalog sells nothing from stock."""
+    if not runtime.catalog.stock_pools():
+        return []
+    return stock.empty_pools(stock_levels(runtime))
+
+
 def void_stock(
     runtime: Runtime, item_id: int, reason: str, *, actor: str | None = None
 ) -> VoidResult:

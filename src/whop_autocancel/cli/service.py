@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -23,6 +25,12 @@ from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.settings import RUNTIME_SETTINGS
 
+if TYPE_CHECKING:
+    from whop_autocancel.runtime import Runtime
+
+# uvicorn's default: connections the kernel queues until the server accepts them.
+LISTEN_BACKLOG = 2048
+
 
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -37,27 +45,84 @@ def serve(
     from whop_autocancel.app import create_app
 
     settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
-    runtime = start_runtime(settings)
+    listener = _listen(host, port)  # before anything starts: a taken port stops it cleanly
+    try:
+        runtime = start_runtime(settings)
+    except BaseException:
+        listener.close()
+        raise
     log.info(
         "serve_starting",
         host=host,
-        port=port,
+        port=listener.getsockname()[1],
         worker=not no_worker,
         plans=len(runtime.catalog.plans),
         database=safe_url(settings.DATABASE_URL),
     )
+    _warn_of_empty_pools(runtime)
     application = create_app(runtime, with_worker=not no_worker)
-    uvicorn.run(
-        application,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT),
-        proxy_headers=True,
-        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            application,
+            host=host,
+            port=port,
+            backlog=LISTEN_BACKLOG,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.SHUTDOWN_TIMEOUT),
+            proxy_headers=True,
+            forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
+        )
     )
-    runtime.close()
+    try:
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+        runtime.close()
+    if not server.started:  # the application's start-up failed (uvicorn logged why)
+        raise typer.Exit(3)
+
+
+def _warn_of_empty_pools(runtime: Runtime) -> None:
+    """A listed plan whose pool is empty still sells (through the checkout API and Whop's own
+    links): say so once at start, where the merchant looks, as `check` does."""
+    from whop_autocancel.admin.stock import empty_listed_pools
+    from whop_autocancel.delivery.stock import restock_command
+
+    empty = empty_listed_pools(runtime)
+    if empty:
+        log.warning(
+            "stock_pools_empty",
+            pools=empty,
+            consequence="their plans still sell: buyers pay, then wait (their memberships "
+            "are not cancelled) until items are imported, and are then served in payment order",
+            action="; ".join(restock_command(pool) for pool in empty),
+        )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The web port, bound and listening before the worker, the database or the queue are
+    touched: a port in use stops `serve` with one line, and nothing can take the port between
+    a check and the bind (connections made while `serve` starts wait in the queue)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn does: a restart need not wait for the old connections' TIME_WAIT.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(LISTEN_BACKLOG)
+    except (OSError, OverflowError) as error:
+        listener.close()
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"--port: {host}:{port} is in use (another `whop-autocancel serve`?): stop that "
+                "process or choose another --port"
+            ) from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ConfigurationError(
+            f"--host/--port: cannot listen on {host}:{port}: {reason}"
+        ) from None
+    return listener
 
 
 def worker(
@@ -185,7 +250,7 @@ def simulator(
     ] = "sim_key",
     webhook_secret: Annotated[
         str, typer.Option(envvar="SIM_WEBHOOK_SECRET", help="The ws_… secret it signs with.")
-    ] = "ws_simulator",  # noqa: S107
+    ] = "ws_simulator_0cce044aae8d45bd64e73cf4c07c32e0460aa0",  # noqa: S107
     webhook_url: Annotated[
         str | None, typer.Option(envvar="SIM_WEBHOOK_URL", help="Where it sends webhooks.")
     ] = None,

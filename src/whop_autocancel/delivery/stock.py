@@ -363,6 +363,18 @@ def stock_levels(session: Session, catalog: Catalog) -> list[PoolLevel]:
     ]
 
 
+def empty_pools(levels: Iterable[PoolLevel]) -> list[str]:
+    """The pools a listed plan sells from that have no item to hand out: its buyers pay, then
+    wait (their memberships untouched) until items are imported. `check` fails on them and
+    `serve` warns of them at start."""
+    return [level.pool for level in levels if level.plans and level.available == 0]
+
+
+def restock_command(pool: str) -> str:
+    """What fills an empty pool."""
+    return f"whop-autocancel stock import {pool} FILE"
+
+
 @dataclass(frozen=True)
 class VoidResult:
     item_id: int
