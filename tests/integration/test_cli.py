@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from support.harness import make_runtime, make_settings, run_cli, service_environment
+from support.terminal import on_terminal
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.orders.models import Order
 
@@ -91,6 +92,45 @@ def test_an_invalid_catalog_stops_with_its_line_and_reason(tmp_path: Path) -> No
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert f'{catalog}:1: plan plan_A: delivery = "message" needs a message' in line
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[foo]\nx = 1\n", "unknown top-level key 'foo' (expected [plans.…] or [pools.…])"),
+        # The key the merchant wrote, quoted back: neither markup nor an emoji code to rich.
+        ('["[red]:cd:"]\nx = 1\n', "unknown top-level key '[red]:cd:' (expected [plans.…]"),
+    ],
+)
+def test_a_broken_catalogs_error_is_printed_as_written(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    """Issue 13, item 2: no error text is read as rich markup or emoji codes, through a pipe
+    or at a terminal, by `check` (its lines are styled) or by a command that stops on it."""
+    catalog = tmp_path / "broken.toml"
+    catalog.write_text(toml)
+    env = service_environment(
+        tmp_path,
+        CATALOG_PATH=str(catalog),
+        WHOP_API_URL="http://127.0.0.1:9/api/v1",  # nothing listens: the Whop lines fail fast
+        SMTP_URL="smtp://127.0.0.1:9",
+    )
+    expected = f"{catalog}:1: {message}"
+
+    checked = run_cli(tmp_path, "check", env=env)
+    assert checked.returncode == 1
+    [line] = [line for line in checked.stdout.splitlines() if " catalog: " in line]
+    assert line.startswith(f"FAIL catalog: {expected}"), line
+
+    at_terminal = on_terminal(tmp_path, "check", env=env, columns=200)
+    assert at_terminal.returncode == 1
+    [line] = [line for line in at_terminal.stdout.splitlines() if " catalog: " in line]
+    assert line.startswith(f"FAIL catalog: {expected}"), line
+
+    served = run_cli(tmp_path, "serve", env=env)
+    assert served.returncode == 2
+    [line] = served.stderr.strip().splitlines()
+    assert line.startswith(f"whop-autocancel: configuration error: {expected}"), line
 
 
 @pytest.mark.parametrize("command", [("migrate",), ("stock", "levels"), ("orders",)])

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.output import out
 
@@ -52,10 +51,10 @@ def set_password(
     if new_secret:
         lines = _set_line(lines, SECRET_SETTING, secrets.token_urlsafe(32))
     _write(target, "\n".join(lines) + "\n")
-    out.print(escape(f"Wrote {HASH_SETTING} to {target}."), soft_wrap=True)
+    out.print(f"Wrote {HASH_SETTING} to {target}.", soft_wrap=True)
     if new_secret:
         out.print(
-            escape(f"Wrote a new random {SECRET_SETTING} to {target} (it signs the sessions)."),
+            f"Wrote a new random {SECRET_SETTING} to {target} (it signs the sessions).",
             soft_wrap=True,
         )
     out.print(

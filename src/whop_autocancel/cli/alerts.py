@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.alerts import (
     DEFAULT_DAYS,
@@ -157,7 +156,7 @@ def _print_report(report: AlertsReport, throttle: float, *, wide: bool) -> None:
             wide=wide,
         )
     else:
-        out.print(escape(f"No alert resolved in the last {_days(report.days)}."))
+        out.print(f"No alert resolved in the last {_days(report.days)}.")
     out.print()
     if report.digests:
         print_table(
@@ -168,4 +167,4 @@ def _print_report(report: AlertsReport, throttle: float, *, wide: bool) -> None:
             wide=wide,
         )
     else:
-        out.print(escape(f"No alert raised in the last {_days(report.days)}."))
+        out.print(f"No alert raised in the last {_days(report.days)}.")

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target
 from whop_autocancel.cancellation.models import Cancellation
@@ -116,11 +115,9 @@ def cancel(
         target = cancel_target(runtime, membership_id)
         if target.already_done:
             out.print(
-                escape(
-                    f"Membership {target.membership_id} (order {target.order_id}) is already "
-                    f"{target.cancellation_status} (cancellation #{target.cancellation_id}); "
-                    "Whop was not called."
-                ),
+                f"Membership {target.membership_id} (order {target.order_id}) is already "
+                f"{target.cancellation_status} (cancellation #{target.cancellation_id}); "
+                "Whop was not called.",
                 soft_wrap=True,
             )
             return
@@ -161,4 +158,4 @@ def cancel(
             f"membership {result.membership_id} (order {result.order_id}) not cancelled: the "
             f"{row} is {result.status}: {result.last_error or 'no error recorded'}"
         )
-    out.print(escape(message), soft_wrap=True)
+    out.print(message, soft_wrap=True)

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
-from rich.markup import escape
 
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.cli.output import Column, Row, out, print_table
@@ -190,6 +189,6 @@ def print_listing(
     given = [f"{name} {value}" for name, value in filters.items() if value]
     where = f" with {' and '.join(given)}" if given else ""
     if not rows:
-        out.print(escape(f"No {noun}s{where}."), soft_wrap=True)
+        out.print(f"No {noun}s{where}.", soft_wrap=True)
         return
     print_table(columns, rows, title=f"{len(rows)} {noun}(s){where}, newest first", wide=wide)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.emails import (
     DEFAULT_LIMIT,
@@ -51,7 +50,7 @@ def emails(
         return
     which = {None: "pending or failed ", EmailStatus.ALL: ""}.get(status, f"{status} ")
     if not rows:
-        out.print(escape(f"No {which}emails."))
+        out.print(f"No {which}emails.")
         return
     print_table(
         EMAIL_COLUMNS,
@@ -130,10 +129,8 @@ def emails_retry(
                 else ""
             )
             out.print(
-                escape(
-                    f"{what} is queued again (attempts start over); a running worker sends it "
-                    f"now. It had failed with: {retried.previous_error or '-'}.{after}"
-                ),
+                f"{what} is queued again (attempts start over); a running worker sends it "
+                f"now. It had failed with: {retried.previous_error or '-'}.{after}",
                 soft_wrap=True,
             )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import (
     DEFAULT_LIMIT,
@@ -113,7 +112,7 @@ def events_replay(
         verdict = f"was already {result.status}; applied again."
     else:
         verdict = f"replayed: {result.previous_status} → {result.status}."
-    out.print(escape(f"{name} {verdict} {changed}"), soft_wrap=True)
+    out.print(f"{name} {verdict} {changed}", soft_wrap=True)
 
 
 def events_ignore(
@@ -125,13 +124,11 @@ def events_ignore(
         result = ignore_event(runtime, event_id)
     name = f"Event {result.event_id} ({result.event_type})"
     if not result.changed:
-        out.print(escape(f"{name} is already ignored; nothing to do."), soft_wrap=True)
+        out.print(f"{name} is already ignored; nothing to do.", soft_wrap=True)
         return
     out.print(
-        escape(
-            f"{name} marked ignored (it was {result.previous_status}); the sweep no longer "
-            f"retries it. `whop-autocancel events replay {result.event_id}` applies it again."
-        ),
+        f"{name} marked ignored (it was {result.previous_status}); the sweep no longer "
+        f"retries it. `whop-autocancel events replay {result.event_id}` applies it again.",
         soft_wrap=True,
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import DEFAULT_LIMIT, list_orders, resend_delivery
 from whop_autocancel.cancellation.models import Cancellation
@@ -111,10 +110,8 @@ def orders_resend(
     with open_runtime() as runtime:
         resent = resend_delivery(runtime, order_id)
     out.print(
-        escape(
-            f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
-            f"to {resent.to}; a running worker sends it."
-        ),
+        f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
+        f"to {resent.to}; a running worker sends it.",
         soft_wrap=True,
     )
 

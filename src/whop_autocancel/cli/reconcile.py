@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.common import open_runtime
 from whop_autocancel.cli.output import (
@@ -96,7 +95,7 @@ def _print_whop(whop: WhopSweepReport, dry_run: bool) -> None:
         skip = "would skip" if dry_run else "skipped"
         out.print(f"whop: {skip} {len(whop.skipped_payments)} payment(s), not delivered:")
         for skipped in whop.skipped_payments[:50]:
-            out.print(escape(f"  {skipped.payment_id}: {skipped.reason}"), soft_wrap=True)
+            out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
     out.print(
         f"whop: {whop.memberships_seen} membership(s) read, {again} "
         f"{len(whop.recancelled)} still live"
@@ -203,7 +202,7 @@ def backfill(
             for item in skipped:
                 created = whop_time(item.membership.created_at) or "at an unknown time"
                 out.print(
-                    escape(f"  {item.membership.membership_id} (created {created}): {item.reason}"),
+                    f"  {item.membership.membership_id} (created {created}): {item.reason}",
                     soft_wrap=True,
                 )
         if dry_run or not live:
@@ -330,7 +329,7 @@ def recover(
         if survey.skipped:
             out.print(f"{len(survey.skipped)} skipped (left alone):")
             for skipped in survey.skipped:
-                out.print(escape(f"  {skipped.payment_id}: {skipped.reason}"), soft_wrap=True)
+                out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
         if not apply:
             if found:
                 out.print("Dry run: nothing changed. Run it again with --apply to deliver them.")

@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from whop_autocancel.cli.common import (
     cli_settings,
@@ -145,8 +145,8 @@ def check(json_output: JsonOption = False) -> None:
     for result in run_checks(settings):
         results.append(result)
         if not json_output:
-            mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
-            out.print(f"{mark} {escape(result.name)}: {escape(result.detail)}", soft_wrap=True)
+            mark = ("ok  ", "green") if result.ok else ("FAIL", "red")
+            out.print(Text.assemble(mark, f" {result.name}: {result.detail}"), soft_wrap=True)
     failed = sum(not result.ok for result in results)
     if json_output:
         print_json(

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.output import (
     Column,
@@ -78,34 +77,28 @@ def import_(
         report = import_stock(runtime, pool, parsed, any_pool=any_pool)
         threshold = runtime.catalog.low_stock_threshold(pool)
     out.print(
-        escape(
-            f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
-            f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
-            f"{report.already_in_stock} already in stock). Available now: {report.available}."
-        ),
+        f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
+        f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
+        f"{report.already_in_stock} already in stock). Available now: {report.available}.",
         soft_wrap=True,
     )
     if report.waiting:
         served = min(report.waiting, report.available)
         out.print(
-            escape(
-                f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
-                f"{served} of them now, oldest payment first"
-                + (
-                    f"; {report.waiting - served} still wait for more stock."
-                    if served < report.waiting
-                    else "."
-                )
+            f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
+            f"{served} of them now, oldest payment first"
+            + (
+                f"; {report.waiting - served} still wait for more stock."
+                if served < report.waiting
+                else "."
             ),
             soft_wrap=True,
         )
     left = report.left_after_waiting
     if left <= threshold:
         out.print(
-            escape(
-                f"Still low: {left} item(s) left once the waiting orders are served, at or "
-                f"below the pool's low-stock threshold ({threshold})."
-            ),
+            f"Still low: {left} item(s) left once the waiting orders are served, at or "
+            f"below the pool's low-stock threshold ({threshold}).",
             soft_wrap=True,
         )
 
@@ -182,17 +175,15 @@ def void(
         result = void_stock(runtime, item_id, reason)
     name = f"Stock item #{result.item_id} (pool {result.pool})"
     if not result.changed:
-        out.print(escape(f"{name} is already void; nothing to do."), soft_wrap=True)
+        out.print(f"{name} is already void; nothing to do.", soft_wrap=True)
     elif result.order_id:
         out.print(
-            escape(
-                f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
-                "where it lives (password, license server) so that copy stops working."
-            ),
+            f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
+            "where it lives (password, license server) so that copy stops working.",
             soft_wrap=True,
         )
     else:
-        out.print(escape(f"{name} is void now; it will never be handed out."), soft_wrap=True)
+        out.print(f"{name} is void now; it will never be handed out.", soft_wrap=True)
 
 
 @stock_app.command("show")
@@ -227,11 +218,9 @@ def show(
         )
         return
     out.print(
-        escape(
-            f"Stock item #{item.id} · pool {item.pool} · {item.status}"
-            + (f" · order {item.order_id}" if item.order_id else "")
-            + (f" · void: {item.void_reason}" if item.void_reason else "")
-        ),
+        f"Stock item #{item.id} · pool {item.pool} · {item.status}"
+        + (f" · order {item.order_id}" if item.order_id else "")
+        + (f" · void: {item.void_reason}" if item.void_reason else ""),
         soft_wrap=True,
     )
     typer.echo(content)
@@ -247,14 +236,12 @@ def rekey() -> None:
         keys = runtime.sealer.key_count if runtime.sealer else 0
         report = rekey_stock(runtime)
     out.print(
-        escape(
-            f"Re-encrypted {report.items} item(s) and {report.emails} email(s) with the first "
-            "key of STOCK_ENCRYPTION_KEY."
-            + (
-                " You can now remove the older key(s) from the setting, on every machine."
-                if keys > 1
-                else ""
-            )
+        f"Re-encrypted {report.items} item(s) and {report.emails} email(s) with the first "
+        "key of STOCK_ENCRYPTION_KEY."
+        + (
+            " You can now remove the older key(s) from the setting, on every machine."
+            if keys > 1
+            else ""
         ),
         soft_wrap=True,
     )
