@@ -13,7 +13,7 @@ from whop_autocancel.db.engine import Database, sqlite_path
 from whop_autocancel.db.install import watching_since
 from whop_autocancel.delivery.methods import known_methods
 from whop_autocancel.delivery.stock import stock_levels, unreadable_items
-from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.errors import WhopAutocancelError, error_line, one_line
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.mail.smtp import check_connection
@@ -35,12 +35,14 @@ class CheckResult:
 
 
 def _attempt(name: str, check: Callable[[], str]) -> CheckResult:
+    """The check's result on one line, whatever its error holds (a driver's hint, SQLAlchemy's
+    "(Background on this error at: …)", the list of settings to fix)."""
     try:
-        return CheckResult(name, True, check())
+        return CheckResult(name, True, one_line(check()))
     except (WhopAutocancelError, OSError) as error:
-        return CheckResult(name, False, str(error))
+        return CheckResult(name, False, one_line(str(error)))
     except Exception as error:  # a check must report, never crash the command
-        return CheckResult(name, False, f"{type(error).__name__}: {error}")
+        return CheckResult(name, False, error_line(error))
 
 
 class _Failed(WhopAutocancelError):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from support.harness import (
+    KEEP_PLAN,
     MESSAGE_PLAN,
     NONE_PLAN,
     STOCK_CATALOG,
@@ -153,3 +155,44 @@ def test_stock_check_names_empty_pools_and_passes_once_stocked(
     assert "remove the older key" in rekeyed.stdout
     code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY=other)
     assert code == 0, "\n".join(lines)
+
+
+def test_every_check_is_one_line_whatever_a_driver_writes(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    """Issue 13, item 5: psycopg adds a hint line and SQLAlchemy a "(Background on this error
+    at: …)" line to their errors, and the settings error lists each setting on a line of its
+    own: `check` still prints one line per check (and its closing note), nothing else."""
+    closed = "postgresql://nobody@127.0.0.1:1/none"  # nothing listens on port 1
+    code, lines, _ = check(
+        tmp_path,
+        simulator,
+        smtp_sink,
+        DATABASE_URL=closed,
+        QUEUE_URL=closed,
+        ADMIN_EMAILS="",
+        MAIL_FROM="",
+    )
+    assert code == 1
+    checks, note = lines[:-1], lines[-1]
+    assert note.startswith("note: ")
+    for text in checks:
+        assert re.match(r"(ok  |FAIL) [a-z][\w .-]*: \S", text), text
+    assert [text.split(":")[0].split(maxsplit=1)[1] for text in checks] == [
+        "settings",
+        "catalog",
+        "database",
+        "queue",
+        "smtp",
+        "whop memberships",
+        "whop payments",
+        *(f"plan {plan}" for plan in sorted((MESSAGE_PLAN, NONE_PLAN, KEEP_PLAN))),
+    ]
+    database = line(lines, "database")
+    assert "Connection refused" in database
+    assert "Is the server running on that host" in database  # the hint, on the same line
+    assert "Background on this error" not in "\n".join(lines)
+    assert "Connection refused" in line(lines, "queue")
+    settings = line(lines, "settings")
+    assert "ADMIN_EMAILS is not set" in settings
+    assert "MAIL_FROM is not set" in settings

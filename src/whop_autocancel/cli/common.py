@@ -13,7 +13,7 @@ import typer
 
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.cli.output import Column, Row, out, print_table
-from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.errors import ConfigurationError, error_line
 from whop_autocancel.logs import configure_logging, log_format
 from whop_autocancel.settings import Required, Settings, load_settings
 
@@ -72,7 +72,7 @@ def start_runtime(settings: Settings) -> Runtime:
         raise
     except Exception as error:
         raise ConfigurationError(
-            f"QUEUE_URL: cannot reach the job queue: {first_line(error)}"
+            f"QUEUE_URL: cannot reach the job queue: {error_line(error)}"
         ) from None
     prepare_database(settings, migrate_sqlite=True)
     runtime = build_runtime(settings, catalog=catalog)
@@ -102,14 +102,8 @@ def ping_database(database: Database) -> None:
         database.ping()
     except Exception as error:
         raise ConfigurationError(
-            f"DATABASE_URL: cannot connect to {safe_url(database.url)}: {first_line(error)}"
+            f"DATABASE_URL: cannot connect to {safe_url(database.url)}: {error_line(error)}"
         ) from None
-
-
-def first_line(error: Exception) -> str:
-    """`Type: first line of the message` (a driver's message can run to many lines)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def prepare_database(settings: Settings, *, migrate_sqlite: bool) -> None:
