@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from support.harness import make_runtime, make_settings, run_cli, service_environment
+from support.harness import (
+    free_port,
+    make_runtime,
+    make_settings,
+    run_cli,
+    service_environment,
+    wait_for,
+)
 from support.terminal import on_terminal
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.orders.models import Order
@@ -142,6 +151,40 @@ def test_an_unreachable_database_is_one_line_for_every_command(
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none" in line
+
+
+def test_serve_logs_uvicorns_lines_without_their_color_message(tmp_path: Path) -> None:
+    """Issue 13, item 6: uvicorn's own lines (`Started server process [PID]`) carry their text
+    again, with ANSI colour codes, in `color_message`; `serve` with LOG_FORMAT=console logs
+    the line once, without that field."""
+    env = service_environment(
+        tmp_path, LOG_FORMAT="console", WHOP_API_URL="http://127.0.0.1:9/api/v1"
+    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "whop_autocancel", "serve", "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_for(
+                lambda: (
+                    "Application startup complete" in log.read_text() or process.poll() is not None
+                ),
+                60,
+                "serve to start",
+            )
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    text = log.read_text()
+    [started] = [line for line in text.splitlines() if "Started server process" in line]
+    assert started.rstrip().endswith(f"Started server process [{process.pid}]"), started
+    assert "color_message" not in text
+    assert "\\x1b" not in text
 
 
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
