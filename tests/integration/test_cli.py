@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
+from rich.cells import cell_len
 
 from support.harness import (
     free_port,
@@ -16,8 +21,9 @@ from support.harness import (
     service_environment,
     wait_for,
 )
-from support.terminal import on_terminal
+from support.terminal import help_pages, on_terminal
 from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli import app
 from whop_autocancel.orders.models import Order
 
 
@@ -277,3 +283,64 @@ def test_deploy_prints_units_and_refuses_bad_options(tmp_path: Path) -> None:
     bad = run_cli(tmp_path, "deploy", "supervisor", "--web", "0", "--workers", "0")
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("whop-autocancel: configuration error: --web/--workers")
+
+
+def every_command() -> list[tuple[tuple[str, ...], Any]]:
+    """Every command and command group of the app (the hidden ones aside), root first, as
+    click sees them: walked from the command tree typer builds, not from a list."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        found.append((path, command))
+        for name, sub in getattr(command, "commands", {}).items():
+            if not sub.hidden:
+                walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+def words_shown(command: Any) -> set[str]:
+    """The words a help page must show whole: the command's help; each option's and
+    argument's names, placeholder, help and default; each sub-command's summary."""
+    texts = [command.help or ""]
+    for param in command.params:
+        if param.param_type_name == "argument":  # named in capitals, as the usage line does
+            texts.append(param.metavar or param.name.upper())
+        else:
+            texts += [*param.opts, *param.secondary_opts, param.metavar or ""]
+        texts.append(getattr(param, "help", None) or "")
+        if isinstance(param.default, str | int | float) and not isinstance(param.default, bool):
+            texts.append(str(param.default))
+    for sub in getattr(command, "commands", {}).values():
+        texts.append(sub.get_short_help_str(limit=10_000))  # its first sentence, uncut
+    return {word for text in texts for word in text.split()}
+
+
+def test_every_commands_help_reads_cleanly_at_80_columns(tmp_path: Path) -> None:
+    """Issue 13, item 7: `--help` of every command and group, through a pipe at COLUMNS=80
+    (and, for the root, on an 80-column terminal): no line wider than 80, no `<str>`-style or
+    `{name}` placeholder, no word split across two lines or cut short."""
+    commands = every_command()
+    assert len(commands) > 20  # the walk found the groups' commands too
+    env = service_environment(tmp_path)
+    pages = help_pages(tmp_path, [path for path, _ in commands], env=env, columns=80)
+    for (path, command), (code, page) in zip(commands, pages, strict=True):
+        name = " ".join(("whop-autocancel", *path, "--help"))
+        assert code == 0, f"{name}: exit code {code}\n{page}"
+        assert page.startswith(f"Usage: whop-autocancel {' '.join(path)}".rstrip()), page
+        lines = page.splitlines()
+        for line in lines:
+            assert cell_len(line) <= 80, f"{name}: {cell_len(line)} cells: {line!r}"
+        placeholders = re.findall(r"<[^<>\n]*>|\{[^{}\n]*\}", page)
+        assert not placeholders, f"{name}: {placeholders}\n{page}"
+        for above, below in itertools.pairwise(lines):
+            split = re.search(r"\w-$", above) and re.match(r"\s*\w", below)
+            assert not split, f"{name}: a word split across lines:\n{above}\n{below}"
+        # A word cut by the wrapper, or shortened with "...", is on no line whole.
+        missing = [w for w in words_shown(command) if not any(w in line for line in lines)]
+        assert not missing, f"{name}: not whole on a line: {sorted(missing)}\n{page}"
+
+    at_terminal = on_terminal(tmp_path, "--help", env=env, columns=80)
+    assert at_terminal.returncode == 0
+    assert at_terminal.stdout == pages[0][1]  # the batch prints what a process of its own does

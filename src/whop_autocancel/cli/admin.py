@@ -30,13 +30,15 @@ def set_password(
         Path,
         typer.Option(
             "--env-file",
+            metavar="PATH",
             help="The file the service reads its settings from (systemd: its EnvironmentFile).",
         ),
     ] = Path(".env"),
 ) -> None:
-    """Set the dashboard's password: write its argon2id hash as ADMIN_PASSWORD_HASH (and a
-    random ADMIN_SESSION_SECRET if there is none) into the .env file. The password itself is
-    never written or printed. Restart the web processes; everyone logged in is logged out."""
+    """Set the dashboard's password. Its argon2id hash goes into the .env file as
+    ADMIN_PASSWORD_HASH (with a random ADMIN_SESSION_SECRET if there is none); the password
+    itself is never written or printed. Restart the web processes; everyone logged in is
+    logged out."""
     from whop_autocancel.admin.web.passwords import hash_password
 
     if stdin:

@@ -76,10 +76,13 @@ FAILED_COLUMNS = (
 
 @cancellations_app.command("retry")
 def cancellations_retry(
-    cancellation_id: Annotated[int | None, typer.Argument(help="The cancellation's ID.")] = None,
+    cancellation_id: Annotated[
+        int | None, typer.Argument(metavar="ID", help="The cancellation's ID.")
+    ] = None,
     all_failed: Annotated[bool, typer.Option("--all", help="Retry every failed one.")] = False,
 ) -> None:
-    """Schedule failed cancellations again (a new attempt generation; a worker runs them)."""
+    """Schedule failed cancellations again; a worker runs them. Each gets a new attempt
+    generation."""
     from whop_autocancel.admin.operations import failed_cancellation_ids, retry_cancellation
     from whop_autocancel.cancellation.service import RetryRefused
 
@@ -109,8 +112,9 @@ def cancel(
     ],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Cancel the Whop membership of a known order now, recorded like any other cancellation.
-    Only one-time purchases of plans listed in the catalog (and not `cancel = false`)."""
+    """Cancel the Whop membership of a known order now. It is recorded like any other
+    cancellation. Only one-time purchases of plans listed in the catalog (and not
+    `cancel = false`)."""
     with open_runtime(required=("WHOP_API_KEY",)) as runtime:
         target = cancel_target(runtime, membership_id)
         if target.already_done:

@@ -167,7 +167,9 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most this many.")]
+LimitOption = Annotated[
+    int, typer.Option("--limit", min=1, metavar="N", help="Show at most this many.")
+]
 
 
 def print_listing(

@@ -33,7 +33,12 @@ def emails(
     context: typer.Context,
     status: Annotated[
         EmailStatus | None,
-        typer.Option("--status", help="Only these (default: pending and failed)."),
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only these: {', '.join(s.value for s in EmailStatus)} (without it: "
+            "pending and failed).",
+        ),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
@@ -107,8 +112,8 @@ def emails_retry(
         bool, typer.Option("--all-failed", help="Retry every failed email.")
     ] = False,
 ) -> None:
-    """Put a failed email back to be sent, its attempts from zero; a running worker sends
-    it. A delivery email accepted now lets its order's membership be cancelled."""
+    """Put a failed email back to be sent, its attempts from zero. A running worker sends
+    it; a delivery email accepted now lets its order's membership be cancelled."""
     if (email_id is None) == (not all_failed):
         raise typer.BadParameter("give one email ID or --all-failed")
     with open_runtime() as runtime:

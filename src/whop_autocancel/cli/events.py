@@ -28,10 +28,18 @@ from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 
 def events_list(
     status: Annotated[
-        EventStatus | None, typer.Option("--status", help="Only events in this status.")
+        EventStatus | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only events in this status: {', '.join(s.value for s in EventStatus)}.",
+        ),
     ] = None,
     event_type: Annotated[
-        str | None, typer.Option("--type", help="Only events of this type, e.g. payment.succeeded.")
+        str | None,
+        typer.Option(
+            "--type", metavar="TYPE", help="Only events of this type, e.g. payment.succeeded."
+        ),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
@@ -90,7 +98,8 @@ EVENT_COLUMNS = (
 def events_replay(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
-    """Apply a stored event again now, as if it had just arrived (whatever its status)."""
+    """Apply a stored event again now, whatever its status. It is applied as if it had just
+    arrived."""
 
     with open_runtime() as runtime:
         result = replay_event(runtime, event_id)
@@ -118,7 +127,8 @@ def events_replay(
 def events_ignore(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
-    """Mark a failed event ignored, so the sweep stops retrying it (handled ones are refused)."""
+    """Mark a failed event ignored: the sweep stops retrying it. A handled event is
+    refused."""
 
     with open_runtime() as runtime:
         result = ignore_event(runtime, event_id)

@@ -48,13 +48,24 @@ def keygen() -> None:
 
 @stock_app.command("import")
 def import_(
-    pool: Annotated[str, typer.Argument(help="The pool, as in the catalog's stock:<pool>.")],
-    file: Annotated[Path, typer.Argument(help="One item per line, or a CSV file with --column.")],
+    pool: Annotated[
+        str, typer.Argument(metavar="POOL", help="The pool, as in the catalog's stock:POOL.")
+    ],
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="One item per line, or a CSV file with --column."),
+    ],
     column: Annotated[
         str | None,
-        typer.Option("--column", help="Read this CSV column: its header name, or a number from 1."),
+        typer.Option(
+            "--column",
+            metavar="COLUMN",
+            help="Read this CSV column: its header name, or a number from 1.",
+        ),
     ] = None,
-    delimiter: Annotated[str, typer.Option("--delimiter", help="The CSV field separator.")] = ",",
+    delimiter: Annotated[
+        str, typer.Option("--delimiter", metavar="CHAR", help="The CSV field separator.")
+    ] = ",",
     no_header: Annotated[
         bool,
         typer.Option("--no-header", help="The CSV file has no header row (--column N)."),
@@ -105,7 +116,8 @@ def import_(
 
 @stock_app.command("levels")
 def levels(json_output: JsonOption = False, wide: WideOption = False) -> None:
-    """Per pool: available, assigned, void, the low-stock threshold, waiting orders."""
+    """Show each pool's items and the orders waiting for it. Per pool: available, assigned,
+    void, the low-stock threshold, waiting orders."""
     from whop_autocancel.admin.stock import stock_levels
 
     with _stock_runtime() as runtime:
@@ -164,10 +176,10 @@ LEVEL_COLUMNS = (
 def void(
     item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
     reason: Annotated[
-        str, typer.Option("--reason", help="Why (kept with the item).")
+        str, typer.Option("--reason", metavar="TEXT", help="Why (kept with the item).")
     ] = "voided by the admin",
 ) -> None:
-    """Take an item out of circulation: an available one is never handed out; an assigned one
+    """Take an item out of circulation. An available one is never handed out; an assigned one
     stays with its order, marked void (rotate it where it lives)."""
     from whop_autocancel.admin.stock import void_stock
 
@@ -196,8 +208,8 @@ def show(
     ],
     json_output: JsonOption = False,
 ) -> None:
-    """Print one item, decrypted, with its status and order (for support; never logged).
-    With --json the item is in `content`: that is what the command is for."""
+    """Print one item, decrypted, with its status and order. For support; it is never
+    logged. With --json the item is in `content`: that is what the command is for."""
     from whop_autocancel.admin.stock import show_item
 
     with _stock_runtime() as runtime:
@@ -228,8 +240,9 @@ def show(
 
 @stock_app.command("rekey")
 def rekey() -> None:
-    """After a key rotation (new key first in STOCK_ENCRYPTION_KEY, old keys after): encrypt
-    every item and stored email again with the new key, so the old keys can be removed."""
+    """Encrypt every stored item again with the newest key. After a key rotation (new key
+    first in STOCK_ENCRYPTION_KEY, old keys after): every item and stored email, so that the
+    old keys can be removed."""
     from whop_autocancel.admin.stock import rekey_stock
 
     with _stock_runtime() as runtime:
