@@ -18,7 +18,7 @@ from whop_autocancel.delivery.stock import (
     stock_levels,
     unreadable_items,
 )
-from whop_autocancel.errors import WhopAutocancelError
+from whop_autocancel.errors import WhopAutocancelError, error_line, one_line
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.render import EmailTemplates
 from whop_autocancel.mail.smtp import check_connection
@@ -32,6 +32,9 @@ CANCEL_NOTE = (
 )
 
 
+API_KEYS_PAGE = "Dashboard → Developer → API keys"
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
@@ -40,12 +43,14 @@ class CheckResult:
 
 
 def _attempt(name: str, check: Callable[[], str]) -> CheckResult:
+    """The check's result on one line, whatever its error holds (a driver's hint, SQLAlchemy's
+    "(Background on this error at: …)", the list of settings to fix)."""
     try:
-        return CheckResult(name, True, check())
+        return CheckResult(name, True, one_line(check()))
     except (WhopAutocancelError, OSError) as error:
-        return CheckResult(name, False, str(error))
+        return CheckResult(name, False, one_line(str(error)))
     except Exception as error:  # a check must report, never crash the command
-        return CheckResult(name, False, f"{type(error).__name__}: {error}")
+        return CheckResult(name, False, error_line(error))
 
 
 class _Failed(WhopAutocancelError):
@@ -194,16 +199,31 @@ def _readable(
     reply = listing(company_id=settings.WHOP_COMPANY_ID, first=1)
     if reply.ok:
         return f"the API key can read {what}"
-    if reply.status in (401, 403):
-        raise _Failed(f"Whop refused ({reply.describe()}): the API key needs {permission}")
+    _refused(reply, permission)
     hint = ""
     if reply.status == 400 and settings.WHOP_COMPANY_ID is None:
         hint = " (set WHOP_COMPANY_ID to your biz_… id)"
     raise _Failed(f"cannot list {what}: {reply.describe()}{hint}")
 
 
+def _refused(reply: WhopReply, permission: str) -> None:
+    """Whop refused the key: 401, it does not know the key at all (mistyped, revoked or
+    deleted; no permission would help); 403, it knows the key and `permission` is missing."""
+    if reply.status == 401:
+        raise _Failed(
+            f"Whop does not accept the API key ({reply.describe()}): it is wrong, revoked or "
+            f"deleted; create an account API key in Whop ({API_KEYS_PAGE}) and set WHOP_API_KEY"
+        )
+    if reply.status == 403:
+        raise _Failed(
+            f"the API key lacks the {permission} permission ({reply.describe()}): add it to "
+            f"the key in Whop ({API_KEYS_PAGE})"
+        )
+
+
 def _plan(client: WhopClient, plan_id: str) -> str:
     reply = client.retrieve_plan(plan_id)
+    _refused(reply, "plan:basic:read")
     if reply.status == 404:
         raise _Failed("does not exist for this API key: fix the plan id in the catalog")
     if not reply.ok or not isinstance(reply.body, dict):

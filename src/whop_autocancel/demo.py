@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -249,10 +249,13 @@ def _import_keys(
     (folder / name).write_text("".join(f"{key}\n" for key in keys))
     plural = "s" if len(keys) > 1 else ""
     console.print(
-        f"[bold]$ whop-autocancel stock import {POOL} {name}[/bold]  ({len(keys)} key{plural})"
+        Text.assemble(
+            (f"$ whop-autocancel stock import {POOL} {name}", "bold"),
+            f"  ({len(keys)} key{plural})",
+        )
     )
     code, output = _finish(_cli(environment, folder, "stock", "import", POOL, name))
-    console.print(output, markup=False)
+    console.print(output)
     return code == 0
 
 
@@ -278,7 +281,9 @@ def _healthy(url: str) -> bool:
 
 
 def run_demo(console: Console, *, keep: bool = False) -> bool:
-    console = Console(width=max(console.width, WIDTH), highlight=False)
+    # Text is printed as it is (no markup, no emoji codes: a log or an error may hold either);
+    # styles are given with `Text`.
+    console = Console(width=max(console.width, WIDTH), highlight=False, markup=False, emoji=False)
     folder = Path(tempfile.mkdtemp(prefix="whop-autocancel-demo-"))
     (folder / "catalog.toml").write_text(CATALOG)
     started = time.monotonic()
@@ -287,7 +292,9 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
     shown = make_url(database_url).render_as_string(hide_password=True)  # the shop's, if set
     where = shown if os.environ.get("DATABASE_URL") else f"a temporary SQLite database in {folder}"
     console.print(
-        f"[bold]whop-autocancel demo[/bold]: simulator, SMTP sink and `serve` on {escape(where)}"
+        Text.assemble(
+            ("whop-autocancel demo", "bold"), f": simulator, SMTP sink and `serve` on {where}"
+        )
     )
     service: subprocess.Popen[bytes] | None = None
     listings: dict[str, subprocess.Popen[str]] = {}  # `whop-autocancel …` shown at the end
@@ -299,10 +306,12 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             # once and throttled per database, so the checks need a database of their own.
             orders = "1 order" if earlier == 1 else f"{earlier} orders"
             console.print(
-                f"[red]The demo refuses to run on DATABASE_URL={escape(shown)}:[/red] it holds "
-                f"{orders} already, and a shop's database is no place for the demo's fake "
-                "purchases. Point DATABASE_URL at a new, empty database, or unset it to run the "
-                "demo on a temporary SQLite database.",
+                Text.assemble(
+                    (f"The demo refuses to run on DATABASE_URL={shown}:", "red"),
+                    f" it holds {orders} already, and a shop's database is no place for the "
+                    "demo's fake purchases. Point DATABASE_URL at a new, empty database, or "
+                    "unset it to run the demo on a temporary SQLite database.",
+                ),
                 soft_wrap=True,
             )
             return False
@@ -316,8 +325,8 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             if not database_url.startswith("sqlite"):  # SQLite migrates itself on start
                 code, output = _finish(_cli(environment, folder, "migrate"))
                 if code != 0:
-                    console.print("[red]migrate failed:[/red]")
-                    console.print("\n".join(output.splitlines()[-3:]), markup=False)
+                    console.print(Text("migrate failed:", style="red"))
+                    console.print("\n".join(output.splitlines()[-3:]))
                     return False
             port = free_port()
             service_url = f"http://127.0.0.1:{port}"
@@ -335,7 +344,7 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
                 "the service to start",
             )
             if service.poll() is not None:
-                console.print("[red]The service did not start:[/red]")
+                console.print(Text("The service did not start:", style="red"))
                 console.print((folder / "service.log").read_text()[-3000:])
                 return False
             database = Database(database_url)
@@ -349,8 +358,8 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             for command in ("cancellations failed", "stock levels"):
                 if command in listings:
                     code, output = _finish(listings[command])
-                    console.print(f"[bold]$ whop-autocancel {command}[/bold]")
-                    console.print(output, markup=False)
+                    console.print(Text(f"$ whop-autocancel {command}", style="bold"))
+                    console.print(output)
                     ok = ok and code == 0
             service.send_signal(signal.SIGTERM)
             service.wait(timeout=30)
@@ -362,7 +371,11 @@ def run_demo(console: Console, *, keep: bool = False) -> bool:
             )
             return ok and graceful
     except TimeoutError as error:
-        console.print(f"[red]demo failed: {error}[/red]; service log: {folder / 'service.log'}")
+        console.print(
+            Text.assemble(
+                (f"demo failed: {error}", "red"), f"; service log: {folder / 'service.log'}"
+            )
+        )
         keep = True
         return False
     finally:
@@ -644,7 +657,7 @@ def _report(
             outcome.membership,
             outcome.cancel_calls,
             purchase.expect_cancel,
-            "[green]yes[/green]" if outcome.ok else "[red]NO[/red]",
+            Text("yes", style="green") if outcome.ok else Text("NO", style="red"),
         )
     console.print(table)
 
@@ -701,10 +714,12 @@ def _report(
     }
     if failure_alerts:
         console.print(
-            "[bold]The admin's alert for the refused cancel[/bold] "
-            f"(subject: {failure_alerts[0].subject}):"
+            Text.assemble(
+                ("The admin's alert for the refused cancel", "bold"),
+                f" (subject: {failure_alerts[0].subject}):",
+            )
         )
         console.print(failure_alerts[0].text.strip())
     for name, passed in checks.items():
-        console.print(f"{'[green]PASS[/green]' if passed else '[red]FAIL[/red]'} {name}")
+        console.print(Text.assemble(("PASS", "green") if passed else ("FAIL", "red"), f" {name}"))
     return all(checks.values())

@@ -28,7 +28,7 @@ from whop_autocancel.db.engine import (
     is_transient_conflict,
     sqlite_path,
 )
-from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.errors import ConfigurationError, error_line
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +140,7 @@ class Jobs:
             raise
         except Exception as error:  # the driver's own error: unreachable, refused, bad auth
             raise ConfigurationError(
-                f"QUEUE_URL: cannot use {_safe(queue_url)}: {type(error).__name__}: {error}"
+                f"QUEUE_URL: cannot use {_safe(queue_url)}: {error_line(error)}"
             ) from None
         self._tasks: dict[str, Any] = {}
         self._local: dict[str, LocalHandler] = {}

@@ -22,6 +22,15 @@ def log_format(explicit: str | None, *, service: bool, terminal: bool) -> str:
     return "console" if terminal and not service else "json"
 
 
+def drop_color_message(
+    _logger: object, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """uvicorn logs each of its lines a second time, with ANSI colour codes, in the record's
+    `color_message` extra (for its own formatter): the line is already there as the event."""
+    event.pop("color_message", None)
+    return event
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json", *, colors: bool = False) -> None:
     """Log to stderr in `fmt` (`json` or `console`; `colors` only for a console on a
     terminal)."""
@@ -44,7 +53,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, colors: bool = 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), drop_color_message],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
+
 from support.harness import (
+    KEEP_PLAN,
     MESSAGE_PLAN,
     NONE_PLAN,
     STOCK_CATALOG,
@@ -90,14 +94,51 @@ def test_an_unknown_plan_fails_the_check(
     assert "does not exist for this API key" in line(lines, "plan plan_Typo1")
 
 
-def test_a_wrong_api_key_fails_with_the_permission_named(
+def test_a_wrong_api_key_is_said_to_be_wrong(
     tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
 ) -> None:
+    """Issue 13, item 3: Whop's 401 means the key itself is not accepted (mistyped, revoked,
+    deleted), not that it lacks a permission: every Whop line says so and where to get one."""
     code, lines, _ = check(tmp_path, simulator, smtp_sink, WHOP_API_KEY="apik_wrong")
     assert code == 1
-    assert "401" in line(lines, "whop memberships")
-    assert "member:basic:read" in line(lines, "whop memberships")
+    for name in ("whop memberships", "whop payments", f"plan {MESSAGE_PLAN}"):
+        text = line(lines, name)
+        assert text.startswith(f"FAIL {name}: Whop does not accept the API key"), text
+        assert "HTTP 401: Invalid or missing API key" in text
+        assert "wrong, revoked or deleted" in text
+        assert "Dashboard → Developer → API keys" in text
+        assert "WHOP_API_KEY" in text
+        assert ":read" not in text  # no permission is named: none is missing
     assert "apik_wrong" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("missing", "checks"),
+    [
+        ("member:basic:read", ["whop memberships"]),
+        ("payment:basic:read", ["whop payments"]),
+        ("plan:basic:read", [f"plan {plan}" for plan in (KEEP_PLAN, MESSAGE_PLAN, NONE_PLAN)]),
+    ],
+)
+def test_a_key_without_a_permission_names_the_missing_one(
+    tmp_path: Path,
+    simulator: SimulatorServer,
+    smtp_sink: SmtpSink,
+    missing: str,
+    checks: list[str],
+) -> None:
+    """Issue 13, item 3: Whop's 403 names the permission the key lacks, on the checks that
+    need it; the others pass."""
+    simulator.state.set_missing_permissions([missing])
+    code, lines, _ = check(tmp_path, simulator, smtp_sink)
+    assert code == 1
+    failed = [text.split(":")[0].removeprefix("FAIL ") for text in lines if text.startswith("FAIL")]
+    assert sorted(failed) == sorted(checks), lines
+    for name in checks:
+        text = line(lines, name)
+        assert text.startswith(f"FAIL {name}: the API key lacks the {missing} permission"), text
+        assert "HTTP 403" in text
+        assert "Dashboard → Developer → API keys" in text
 
 
 def test_smtp_down_and_missing_company_id_each_get_their_line(
@@ -155,3 +196,44 @@ def test_stock_check_names_empty_pools_and_passes_once_stocked(
     assert "remove the older key" in rekeyed.stdout
     code, lines, _ = check(tmp_path, simulator, smtp_sink, STOCK_ENCRYPTION_KEY=other)
     assert code == 0, "\n".join(lines)
+
+
+def test_every_check_is_one_line_whatever_a_driver_writes(
+    tmp_path: Path, simulator: SimulatorServer, smtp_sink: SmtpSink
+) -> None:
+    """Issue 13, item 5: psycopg adds a hint line and SQLAlchemy a "(Background on this error
+    at: …)" line to their errors, and the settings error lists each setting on a line of its
+    own: `check` still prints one line per check (and its closing note), nothing else."""
+    closed = "postgresql://nobody@127.0.0.1:1/none"  # nothing listens on port 1
+    code, lines, _ = check(
+        tmp_path,
+        simulator,
+        smtp_sink,
+        DATABASE_URL=closed,
+        QUEUE_URL=closed,
+        ADMIN_EMAILS="",
+        MAIL_FROM="",
+    )
+    assert code == 1
+    checks, note = lines[:-1], lines[-1]
+    assert note.startswith("note: ")
+    for text in checks:
+        assert re.match(r"(ok  |FAIL) [a-z][\w .-]*: \S", text), text
+    assert [text.split(":")[0].split(maxsplit=1)[1] for text in checks] == [
+        "settings",
+        "catalog",
+        "database",
+        "queue",
+        "smtp",
+        "whop memberships",
+        "whop payments",
+        *(f"plan {plan}" for plan in sorted((MESSAGE_PLAN, NONE_PLAN, KEEP_PLAN))),
+    ]
+    database = line(lines, "database")
+    assert "Connection refused" in database
+    assert "Is the server running on that host" in database  # the hint, on the same line
+    assert "Background on this error" not in "\n".join(lines)
+    assert "Connection refused" in line(lines, "queue")
+    settings = line(lines, "settings")
+    assert "ADMIN_EMAILS is not set" in settings
+    assert "MAIL_FROM is not set" in settings

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
+from rich.cells import cell_len
 from sqlalchemy.engine import make_url
 
-from support.harness import make_runtime, make_settings, run_cli, service_environment
+from support.harness import (
+    free_port,
+    make_runtime,
+    make_settings,
+    run_cli,
+    service_environment,
+    wait_for,
+)
+from support.terminal import help_pages, on_terminal
 from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cli import app
 from whop_autocancel.orders.models import Order
 from whop_autocancel.settings import normalise_database_url
 
@@ -102,6 +118,45 @@ def test_an_invalid_catalog_stops_with_its_line_and_reason(tmp_path: Path) -> No
     assert f'{catalog}:1: plan plan_A: delivery = "message" needs a message' in line
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[foo]\nx = 1\n", "unknown top-level key 'foo' (expected [plans.…] or [pools.…])"),
+        # The key the merchant wrote, quoted back: neither markup nor an emoji code to rich.
+        ('["[red]:cd:"]\nx = 1\n', "unknown top-level key '[red]:cd:' (expected [plans.…]"),
+    ],
+)
+def test_a_broken_catalogs_error_is_printed_as_written(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    """Issue 13, item 2: no error text is read as rich markup or emoji codes, through a pipe
+    or at a terminal, by `check` (its lines are styled) or by a command that stops on it."""
+    catalog = tmp_path / "broken.toml"
+    catalog.write_text(toml)
+    env = service_environment(
+        tmp_path,
+        CATALOG_PATH=str(catalog),
+        WHOP_API_URL="http://127.0.0.1:9/api/v1",  # nothing listens: the Whop lines fail fast
+        SMTP_URL="smtp://127.0.0.1:9",
+    )
+    expected = f"{catalog}:1: {message}"
+
+    checked = run_cli(tmp_path, "check", env=env)
+    assert checked.returncode == 1
+    [line] = [line for line in checked.stdout.splitlines() if " catalog: " in line]
+    assert line.startswith(f"FAIL catalog: {expected}"), line
+
+    at_terminal = on_terminal(tmp_path, "check", env=env, columns=200)
+    assert at_terminal.returncode == 1
+    [line] = [line for line in at_terminal.stdout.splitlines() if " catalog: " in line]
+    assert line.startswith(f"FAIL catalog: {expected}"), line
+
+    served = run_cli(tmp_path, "serve", env=env)
+    assert served.returncode == 2
+    [line] = served.stderr.strip().splitlines()
+    assert line.startswith(f"whop-autocancel: configuration error: {expected}"), line
+
+
 @pytest.mark.parametrize("command", [("migrate",), ("stock", "levels"), ("orders",)])
 def test_an_unreachable_database_is_one_line_for_every_command(
     tmp_path: Path, command: tuple[str, ...]
@@ -111,6 +166,40 @@ def test_an_unreachable_database_is_one_line_for_every_command(
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none" in line
+
+
+def test_serve_logs_uvicorns_lines_without_their_color_message(tmp_path: Path) -> None:
+    """Issue 13, item 6: uvicorn's own lines (`Started server process [PID]`) carry their text
+    again, with ANSI colour codes, in `color_message`; `serve` with LOG_FORMAT=console logs
+    the line once, without that field."""
+    env = service_environment(
+        tmp_path, LOG_FORMAT="console", WHOP_API_URL="http://127.0.0.1:9/api/v1"
+    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "whop_autocancel", "serve", "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_for(
+                lambda: (
+                    "Application startup complete" in log.read_text() or process.poll() is not None
+                ),
+                60,
+                "serve to start",
+            )
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    text = log.read_text()
+    [started] = [line for line in text.splitlines() if "Started server process" in line]
+    assert started.rstrip().endswith(f"Started server process [{process.pid}]"), started
+    assert "color_message" not in text
+    assert "\\x1b" not in text
 
 
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
@@ -311,3 +400,64 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_before_starting_anything(
     assert result.stdout == ""
     assert not (tmp_path / "service.db").exists()  # nothing started: not even a migration
     assert not (tmp_path / "queue.db").exists()
+
+
+def every_command() -> list[tuple[tuple[str, ...], Any]]:
+    """Every command and command group of the app (the hidden ones aside), root first, as
+    click sees them: walked from the command tree typer builds, not from a list."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        found.append((path, command))
+        for name, sub in getattr(command, "commands", {}).items():
+            if not sub.hidden:
+                walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+def words_shown(command: Any) -> set[str]:
+    """The words a help page must show whole: the command's help; each option's and
+    argument's names, placeholder, help and default; each sub-command's summary."""
+    texts = [command.help or ""]
+    for param in command.params:
+        if param.param_type_name == "argument":  # named in capitals, as the usage line does
+            texts.append(param.metavar or param.name.upper())
+        else:
+            texts += [*param.opts, *param.secondary_opts, param.metavar or ""]
+        texts.append(getattr(param, "help", None) or "")
+        if isinstance(param.default, str | int | float) and not isinstance(param.default, bool):
+            texts.append(str(param.default))
+    for sub in getattr(command, "commands", {}).values():
+        texts.append(sub.get_short_help_str(limit=10_000))  # its first sentence, uncut
+    return {word for text in texts for word in text.split()}
+
+
+def test_every_commands_help_reads_cleanly_at_80_columns(tmp_path: Path) -> None:
+    """Issue 13, item 7: `--help` of every command and group, through a pipe at COLUMNS=80
+    (and, for the root, on an 80-column terminal): no line wider than 80, no `<str>`-style or
+    `{name}` placeholder, no word split across two lines or cut short."""
+    commands = every_command()
+    assert len(commands) > 20  # the walk found the groups' commands too
+    env = service_environment(tmp_path)
+    pages = help_pages(tmp_path, [path for path, _ in commands], env=env, columns=80)
+    for (path, command), (code, page) in zip(commands, pages, strict=True):
+        name = " ".join(("whop-autocancel", *path, "--help"))
+        assert code == 0, f"{name}: exit code {code}\n{page}"
+        assert page.startswith(f"Usage: whop-autocancel {' '.join(path)}".rstrip()), page
+        lines = page.splitlines()
+        for line in lines:
+            assert cell_len(line) <= 80, f"{name}: {cell_len(line)} cells: {line!r}"
+        placeholders = re.findall(r"<[^<>\n]*>|\{[^{}\n]*\}", page)
+        assert not placeholders, f"{name}: {placeholders}\n{page}"
+        for above, below in itertools.pairwise(lines):
+            split = re.search(r"\w-$", above) and re.match(r"\s*\w", below)
+            assert not split, f"{name}: a word split across lines:\n{above}\n{below}"
+        # A word cut by the wrapper, or shortened with "...", is on no line whole.
+        missing = [w for w in words_shown(command) if not any(w in line for line in lines)]
+        assert not missing, f"{name}: not whole on a line: {sorted(missing)}\n{page}"
+
+    at_terminal = on_terminal(tmp_path, "--help", env=env, columns=80)
+    assert at_terminal.returncode == 0
+    assert at_terminal.stdout == pages[0][1]  # the batch prints what a process of its own does

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -284,6 +284,54 @@ def test_forbidden_answers_403_on_cancel(client: httpx.Client) -> None:
     assert retrieve(client, mid).status_code == 200
     client.post("/_sim/forbidden", json={"enabled": False})
     assert cancel(client, mid, {"cancellation_mode": "immediate"}).status_code == 200
+
+
+def test_a_wrong_key_is_401_and_a_missing_permission_403(client: httpx.Client) -> None:
+    """An unknown key is refused as a whole (401); a known key that lacks a permission is
+    refused (403, the permission named) on the endpoints that need it, and only there."""
+    mid = buy(client)["membership_id"]
+    wrong = {"Authorization": "Bearer not_the_key"}
+    error = assert_error(
+        client.get("/api/v1/memberships", params={"company_id": "biz_SimStore"}, headers=wrong),
+        401,
+        "unauthorized",
+    )
+    assert error["message"] == "Invalid or missing API key"
+
+    answer = client.post("/_sim/permissions", json={"missing": ["member:basic:read"]})
+    assert answer.json() == {"missing": ["member:basic:read"]}
+    assert client.get("/_sim/faults").json()["missing_permissions"] == ["member:basic:read"]
+    for response in (
+        api_get(client, "/memberships", {"company_id": "biz_SimStore"}),
+        retrieve(client, mid),
+        retrieve(client, "mem_Unknown"),  # the permission is checked before the id
+    ):
+        error = assert_error(response, 403, "forbidden")
+        assert error["message"] == "The API key lacks the member:basic:read permission"
+    assert api_get(client, "/payments", {"company_id": "biz_SimStore"}).status_code == 200
+    assert api_get(client, "/plans/plan_Test").status_code == 200
+
+    calls: dict[str, Callable[[], httpx.Response]] = {
+        "payment:basic:read": lambda: api_get(client, "/payments", {"company_id": "biz_SimStore"}),
+        "plan:basic:read": lambda: api_get(client, "/plans/plan_Test"),
+        "membership:cancel": lambda: cancel(client, mid, {"cancellation_mode": "immediate"}),
+        "checkout_configuration:create": lambda: create_checkout(client, {"plan_id": "plan_Test"}),
+        "checkout_configuration:basic:read": lambda: api_get(
+            client, "/checkout_configurations/ch_Unknown"
+        ),
+    }
+    client.post("/_sim/permissions", json={"missing": sorted(calls)})
+    for permission, call in calls.items():
+        error = assert_error(call(), 403, "forbidden")
+        assert error["message"] == f"The API key lacks the {permission} permission"
+    # member:basic:read is granted again; the refused cancel changed nothing.
+    assert retrieve(client, mid).json()["status"] == "completed"
+
+    assert client.post("/_sim/permissions", json={"missing": []}).json() == {"missing": []}
+    assert cancel(client, mid, {"cancellation_mode": "immediate"}).status_code == 200
+    refused = client.post("/_sim/permissions", json={"missing": ["member:basic:raed"]})
+    assert refused.status_code == 422
+    assert "member:basic:raed" in refused.text
 
 
 def test_rejected_membership(client: httpx.Client) -> None:
@@ -1255,6 +1303,7 @@ def test_reset_clears_state_and_faults_but_keeps_config(
     client.post("/_sim/faults", json={"error_rate": 0.3, "seed": 5})
     client.post("/_sim/rate_limit", json={"capacity": 100})
     client.post("/_sim/forbidden", json={"enabled": True})
+    client.post("/_sim/permissions", json={"missing": ["payment:basic:read"]})
     client.post("/_sim/webhooks/options", json={"drop": True})
     client.post("/_sim/outage", json={"enabled": True})
 
@@ -1269,6 +1318,7 @@ def test_reset_clears_state_and_faults_but_keeps_config(
         "timeout_seconds": 10.0,
         "seed": 5,
         "plan_filter_ignored": False,
+        "missing_permissions": [],
         "rate_limit": {"capacity": None, "refill_per_second": 1.0},
     }
     assert client.get("/_sim/calls").json() == {"calls": []}

@@ -4,6 +4,7 @@ reading the listings it prints."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -108,3 +109,47 @@ def hidden_columns(stdout: str) -> list[str]:
         return []
     names, _, more = found.group(1).partition(" and ")
     return names.split(", ") + ([f"+{more.split()[0]}"] if more else [])
+
+
+HELP_END = "--- end of help, exit code "
+
+
+def help_pages(
+    tmp_path: Path, commands: list[tuple[str, ...]], *, env: dict[str, str], columns: int = 80
+) -> list[tuple[int, str]]:
+    """`whop-autocancel COMMAND… --help` for each of `commands`, through a pipe at `columns`:
+    the exit code and the page of each. One process runs them all (each start imports the
+    whole command line, about a second): it calls the console script's own entry point,
+    `main()`, once per command, as the script would."""
+    script = (
+        "import json, sys\n"
+        "from whop_autocancel.cli import main\n"
+        "for command in json.loads(sys.argv[1]):\n"
+        "    sys.argv = ['whop-autocancel', *command, '--help']\n"
+        "    code = 0\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as stopped:\n"
+        "        code = stopped.code or 0\n"
+        f"    print({HELP_END!r} + str(code), flush=True)\n"
+    )
+    environment = {k: v for k, v in env.items() if k != "COLUMNS"}
+    environment["COLUMNS"] = str(columns)
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(commands)],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # Page 1, then for each page its exit code and the next page (none after the last).
+    chunks = done.stdout.split(HELP_END)
+    assert len(chunks) == len(commands) + 1, done.stdout + done.stderr
+    codes, texts = [], [chunks[0]]
+    for chunk in chunks[1:]:
+        code, _, text = chunk.partition("\n")
+        codes.append(int(code))
+        texts.append(text)
+    return list(zip(codes, texts[:-1], strict=True))

@@ -1,10 +1,14 @@
-"""Which log format a process writes (logs.py)."""
+"""Which log format a process writes, and what goes into it (logs.py)."""
 
 from __future__ import annotations
 
-import pytest
+import logging
+from collections.abc import Iterator
 
-from whop_autocancel.logs import log_format
+import pytest
+import structlog
+
+from whop_autocancel.logs import configure_logging, log_format
 
 
 @pytest.mark.parametrize(
@@ -20,3 +24,33 @@ from whop_autocancel.logs import log_format
 )
 def test_log_format(explicit: str | None, service: bool, terminal: bool, expected: str) -> None:
     assert log_format(explicit, service=service, terminal=terminal) == expected
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging sets the process's logging up: put it back as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_uvicorns_color_message_is_not_logged(
+    fmt: str, restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn logs its message a second time, with ANSI colour codes, in the `color_message`
+    field of the record (issue 13, item 6): neither format shows it; the message is kept."""
+    configure_logging("INFO", fmt)
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        4242,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    logged = capsys.readouterr().err
+    assert "Started server process [4242]" in logged
+    assert "color_message" not in logged
+    for escape_code in ("\x1b", "\\x1b", "\\u001b"):  # as written, by repr() or by JSON
+        assert escape_code not in logged

@@ -19,6 +19,7 @@ from whop_autocancel.cli import (
     stock,
 )
 from whop_autocancel.cli.common import configure_cli_logging
+from whop_autocancel.cli.help import use_help_command
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 
 app = typer.Typer(
@@ -26,6 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help and usage errors as plain text, wrapped at spaces to 80 columns at most: no boxes,
+    # no `<str>` type placeholders, no help text read as rich markup.
+    rich_markup_mode=None,
 )
 for command in (
     service.serve,
@@ -48,6 +52,7 @@ app.add_typer(cancellations.cancellations_app, name="cancellations")
 app.add_typer(stock.stock_app, name="stock")
 app.add_typer(emails.emails_app, name="emails")
 app.add_typer(admin.admin_app, name="admin")
+use_help_command(app)
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     # default would print it on stdout, in the middle of the command's output).
     configure_cli_logging("INFO", None)
     try:
-        app()
+        app(prog_name="whop-autocancel")  # also when run as `python -m whop_autocancel`
     except ConfigurationError as error:
         print(f"whop-autocancel: configuration error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.output import out
 
@@ -31,13 +30,15 @@ def set_password(
         Path,
         typer.Option(
             "--env-file",
+            metavar="PATH",
             help="The file the service reads its settings from (systemd: its EnvironmentFile).",
         ),
     ] = Path(".env"),
 ) -> None:
-    """Set the dashboard's password: write its argon2id hash as ADMIN_PASSWORD_HASH (and a
-    random ADMIN_SESSION_SECRET if there is none) into the .env file. The password itself is
-    never written or printed. Restart the web processes; everyone logged in is logged out."""
+    """Set the dashboard's password. Its argon2id hash goes into the .env file as
+    ADMIN_PASSWORD_HASH (with a random ADMIN_SESSION_SECRET if there is none); the password
+    itself is never written or printed. Restart the web processes; everyone logged in is
+    logged out."""
     from whop_autocancel.admin.web.passwords import hash_password
 
     if stdin:
@@ -52,10 +53,10 @@ def set_password(
     if new_secret:
         lines = _set_line(lines, SECRET_SETTING, secrets.token_urlsafe(32))
     _write(target, "\n".join(lines) + "\n")
-    out.print(escape(f"Wrote {HASH_SETTING} to {target}."), soft_wrap=True)
+    out.print(f"Wrote {HASH_SETTING} to {target}.", soft_wrap=True)
     if new_secret:
         out.print(
-            escape(f"Wrote a new random {SECRET_SETTING} to {target} (it signs the sessions)."),
+            f"Wrote a new random {SECRET_SETTING} to {target} (it signs the sessions).",
             soft_wrap=True,
         )
     out.print(

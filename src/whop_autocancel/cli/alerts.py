@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.alerts import (
     DEFAULT_DAYS,
@@ -33,17 +32,28 @@ from whop_autocancel.clock import SystemClock
 def alerts(
     days: Annotated[
         float,
-        typer.Option("--days", min=0, help="Resolved alerts and digest counts of the last N days."),
+        typer.Option(
+            "--days",
+            min=0,
+            metavar="N",
+            help="Resolved alerts and digest counts of the last N days.",
+        ),
     ] = DEFAULT_DAYS,
     kind: Annotated[
-        AlertKind | None, typer.Option("--kind", help="Only alerts of this kind.")
+        AlertKind | None,
+        typer.Option(
+            "--kind",
+            metavar="KIND",
+            help=f"Only alerts of this kind: {', '.join(kind.value for kind in AlertKind)}.",
+        ),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
     wide: WideOption = False,
 ) -> None:
-    """The open alerts, those resolved within --days, and how they reached the admins: sent
-    at once, folded into digests, or waiting for the next digest."""
+    """List the open and recent alerts, and how they were sent. The open alerts, those
+    resolved within --days, and how they reached the admins: sent at once, folded into
+    digests, or waiting for the next digest."""
     settings = cli_settings()
     with open_session(settings) as session:
         report = alerts_report(
@@ -157,7 +167,7 @@ def _print_report(report: AlertsReport, throttle: float, *, wide: bool) -> None:
             wide=wide,
         )
     else:
-        out.print(escape(f"No alert resolved in the last {_days(report.days)}."))
+        out.print(f"No alert resolved in the last {_days(report.days)}.")
     out.print()
     if report.digests:
         print_table(
@@ -168,4 +178,4 @@ def _print_report(report: AlertsReport, throttle: float, *, wide: bool) -> None:
             wide=wide,
         )
     else:
-        out.print(escape(f"No alert raised in the last {_days(report.days)}."))
+        out.print(f"No alert raised in the last {_days(report.days)}.")

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target
 from whop_autocancel.cancellation.models import Cancellation
@@ -77,10 +76,13 @@ FAILED_COLUMNS = (
 
 @cancellations_app.command("retry")
 def cancellations_retry(
-    cancellation_id: Annotated[int | None, typer.Argument(help="The cancellation's ID.")] = None,
+    cancellation_id: Annotated[
+        int | None, typer.Argument(metavar="ID", help="The cancellation's ID.")
+    ] = None,
     all_failed: Annotated[bool, typer.Option("--all", help="Retry every failed one.")] = False,
 ) -> None:
-    """Schedule failed cancellations again (a new attempt generation; a worker runs them)."""
+    """Schedule failed cancellations again; a worker runs them. Each gets a new attempt
+    generation."""
     from whop_autocancel.admin.operations import failed_cancellation_ids, retry_cancellation
     from whop_autocancel.cancellation.service import RetryRefused
 
@@ -110,17 +112,16 @@ def cancel(
     ],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Cancel the Whop membership of a known order now, recorded like any other cancellation.
-    Only one-time purchases of plans listed in the catalog (and not `cancel = false`)."""
+    """Cancel the Whop membership of a known order now. It is recorded like any other
+    cancellation. Only one-time purchases of plans listed in the catalog (and not
+    `cancel = false`)."""
     with open_runtime(required=("WHOP_API_KEY",)) as runtime:
         target = cancel_target(runtime, membership_id)
         if target.already_done:
             out.print(
-                escape(
-                    f"Membership {target.membership_id} (order {target.order_id}) is already "
-                    f"{target.cancellation_status} (cancellation #{target.cancellation_id}); "
-                    "Whop was not called."
-                ),
+                f"Membership {target.membership_id} (order {target.order_id}) is already "
+                f"{target.cancellation_status} (cancellation #{target.cancellation_id}); "
+                "Whop was not called.",
                 soft_wrap=True,
             )
             return
@@ -161,4 +162,4 @@ def cancel(
             f"membership {result.membership_id} (order {result.order_id}) not cancelled: the "
             f"{row} is {result.status}: {result.last_error or 'no error recorded'}"
         )
-    out.print(escape(message), soft_wrap=True)
+    out.print(message, soft_wrap=True)

@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
-from rich.markup import escape
 
 from whop_autocancel.catalog import Catalog
 from whop_autocancel.cli.output import Column, Row, out, print_table
-from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.errors import ConfigurationError, error_line
 from whop_autocancel.logs import configure_logging, log_format
 from whop_autocancel.settings import Required, Settings, load_settings
 
@@ -73,7 +72,7 @@ def start_runtime(settings: Settings) -> Runtime:
         raise
     except Exception as error:
         raise ConfigurationError(
-            f"QUEUE_URL: cannot reach the job queue: {first_line(error)}"
+            f"QUEUE_URL: cannot reach the job queue: {error_line(error)}"
         ) from None
     prepare_database(settings)
     runtime = build_runtime(settings, catalog=catalog)
@@ -103,14 +102,8 @@ def ping_database(database: Database) -> None:
         database.ping()
     except Exception as error:
         raise ConfigurationError(
-            f"DATABASE_URL: cannot connect to {safe_url(database.url)}: {first_line(error)}"
+            f"DATABASE_URL: cannot connect to {safe_url(database.url)}: {error_line(error)}"
         ) from None
-
-
-def first_line(error: Exception) -> str:
-    """`Type: first line of the message` (a driver's message can run to many lines)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def prepare_database(settings: Settings) -> None:
@@ -181,7 +174,9 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most this many.")]
+LimitOption = Annotated[
+    int, typer.Option("--limit", min=1, metavar="N", help="Show at most this many.")
+]
 
 
 def print_listing(
@@ -197,6 +192,6 @@ def print_listing(
     given = [f"{name} {value}" for name, value in filters.items() if value]
     where = f" with {' and '.join(given)}" if given else ""
     if not rows:
-        out.print(escape(f"No {noun}s{where}."), soft_wrap=True)
+        out.print(f"No {noun}s{where}.", soft_wrap=True)
         return
     print_table(columns, rows, title=f"{len(rows)} {noun}(s){where}, newest first", wide=wide)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.emails import (
     DEFAULT_LIMIT,
@@ -34,7 +33,12 @@ def emails(
     context: typer.Context,
     status: Annotated[
         EmailStatus | None,
-        typer.Option("--status", help="Only these (default: pending and failed)."),
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only these: {', '.join(s.value for s in EmailStatus)} (without it: "
+            "pending and failed).",
+        ),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
@@ -51,7 +55,7 @@ def emails(
         return
     which = {None: "pending or failed ", EmailStatus.ALL: ""}.get(status, f"{status} ")
     if not rows:
-        out.print(escape(f"No {which}emails."))
+        out.print(f"No {which}emails.")
         return
     print_table(
         EMAIL_COLUMNS,
@@ -108,8 +112,8 @@ def emails_retry(
         bool, typer.Option("--all-failed", help="Retry every failed email.")
     ] = False,
 ) -> None:
-    """Put a failed email back to be sent, its attempts from zero; a running worker sends
-    it. A delivery email accepted now lets its order's membership be cancelled."""
+    """Put a failed email back to be sent, its attempts from zero. A running worker sends
+    it; a delivery email accepted now lets its order's membership be cancelled."""
     if (email_id is None) == (not all_failed):
         raise typer.BadParameter("give one email ID or --all-failed")
     with open_runtime() as runtime:
@@ -130,10 +134,8 @@ def emails_retry(
                 else ""
             )
             out.print(
-                escape(
-                    f"{what} is queued again (attempts start over); a running worker sends it "
-                    f"now. It had failed with: {retried.previous_error or '-'}.{after}"
-                ),
+                f"{what} is queued again (attempts start over); a running worker sends it "
+                f"now. It had failed with: {retried.previous_error or '-'}.{after}",
                 soft_wrap=True,
             )
 

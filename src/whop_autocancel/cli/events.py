@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import (
     DEFAULT_LIMIT,
@@ -29,10 +28,18 @@ from whop_autocancel.webhooks.models import EventStatus, WebhookEvent
 
 def events_list(
     status: Annotated[
-        EventStatus | None, typer.Option("--status", help="Only events in this status.")
+        EventStatus | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only events in this status: {', '.join(s.value for s in EventStatus)}.",
+        ),
     ] = None,
     event_type: Annotated[
-        str | None, typer.Option("--type", help="Only events of this type, e.g. payment.succeeded.")
+        str | None,
+        typer.Option(
+            "--type", metavar="TYPE", help="Only events of this type, e.g. payment.succeeded."
+        ),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
@@ -91,7 +98,8 @@ EVENT_COLUMNS = (
 def events_replay(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
-    """Apply a stored event again now, as if it had just arrived (whatever its status)."""
+    """Apply a stored event again now, whatever its status. It is applied as if it had just
+    arrived."""
 
     with open_runtime() as runtime:
         result = replay_event(runtime, event_id)
@@ -113,25 +121,24 @@ def events_replay(
         verdict = f"was already {result.status}; applied again."
     else:
         verdict = f"replayed: {result.previous_status} → {result.status}."
-    out.print(escape(f"{name} {verdict} {changed}"), soft_wrap=True)
+    out.print(f"{name} {verdict} {changed}", soft_wrap=True)
 
 
 def events_ignore(
     event_id: Annotated[str, typer.Argument(metavar="ID", help="The event's ID (its webhook-id).")],
 ) -> None:
-    """Mark a failed event ignored, so the sweep stops retrying it (handled ones are refused)."""
+    """Mark a failed event ignored: the sweep stops retrying it. A handled event is
+    refused."""
 
     with open_runtime() as runtime:
         result = ignore_event(runtime, event_id)
     name = f"Event {result.event_id} ({result.event_type})"
     if not result.changed:
-        out.print(escape(f"{name} is already ignored; nothing to do."), soft_wrap=True)
+        out.print(f"{name} is already ignored; nothing to do.", soft_wrap=True)
         return
     out.print(
-        escape(
-            f"{name} marked ignored (it was {result.previous_status}); the sweep no longer "
-            f"retries it. `whop-autocancel events replay {result.event_id}` applies it again."
-        ),
+        f"{name} marked ignored (it was {result.previous_status}); the sweep no longer "
+        f"retries it. `whop-autocancel events replay {result.event_id}` applies it again.",
         soft_wrap=True,
     )
 

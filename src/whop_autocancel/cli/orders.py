@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.admin.operations import DEFAULT_LIMIT, list_orders, resend_delivery
 from whop_autocancel.cancellation.models import Cancellation
@@ -26,10 +25,16 @@ from whop_autocancel.orders.models import Order, OrderStatus
 def orders(
     context: typer.Context,
     status: Annotated[
-        OrderStatus | None, typer.Option("--status", help="Only orders in this status.")
+        OrderStatus | None,
+        typer.Option(
+            "--status",
+            metavar="STATUS",
+            help=f"Only orders in this status: {', '.join(s.value for s in OrderStatus)}.",
+        ),
     ] = None,
     email: Annotated[
-        str | None, typer.Option("--email", help="Only this customer's (any case).")
+        str | None,
+        typer.Option("--email", metavar="EMAIL", help="Only this customer's (any case)."),
     ] = None,
     limit: LimitOption = DEFAULT_LIMIT,
     json_output: JsonOption = False,
@@ -106,15 +111,14 @@ ORDER_COLUMNS = (
 def orders_resend(
     order_id: Annotated[str, typer.Argument(metavar="ID", help="The order (ord_…).")],
 ) -> None:
-    """Send the customer's delivery email again, with the same item (stock) or message."""
+    """Send the customer's delivery email again. It holds the same item (stock) or
+    message."""
 
     with open_runtime() as runtime:
         resent = resend_delivery(runtime, order_id)
     out.print(
-        escape(
-            f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
-            f"to {resent.to}; a running worker sends it."
-        ),
+        f"Order {resent.order_id}: the delivery email ({resent.summary}) is queued again "
+        f"to {resent.to}; a running worker sends it.",
         soft_wrap=True,
     )
 

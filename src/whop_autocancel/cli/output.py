@@ -55,7 +55,9 @@ WideOption = Annotated[
 Row = Mapping[str, Any]
 
 # Styles (the bold header) only on a terminal; rich drops them through a pipe or with NO_COLOR.
-out = Console(highlight=False)
+# Text is printed as it is: rich reads no markup (`[plans.…]` in an error stays) and no emoji
+# codes (`:cd:` in a file name stays); a style is given with `Text`, never inside a string.
+out = Console(highlight=False, markup=False, emoji=False)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.common import open_runtime
 from whop_autocancel.cli.output import (
@@ -33,7 +32,7 @@ def sweep(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Run the sweeps now: stuck work (re-enqueue what a crash left), then Whop (recover
+    """Run the sweeps now. Stuck work (re-enqueue what a crash left), then Whop (recover
     purchases whose webhook never came, cancel memberships that are still live)."""
     with open_runtime() as runtime:
         stuck = runtime.stuck_sweep.run(force=True, dry_run=dry_run)
@@ -96,7 +95,7 @@ def _print_whop(whop: WhopSweepReport, dry_run: bool) -> None:
         skip = "would skip" if dry_run else "skipped"
         out.print(f"whop: {skip} {len(whop.skipped_payments)} payment(s), not delivered:")
         for skipped in whop.skipped_payments[:50]:
-            out.print(escape(f"  {skipped.payment_id}: {skipped.reason}"), soft_wrap=True)
+            out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
     out.print(
         f"whop: {whop.memberships_seen} membership(s) read, {again} "
         f"{len(whop.recancelled)} still live"
@@ -147,9 +146,14 @@ MEMBERSHIP_COLUMNS = (
 
 
 def backfill(
-    plan: Annotated[str, typer.Option("--plan", help="A listed one-time plan (plan_…).")],
+    plan: Annotated[
+        str, typer.Option("--plan", metavar="PLAN", help="A listed one-time plan (plan_…).")
+    ],
     since: Annotated[
-        str | None, typer.Option("--since", help="Only memberships created after YYYY-MM-DD.")
+        str | None,
+        typer.Option(
+            "--since", metavar="DATE", help="Only memberships created after DATE (YYYY-MM-DD)."
+        ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List them; cancel nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
@@ -157,8 +161,9 @@ def backfill(
         bool, typer.Option("--json", help="With --dry-run: print the survey as JSON.")
     ] = False,
 ) -> None:
-    """Cancel the live memberships of a listed one-time plan sold before the service started
-    watching, that belong to no order of ours. Everything else is listed as skipped."""
+    """Cancel the memberships a plan sold before the install. Those of a listed one-time
+    plan, still live, sold before the service started watching, that belong to no order of
+    ours; everything else is listed as skipped."""
     from datetime import UTC, datetime
 
     from rich.progress import Progress
@@ -203,7 +208,7 @@ def backfill(
             for item in skipped:
                 created = whop_time(item.membership.created_at) or "at an unknown time"
                 out.print(
-                    escape(f"  {item.membership.membership_id} (created {created}): {item.reason}"),
+                    f"  {item.membership.membership_id} (created {created}): {item.reason}",
                     soft_wrap=True,
                 )
         if dry_run or not live:
@@ -284,7 +289,10 @@ def recover(
     since: Annotated[
         str,
         typer.Option(
-            "--since", help="From when (UTC): YYYY-MM-DD or YYYY-MM-DDTHH:MM.", show_default=False
+            "--since",
+            metavar="DATE",
+            help="From when (UTC): YYYY-MM-DD or YYYY-MM-DDTHH:MM.",
+            show_default=False,
         ),
     ],
     apply: Annotated[
@@ -292,8 +300,9 @@ def recover(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List the purchases paid before the service started watching Whop (since --since) that
-    it would deliver; with --apply, deliver them as the Whop sweep would. Dry run first."""
+    """Deliver the purchases paid before the install. Lists those paid since --since, before
+    the service started watching Whop, that it would deliver; with --apply, delivers them as
+    the Whop sweep would. Dry run first."""
     from datetime import UTC, datetime
 
     from whop_autocancel.reconcile.recover import RecoverRefused
@@ -330,7 +339,7 @@ def recover(
         if survey.skipped:
             out.print(f"{len(survey.skipped)} skipped (left alone):")
             for skipped in survey.skipped:
-                out.print(escape(f"  {skipped.payment_id}: {skipped.reason}"), soft_wrap=True)
+                out.print(f"  {skipped.payment_id}: {skipped.reason}", soft_wrap=True)
         if not apply:
             if found:
                 out.print("Dry run: nothing changed. Run it again with --apply to deliver them.")

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from whop_autocancel.cli.common import (
     cli_settings,
@@ -33,13 +33,16 @@ LISTEN_BACKLOG = 2048
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8000,
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Web only; run `worker` processes separately.")
     ] = False,
 ) -> None:
-    """Run the web endpoint and (unless --no-worker) an in-process job worker."""
+    """Run the web endpoint and an in-process job worker. With --no-worker, the web endpoint
+    alone."""
     import uvicorn
 
     from whop_autocancel.app import create_app
@@ -132,15 +135,16 @@ def worker(
             "--metrics-port",
             min=1,
             max=65535,
+            metavar="PORT",
             help="Serve this worker's Prometheus metrics at /metrics on this port.",
         ),
     ] = None,
     metrics_host: Annotated[
-        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+        str, typer.Option("--metrics-host", metavar="ADDRESS", help="Address for --metrics-port.")
     ] = "127.0.0.1",
 ) -> None:
-    """Run a job worker alone (scale-out: any number, on any machine). SIGTERM stops it
-    gracefully: running jobs finish, no new ones start."""
+    """Run a job worker alone (any number, on any machine). SIGTERM stops it gracefully:
+    running jobs finish, no new ones start."""
     from whop_autocancel.metrics import start_metrics_server
     from whop_autocancel.worker import run_worker
 
@@ -175,8 +179,8 @@ def worker(
 
 
 def migrate() -> None:
-    """Create or upgrade the database schema to the newest version. The first run records
-    when the service started watching Whop."""
+    """Create or upgrade the database schema. It goes to the newest version; the first run
+    records when the service started watching Whop."""
     from whop_autocancel.clock import SystemClock
     from whop_autocancel.db.engine import Database
     from whop_autocancel.schema.migrate import upgrade
@@ -201,8 +205,8 @@ def migrate() -> None:
 
 
 def check(json_output: JsonOption = False) -> None:
-    """Check settings, catalog, database, queue, SMTP and the Whop API key; one line each.
-    Exits non-zero when any check fails."""
+    """Check everything the service needs, one line each. It checks settings, catalog,
+    database, queue, SMTP and the Whop API key, and exits non-zero when any check fails."""
     from whop_autocancel.checks import CANCEL_NOTE, run_checks
 
     settings = cli_settings()
@@ -210,8 +214,8 @@ def check(json_output: JsonOption = False) -> None:
     for result in run_checks(settings):
         results.append(result)
         if not json_output:
-            mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
-            out.print(f"{mark} {escape(result.name)}: {escape(result.detail)}", soft_wrap=True)
+            mark = ("ok  ", "green") if result.ok else ("FAIL", "red")
+            out.print(Text.assemble(mark, f" {result.name}: {result.detail}"), soft_wrap=True)
     failed = sum(not result.ok for result in results)
     if json_output:
         print_json(
@@ -231,10 +235,13 @@ def check(json_output: JsonOption = False) -> None:
 
 
 def demo(
-    keep: Annotated[bool, typer.Option(help="Keep the temporary folder for inspection.")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the temporary folder for inspection.")
+    ] = False,
 ) -> None:
-    """Run the whole flow against the built-in Whop simulator and an SMTP sink, then print
-    what happened to each purchase. Exits 0 only if everything ended as it should."""
+    """Run the whole flow against a simulated Whop. It starts the built-in Whop simulator, an
+    SMTP sink and `serve`, makes purchases and prints what happened to each. Exits 0 only if
+    everything ended as it should."""
     from whop_autocancel.demo import run_demo
 
     configure_logging("WARNING", "console")
@@ -243,27 +250,41 @@ def demo(
 
 
 def simulator(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8900,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8900,
     api_key: Annotated[
-        str, typer.Option(envvar="SIM_API_KEY", help="The bearer key it accepts.")
+        str,
+        typer.Option(envvar="SIM_API_KEY", metavar="KEY", help="The bearer key it accepts."),
     ] = "sim_key",
     webhook_secret: Annotated[
-        str, typer.Option(envvar="SIM_WEBHOOK_SECRET", help="The ws_… secret it signs with.")
+        str,
+        typer.Option(
+            envvar="SIM_WEBHOOK_SECRET", metavar="SECRET", help="The ws_… secret it signs with."
+        ),
     ] = "ws_simulator_0cce044aae8d45bd64e73cf4c07c32e0460aa0",  # noqa: S107
     webhook_url: Annotated[
-        str | None, typer.Option(envvar="SIM_WEBHOOK_URL", help="Where it sends webhooks.")
+        str | None,
+        typer.Option(envvar="SIM_WEBHOOK_URL", metavar="URL", help="Where it sends webhooks."),
     ] = None,
     plan: Annotated[
         list[str] | None,
-        typer.Option(help="A plan it knows, as ID[:one_time|renewal]; repeatable."),
+        typer.Option(
+            metavar="PLAN",
+            help="A plan it knows: plan_ID, plan_ID:one_time or plan_ID:renewal; repeatable.",
+        ),
     ] = None,
-    company_id: Annotated[str, typer.Option(help="The store's biz_… id.")] = "biz_SimStore",
-    seed: Annotated[int, typer.Option(help="Seed of the fault injection's dice.")] = 1,
-    time_scale: Annotated[float, typer.Option(help="Multiplies Whop's delays.")] = 1.0,
+    company_id: Annotated[
+        str, typer.Option(metavar="ID", help="The store's biz_… id.")
+    ] = "biz_SimStore",
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the fault injection's dice.")] = 1,
+    time_scale: Annotated[
+        float, typer.Option(metavar="FACTOR", help="Multiplies Whop's delays.")
+    ] = 1.0,
 ) -> None:
-    """Run the Whop simulator (a stand-in for api.whop.com) until interrupted. Its control API
-    is described in docs/simulator.md."""
+    """Run the Whop simulator, a stand-in for api.whop.com. It runs until interrupted; its
+    control API is described in docs/simulator.md."""
     import signal
     import threading
 
@@ -306,35 +327,53 @@ def simulator(
         server.stop()
 
 
-UserOption = Annotated[str, typer.Option("--user", help="The account the processes run as.")]
+UserOption = Annotated[str, typer.Option("--user", metavar="USER", help="The user they run as.")]
 
 
-WorkdirOption = Annotated[str, typer.Option("--workdir", help="Folder with .env and the catalog.")]
+WorkdirOption = Annotated[
+    str, typer.Option("--workdir", metavar="DIR", help="Folder with .env and the catalog.")
+]
 
 
 ExecutableOption = Annotated[
-    str, typer.Option("--executable", help="The installed whop-autocancel command.")
+    str,
+    typer.Option("--executable", metavar="PATH", help="The installed whop-autocancel command."),
 ]
 
 
-HostOption = Annotated[str, typer.Option("--host", help="Address the web processes bind.")]
+HostOption = Annotated[
+    str, typer.Option("--host", metavar="ADDRESS", help="Address the web processes bind.")
+]
 
 
-PortOption = Annotated[int, typer.Option("--port", help="First web port (then +1, +2, …).")]
+PortOption = Annotated[
+    int, typer.Option("--port", metavar="PORT", help="First web port (then +1, +2, …).")
+]
 
 
-WebOption = Annotated[int, typer.Option("--web", help="Web processes on this machine.")]
+WebOption = Annotated[
+    int, typer.Option("--web", metavar="N", help="Web processes on this machine.")
+]
 
 
-WorkersOption = Annotated[int, typer.Option("--workers", help="Worker processes here.")]
+WorkersOption = Annotated[
+    int, typer.Option("--workers", metavar="N", help="Worker processes here.")
+]
 
 
 StopOption = Annotated[
-    int, typer.Option("--stop-timeout", help="Seconds to wait after SIGTERM (> SHUTDOWN_TIMEOUT).")
+    int,
+    typer.Option(
+        "--stop-timeout",
+        metavar="SECONDS",
+        help="Seconds to wait after SIGTERM (more than SHUTDOWN_TIMEOUT).",
+    ),
 ]
 
 
-LogOption = Annotated[str, typer.Option("--log-dir", help="Folder for the log files.")]
+LogOption = Annotated[
+    str, typer.Option("--log-dir", metavar="DIR", help="The folder for the log files.")
+]
 
 
 class ProcessManager(StrEnum):
@@ -343,7 +382,7 @@ class ProcessManager(StrEnum):
 
 
 def deploy(
-    kind: Annotated[ProcessManager, typer.Argument(help="systemd or supervisor.")],
+    kind: Annotated[ProcessManager, typer.Argument(metavar="KIND", help="systemd or supervisor.")],
     user: UserOption = "whop-autocancel",
     workdir: WorkdirOption = "/opt/whop-autocancel",
     executable: ExecutableOption = "/opt/whop-autocancel/.venv/bin/whop-autocancel",
@@ -351,6 +390,7 @@ def deploy(
         str,
         typer.Option(
             "--env-file",
+            metavar="PATH",
             help="systemd: EnvironmentFile with the settings ('none' to omit); supervisor "
             "reads .env from --workdir.",
         ),
@@ -362,7 +402,7 @@ def deploy(
     stop_timeout: StopOption = 45,
     log_dir: LogOption = "/var/log/whop-autocancel",
 ) -> None:
-    """Print ready-to-use process manager files for web and worker processes: systemd units
+    """Print process manager files for web and worker processes. Ready to use: systemd units
     (migrate, web@PORT, worker@N, a target) or a supervisord config. See docs/deploy.md."""
     from whop_autocancel.deploy import DeployOptions, render_supervisor, render_systemd
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from whop_autocancel.cli.output import (
     Column,
@@ -49,13 +48,24 @@ def keygen() -> None:
 
 @stock_app.command("import")
 def import_(
-    pool: Annotated[str, typer.Argument(help="The pool, as in the catalog's stock:<pool>.")],
-    file: Annotated[Path, typer.Argument(help="One item per line, or a CSV file with --column.")],
+    pool: Annotated[
+        str, typer.Argument(metavar="POOL", help="The pool, as in the catalog's stock:POOL.")
+    ],
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="One item per line, or a CSV file with --column."),
+    ],
     column: Annotated[
         str | None,
-        typer.Option("--column", help="Read this CSV column: its header name, or a number from 1."),
+        typer.Option(
+            "--column",
+            metavar="COLUMN",
+            help="Read this CSV column: its header name, or a number from 1.",
+        ),
     ] = None,
-    delimiter: Annotated[str, typer.Option("--delimiter", help="The CSV field separator.")] = ",",
+    delimiter: Annotated[
+        str, typer.Option("--delimiter", metavar="CHAR", help="The CSV field separator.")
+    ] = ",",
     no_header: Annotated[
         bool,
         typer.Option("--no-header", help="The CSV file has no header row (--column N)."),
@@ -78,41 +88,36 @@ def import_(
         report = import_stock(runtime, pool, parsed, any_pool=any_pool)
         threshold = runtime.catalog.low_stock_threshold(pool)
     out.print(
-        escape(
-            f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
-            f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
-            f"{report.already_in_stock} already in stock). Available now: {report.available}."
-        ),
+        f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
+        f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
+        f"{report.already_in_stock} already in stock). Available now: {report.available}.",
         soft_wrap=True,
     )
     if report.waiting:
         served = min(report.waiting, report.available)
         out.print(
-            escape(
-                f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
-                f"{served} of them now, oldest payment first"
-                + (
-                    f"; {report.waiting - served} still wait for more stock."
-                    if served < report.waiting
-                    else "."
-                )
+            f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
+            f"{served} of them now, oldest payment first"
+            + (
+                f"; {report.waiting - served} still wait for more stock."
+                if served < report.waiting
+                else "."
             ),
             soft_wrap=True,
         )
     left = report.left_after_waiting
     if left <= threshold:
         out.print(
-            escape(
-                f"Still low: {left} item(s) left once the waiting orders are served, at or "
-                f"below the pool's low-stock threshold ({threshold})."
-            ),
+            f"Still low: {left} item(s) left once the waiting orders are served, at or "
+            f"below the pool's low-stock threshold ({threshold}).",
             soft_wrap=True,
         )
 
 
 @stock_app.command("levels")
 def levels(json_output: JsonOption = False, wide: WideOption = False) -> None:
-    """Per pool: available, assigned, void, the low-stock threshold, waiting orders."""
+    """Show each pool's items and the orders waiting for it. Per pool: available, assigned,
+    void, the low-stock threshold, waiting orders."""
     from whop_autocancel.admin.stock import stock_levels
 
     with _stock_runtime() as runtime:
@@ -171,10 +176,10 @@ LEVEL_COLUMNS = (
 def void(
     item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
     reason: Annotated[
-        str, typer.Option("--reason", help="Why (kept with the item).")
+        str, typer.Option("--reason", metavar="TEXT", help="Why (kept with the item).")
     ] = "voided by the admin",
 ) -> None:
-    """Take an item out of circulation: an available one is never handed out; an assigned one
+    """Take an item out of circulation. An available one is never handed out; an assigned one
     stays with its order, marked void (rotate it where it lives)."""
     from whop_autocancel.admin.stock import void_stock
 
@@ -182,17 +187,15 @@ def void(
         result = void_stock(runtime, item_id, reason)
     name = f"Stock item #{result.item_id} (pool {result.pool})"
     if not result.changed:
-        out.print(escape(f"{name} is already void; nothing to do."), soft_wrap=True)
+        out.print(f"{name} is already void; nothing to do.", soft_wrap=True)
     elif result.order_id:
         out.print(
-            escape(
-                f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
-                "where it lives (password, license server) so that copy stops working."
-            ),
+            f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
+            "where it lives (password, license server) so that copy stops working.",
             soft_wrap=True,
         )
     else:
-        out.print(escape(f"{name} is void now; it will never be handed out."), soft_wrap=True)
+        out.print(f"{name} is void now; it will never be handed out.", soft_wrap=True)
 
 
 @stock_app.command("show")
@@ -205,8 +208,8 @@ def show(
     ],
     json_output: JsonOption = False,
 ) -> None:
-    """Print one item, decrypted, with its status and order (for support; never logged).
-    With --json the item is in `content`: that is what the command is for."""
+    """Print one item, decrypted, with its status and order. For support; it is never
+    logged. With --json the item is in `content`: that is what the command is for."""
     from whop_autocancel.admin.stock import show_item
 
     with _stock_runtime() as runtime:
@@ -227,11 +230,9 @@ def show(
         )
         return
     out.print(
-        escape(
-            f"Stock item #{item.id} · pool {item.pool} · {item.status}"
-            + (f" · order {item.order_id}" if item.order_id else "")
-            + (f" · void: {item.void_reason}" if item.void_reason else "")
-        ),
+        f"Stock item #{item.id} · pool {item.pool} · {item.status}"
+        + (f" · order {item.order_id}" if item.order_id else "")
+        + (f" · void: {item.void_reason}" if item.void_reason else ""),
         soft_wrap=True,
     )
     typer.echo(content)
@@ -239,22 +240,21 @@ def show(
 
 @stock_app.command("rekey")
 def rekey() -> None:
-    """After a key rotation (new key first in STOCK_ENCRYPTION_KEY, old keys after): encrypt
-    every item and stored email again with the new key, so the old keys can be removed."""
+    """Encrypt every stored item again with the newest key. After a key rotation (new key
+    first in STOCK_ENCRYPTION_KEY, old keys after): every item and stored email, so that the
+    old keys can be removed."""
     from whop_autocancel.admin.stock import rekey_stock
 
     with _stock_runtime() as runtime:
         keys = runtime.sealer.key_count if runtime.sealer else 0
         report = rekey_stock(runtime)
     out.print(
-        escape(
-            f"Re-encrypted {report.items} item(s) and {report.emails} email(s) with the first "
-            "key of STOCK_ENCRYPTION_KEY."
-            + (
-                " You can now remove the older key(s) from the setting, on every machine."
-                if keys > 1
-                else ""
-            )
+        f"Re-encrypted {report.items} item(s) and {report.emails} email(s) with the first "
+        "key of STOCK_ENCRYPTION_KEY."
+        + (
+            " You can now remove the older key(s) from the setting, on every machine."
+            if keys > 1
+            else ""
         ),
         soft_wrap=True,
     )

@@ -59,8 +59,9 @@ def show(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
 ) -> None:
-    """Everything that happened to a purchase, in time order: webhook events, the matching
-    rule, the delivery, every email, every call to Whop, alerts and admin actions."""
+    """Show everything that happened to a purchase, in time order. Webhook events, the
+    matching rule, the delivery, every email, every call to Whop, alerts and admin
+    actions."""
     with open_session() as session:
         ids = find_orders(session, ref)
         views = [view for view in (purchase(session, one) for one in ids) if view is not None]

@@ -25,6 +25,37 @@ _PAYMENT_PATH = re.compile(r"^/payments/([^/]+)/?$")
 _PLAN_PATH = re.compile(r"^/plans/([^/]+)/?$")
 _CHECKOUT_PATH = re.compile(r"^/checkout_configurations/([^/]+)/?$")
 
+#: The permissions an endpoint of ours can need (WHOP.md §1; the checkout ones are the
+#: simulator's choice): a key without one is refused with 403 on the endpoints that need it.
+PERMISSIONS = frozenset(
+    {
+        "member:basic:read",
+        "membership:cancel",
+        "payment:basic:read",
+        "plan:basic:read",
+        "checkout_configuration:create",
+        "checkout_configuration:basic:read",
+    }
+)
+
+
+def required_permission(method: str, sub_path: str) -> str | None:
+    """The permission `method sub_path` needs (None: an unknown route, answered 404)."""
+    path = sub_path.rstrip("/") or "/"
+    if (m := _MEMBERSHIP_PATH.match(sub_path)) is not None:
+        return "membership:cancel" if m.group(2) else "member:basic:read"
+    if path == "/memberships":
+        return "member:basic:read"
+    if path == "/payments" or _PAYMENT_PATH.match(sub_path):
+        return "payment:basic:read"
+    if _PLAN_PATH.match(sub_path):
+        return "plan:basic:read"
+    if path == "/checkout_configurations":
+        return "checkout_configuration:create"
+    if _CHECKOUT_PATH.match(sub_path):
+        return "checkout_configuration:basic:read"
+    return None
+
 
 @dataclass(frozen=True)
 class ApiResponse:
@@ -54,7 +85,8 @@ class Endpoints:
     """The API over one store. `forbidden` and `rejection` are faults that only cancel has;
     `read_rejection` refuses the reads of a membership, `answer_as` names the membership whose
     object answers a cancel or read of another (nothing changes), `plan_filter_ignored` one
-    that only the membership list has."""
+    that only the membership list has; `missing_permission` tells whether the key lacks a
+    permission (every endpoint that needs it answers 403, before looking at the ids)."""
 
     store: Store
     echo_cancel: Callable[[MembershipRecord, str], None]
@@ -63,6 +95,7 @@ class Endpoints:
     read_rejection: Callable[[str], int | None] = lambda _membership_id: None
     answer_as: Callable[[str], str | None] = lambda _membership_id: None
     plan_filter_ignored: Callable[[], bool] = lambda: False
+    missing_permission: Callable[[str], bool] = lambda _permission: False
 
     def route(
         self, method: str, sub_path: str, query: Query, body: Any, *, versioned: bool
@@ -76,6 +109,9 @@ class Endpoints:
     def _route(
         self, method: str, sub_path: str, query: Query, body: Any, *, versioned: bool
     ) -> Routed:
+        permission = required_permission(method, sub_path)
+        if permission is not None and self.missing_permission(permission):
+            return error(403, f"The API key lacks the {permission} permission")
         path = sub_path.rstrip("/") or "/"
         if method == "GET" and path == "/memberships":
             return self._list_memberships(query, versioned)

@@ -83,6 +83,12 @@ class ToggleBody(_Strict):
     enabled: bool
 
 
+class PermissionsBody(_Strict):
+    """`POST /_sim/permissions`: the permissions the API key lacks (`[]`: none)."""
+
+    missing: list[str]
+
+
 class OutageBody(_Strict):
     """`POST /_sim/outage`: on (for `for_seconds` x time_scale, or until switched off) or off."""
 
@@ -254,6 +260,13 @@ def control_router(sim: Simulator) -> APIRouter:
     def forbidden(body: ToggleBody) -> dict[str, Any]:
         sim.set_forbidden(body.enabled)
         return {"enabled": body.enabled}
+
+    @router.post("/permissions", response_model=None)
+    def permissions(body: PermissionsBody) -> dict[str, Any] | JSONResponse:
+        try:
+            return {"missing": sim.set_missing_permissions(body.missing)}
+        except ValueError as exc:
+            return _error(422, str(exc))
 
     @router.post("/throttle")
     def throttle(body: ThrottleBody) -> dict[str, Any]:

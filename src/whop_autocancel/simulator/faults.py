@@ -90,6 +90,7 @@ class Faults:
     seed: int = DEFAULT_SEED
     rate_limit: RateLimit = field(default_factory=RateLimit)
     plan_filter_ignored: bool = False
+    missing_permissions: frozenset[str] = frozenset()
     rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +160,7 @@ class Faults:
             "timeout_seconds": self.timeout_seconds,
             "seed": self.seed,
             "plan_filter_ignored": self.plan_filter_ignored,
+            "missing_permissions": sorted(self.missing_permissions),
             "rate_limit": {
                 "capacity": limit.capacity,
                 "refill_per_second": limit.refill_per_second,

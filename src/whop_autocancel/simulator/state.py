@@ -12,13 +12,13 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from whop_autocancel.simulator import plan_shapes, shapes
-from whop_autocancel.simulator.api import ApiResponse, Endpoints, error
+from whop_autocancel.simulator.api import PERMISSIONS, ApiResponse, Endpoints, error
 from whop_autocancel.simulator.faults import DEFAULT_SEED, Faults, retry_after_headers
 from whop_autocancel.simulator.listing import Query
 from whop_autocancel.simulator.records import (
@@ -110,6 +110,7 @@ class Simulator:
             read_rejection=lambda membership_id: self._faults.read_rejections.get(membership_id),
             answer_as=lambda membership_id: self._faults.answer_as.get(membership_id),
             plan_filter_ignored=lambda: self._faults.plan_filter_ignored,
+            missing_permission=lambda permission: permission in self._faults.missing_permissions,
         )
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -479,6 +480,20 @@ class Simulator:
         """While enabled every cancel answers 403 (the key lacks `membership:cancel`)."""
         with self._lock:
             self._faults.forbidden = enabled
+
+    def set_missing_permissions(self, permissions: Iterable[str]) -> list[str]:
+        """The API key lacks these permissions from now on (and has every other): each endpoint
+        that needs one answers 403 naming it. An empty list gives every permission back."""
+        missing = frozenset(permissions)
+        unknown = sorted(missing - PERMISSIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown permission(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(PERMISSIONS))}"
+            )
+        with self._lock:
+            self._faults.missing_permissions = missing
+        return sorted(missing)
 
     # ----- webhooks and reset ----------------------------------------------------------------
 
