@@ -427,7 +427,12 @@ def words_shown(command: Any) -> set[str]:
         else:
             texts += [*param.opts, *param.secondary_opts, param.metavar or ""]
         texts.append(getattr(param, "help", None) or "")
-        if isinstance(param.default, str | int | float) and not isinstance(param.default, bool):
+        shown = getattr(param, "show_default", None) is not False
+        if (
+            shown
+            and isinstance(param.default, str | int | float)
+            and not isinstance(param.default, bool)
+        ):
             texts.append(str(param.default))
     for sub in getattr(command, "commands", {}).values():
         texts.append(sub.get_short_help_str(limit=10_000))  # its first sentence, uncut

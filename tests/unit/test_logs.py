@@ -39,10 +39,25 @@ def restore_logging() -> Iterator[None]:
 
 @pytest.mark.parametrize("fmt", ["console", "json"])
 def test_uvicorns_color_message_is_not_logged(
-    fmt: str, restore_logging: None, capsys: pytest.CaptureFixture[str]
+    fmt: str,
+    restore_logging: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """uvicorn logs its message a second time, with ANSI colour codes, in the `color_message`
     field of the record (issue 13, item 6): neither format shows it; the message is kept."""
+    # As in `serve` (uvicorn run with log_config=None): its loggers pass records to the root.
+    # An in-process uvicorn of an earlier test (the simulator's) may have configured them.
+    uvicorn_logger, error_logger = logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error")
+    monkeypatch.setattr(uvicorn_logger, "propagate", True)
+    monkeypatch.setattr(uvicorn_logger, "handlers", [])
+    levels = uvicorn_logger.level, error_logger.level
+    uvicorn_logger.setLevel(logging.NOTSET)
+    error_logger.setLevel(logging.NOTSET)
+    request.addfinalizer(
+        lambda: (uvicorn_logger.setLevel(levels[0]), error_logger.setLevel(levels[1]))
+    )
     configure_logging("INFO", fmt)
     logging.getLogger("uvicorn.error").info(
         "Started server process [%d]",

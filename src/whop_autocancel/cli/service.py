@@ -261,7 +261,10 @@ def simulator(
     webhook_secret: Annotated[
         str,
         typer.Option(
-            envvar="SIM_WEBHOOK_SECRET", metavar="SECRET", help="The ws_… secret it signs with."
+            envvar="SIM_WEBHOOK_SECRET",
+            metavar="SECRET",
+            show_default=False,  # too long for a help line: docs/simulator.md shows it
+            help="The ws_… secret it signs with (default: see docs/simulator.md).",
         ),
     ] = "ws_simulator_0cce044aae8d45bd64e73cf4c07c32e0460aa0",  # noqa: S107
     webhook_url: Annotated[
