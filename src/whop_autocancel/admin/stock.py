@@ -12,6 +12,7 @@ from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import (
     SERVE_TASK,
+    ImportPreview,
     ImportReport,
     ParsedItems,
     PoolLevel,
@@ -43,14 +44,7 @@ def import_stock(
 ) -> ImportReport:
     """Add items to `pool` in one transaction; waiting orders are then served in payment order
     and an open low-stock alert is resolved when the pool is above its threshold again."""
-    stock.check_pool_name(pool)
-    pools = runtime.catalog.stock_pools()
-    if pool not in pools and not any_pool:
-        known = ", ".join(sorted(pools)) or "none"
-        raise StockError(
-            f"no plan in the catalog delivers from pool {pool!r} (stock pools in the catalog: "
-            f"{known}); check the name, or pass --any-pool to import into it anyway"
-        )
+    _check_import_pool(runtime, pool, any_pool=any_pool)
     sealer = _sealer(runtime)
     now = runtime.clock.now()
     try:
@@ -83,6 +77,40 @@ def import_stock(
         waiting=report.waiting,
     )
     return report
+
+
+def preview_import(
+    runtime: Runtime, pool: str, parsed: ParsedItems, *, any_pool: bool = False
+) -> ImportPreview:
+    """What `import_stock` would do with the same input (`stock import --dry-run`): refused
+    for the same reasons, found duplicates by the same rule; nothing written, not even the
+    audit (nothing was done)."""
+    _check_import_pool(runtime, pool, any_pool=any_pool)
+    sealer = _sealer(runtime)
+    preview = runtime.database.read(
+        lambda session: stock.preview_import(session, sealer, pool, parsed)
+    )
+    report = preview.report
+    log.info(
+        "stock_import_previewed",
+        pool=pool,
+        would_add=report.added,
+        skipped=report.skipped,
+        available=preview.available_now,
+        waiting=report.waiting,
+    )
+    return preview
+
+
+def _check_import_pool(runtime: Runtime, pool: str, *, any_pool: bool) -> None:
+    stock.check_pool_name(pool)
+    pools = runtime.catalog.stock_pools()
+    if pool not in pools and not any_pool:
+        known = ", ".join(sorted(pools)) or "none"
+        raise StockError(
+            f"no plan in the catalog delivers from pool {pool!r} (stock pools in the catalog: "
+            f"{known}); check the name, or pass --any-pool to import into it anyway"
+        )
 
 
 def stock_levels(runtime: Runtime) -> list[PoolLevel]:

@@ -22,7 +22,7 @@ from whop_autocancel.cli.output import (
 )
 
 if TYPE_CHECKING:
-    from whop_autocancel.delivery.stock import PoolLevel
+    from whop_autocancel.delivery.stock import ImportPreview, ImportReport, PoolLevel
     from whop_autocancel.runtime import Runtime
 
 
@@ -64,50 +64,154 @@ def import_(
         bool,
         typer.Option("--any-pool", help="Import into a pool no plan in the catalog uses yet."),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show what would be added, masked; change nothing."),
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="With --dry-run: print the preview as JSON.")
+    ] = False,
 ) -> None:
     """Add items to a pool. Blank lines and duplicates (in the file, or already in stock in any
     pool) are skipped and counted. Orders waiting for the pool are then delivered, oldest
     payment first."""
-    from whop_autocancel.admin.stock import import_stock
+    from whop_autocancel.admin.stock import import_stock, preview_import
     from whop_autocancel.delivery.stock import StockError, read_items
 
+    if json_output and not dry_run:
+        raise typer.BadParameter("--json goes with --dry-run", param_hint="--json")
     if len(delimiter) != 1:
         raise StockError("--delimiter must be one character")
     parsed = read_items(file, column=column, delimiter=delimiter, header=not no_header)
     with _stock_runtime() as runtime:
-        report = import_stock(runtime, pool, parsed, any_pool=any_pool)
         threshold = runtime.catalog.low_stock_threshold(pool)
-    out.print(
-        escape(
-            f"Pool {report.pool}: {report.added} item(s) added; skipped {report.skipped} "
-            f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
-            f"{report.already_in_stock} already in stock). Available now: {report.available}."
-        ),
-        soft_wrap=True,
+        if dry_run:
+            preview = preview_import(runtime, pool, parsed, any_pool=any_pool)
+        else:
+            report = import_stock(runtime, pool, parsed, any_pool=any_pool)
+    if not dry_run:
+        _print_import(report, threshold)
+    elif json_output:
+        print_json(preview_document(preview, threshold))
+    else:
+        _print_preview(preview, threshold)
+
+
+def _print_import(report: ImportReport, threshold: int) -> None:
+    _print_summary(report, would=False)
+    _print_effects(report, threshold, would=False)
+
+
+def _print_summary(report: ImportReport, *, would: bool) -> None:
+    """The import's counts, or (`would`) those the import would report."""
+    added = "would be added" if would else "added"
+    available = "Available after" if would else "Available now"
+    _line(
+        f"Pool {report.pool}: {report.added} item(s) {added}; skipped {report.skipped} "
+        f"({report.blank} blank, {report.duplicate_in_file} repeated in the file, "
+        f"{report.already_in_stock} already in stock). {available}: {report.available}."
     )
+
+
+def _print_effects(report: ImportReport, threshold: int, *, would: bool) -> None:
+    """The waiting orders the import serves, and whether it leaves the pool low."""
     if report.waiting:
         served = min(report.waiting, report.available)
-        out.print(
-            escape(
-                f"{report.waiting} order(s) were waiting for this pool: the worker delivers "
-                f"{served} of them now, oldest payment first"
-                + (
-                    f"; {report.waiting - served} still wait for more stock."
-                    if served < report.waiting
-                    else "."
-                )
-            ),
-            soft_wrap=True,
+        still = "would still wait" if would else "still wait"
+        _line(
+            f"{report.waiting} order(s) "
+            + (
+                f"are waiting for this pool: the worker would deliver {served} of them, "
+                if would
+                else f"were waiting for this pool: the worker delivers {served} of them now, "
+            )
+            + "oldest payment first"
+            + (
+                f"; {report.waiting - served} {still} for more stock."
+                if served < report.waiting
+                else "."
+            )
         )
     left = report.left_after_waiting
     if left <= threshold:
-        out.print(
-            escape(
-                f"Still low: {left} item(s) left once the waiting orders are served, at or "
-                f"below the pool's low-stock threshold ({threshold})."
-            ),
-            soft_wrap=True,
+        _line(
+            ("Would still be low: " if would else "Still low: ")
+            + f"{left} item(s) left once the waiting orders are served, at or below the "
+            f"pool's low-stock threshold ({threshold})."
         )
+
+
+PREVIEW_LISTED = 10  # repeats and items in stock listed by a dry run (--json lists them all)
+
+
+def _print_preview(preview: ImportPreview, threshold: int) -> None:
+    """A dry run: the summary the import would print, the first new items masked, and where
+    each skipped duplicate is."""
+    report, unit = preview.report, preview.unit
+    _print_summary(report, would=True)
+    if preview.new_items:
+        shown = len(preview.new_items)
+        which = f"first {shown} of the {report.added}" if shown < report.added else f"{shown}"
+        _line(f"The {which} new item(s), masked (first 2 characters and the length):")
+        for item in preview.new_items:
+            _line(f'  {unit} {item.position}: "{item.begins}…" ({item.length} characters)')
+    if preview.repeats:
+        _line("Repeated in the file (skipped):")
+        for position, first in preview.repeats[:PREVIEW_LISTED]:
+            _line(f"  {unit} {position} repeats {unit} {first}")
+        _more(len(preview.repeats))
+    if preview.in_stock:
+        _line("Already in stock (skipped; in any pool and state):")
+        for position, stocked in preview.in_stock[:PREVIEW_LISTED]:
+            _line(
+                f"  {unit} {position} is item #{stocked.item_id} "
+                f"(pool {stocked.pool}, {stocked.status})"
+            )
+        _more(len(preview.in_stock))
+    _print_effects(report, threshold, would=True)
+    _line("Dry run: nothing was imported. Run the command without --dry-run to import.")
+
+
+def _more(count: int) -> None:
+    if count > PREVIEW_LISTED:
+        _line(f"  … and {count - PREVIEW_LISTED} more (--json lists them all).")
+
+
+def _line(text: str) -> None:
+    out.print(escape(text), soft_wrap=True)
+
+
+def preview_document(preview: ImportPreview, threshold: int) -> dict[str, Any]:
+    """What `stock import --dry-run --json` prints (new items masked, as in the text)."""
+    report = preview.report
+    return {
+        "dry_run": True,
+        "pool": report.pool,
+        "would_add": report.added,
+        "skipped": report.skipped,
+        "blank": report.blank,
+        "repeated_in_file": report.duplicate_in_file,
+        "already_in_stock": report.already_in_stock,
+        "available_now": preview.available_now,
+        "available_after": report.available,
+        "waiting": report.waiting,
+        "low_stock_threshold": threshold,
+        "unit": preview.unit,
+        "new_items": [
+            {"position": item.position, "begins": item.begins, "length": item.length}
+            for item in preview.new_items
+        ],
+        "repeats": [{"position": position, "first": first} for position, first in preview.repeats],
+        "in_stock": [
+            {
+                "position": position,
+                "item_id": item.item_id,
+                "pool": item.pool,
+                "status": item.status,
+            }
+            for position, item in preview.in_stock
+        ],
+    }
 
 
 @stock_app.command("levels")
