@@ -125,6 +125,13 @@ def levels_row(stdout: str, pool: str) -> list[str]:
     raise AssertionError(f"no row for pool {pool} in:\n{stdout}")
 
 
+def listing_rows(stdout: str) -> list[list[str]]:
+    """The rows of a `stock list` table (after its title and header), as cells."""
+    lines = stdout.splitlines()
+    assert lines[1].split()[:2] == ["ID", "Status"], stdout
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
+
+
 def snapshot(database_url: str) -> tuple[list[tuple[Any, ...]], int]:
     """Every stored item's row (content as stored) and the number of audited admin actions:
     what a dry run must leave exactly as it was."""
@@ -295,7 +302,7 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     unknown = shell("stock", "void", "999999", ok=False)
     assert unknown.returncode == 1
     assert messages(unknown) == [
-        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock levels`)"
+        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`)"
     ]
     not_a_number = shell("stock", "void", "first", ok=False)
     assert not_a_number.returncode == 2  # typer's usage error
@@ -322,7 +329,7 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     missing = shell("stock", "show", "999999", ok=False)
     assert missing.returncode == 1
     assert messages(missing) == [
-        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock levels`)"
+        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`)"
     ]
 
     assert_never_in_clear(shell)
@@ -435,6 +442,59 @@ def test_a_dry_run_of_a_csv_names_rows_and_is_refused_like_the_import(
     assert "--json goes with --dry-run" in json_alone.stderr
     assert stored_items(shell.database_url) == {}
     assert ACCOUNT_A not in "".join(result.stdout + result.stderr for _, result in shell.runs)
+
+
+def test_list_shows_numbers_and_states_newest_first_never_contents(
+    tmp_path: Path, database_url: str
+) -> None:
+    shell = Shell(tmp_path, DATABASE_URL=database_url)
+    if not database_url.startswith("sqlite"):
+        shell("migrate")
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "a.txt", *ALL_ACCOUNTS))
+    stored = stored_items(shell.database_url)
+    a, b, c, d = (stored[account].id for account in ALL_ACCOUNTS)
+    shell("stock", "void", str(c), "--reason", "leaked")
+
+    assert shell("stock", "list", "spare").stdout.strip() == "No stock items with pool spare."
+    listing = shell("stock", "list", STOCK_POOL)
+    assert listing.stdout.splitlines()[0] == "4 stock item(s) with pool keys, newest first"
+    assert [row[:2] for row in listing_rows(listing.stdout)] == [
+        [str(d), "available"],
+        [str(c), "void"],
+        [str(b), "available"],
+        [str(a), "available"],
+    ]
+    void_only = shell("stock", "list", STOCK_POOL, "--status", "void")
+    assert void_only.stdout.splitlines()[0] == (
+        "1 stock item(s) with pool keys and status void, newest first"
+    )
+    assert [(row[0], row[1], row[-1]) for row in listing_rows(void_only.stdout)] == [
+        (str(c), "void", "leaked")
+    ]
+
+    lines = shell("stock", "list", STOCK_POOL, "--json", "--limit", "3").stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(row["id"], row["status"]) for row in rows] == [
+        (d, "available"),
+        (c, "void"),
+        (b, "available"),
+    ]
+    assert set(rows[0]) == {
+        "id",
+        "pool",
+        "status",
+        "order_id",
+        "created_at",
+        "assigned_at",
+        "voided_at",
+        "void_reason",
+    }
+    assert rows[1]["void_reason"] == "leaked"
+    assert rows[1]["voided_at"].endswith("Z")
+    bad_name = shell("stock", "list", "two words", ok=False)
+    assert bad_name.returncode == 1
+    assert messages(bad_name)[0].startswith("whop-autocancel: pool 'two words': ")
+    assert_never_in_clear(shell)
 
 
 # CSV -----------------------------------------------------------------------------------------
@@ -689,6 +749,11 @@ def test_levels_void_and_resend_with_real_orders(
     assert shown.stdout.splitlines() == [
         f"Stock item #{item_a} · pool keys · void · order {first} · void: customer shared it",
         ACCOUNT_A,
+    ]
+    listed = listing_rows(shell("stock", "list", STOCK_POOL).stdout)
+    assert [row[:3] for row in listed] == [
+        [str(stored[ACCOUNT_B].id), "assigned", second],
+        [str(item_a), "void", first],
     ]
 
     # A dry run of the refill says what it would do, and serves nobody.

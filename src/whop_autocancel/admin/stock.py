@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_LIMIT = 50
+
 
 def _sealer(runtime: Runtime) -> Sealer:
     if runtime.sealer is None:
@@ -144,6 +146,15 @@ def void_stock(
     return result
 
 
+def list_stock(
+    runtime: Runtime, pool: str, *, status: str | None = None, limit: int = DEFAULT_LIMIT
+) -> list[stock.ItemRow]:
+    """A pool's items, newest first: numbers and states, never contents."""
+    return runtime.database.read(
+        lambda session: stock.list_items(session, pool, status=status, limit=limit)
+    )
+
+
 def show_item(
     runtime: Runtime, reference: int | str, *, actor: str | None = None
 ) -> tuple[StockItem, str]:
@@ -154,7 +165,7 @@ def show_item(
     with runtime.database.transaction() as session:
         if reference.isdigit():
             item = session.get(StockItem, int(reference))
-            missing = f"no stock item #{reference} (see `whop-autocancel stock levels`)"
+            missing = f"no stock item #{reference} (see `whop-autocancel stock list POOL`)"
         else:
             item = stock.item_for_order(session, reference)
             missing = f"order {reference} holds no stock item (see `whop-autocancel orders`)"

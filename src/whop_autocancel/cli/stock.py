@@ -1,4 +1,4 @@
-"""Stock pools: `stock keygen|import|levels|void|show|rekey`."""
+"""Stock pools: `stock keygen|import|levels|list|void|show|rekey`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
+from whop_autocancel.admin.stock import DEFAULT_LIMIT
+from whop_autocancel.cli.common import LimitOption, print_listing
 from whop_autocancel.cli.output import (
     Column,
     JsonOption,
@@ -20,9 +22,10 @@ from whop_autocancel.cli.output import (
     print_table,
     say,
 )
+from whop_autocancel.delivery.models import StockStatus
 
 if TYPE_CHECKING:
-    from whop_autocancel.delivery.stock import ImportPreview, ImportReport, PoolLevel
+    from whop_autocancel.delivery.stock import ImportPreview, ImportReport, ItemRow, PoolLevel
     from whop_autocancel.runtime import Runtime
 
 
@@ -34,7 +37,7 @@ def _stock_runtime() -> AbstractContextManager[Runtime]:
 
 
 stock_app = typer.Typer(
-    help="Stock pools: import, levels, void, show, keygen, rekey.", no_args_is_help=True
+    help="Stock pools: import, levels, list, void, show, keygen, rekey.", no_args_is_help=True
 )
 
 
@@ -268,6 +271,63 @@ LEVEL_COLUMNS = (
         priority=40,
         cell=lambda row: ", ".join(row["plans"]) or "(not in the catalog)",
     ),
+)
+
+
+@stock_app.command("list")
+def list_(
+    pool: Annotated[str, typer.Argument(help="The pool.")],
+    status: Annotated[
+        StockStatus | None, typer.Option("--status", help="Only items in this status.")
+    ] = None,
+    limit: LimitOption = DEFAULT_LIMIT,
+    json_output: JsonOption = False,
+    wide: WideOption = False,
+) -> None:
+    """List a pool's items, newest first: numbers and states, never contents."""
+    from whop_autocancel.admin.stock import list_stock
+
+    with _stock_runtime() as runtime:
+        rows = [
+            item_row(item)
+            for item in list_stock(
+                runtime, pool, status=status.value if status else None, limit=limit
+            )
+        ]
+    if json_output:
+        print_json_lines(rows)
+        return
+    print_listing(
+        "stock item",
+        {"pool": pool, "status": status.value if status else None},
+        ITEM_COLUMNS,
+        rows,
+        wide=wide,
+    )
+
+
+def item_row(item: ItemRow) -> dict[str, Any]:
+    """An item as `stock list` shows it: never its content."""
+    return {
+        "id": item.id,
+        "pool": item.pool,
+        "status": item.status,
+        "order_id": item.order_id,
+        "created_at": iso(item.created_at),
+        "assigned_at": iso(item.assigned_at),
+        "voided_at": iso(item.voided_at),
+        "void_reason": item.void_reason,
+    }
+
+
+ITEM_COLUMNS = (
+    Column("ID", "id", priority=100, identifier=True, keep=True, right=True),
+    Column("Status", "status", priority=90),
+    Column("Order", "order_id", priority=80, identifier=True),
+    Column("Created", "created_at", priority=60),
+    Column("Assigned", "assigned_at", priority=50),
+    Column("Voided", "voided_at", priority=55),
+    Column("Void reason", "void_reason", priority=70, free_text=True),
 )
 
 

@@ -480,13 +480,53 @@ def void_item(
     stays with its order, marked void so everyone knows it must be rotated)."""
     item = session.get(StockItem, item_id, with_for_update=lock)
     if item is None:
-        raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock levels`)")
+        raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock list POOL`)")
     was = item.status
     if was != StockStatus.VOID.value:
         item.status = StockStatus.VOID.value
         item.voided_at = now
         item.void_reason = reason
     return VoidResult(item_id=item.id, pool=item.pool, was=was, order_id=item.order_id)
+
+
+# Listing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """An item as `stock list` shows it: never its content (not even encrypted)."""
+
+    id: int
+    pool: str
+    status: str
+    order_id: str | None
+    created_at: datetime
+    assigned_at: datetime | None
+    voided_at: datetime | None
+    void_reason: str | None
+
+
+def list_items(session: Session, pool: str, *, status: str | None, limit: int) -> list[ItemRow]:
+    """The pool's items, newest first (the content column is not even read)."""
+    check_pool_name(pool)
+    statement = (
+        select(
+            StockItem.id,
+            StockItem.pool,
+            StockItem.status,
+            StockItem.order_id,
+            StockItem.created_at,
+            StockItem.assigned_at,
+            StockItem.voided_at,
+            StockItem.void_reason,
+        )
+        .where(StockItem.pool == pool)
+        .order_by(StockItem.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        statement = statement.where(StockItem.status == status)
+    return [ItemRow(*row) for row in session.execute(statement)]
 
 
 # Key rotation --------------------------------------------------------------------------------
