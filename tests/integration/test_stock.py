@@ -26,11 +26,18 @@ from support.harness import (
     wait_for,
 )
 from support.stock import StockWorld, stock_world
-from whop_autocancel.admin.stock import preview_import, show_item, stock_levels, void_stock
+from whop_autocancel.admin.stock import (
+    list_stock,
+    preview_import,
+    show_item,
+    stock_levels,
+    void_stock,
+    void_stocks,
+)
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.service import ResendError
-from whop_autocancel.delivery.stock import StockedItem, items_for
+from whop_autocancel.delivery.stock import StockedItem, StockError, items_for
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
@@ -522,6 +529,31 @@ def test_a_dry_run_reports_what_the_import_then_does_past_one_lookup_batch(
     assert preview.repeats == [(1152, 1)]
     assert [item.position for item in preview.new_items] == [352, 353, 354, 355, 356]
     assert {(item.begins, item.length) for item in preview.new_items} == {("NE", 13)}
+
+
+def test_voiding_many_items_is_all_or_none_past_one_batch(world: StockWorld) -> None:
+    keys = [f"BATCH-{n:05d}-KEY" for n in range(1200)]
+    world.import_items(*keys)
+    ids = sorted(item.id for item in world.items())
+    unknown = ids[-1] + 1
+
+    with pytest.raises(StockError) as refused:
+        void_stocks(world.runtime, [*ids, unknown], "batch")
+    assert str(refused.value) == (
+        f"no stock item #{unknown} (see `whop-autocancel stock list POOL`): nothing was voided"
+    )
+    assert {item.status for item in world.items()} == {"available"}
+
+    first = void_stocks(world.runtime, ids[:10], "first ten")
+    results = void_stocks(world.runtime, [*reversed(ids), ids[0]], "the rest")
+    assert [result.item_id for result in results] == list(reversed(ids))  # as given, once
+    assert sum(result.changed for result in results) == 1190
+    assert all(result.changed for result in first)
+    reasons = {item.id: (item.status, item.void_reason) for item in world.items()}
+    assert {reasons[item_id] for item_id in ids[:10]} == {("void", "first ten")}
+    assert {reasons[item_id] for item_id in ids[10:]} == {("void", "the rest")}
+    listed = list_stock(world.runtime, STOCK_POOL, status="void", limit=3)
+    assert [row.id for row in listed] == ids[-1:-4:-1]
 
 
 # 7. Resend ----------------------------------------------------------------------------------------

@@ -302,7 +302,8 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     unknown = shell("stock", "void", "999999", ok=False)
     assert unknown.returncode == 1
     assert messages(unknown) == [
-        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`)"
+        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`): "
+        "nothing was voided"
     ]
     not_a_number = shell("stock", "void", "first", ok=False)
     assert not_a_number.returncode == 2  # typer's usage error
@@ -494,6 +495,45 @@ def test_list_shows_numbers_and_states_newest_first_never_contents(
     bad_name = shell("stock", "list", "two words", ok=False)
     assert bad_name.returncode == 1
     assert messages(bad_name)[0].startswith("whop-autocancel: pool 'two words': ")
+    assert_never_in_clear(shell)
+
+
+def test_void_takes_several_items_in_one_transaction(tmp_path: Path, database_url: str) -> None:
+    shell = Shell(tmp_path, DATABASE_URL=database_url)
+    if not database_url.startswith("sqlite"):
+        shell("migrate")
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "a.txt", *ALL_ACCOUNTS))
+    stored = stored_items(shell.database_url)
+    a, b, c, _ = (stored[account].id for account in ALL_ACCOUNTS)
+
+    # Several items in one command (one process, one transaction); a repeated id counts once.
+    voided = shell("stock", "void", str(a), str(c), str(a), "--reason", "leaked")
+    assert voided.stdout.splitlines() == [
+        f"Stock item #{a} (pool keys) is void now; it will never be handed out.",
+        f"Stock item #{c} (pool keys) is void now; it will never be handed out.",
+    ]
+    events = [event for event in log_events(voided) if event["event"] == "stock_item_voided"]
+    assert [event["item_id"] for event in events] == [a, c]
+
+    # An unknown id among them: nothing is voided, and every unknown id is named.
+    refused = shell("stock", "void", str(b), "999998", str(c), "999999", ok=False)
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert messages(refused) == [
+        "whop-autocancel: no stock item #999998 or #999999 (see `whop-autocancel stock list "
+        "POOL`): nothing was voided"
+    ]
+    statuses = {
+        row.id: (row.status, row.void_reason) for row in stored_items(shell.database_url).values()
+    }
+    assert statuses[b] == ("available", None)  # nothing half-done
+    assert statuses[c] == ("void", "leaked")
+
+    again = shell("stock", "void", str(b), str(c))
+    assert again.stdout.splitlines() == [
+        f"Stock item #{b} (pool keys) is void now; it will never be handed out.",
+        f"Stock item #{c} (pool keys) is already void; nothing to do.",
+    ]
     assert_never_in_clear(shell)
 
 

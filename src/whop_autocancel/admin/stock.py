@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -123,27 +124,39 @@ def stock_levels(runtime: Runtime) -> list[PoolLevel]:
 def void_stock(
     runtime: Runtime, item_id: int, reason: str, *, actor: str | None = None
 ) -> VoidResult:
+    [result] = void_stocks(runtime, [item_id], reason, actor=actor)
+    return result
+
+
+def void_stocks(
+    runtime: Runtime, item_ids: Sequence[int], reason: str, *, actor: str | None = None
+) -> list[VoidResult]:
+    """Void the items in one transaction: all of them, or none when a number is unknown (a
+    typo must not leave half a list voided)."""
     with runtime.database.transaction() as session:
         now = runtime.clock.now()
-        result = stock.void_item(session, item_id, reason, now)
-        record(
-            session,
-            at=now,
-            actor=actor or cli_actor(),
-            action="stock.void",
-            target=f"#{item_id}",
-            order_id=result.order_id,
-            detail=f"{result.was} -> void: {reason}" if result.changed else "void already",
-        )
-    if result.changed:
-        log.warning(
-            "stock_item_voided",
-            item_id=item_id,
-            pool=result.pool,
-            was=result.was,
-            order_id=result.order_id,
-        )
-    return result
+        results = stock.void_items(session, item_ids, reason, now)
+        who = actor or cli_actor()
+        for result in results:
+            record(
+                session,
+                at=now,
+                actor=who,
+                action="stock.void",
+                target=f"#{result.item_id}",
+                order_id=result.order_id,
+                detail=f"{result.was} -> void: {reason}" if result.changed else "void already",
+            )
+    for result in results:
+        if result.changed:
+            log.warning(
+                "stock_item_voided",
+                item_id=result.item_id,
+                pool=result.pool,
+                was=result.was,
+                order_id=result.order_id,
+            )
+    return results
 
 
 def list_stock(

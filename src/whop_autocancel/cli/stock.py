@@ -333,30 +333,30 @@ ITEM_COLUMNS = (
 
 @stock_app.command("void")
 def void(
-    item_id: Annotated[int, typer.Argument(metavar="ITEM", help="The item's number.")],
+    item_ids: Annotated[list[int], typer.Argument(metavar="ITEM", help="The items' numbers.")],
     reason: Annotated[
-        str, typer.Option("--reason", help="Why (kept with the item).")
+        str, typer.Option("--reason", help="Why (kept with the items).")
     ] = "voided by the admin",
 ) -> None:
-    """Take an item out of circulation: an available one is never handed out; an assigned one
-    stays with its order, marked void (rotate it where it lives)."""
-    from whop_autocancel.admin.stock import void_stock
+    """Void items for good: all of them, or none if a number is unknown.
+
+    An available item is never handed out; an assigned one stays with its
+    order, marked void (rotate it where it lives)."""
+    from whop_autocancel.admin.stock import void_stocks
 
     with _stock_runtime() as runtime:
-        result = void_stock(runtime, item_id, reason)
-    name = f"Stock item #{result.item_id} (pool {result.pool})"
-    if not result.changed:
-        out.print(escape(f"{name} is already void; nothing to do."), soft_wrap=True)
-    elif result.order_id:
-        out.print(
-            escape(
+        results = void_stocks(runtime, item_ids, reason)
+    for result in results:
+        name = f"Stock item #{result.item_id} (pool {result.pool})"
+        if not result.changed:
+            _line(f"{name} is already void; nothing to do.")
+        elif result.order_id:
+            _line(
                 f"{name} is void now. It was delivered to order {result.order_id}: rotate it "
                 "where it lives (password, license server) so that copy stops working."
-            ),
-            soft_wrap=True,
-        )
-    else:
-        out.print(escape(f"{name} is void now; it will never be handed out."), soft_wrap=True)
+            )
+        else:
+            _line(f"{name} is void now; it will never be handed out.")
 
 
 @stock_app.command("show")

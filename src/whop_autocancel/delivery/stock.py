@@ -489,6 +489,53 @@ def void_item(
     return VoidResult(item_id=item.id, pool=item.pool, was=was, order_id=item.order_id)
 
 
+def void_items(
+    session: Session, item_ids: Sequence[int], reason: str, now: datetime
+) -> list[VoidResult]:
+    """Void several items at once, in the caller's transaction: all of them, or (when one of
+    the numbers is unknown) none. One locking read and one update per batch, not a
+    transaction per item. A repeated number counts once; results follow the order given."""
+    wanted = list(dict.fromkeys(item_ids))
+    found: dict[int, tuple[str, str, str | None]] = {}
+    for start in range(0, len(wanted), _LOOKUP_BATCH):
+        batch = wanted[start : start + _LOOKUP_BATCH]
+        rows = session.execute(
+            select(StockItem.id, StockItem.pool, StockItem.status, StockItem.order_id)
+            .where(StockItem.id.in_(batch))
+            .order_by(StockItem.id)  # (rows locked in one order: no deadlock between voids)
+            .with_for_update()
+        )
+        for item_id, pool, status, order_id in rows:
+            found[item_id] = (pool, status, order_id)
+    missing = [item_id for item_id in wanted if item_id not in found]
+    if missing:
+        names = " or ".join(", ".join(f"#{item_id}" for item_id in missing).rsplit(", ", 1))
+        raise StockError(
+            f"no stock item {names} (see `whop-autocancel stock list POOL`): nothing was voided"
+        )
+    results = [
+        VoidResult(
+            item_id=item_id,
+            pool=found[item_id][0],
+            was=found[item_id][1],
+            order_id=found[item_id][2],
+        )
+        for item_id in wanted
+    ]
+    changed = [result.item_id for result in results if result.changed]
+    for start in range(0, len(changed), _LOOKUP_BATCH):
+        session.execute(
+            update(StockItem)
+            .where(
+                StockItem.id.in_(changed[start : start + _LOOKUP_BATCH]),
+                StockItem.status != StockStatus.VOID.value,
+            )
+            .values(status=StockStatus.VOID.value, voided_at=now, void_reason=reason)
+            .execution_options(synchronize_session=False)
+        )
+    return results
+
+
 # Listing -------------------------------------------------------------------------------------
 
 
