@@ -224,6 +224,32 @@ def test_stock_levels_fit(shop: Shop) -> None:
     check_listing(shop.pipe("stock", "levels", "--wide"), "Pool", columns, wide=True)
 
 
+def test_stock_list_fits(shop: Shop) -> None:
+    items = shop.tmp_path / "list.txt"
+    items.write_text("".join(f"LIST-KEY-{n:04d}-QX\n" for n in range(3)))
+    assert shop.pipe("stock", "import", STOCK_POOL, str(items)).returncode == 0
+    listed = shop.pipe("stock", "list", STOCK_POOL, "--json").stdout.splitlines()
+    ids = [str(json.loads(line)["id"]) for line in listed]
+    reason = "leaked on a forum by a customer who posted the whole list of keys he was sent"
+    assert shop.pipe("stock", "void", ids[-1], "--reason", reason).returncode == 0
+    columns = {
+        "ID": ids,
+        "Status": [],
+        "Order": [],
+        "Created": [],
+        "Assigned": [],
+        "Voided": [],
+        "Void reason": [],
+    }
+    run = shop.pipe("stock", "list", STOCK_POOL)
+    check_listing(run, "ID", columns)
+    assert "LIST-KEY" not in run.stdout  # numbers and states, never an item
+    check_listing(shop.terminal("stock", "list", STOCK_POOL), "ID", columns)
+    wide = shop.pipe("stock", "list", STOCK_POOL, "--wide")
+    check_listing(wide, "ID", columns, wide=True)
+    assert reason in wide.stdout
+
+
 # Logs ---------------------------------------------------------------------------------------
 
 

@@ -29,15 +29,18 @@ from support.stock import StockWorld, stock_world
 from whop_autocancel.admin.stock import (
     empty_listed_pools,
     import_stock,
+    list_stock,
+    preview_import,
     show_item,
     stock_levels,
     void_stock,
+    void_stocks,
 )
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.service import ResendError
-from whop_autocancel.delivery.stock import items_for
+from whop_autocancel.delivery.stock import StockedItem, StockError, items_for
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
@@ -497,6 +500,63 @@ def test_a_void_item_is_never_handed_out(world: StockWorld) -> None:
     )
     [level] = stock_levels(world.runtime)
     assert (level.available, level.assigned, level.void, level.waiting) == (0, 1, 1, 1)
+
+
+def test_a_dry_run_reports_what_the_import_then_does_past_one_lookup_batch(
+    world: StockWorld,
+) -> None:
+    """The preview and the import share one duplicate rule, also for files bigger than one
+    lookup batch (500 fingerprints a query), and the preview writes nothing."""
+    sealer = world.runtime.settings.sealer
+    assert sealer is not None
+    held = [f"HELD-{n:05d}-KEY" for n in range(700)]
+    world.import_items(*held)
+    file = items_for([*held[::2], "", *(f"NEW-{n:05d}-KEY" for n in range(800)), held[0]])
+    preview = preview_import(world.runtime, STOCK_POOL, file)
+    assert len(world.items()) == 700
+    with world.runtime.database.transaction() as session:
+        report = stock.import_items(session, sealer, STOCK_POOL, file, world.clock.now())
+    assert preview.report == report
+    assert (report.added, report.already_in_stock, report.blank) == (800, 350, 1)
+    assert (report.duplicate_in_file, report.available) == (1, 1500)
+    assert preview.available_now == 700
+    ids = world.item_ids(held[0], held[2], held[698])
+    assert preview.in_stock[:2] == [
+        (1, StockedItem(item_id=ids[held[0]], pool=STOCK_POOL, status="available")),
+        (2, StockedItem(item_id=ids[held[2]], pool=STOCK_POOL, status="available")),
+    ]
+    assert preview.in_stock[-1] == (
+        350,
+        StockedItem(item_id=ids[held[698]], pool=STOCK_POOL, status="available"),
+    )
+    assert preview.repeats == [(1152, 1)]
+    assert [item.position for item in preview.new_items] == [352, 353, 354, 355, 356]
+    assert {(item.begins, item.length) for item in preview.new_items} == {("NE", 13)}
+
+
+def test_voiding_many_items_is_all_or_none_past_one_batch(world: StockWorld) -> None:
+    keys = [f"BATCH-{n:05d}-KEY" for n in range(1200)]
+    world.import_items(*keys)
+    ids = sorted(item.id for item in world.items())
+    unknown = ids[-1] + 1
+
+    with pytest.raises(StockError) as refused:
+        void_stocks(world.runtime, [*ids, unknown], "batch")
+    assert str(refused.value) == (
+        f"no stock item #{unknown} (see `whop-autocancel stock list POOL`): nothing was voided"
+    )
+    assert {item.status for item in world.items()} == {"available"}
+
+    first = void_stocks(world.runtime, ids[:10], "first ten")
+    results = void_stocks(world.runtime, [*reversed(ids), ids[0]], "the rest")
+    assert [result.item_id for result in results] == list(reversed(ids))  # as given, once
+    assert sum(result.changed for result in results) == 1190
+    assert all(result.changed for result in first)
+    reasons = {item.id: (item.status, item.void_reason) for item in world.items()}
+    assert {reasons[item_id] for item_id in ids[:10]} == {("void", "first ten")}
+    assert {reasons[item_id] for item_id in ids[10:]} == {("void", "the rest")}
+    listed = list_stock(world.runtime, STOCK_POOL, status="void", limit=3)
+    assert [row.id for row in listed] == ids[-1:-4:-1]
 
 
 # 7. Resend ----------------------------------------------------------------------------------------

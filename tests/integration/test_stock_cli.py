@@ -35,6 +35,7 @@ from support.harness import (
     service_environment,
     wait_for,
 )
+from whop_autocancel.db.audit import AdminAction
 from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.mail.models import Email
@@ -123,6 +124,29 @@ def levels_row(stdout: str, pool: str) -> list[str]:
         if cells and cells[0] == pool:
             return cells
     raise AssertionError(f"no row for pool {pool} in:\n{stdout}")
+
+
+def listing_rows(stdout: str) -> list[list[str]]:
+    """The rows of a `stock list` table (after its title and header), as cells."""
+    lines = stdout.splitlines()
+    assert lines[1].split()[:2] == ["ID", "Status"], stdout
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[2:]]
+
+
+def snapshot(database_url: str) -> tuple[list[tuple[Any, ...]], int]:
+    """Every stored item's row (content as stored) and the number of audited admin actions:
+    what a dry run must leave exactly as it was."""
+    database = Database(database_url)
+    try:
+        with database.transaction() as session:
+            items = [
+                tuple(row)
+                for row in session.execute(select(StockItem.__table__).order_by(StockItem.id))
+            ]
+            actions = len(session.scalars(select(AdminAction.id)).all())
+    finally:
+        database.dispose()
+    return items, actions
 
 
 def summary(pool: str, added: int, blank: int, repeated: int, known: int, available: int) -> str:
@@ -279,7 +303,8 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     unknown = shell("stock", "void", "999999", ok=False)
     assert unknown.returncode == 1
     assert messages(unknown) == [
-        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock levels`)"
+        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`): "
+        "nothing was voided"
     ]
     not_a_number = shell("stock", "void", "first", ok=False)
     assert not_a_number.returncode == 2  # typer's usage error
@@ -306,9 +331,210 @@ def test_import_levels_void_and_show(tmp_path: Path, database_url: str) -> None:
     missing = shell("stock", "show", "999999", ok=False)
     assert missing.returncode == 1
     assert messages(missing) == [
-        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock levels`)"
+        "whop-autocancel: no stock item #999999 (see `whop-autocancel stock list POOL`)"
     ]
 
+    assert_never_in_clear(shell)
+
+
+def test_a_dry_run_shows_what_the_import_would_do_and_changes_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    shell = Shell(tmp_path, DATABASE_URL=database_url)
+    if not database_url.startswith("sqlite"):
+        shell("migrate")
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "a.txt", ACCOUNT_A, ACCOUNT_B))
+    shell("stock", "import", "spare", write_items(tmp_path, "c.txt", ACCOUNT_C), "--any-pool")
+    stored = stored_items(shell.database_url)
+    item_a, item_b, item_c = (stored[account].id for account in (ACCOUNT_A, ACCOUNT_B, ACCOUNT_C))
+    shell("stock", "void", str(item_b))
+    keys = [f"LICENSE-{n:04d}-QX" for n in range(1, 7)]
+    file = write_items(
+        tmp_path,
+        "new.txt",
+        ACCOUNT_C,  # line 1: in stock, in another pool
+        "",  # line 2: blank
+        ACCOUNT_D,  # line 3: new
+        f"  {ACCOUNT_A} ",  # line 4: in stock (available), once trimmed
+        ACCOUNT_D,  # line 5: repeats line 3
+        ACCOUNT_B,  # line 6: in stock (void)
+        "PIN-42",  # line 7: new, too short to show any of it
+        *keys,  # lines 8-13: new
+    )
+    before = snapshot(shell.database_url)
+
+    dry = shell("stock", "import", STOCK_POOL, file, "--dry-run")
+    assert dry.stdout.splitlines() == [
+        "Pool keys: 8 item(s) would be added; skipped 5 (1 blank, 1 repeated in the file, 3 "
+        "already in stock). Available after: 9.",
+        "The first 5 of the 8 new item(s), masked (first 2 characters and the length):",
+        f'  line 3: "pl…" ({len(ACCOUNT_D)} characters)',
+        '  line 7: "…" (6 characters)',
+        '  line 8: "LI…" (15 characters)',
+        '  line 9: "LI…" (15 characters)',
+        '  line 10: "LI…" (15 characters)',
+        "Repeated in the file (skipped):",
+        "  line 5 repeats line 3",
+        "Already in stock (skipped; in any pool and state):",
+        f"  line 1 is item #{item_c} (pool spare, available)",
+        f"  line 4 is item #{item_a} (pool keys, available)",
+        f"  line 6 is item #{item_b} (pool keys, void)",
+        "Dry run: nothing was imported. Run the command without --dry-run to import.",
+    ]
+    assert messages(dry) == []
+    assert snapshot(shell.database_url) == before
+
+    document = json.loads(shell("stock", "import", STOCK_POOL, file, "--dry-run", "--json").stdout)
+    assert document == {
+        "dry_run": True,
+        "pool": STOCK_POOL,
+        "would_add": 8,
+        "skipped": 5,
+        "blank": 1,
+        "repeated_in_file": 1,
+        "already_in_stock": 3,
+        "available_now": 1,
+        "available_after": 9,
+        "waiting": 0,
+        "low_stock_threshold": 2,
+        "unit": "line",
+        "new_items": [
+            {"position": 3, "begins": "pl", "length": len(ACCOUNT_D)},
+            {"position": 7, "begins": "", "length": 6},
+            *({"position": n, "begins": "LI", "length": 15} for n in (8, 9, 10)),
+        ],
+        "repeats": [{"position": 5, "first": 3}],
+        "in_stock": [
+            {"position": 1, "item_id": item_c, "pool": "spare", "status": "available"},
+            {"position": 4, "item_id": item_a, "pool": STOCK_POOL, "status": "available"},
+            {"position": 6, "item_id": item_b, "pool": STOCK_POOL, "status": "void"},
+        ],
+    }
+    assert snapshot(shell.database_url) == before
+
+    # The real import does what the dry run said.
+    real = shell("stock", "import", STOCK_POOL, file)
+    assert real.stdout.splitlines()[0] == summary(STOCK_POOL, 8, 1, 1, 3, 9)
+    assert_never_in_clear(shell)
+
+
+def test_a_dry_run_of_a_csv_names_rows_and_is_refused_like_the_import(
+    shell: Shell, tmp_path: Path
+) -> None:
+    csv_file = tmp_path / "accounts.csv"
+    csv_file.write_text(f"login,note\n{ACCOUNT_A},first\n\n{ACCOUNT_B},second\n{ACCOUNT_A},again\n")
+    dry = shell("stock", "import", STOCK_POOL, str(csv_file), "--column", "login", "--dry-run")
+    assert dry.stdout.splitlines()[1:5] == [
+        "The 2 new item(s), masked (first 2 characters and the length):",
+        f'  row 2: "pl…" ({len(ACCOUNT_A)} characters)',
+        f'  row 4: "pl…" ({len(ACCOUNT_B)} characters)',
+        "Repeated in the file (skipped):",
+    ]
+    assert dry.stdout.splitlines()[5] == "  row 5 repeats row 2"
+    assert stored_items(shell.database_url) == {}
+
+    refused = shell("stock", "import", "key", str(csv_file), "--column", "1", "--dry-run", ok=False)
+    assert refused.returncode == 1
+    assert messages(refused) == [
+        "whop-autocancel: no plan in the catalog delivers from pool 'key' (stock pools in the "
+        "catalog: keys); check the name, or pass --any-pool to import into it anyway"
+    ]
+    json_alone = shell("stock", "import", STOCK_POOL, str(csv_file), "--json", ok=False)
+    assert json_alone.returncode == 2
+    assert "--json goes with --dry-run" in json_alone.stderr
+    assert stored_items(shell.database_url) == {}
+    assert ACCOUNT_A not in "".join(result.stdout + result.stderr for _, result in shell.runs)
+
+
+def test_list_shows_numbers_and_states_newest_first_never_contents(
+    tmp_path: Path, database_url: str
+) -> None:
+    shell = Shell(tmp_path, DATABASE_URL=database_url)
+    if not database_url.startswith("sqlite"):
+        shell("migrate")
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "a.txt", *ALL_ACCOUNTS))
+    stored = stored_items(shell.database_url)
+    a, b, c, d = (stored[account].id for account in ALL_ACCOUNTS)
+    shell("stock", "void", str(c), "--reason", "leaked")
+
+    assert shell("stock", "list", "spare").stdout.strip() == "No stock items with pool spare."
+    listing = shell("stock", "list", STOCK_POOL)
+    assert listing.stdout.splitlines()[0] == "4 stock item(s) with pool keys, newest first"
+    assert [row[:2] for row in listing_rows(listing.stdout)] == [
+        [str(d), "available"],
+        [str(c), "void"],
+        [str(b), "available"],
+        [str(a), "available"],
+    ]
+    void_only = shell("stock", "list", STOCK_POOL, "--status", "void")
+    assert void_only.stdout.splitlines()[0] == (
+        "1 stock item(s) with pool keys and status void, newest first"
+    )
+    assert [(row[0], row[1], row[-1]) for row in listing_rows(void_only.stdout)] == [
+        (str(c), "void", "leaked")
+    ]
+
+    lines = shell("stock", "list", STOCK_POOL, "--json", "--limit", "3").stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(row["id"], row["status"]) for row in rows] == [
+        (d, "available"),
+        (c, "void"),
+        (b, "available"),
+    ]
+    assert set(rows[0]) == {
+        "id",
+        "pool",
+        "status",
+        "order_id",
+        "created_at",
+        "assigned_at",
+        "voided_at",
+        "void_reason",
+    }
+    assert rows[1]["void_reason"] == "leaked"
+    assert rows[1]["voided_at"].endswith("Z")
+    bad_name = shell("stock", "list", "two words", ok=False)
+    assert bad_name.returncode == 1
+    assert messages(bad_name)[0].startswith("whop-autocancel: pool 'two words': ")
+    assert_never_in_clear(shell)
+
+
+def test_void_takes_several_items_in_one_transaction(tmp_path: Path, database_url: str) -> None:
+    shell = Shell(tmp_path, DATABASE_URL=database_url)
+    if not database_url.startswith("sqlite"):
+        shell("migrate")
+    shell("stock", "import", STOCK_POOL, write_items(tmp_path, "a.txt", *ALL_ACCOUNTS))
+    stored = stored_items(shell.database_url)
+    a, b, c, _ = (stored[account].id for account in ALL_ACCOUNTS)
+
+    # Several items in one command (one process, one transaction); a repeated id counts once.
+    voided = shell("stock", "void", str(a), str(c), str(a), "--reason", "leaked")
+    assert voided.stdout.splitlines() == [
+        f"Stock item #{a} (pool keys) is void now; it will never be handed out.",
+        f"Stock item #{c} (pool keys) is void now; it will never be handed out.",
+    ]
+    events = [event for event in log_events(voided) if event["event"] == "stock_item_voided"]
+    assert [event["item_id"] for event in events] == [a, c]
+
+    # An unknown id among them: nothing is voided, and every unknown id is named.
+    refused = shell("stock", "void", str(b), "999998", str(c), "999999", ok=False)
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert messages(refused) == [
+        "whop-autocancel: no stock item #999998 or #999999 (see `whop-autocancel stock list "
+        "POOL`): nothing was voided"
+    ]
+    statuses = {
+        row.id: (row.status, row.void_reason) for row in stored_items(shell.database_url).values()
+    }
+    assert statuses[b] == ("available", None)  # nothing half-done
+    assert statuses[c] == ("void", "leaked")
+
+    again = shell("stock", "void", str(b), str(c))
+    assert again.stdout.splitlines() == [
+        f"Stock item #{b} (pool keys) is void now; it will never be handed out.",
+        f"Stock item #{c} (pool keys) is already void; nothing to do.",
+    ]
     assert_never_in_clear(shell)
 
 
@@ -565,11 +791,34 @@ def test_levels_void_and_resend_with_real_orders(
         f"Stock item #{item_a} · pool keys · void · order {first} · void: customer shared it",
         ACCOUNT_A,
     ]
+    listed = listing_rows(shell("stock", "list", STOCK_POOL).stdout)
+    assert [row[:3] for row in listed] == [
+        [str(stored[ACCOUNT_B].id), "assigned", second],
+        [str(item_a), "void", first],
+    ]
+
+    # A dry run of the refill says what it would do, and serves nobody.
+    refill_file = write_items(tmp_path, "b.txt", ACCOUNT_B, ACCOUNT_C)
+    dry = shell("stock", "import", STOCK_POOL, refill_file, "--dry-run")
+    assert dry.stdout.splitlines() == [
+        "Pool keys: 1 item(s) would be added; skipped 1 (0 blank, 0 repeated in the file, 1 "
+        "already in stock). Available after: 1.",
+        "The 1 new item(s), masked (first 2 characters and the length):",
+        f'  line 2: "pl…" ({len(ACCOUNT_C)} characters)',
+        "Already in stock (skipped; in any pool and state):",
+        f"  line 1 is item #{stored[ACCOUNT_B].id} (pool keys, assigned)",
+        "1 order(s) are waiting for this pool: the worker would deliver 1 of them, oldest "
+        "payment first.",
+        "Would still be low: 0 item(s) left once the waiting orders are served, at or below "
+        "the pool's low-stock threshold (2).",
+        "Dry run: nothing was imported. Run the command without --dry-run to import.",
+    ]
+    drain(runtime)
+    assert ACCOUNT_C not in stored_items(shell.database_url)
+    assert len(smtp_sink.to("carl@example.com")) == 0
 
     # Refill: the waiting order is served by the worker, oldest payment first.
-    refill = shell(
-        "stock", "import", STOCK_POOL, write_items(tmp_path, "b.txt", ACCOUNT_B, ACCOUNT_C)
-    )
+    refill = shell("stock", "import", STOCK_POOL, refill_file)
     assert refill.stdout.splitlines() == [
         summary(STOCK_POOL, 1, 0, 0, 1, 1),
         "1 order(s) were waiting for this pool: the worker delivers 1 of them now, oldest "

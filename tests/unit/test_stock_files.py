@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from whop_autocancel.delivery.stock import (
     MAX_ITEM_CHARS,
+    MaskedItem,
     ParsedItems,
     StockError,
     items_for,
+    mask,
     read_items,
 )
 from whop_autocancel.errors import WhopAutocancelError
@@ -219,6 +221,39 @@ def test_an_unterminated_quote_is_refused_not_merged_into_one_item(tmp_path: Pat
 def test_a_field_over_the_csv_limit_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "key\n" + "k" * 200_000 + "\n", "huge.csv")
     assert refusal(path, column="key").startswith(f"{path}: not valid CSV: field larger")
+
+
+# Positions (for a dry run's report) -----------------------------------------------------------
+
+
+def test_each_item_and_repeat_keeps_its_line(tmp_path: Path) -> None:
+    result = read_items(write(tmp_path, "KEY-1\n\n KEY-2\nKEY-1\nKEY-3\nKEY-2\n"))
+    assert result.unit == "line"
+    assert list(zip(result.positions, result.items, strict=True)) == [
+        (1, "KEY-1"),
+        (3, "KEY-2"),
+        (5, "KEY-3"),
+    ]
+    assert result.repeats == [(4, 1), (6, 3)]
+
+
+def test_csv_items_are_placed_by_row(tmp_path: Path) -> None:
+    path = write(tmp_path, 'key,owner\nK-1,ann\n"K-\n2",bob\n\nK-1,carl\n', "keys.csv")
+    with_header = read_items(path, column="key")
+    assert with_header.unit == "row"
+    assert with_header.positions == [2, 3]  # a record, however many lines it spans
+    assert with_header.repeats == [(5, 2)]
+    no_header = read_items(path, column="1", header=False)
+    assert no_header.positions == [1, 2, 3]  # "key" is an item now
+    assert no_header.repeats == [(5, 2)]
+
+
+def test_a_masked_item_shows_two_characters_of_a_long_item_and_none_of_a_short_one() -> None:
+    assert mask("# Installation", 4) == MaskedItem(position=4, begins="# ", length=14)
+    assert mask("ABCDEFGH", 1) == MaskedItem(position=1, begins="AB", length=8)
+    assert mask("ABCDEFG", 1) == MaskedItem(position=1, begins="", length=7)
+    assert mask("a\x1b[31mred", 2).begins == "a?"  # no terminal escape reaches the screen
+    assert mask("鍵🔑-0001-XYZ", 3) == MaskedItem(position=3, begins="鍵🔑", length=11)
 
 
 # Refusals ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -12,6 +13,7 @@ from whop_autocancel.delivery import stock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.delivery.stock import (
     SERVE_TASK,
+    ImportPreview,
     ImportReport,
     ParsedItems,
     PoolLevel,
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from whop_autocancel.runtime import Runtime
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_LIMIT = 50
 
 
 def _sealer(runtime: Runtime) -> Sealer:
@@ -43,14 +47,7 @@ def import_stock(
 ) -> ImportReport:
     """Add items to `pool` in one transaction; waiting orders are then served in payment order
     and an open low-stock alert is resolved when the pool is above its threshold again."""
-    stock.check_pool_name(pool)
-    pools = runtime.catalog.stock_pools()
-    if pool not in pools and not any_pool:
-        known = ", ".join(sorted(pools)) or "none"
-        raise StockError(
-            f"no plan in the catalog delivers from pool {pool!r} (stock pools in the catalog: "
-            f"{known}); check the name, or pass --any-pool to import into it anyway"
-        )
+    _check_import_pool(runtime, pool, any_pool=any_pool)
     sealer = _sealer(runtime)
     now = runtime.clock.now()
     try:
@@ -85,6 +82,40 @@ def import_stock(
     return report
 
 
+def preview_import(
+    runtime: Runtime, pool: str, parsed: ParsedItems, *, any_pool: bool = False
+) -> ImportPreview:
+    """What `import_stock` would do with the same input (`stock import --dry-run`): refused
+    for the same reasons, found duplicates by the same rule; nothing written, not even the
+    audit (nothing was done)."""
+    _check_import_pool(runtime, pool, any_pool=any_pool)
+    sealer = _sealer(runtime)
+    preview = runtime.database.read(
+        lambda session: stock.preview_import(session, sealer, pool, parsed)
+    )
+    report = preview.report
+    log.info(
+        "stock_import_previewed",
+        pool=pool,
+        would_add=report.added,
+        skipped=report.skipped,
+        available=preview.available_now,
+        waiting=report.waiting,
+    )
+    return preview
+
+
+def _check_import_pool(runtime: Runtime, pool: str, *, any_pool: bool) -> None:
+    stock.check_pool_name(pool)
+    pools = runtime.catalog.stock_pools()
+    if pool not in pools and not any_pool:
+        known = ", ".join(sorted(pools)) or "none"
+        raise StockError(
+            f"no plan in the catalog delivers from pool {pool!r} (stock pools in the catalog: "
+            f"{known}); check the name, or pass --any-pool to import into it anyway"
+        )
+
+
 def stock_levels(runtime: Runtime) -> list[PoolLevel]:
     with runtime.database.transaction() as session:
         return stock.stock_levels(session, runtime.catalog)
@@ -101,27 +132,48 @@ def empty_listed_pools(runtime: Runtime) -> list[str]:
 def void_stock(
     runtime: Runtime, item_id: int, reason: str, *, actor: str | None = None
 ) -> VoidResult:
+    [result] = void_stocks(runtime, [item_id], reason, actor=actor)
+    return result
+
+
+def void_stocks(
+    runtime: Runtime, item_ids: Sequence[int], reason: str, *, actor: str | None = None
+) -> list[VoidResult]:
+    """Void the items in one transaction: all of them, or none when a number is unknown (a
+    typo must not leave half a list voided)."""
     with runtime.database.transaction() as session:
         now = runtime.clock.now()
-        result = stock.void_item(session, item_id, reason, now)
-        record(
-            session,
-            at=now,
-            actor=actor or cli_actor(),
-            action="stock.void",
-            target=f"#{item_id}",
-            order_id=result.order_id,
-            detail=f"{result.was} -> void: {reason}" if result.changed else "void already",
-        )
-    if result.changed:
-        log.warning(
-            "stock_item_voided",
-            item_id=item_id,
-            pool=result.pool,
-            was=result.was,
-            order_id=result.order_id,
-        )
-    return result
+        results = stock.void_items(session, item_ids, reason, now)
+        who = actor or cli_actor()
+        for result in results:
+            record(
+                session,
+                at=now,
+                actor=who,
+                action="stock.void",
+                target=f"#{result.item_id}",
+                order_id=result.order_id,
+                detail=f"{result.was} -> void: {reason}" if result.changed else "void already",
+            )
+    for result in results:
+        if result.changed:
+            log.warning(
+                "stock_item_voided",
+                item_id=result.item_id,
+                pool=result.pool,
+                was=result.was,
+                order_id=result.order_id,
+            )
+    return results
+
+
+def list_stock(
+    runtime: Runtime, pool: str, *, status: str | None = None, limit: int = DEFAULT_LIMIT
+) -> list[stock.ItemRow]:
+    """A pool's items, newest first: numbers and states, never contents."""
+    return runtime.database.read(
+        lambda session: stock.list_items(session, pool, status=status, limit=limit)
+    )
 
 
 def show_item(
@@ -134,7 +186,7 @@ def show_item(
     with runtime.database.transaction() as session:
         if reference.isdigit():
             item = session.get(StockItem, int(reference))
-            missing = f"no stock item #{reference} (see `whop-autocancel stock levels`)"
+            missing = f"no stock item #{reference} (see `whop-autocancel stock list POOL`)"
         else:
             item = stock.item_for_order(session, reference)
             missing = f"order {reference} holds no stock item (see `whop-autocancel orders`)"

@@ -13,7 +13,7 @@ import csv
 import io
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -170,6 +170,10 @@ class ParsedItems:
     items: list[str] = field(default_factory=list)
     blank: int = 0
     duplicate_in_file: int = 0
+    # Where each item and each repeat was, for a dry run's report: `unit` and its number.
+    unit: str = field(default="line", compare=False)
+    positions: list[int] = field(default_factory=list, compare=False)
+    repeats: list[tuple[int, int]] = field(default_factory=list, compare=False)  # (at, first)
 
 
 def read_items(
@@ -191,7 +195,8 @@ def read_items(
         if lines and not lines[-1]:
             lines.pop()  # the break that ends the last line starts no new one
         return items_for(lines, where=str(path))
-    return items_for(_csv_values(text, column, delimiter, header, path), where=str(path))
+    values = _csv_values(text, column, delimiter, header, path)
+    return items_for(values, where=str(path), unit="row", first=2 if header else 1)
 
 
 def _csv_values(text: str, column: str, delimiter: str, header: bool, path: Path) -> list[str]:
@@ -224,11 +229,15 @@ def _csv_values(text: str, column: str, delimiter: str, header: bool, path: Path
     return values
 
 
-def items_for(values: Iterable[str], *, where: str = "input") -> ParsedItems:
-    """Skip and count blank entries and repeats; refuse an entry too long to be an item."""
-    parsed = ParsedItems()
-    seen: set[str] = set()
+def items_for(
+    values: Iterable[str], *, where: str = "input", unit: str = "line", first: int = 1
+) -> ParsedItems:
+    """Skip and count blank entries and repeats; refuse an entry too long to be an item.
+    Each item keeps its position in the file (`unit` `first` for the first value)."""
+    parsed = ParsedItems(unit=unit)
+    seen: dict[str, int] = {}
     for number, raw in enumerate(values, start=1):
+        position = first + number - 1
         value = raw.strip()
         if not value:
             parsed.blank += 1
@@ -240,9 +249,11 @@ def items_for(values: Iterable[str], *, where: str = "input") -> ParsedItems:
             )
         if value in seen:
             parsed.duplicate_in_file += 1
+            parsed.repeats.append((position, seen[value]))
             continue
-        seen.add(value)
+        seen[value] = position
         parsed.items.append(value)
+        parsed.positions.append(position)
     return parsed
 
 
@@ -266,36 +277,52 @@ class ImportReport:
         return self.available - min(self.waiting, self.available)
 
 
+@dataclass(frozen=True)
+class StockedItem:
+    """An item already in stock, as a duplicate is reported: its number, pool and status."""
+
+    item_id: int
+    pool: str
+    status: str
+
+
+def find_in_stock(session: Session, sealer: Sealer, items: Sequence[str]) -> dict[str, StockedItem]:
+    """The items already in stock, in any pool and any state, found by their fingerprint under
+    every configured key (so without decrypting anything): the one duplicate rule of an import
+    and of its dry run."""
+    lookups: dict[str, str] = {}  # every key's fingerprint → the item
+    for item in items:
+        for fingerprint in sealer.fingerprints(item):
+            lookups[fingerprint] = item
+    found: dict[str, StockedItem] = {}
+    candidates = list(lookups)
+    for start in range(0, len(candidates), _LOOKUP_BATCH):
+        batch = candidates[start : start + _LOOKUP_BATCH]
+        for fingerprint, item_id, pool, status in session.execute(
+            select(StockItem.fingerprint, StockItem.id, StockItem.pool, StockItem.status).where(
+                StockItem.fingerprint.in_(batch)
+            )
+        ):
+            found[lookups[fingerprint]] = StockedItem(item_id=item_id, pool=pool, status=status)
+    return found
+
+
 def import_items(
     session: Session, sealer: Sealer, pool: str, parsed: ParsedItems, now: datetime
 ) -> ImportReport:
     """Add the items that are not in stock yet (in any pool, under any configured key)."""
     check_pool_name(pool)
-    by_fingerprint: dict[str, str] = {}
-    lookups: dict[str, str] = {}  # every key's fingerprint → the item's stored fingerprint
-    for item in parsed.items:
-        prints = sealer.fingerprints(item)
-        by_fingerprint[prints[0]] = item
-        for fingerprint in prints:
-            lookups[fingerprint] = prints[0]
-    known: set[str] = set()
-    candidates = list(lookups)
-    for start in range(0, len(candidates), _LOOKUP_BATCH):
-        batch = candidates[start : start + _LOOKUP_BATCH]
-        for found in session.scalars(
-            select(StockItem.fingerprint).where(StockItem.fingerprint.in_(batch))
-        ):
-            known.add(lookups[found])
-    new = [(fp, item) for fp, item in by_fingerprint.items() if fp not in known]
+    known = find_in_stock(session, sealer, parsed.items)
+    new = list(dict.fromkeys(item for item in parsed.items if item not in known))
     session.add_all(
         StockItem(
             pool=pool,
             content=sealer.seal(item),
-            fingerprint=fingerprint,
+            fingerprint=sealer.fingerprint(item),
             status=StockStatus.AVAILABLE.value,
             created_at=now,
         )
-        for fingerprint, item in new
+        for item in new
     )
     session.flush()
     return ImportReport(
@@ -306,6 +333,77 @@ def import_items(
         already_in_stock=len(known),
         available=available_count(session, pool),
         waiting=len(waiting_orders(session, pool)),
+    )
+
+
+# A dry run shows this much of an item, and only of an item this long (a quarter of it at most):
+# enough to recognise the wrong file (a README's "# …"), too little to use any item.
+MASK_SHOWN = 2
+MASK_MIN_LENGTH = 8
+PREVIEW_ITEMS = 5
+
+
+@dataclass(frozen=True)
+class MaskedItem:
+    """A new item as a dry run shows it: where it is, how it begins, how long it is."""
+
+    position: int
+    begins: str
+    length: int
+
+
+def mask(item: str, position: int) -> MaskedItem:
+    """`item` reduced to its first characters (none for a short item) and its length."""
+    shown = item[:MASK_SHOWN] if len(item) >= MASK_MIN_LENGTH else ""
+    return MaskedItem(
+        position=position,
+        begins="".join(char if char.isprintable() else "?" for char in shown),
+        length=len(item),
+    )
+
+
+@dataclass(frozen=True)
+class ImportPreview:
+    """What `import_items` would do with the same input, and why each entry is skipped."""
+
+    report: ImportReport  # as the import would report it (`available`: after the import)
+    available_now: int
+    unit: str  # "line" (a text file) or "row" (a CSV file)
+    new_items: list[MaskedItem]  # the first few new items, masked
+    repeats: list[tuple[int, int]]  # (position, position of its first occurrence)
+    in_stock: list[tuple[int, StockedItem]]  # (position, the item in stock)
+
+
+def preview_import(
+    session: Session,
+    sealer: Sealer,
+    pool: str,
+    parsed: ParsedItems,
+    *,
+    shown: int = PREVIEW_ITEMS,
+) -> ImportPreview:
+    """Everything `import_items` would report, by the same rules, changing nothing; new items
+    only masked (the first `shown` of them)."""
+    check_pool_name(pool)
+    known = find_in_stock(session, sealer, parsed.items)
+    placed = list(zip(parsed.positions, parsed.items, strict=True))
+    new = [(position, item) for position, item in placed if item not in known]
+    available = available_count(session, pool)
+    return ImportPreview(
+        report=ImportReport(
+            pool=pool,
+            added=len(new),
+            blank=parsed.blank,
+            duplicate_in_file=parsed.duplicate_in_file,
+            already_in_stock=len(known),
+            available=available + len(new),
+            waiting=len(waiting_orders(session, pool)),
+        ),
+        available_now=available,
+        unit=parsed.unit,
+        new_items=[mask(item, position) for position, item in new[:shown]],
+        repeats=list(parsed.repeats),
+        in_stock=[(position, known[item]) for position, item in placed if item in known],
     )
 
 
@@ -394,13 +492,100 @@ def void_item(
     stays with its order, marked void so everyone knows it must be rotated)."""
     item = session.get(StockItem, item_id, with_for_update=lock)
     if item is None:
-        raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock levels`)")
+        raise StockError(f"no stock item #{item_id} (see `whop-autocancel stock list POOL`)")
     was = item.status
     if was != StockStatus.VOID.value:
         item.status = StockStatus.VOID.value
         item.voided_at = now
         item.void_reason = reason
     return VoidResult(item_id=item.id, pool=item.pool, was=was, order_id=item.order_id)
+
+
+def void_items(
+    session: Session, item_ids: Sequence[int], reason: str, now: datetime
+) -> list[VoidResult]:
+    """Void several items at once, in the caller's transaction: all of them, or (when one of
+    the numbers is unknown) none. One locking read and one update per batch, not a
+    transaction per item. A repeated number counts once; results follow the order given."""
+    wanted = list(dict.fromkeys(item_ids))
+    found: dict[int, tuple[str, str, str | None]] = {}
+    for start in range(0, len(wanted), _LOOKUP_BATCH):
+        batch = wanted[start : start + _LOOKUP_BATCH]
+        rows = session.execute(
+            select(StockItem.id, StockItem.pool, StockItem.status, StockItem.order_id)
+            .where(StockItem.id.in_(batch))
+            .order_by(StockItem.id)  # (rows locked in one order: no deadlock between voids)
+            .with_for_update()
+        )
+        for item_id, pool, status, order_id in rows:
+            found[item_id] = (pool, status, order_id)
+    missing = [item_id for item_id in wanted if item_id not in found]
+    if missing:
+        names = " or ".join(", ".join(f"#{item_id}" for item_id in missing).rsplit(", ", 1))
+        raise StockError(
+            f"no stock item {names} (see `whop-autocancel stock list POOL`): nothing was voided"
+        )
+    results = [
+        VoidResult(
+            item_id=item_id,
+            pool=found[item_id][0],
+            was=found[item_id][1],
+            order_id=found[item_id][2],
+        )
+        for item_id in wanted
+    ]
+    changed = [result.item_id for result in results if result.changed]
+    for start in range(0, len(changed), _LOOKUP_BATCH):
+        session.execute(
+            update(StockItem)
+            .where(
+                StockItem.id.in_(changed[start : start + _LOOKUP_BATCH]),
+                StockItem.status != StockStatus.VOID.value,
+            )
+            .values(status=StockStatus.VOID.value, voided_at=now, void_reason=reason)
+            .execution_options(synchronize_session=False)
+        )
+    return results
+
+
+# Listing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """An item as `stock list` shows it: never its content (not even encrypted)."""
+
+    id: int
+    pool: str
+    status: str
+    order_id: str | None
+    created_at: datetime
+    assigned_at: datetime | None
+    voided_at: datetime | None
+    void_reason: str | None
+
+
+def list_items(session: Session, pool: str, *, status: str | None, limit: int) -> list[ItemRow]:
+    """The pool's items, newest first (the content column is not even read)."""
+    check_pool_name(pool)
+    statement = (
+        select(
+            StockItem.id,
+            StockItem.pool,
+            StockItem.status,
+            StockItem.order_id,
+            StockItem.created_at,
+            StockItem.assigned_at,
+            StockItem.voided_at,
+            StockItem.void_reason,
+        )
+        .where(StockItem.pool == pool)
+        .order_by(StockItem.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        statement = statement.where(StockItem.status == status)
+    return [ItemRow(*row) for row in session.execute(statement)]
 
 
 # Key rotation --------------------------------------------------------------------------------
