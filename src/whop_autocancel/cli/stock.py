@@ -36,7 +36,7 @@ def _stock_runtime() -> AbstractContextManager[Runtime]:
 
 
 stock_app = typer.Typer(
-    help="Stock pools: import, levels, list, void, show, keygen, rekey.", no_args_is_help=True
+    help="Stock pools: import, list, void and show items.", no_args_is_help=True
 )
 
 
@@ -296,7 +296,7 @@ def list_(
     json_output: JsonOption = False,
     wide: WideOption = False,
 ) -> None:
-    """List a pool's items, newest first: numbers and states, never contents."""
+    """List a pool's item numbers and states (never contents)."""
     from whop_autocancel.admin.stock import list_stock
 
     with _stock_runtime() as runtime:
