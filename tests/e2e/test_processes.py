@@ -3,6 +3,7 @@ SIGTERM in the middle of a cancellation."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -68,8 +69,8 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def start_web(self) -> None:
-        self.start("serve", "--no-worker", "--port", str(self.port))
+    def start_web(self, *options: str) -> subprocess.Popen[bytes]:
+        process = self.start("serve", "--no-worker", "--port", str(self.port), *options)
 
         def healthy() -> bool:
             try:
@@ -78,6 +79,7 @@ class Deployment:
                 return False
 
         wait_for(healthy, 30, "the web process")
+        return process
 
     def cancellation(self, payment_id: str) -> Cancellation | None:
         with self.database.transaction() as session:
@@ -254,3 +256,87 @@ def test_sigterm_on_web_finishes_the_request_in_flight(
     assert answers == [201]
     web.wait(timeout=30)
     assert web.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once done
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc: a zombie is not alive)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == pid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cancelled(service: Deployment, simulator: SimulatorServer, email: str) -> None:
+    purchase = simulator.state.create_purchase(MESSAGE_PLAN, email=email)
+    wait_for(lambda: service.status(purchase["payment_id"]) == "canceled", 30, f"{email}'s cancel")
+
+
+@pytest.fixture
+def sqlite_service(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment, Any]]:
+    with SimulatorServer(
+        api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
+    ) as simulator:
+        service = Deployment(tmp_path, simulator, smtp_sink)
+        try:
+            yield service, simulator
+        finally:
+            for process in service.processes:
+                for child in _children(process.pid):
+                    os.kill(child, signal.SIGKILL)
+            service.stop()
+
+
+def test_serve_keeps_its_worker_processes_running_and_stops_them_with_it(
+    sqlite_service: tuple[Deployment, Any],
+) -> None:
+    """`serve --workers 1` on SQLite: the child does the work (this serve runs no worker of
+    its own), is started again when it dies, and stops gracefully with serve."""
+    service, simulator = sqlite_service
+    serve = service.start_web("--workers", "1")
+    _cancelled(service, simulator, "first@example.com")
+    [child] = _children(serve.pid)
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: _children(serve.pid) not in ([], [child]), 30, "a new worker process")
+    [again] = _children(serve.pid)
+    _cancelled(service, simulator, "second@example.com")
+
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    assert not _alive(again)  # stopped and waited for by serve
+    log = (service.tmp_path / "serve-0.log").read_text()
+    assert '"serve_worker_exited"' in log
+    assert log.count('"serve_worker_started"') == 2
+    assert log.count('"worker_stopped"') == 1  # the second child, gracefully
+
+
+def test_a_killed_serve_takes_its_worker_processes_with_it(
+    sqlite_service: tuple[Deployment, Any],
+) -> None:
+    service, _ = sqlite_service
+    serve = service.start_web("--workers", "2")
+    log_file = service.tmp_path / "serve-0.log"
+    wait_for(lambda: log_file.read_text().count('"worker_started"') == 2, 30, "two workers")
+    children = _children(serve.pid)
+    assert len(children) == 2
+    serve.send_signal(signal.SIGKILL)
+    serve.wait()
+    wait_for(lambda: not any(_alive(child) for child in children), 30, "the workers to stop")
+    log = log_file.read_text()
+    assert log.count('"serve_gone_worker_stopping"') == 2
+    assert log.count('"worker_stopped"') == 2  # gracefully, not killed

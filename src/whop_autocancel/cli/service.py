@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from collections.abc import Generator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
+from whop_autocancel.cli.children import WorkerProcesses, stop_with_parent
 from whop_autocancel.cli.common import (
     cli_settings,
     log,
@@ -40,6 +43,16 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="Web only; run `worker` processes separately.")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=0,
+            max=64,
+            help="Also run this many worker processes, started and stopped with serve: more "
+            "cores for the same database (SQLite too).",
+        ),
+    ] = 0,
 ) -> None:
     """Run the web endpoint and an in-process job worker. With --no-worker, the web endpoint
     alone."""
@@ -59,12 +72,27 @@ def serve(
         host=host,
         port=listener.getsockname()[1],
         worker=not no_worker,
+        worker_processes=workers,
         plans=len(runtime.catalog.plans),
         database=safe_url(settings.DATABASE_URL),
     )
     _warn_of_empty_pools(runtime)
     application = create_app(runtime, with_worker=not no_worker)
-    server = uvicorn.Server(
+    children = WorkerProcesses(workers, settings.SHUTDOWN_TIMEOUT + 5)
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a stopping signal once it has shut down, which ends the process
+        there and then: the worker processes are stopped, and waited for, before that."""
+
+        @contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    children.stop()
+
+    server = Server(
         uvicorn.Config(
             application,
             host=host,
@@ -77,10 +105,12 @@ def serve(
             forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
         )
     )
+    children.start()
     try:
         server.run(sockets=[listener])
     finally:
         listener.close()
+        children.stop()
         runtime.close()
     if not server.started:  # the application's start-up failed (uvicorn logged why)
         raise typer.Exit(3)
@@ -149,6 +179,7 @@ def worker(
     from whop_autocancel.worker import run_worker
 
     settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
+    stop_with_parent()  # started by `serve --workers`: goes when serve goes
     server = None
     if metrics_port is not None:  # before anything starts: a taken port stops it cleanly
         token = settings.METRICS_TOKEN
