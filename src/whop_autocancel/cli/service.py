@@ -49,8 +49,9 @@ def serve(
             "--workers",
             min=0,
             max=64,
-            help="Also run this many worker processes, started and stopped with serve: more "
-            "cores for the same database (SQLite too).",
+            metavar="N",
+            help="Also run N worker processes, started and stopped with serve: more cores "
+            "for the same database (SQLite too).",
         ),
     ] = 0,
 ) -> None:
