@@ -654,6 +654,9 @@ def test_cancel_command_asks_then_cancels_once(cli: Cli) -> None:
     )
     assert failure(declined) == f"membership {bought.membership_id} not cancelled"
     assert whop_calls(cli.simulator) == []
+    unanswered = cli("cancel", bought.membership_id, stdin="")  # no terminal: input ends
+    assert failure(unanswered) == f"membership {bought.membership_id} not cancelled"
+    assert whop_calls(cli.simulator) == []
 
     done = cli("cancel", bought.membership_id, stdin="y\n")
     assert done.exit_code == 0, done.output

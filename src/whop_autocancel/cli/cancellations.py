@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import click
 import typer
 
 from whop_autocancel.admin.operations import OpsError, cancel_membership, cancel_target
@@ -133,7 +132,7 @@ def cancel(
             )
             try:
                 confirmed = typer.confirm(question, default=False)
-            except click.exceptions.Abort:
+            except typer.Abort:  # no answer: the input ended (no terminal) or Ctrl-C
                 confirmed = False
             if not confirmed:
                 raise OpsError(f"membership {target.membership_id} not cancelled")
