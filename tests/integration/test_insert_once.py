@@ -7,8 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
+from support.statements import recorded, verbs
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.orders.models import Order
@@ -62,21 +63,13 @@ def test_sqlite_and_postgresql_insert_in_one_statement(database_url: str) -> Non
         database.dispose()
         pytest.skip("MariaDB has no ON CONFLICT DO NOTHING: a savepoint there")
     now = datetime.now(UTC).replace(microsecond=0)
-    statements: list[str] = []
-
-    def record(conn: object, cursor: object, statement: str, *_: object) -> None:
-        statements.append(" ".join(statement.split()[:3]).upper())
-
     try:
         with database.transaction() as session:
             session.add(Order(id="ord_Once2", status="pending", created_at=now, order_metadata={}))
             session.flush()
-            event.listen(database.engine, "before_cursor_execute", record)
-            try:
+            with recorded(database.engine) as sent:
                 assert insert_once(session, cancellation("ord_Once2", now, "token-1"))
                 assert not insert_once(session, cancellation("ord_Once2", now, "token-2"))
-            finally:
-                event.remove(database.engine, "before_cursor_execute", record)
-        assert statements == ["INSERT INTO CANCELLATIONS", "INSERT INTO CANCELLATIONS"]
+        assert verbs(sent, 3) == ["INSERT INTO CANCELLATIONS", "INSERT INTO CANCELLATIONS"]
     finally:
         database.dispose()

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, update
 
 from support.harness import drain, free_port, make_runtime, make_settings, wait_for
+from support.statements import recorded, sqlite_plan, verbs
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
@@ -448,19 +449,9 @@ def test_sessions_are_kept_per_smtp_configuration() -> None:
 
 def statements_on_emails(runtime: Runtime, work: Callable[[], None]) -> list[str]:
     """Run `work`; the kinds of the statements (UPDATE, SELECT, …) it ran on `emails`."""
-    statements: list[str] = []
-
-    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if "emails" in statement.lower():
-            statements.append(statement.split()[0].upper())
-
-    engine = runtime.database.engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with recorded(runtime.database.engine) as sent:
         work()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    return statements
+    return verbs([(sql, parameters) for sql, parameters in sent if "emails" in sql.lower()])
 
 
 def test_a_send_reads_the_email_once_and_writes_it_twice(runtime: Runtime, port: int) -> None:
@@ -576,31 +567,17 @@ def test_a_claim_reads_no_more_of_a_backlog_than_it_takes(runtime: Runtime, port
     with no sort of every waiting row (which made each claim cost as much as the backlog)."""
     if runtime.database.backend != "sqlite":
         pytest.skip("reads SQLite's query plan")
-    statements: list[tuple[str, object]] = []
-
-    def record(
-        conn: object, cursor: object, statement: str, parameters: object, *_: object
-    ) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM emails" in statement:
-            statements.append((statement, parameters))
-
     for n in range(3):
         queued(runtime, to=f"buyer{n}@example.com")
     engine = runtime.database.engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with SmtpSink(port=port, credentials=CREDENTIALS):
-            runtime.outbox.send(queued(runtime, to="own@example.com"))
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    batch = [(sql, parameters) for sql, parameters in statements if "LIMIT" in sql]
-    assert len(batch) == 1
-    sql, parameters = batch[0]
-    with engine.connect() as connection:
-        plan = [
-            str(step[-1])
-            for step in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)  # type: ignore[arg-type]
-        ]
+    with recorded(engine) as sent, SmtpSink(port=port, credentials=CREDENTIALS):
+        runtime.outbox.send(queued(runtime, to="own@example.com"))
+    [(sql, parameters)] = [
+        (sql, parameters)
+        for sql, parameters in sent
+        if sql.lstrip().upper().startswith("SELECT") and "FROM emails" in sql and "LIMIT" in sql
+    ]
+    plan = sqlite_plan(engine, sql, parameters)
     assert any("INDEX ix_emails_sent_at" in step for step in plan), plan
     assert not any("TEMP B-TREE" in step for step in plan), plan
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from support.harness import (
     MESSAGE_PLAN,
@@ -24,6 +24,7 @@ from support.harness import (
     make_settings,
     post_event,
 )
+from support.statements import recorded, verbs
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
@@ -261,15 +262,7 @@ def test_a_chunk_of_events_that_apply_takes_no_savepoint(
         pytest.skip("MariaDB inserts rows once in savepoints")
     for payment_id in ("pay_Plain1", "pay_Plain2"):
         assert post_event(http, payment(payment_id)).json() == {"status": "received"}
-    statements: list[str] = []
-
-    def record(conn: object, cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement.split()[0].upper())
-
-    event.listen(runtime.database.engine, "before_cursor_execute", record)
-    try:
+    with recorded(runtime.database.engine) as sent:
         apply_webhooks(runtime)
-    finally:
-        event.remove(runtime.database.engine, "before_cursor_execute", record)
     assert the_order(runtime, "pay_Plain2").status == "paid"
-    assert "SAVEPOINT" not in statements
+    assert "SAVEPOINT" not in verbs(sent)

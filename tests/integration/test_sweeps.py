@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 
 from support.harness import (
     MESSAGE_PLAN,
@@ -19,6 +19,7 @@ from support.harness import (
     make_runtime,
     make_settings,
 )
+from support.statements import recorded, sqlite_plan
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
@@ -281,25 +282,13 @@ def test_the_sweeps_look_for_unsent_emails_reads_the_unsent_ones_only(runtime: R
     statistics, would walk them all (the outbox's claim reads the same way)."""
     if runtime.database.backend != "sqlite":
         pytest.skip("reads SQLite's query plan")
-    statements: list[tuple[str, object]] = []
-
-    def record(
-        conn: object, cursor: object, statement: str, parameters: object, *_: object
-    ) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM emails" in statement:
-            statements.append((statement, parameters))
-
     engine = runtime.database.engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with recorded(engine) as sent:
         runtime.stuck_sweep.run(force=True)
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    assert len(statements) == 1
-    sql, parameters = statements[0]
-    with engine.connect() as connection:
-        plan = [
-            str(step[-1])
-            for step in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)  # type: ignore[arg-type]
-        ]
+    [(sql, parameters)] = [
+        (sql, parameters)
+        for sql, parameters in sent
+        if sql.lstrip().upper().startswith("SELECT") and "FROM emails" in sql
+    ]
+    plan = sqlite_plan(engine, sql, parameters)
     assert any("INDEX ix_emails_sent_at" in step for step in plan), plan
