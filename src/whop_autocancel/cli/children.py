@@ -38,7 +38,8 @@ class WorkerProcesses:
         self._lock = threading.Lock()
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._threads: list[threading.Thread] = []
-        self._read_end, self._write_end = os.pipe()  # serve keeps the write end, unused
+        # serve keeps the write end, unused; none when there are no children to tell
+        self._pipe = os.pipe() if count else None
 
     def start(self) -> None:
         for slot in range(1, self.count + 1):
@@ -47,10 +48,6 @@ class WorkerProcesses:
             )
             thread.start()
             self._threads.append(thread)
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [process.pid for process in self._processes.values()]
 
     def _keep(self, slot: int) -> None:
         backoff = FIRST_BACKOFF
@@ -79,11 +76,12 @@ class WorkerProcesses:
         with self._lock:  # `stop` sees every child started, or none starts after it
             if self._stopping.is_set():
                 return None
-            environment = {**os.environ, PARENT_PIPE: str(self._read_end)}
+            assert self._pipe is not None  # a slot exists only when count > 0
+            read_end = self._pipe[0]
             process = subprocess.Popen(
                 [sys.executable, "-m", "whop_autocancel", "worker"],
-                env=environment,
-                pass_fds=(self._read_end,),
+                env={**os.environ, PARENT_PIPE: str(read_end)},
+                pass_fds=(read_end,),
             )
             self._processes[slot] = process
         log.info("serve_worker_started", slot=slot, pid=process.pid)
@@ -110,8 +108,9 @@ class WorkerProcesses:
                 process.wait()
         for thread in self._threads:
             thread.join()
-        os.close(self._read_end)
-        os.close(self._write_end)
+        if self._pipe is not None:
+            for end in self._pipe:
+                os.close(end)
 
 
 def stop_with_parent() -> None:
