@@ -56,7 +56,7 @@ import service_records
 from parties import Child, Simulator, is_cancel, seconds, steady_rate
 
 from support import backends
-from support.harness import free_port, service_environment
+from support.harness import child_processes, free_port, service_environment
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database
 from whop_autocancel.settings import Settings
@@ -75,7 +75,10 @@ POLL_SECONDS = 2.0
 #: The service's default delay between delivery and cancellation (for the chart).
 CANCEL_DELAY = float(Settings.model_fields["CANCEL_DELAY"].default)
 SQLITE = "SQLite, 1 serve"
+SQLITE_WORKERS = "SQLite, 1 serve --workers 1"
 POSTGRES = "PostgreSQL + Redis, 2 web + 3 workers"
+#: BENCH_ONLY's names (a comma-separated list of them), in the order the runs go.
+KINDS = ("sqlite", "sqlite-workers", "postgresql")
 
 
 def say(message: str) -> None:
@@ -94,12 +97,12 @@ class Knobs:
 def knobs(smoke: bool) -> Knobs:
     if smoke:
         return Knobs(200, 10.0, 120.0, ("sqlite",), True)
-    only = os.environ.get("BENCH_ONLY")
+    only = {kind.strip() for kind in os.environ.get("BENCH_ONLY", "").split(",") if kind.strip()}
     return Knobs(
         purchases=int(os.environ.get("BENCH_FLASH_PURCHASES", "10000")),
         seconds=float(os.environ.get("BENCH_FLASH_SECONDS", "60")),
         deadline=float(os.environ.get("BENCH_FLASH_DEADLINE", "1800")),
-        kinds=tuple(k for k in ("sqlite", "postgresql") if only in (None, "", k)),
+        kinds=tuple(kind for kind in KINDS if not only or kind in only),
         smoke=False,
     )
 
@@ -162,6 +165,19 @@ class Run:
             counts.get("delivery_emails_failed", 0)
         )
 
+    @property
+    def service_cpu_ms_per_purchase(self) -> float | None:
+        """The CPU the service's processes used during the run (web, workers, serve's
+        children; not the simulator or the balancer), per purchase."""
+        used = [
+            value
+            for name, value in self.cpu_seconds.items()
+            if name not in ("simulator", "balancer")
+        ]
+        if not used or None in used or not self.purchases:
+            return None
+        return sum(v for v in used if v is not None) * 1000 / self.purchases
+
     def rss(self, prefix: str) -> list[float]:
         return [v for k, v in self.rss_mb.items() if k.startswith(prefix) and v is not None]
 
@@ -177,6 +193,9 @@ class Deployment:
     database_url: str
     processes: dict[str, Child]
     helpers: dict[str, Child] = field(default_factory=dict)  # the balancer
+    # Processes a service process started itself (`serve --workers`' children), by pid: read
+    # like the others (peak RSS, CPU), watched by their parent.
+    children: dict[str, int] = field(default_factory=dict)
 
 
 def _env(folder: Path, sim: Simulator, smtp_url: str, **backend: str) -> dict[str, str]:
@@ -185,13 +204,30 @@ def _env(folder: Path, sim: Simulator, smtp_url: str, **backend: str) -> dict[st
     )
 
 
-def sqlite_deployment(stack: ExitStack, folder: Path, sim: Simulator, smtp: str) -> Deployment:
+def sqlite_deployment(
+    stack: ExitStack, folder: Path, sim: Simulator, smtp: str, workers: int = 0
+) -> Deployment:
+    """One `serve` on SQLite; with `workers`, `serve --workers N` (its worker children)."""
     env = _env(folder, sim, smtp)
     port = free_port()
-    serve = parties.service(stack, folder, "serve", ["serve", "--port", str(port)], env)
+    args = ["serve", "--port", str(port)] + (["--workers", str(workers)] if workers else [])
+    serve = parties.service(stack, folder, "serve", args, env)
     url = f"http://127.0.0.1:{port}"
     parties.wait_until(lambda: parties.healthy(url), 60, "serve", serve)
-    return Deployment(url, env["DATABASE_URL"], {"serve": serve})
+    parties.wait_until(
+        lambda: len(child_processes(serve.pid)) >= workers, 60, "serve's workers", serve
+    )
+    children = {
+        f"serve-worker-{number}": pid
+        for number, pid in enumerate(sorted(child_processes(serve.pid)), 1)
+    }
+    return Deployment(url, env["DATABASE_URL"], {"serve": serve}, children=children)
+
+
+def sqlite_workers_deployment(
+    stack: ExitStack, folder: Path, sim: Simulator, smtp: str
+) -> Deployment:
+    return sqlite_deployment(stack, folder, sim, smtp, workers=1)
 
 
 @contextmanager
@@ -277,7 +313,8 @@ def run_sale(
         after_seq = parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{deployment.url}/webhooks/whop"})
         watched = {**deployment.processes, **deployment.helpers, "simulator": sim.child}
-        cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
+        pids = {name: child.pid for name, child in watched.items()} | deployment.children
+        cpu_before = {name: parties.cpu_seconds(pid) for name, pid in pids.items()}
         say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
         made = parties.purchase_at_rate(
             sim.url, settings.purchases, settings.purchases / settings.seconds
@@ -285,10 +322,11 @@ def run_sale(
         started = made[0].asked_at
         result.made_per_second = steady_rate([purchase.answered_at for purchase in made])
         result.ended = _wait(deployment, settings, result, started)
-        for name, child in deployment.processes.items():
-            result.rss_mb[name] = parties.peak_rss_mb(child.pid)
-        for name, child in watched.items():
-            now, before = parties.cpu_seconds(child.pid), cpu_before[name]
+        service = {name: child.pid for name, child in deployment.processes.items()}
+        for name, pid in (service | deployment.children).items():
+            result.rss_mb[name] = parties.peak_rss_mb(pid)
+        for name, pid in pids.items():
+            now, before = parties.cpu_seconds(pid), cpu_before[name]
             used = now - before if now is not None and before is not None else None
             result.cpu_seconds[name] = used
         calls = [call for call in sim.calls() if call["seq"] > after_seq]
@@ -453,6 +491,7 @@ COLUMNS = [
     "lost",
     "failed",
     "duplicated",
+    "service CPU/purchase (ms)",
     "peak RSS web (MB)",
     "peak RSS worker (MB)",
 ]
@@ -461,6 +500,10 @@ COLUMNS = [
 def _row(run: Run) -> list[str]:
     if run.deployment == SQLITE:
         web, worker = f"{_mbs(run.rss('serve'))} (web + worker)", "(in serve)"
+    elif run.deployment == SQLITE_WORKERS:
+        serve = run.rss_mb.get("serve")
+        web = f"{_mbs([serve] if serve is not None else [])} (web + worker)"
+        worker = f"{_mbs(run.rss('serve-worker'))} (serve's child)"
     else:
         web, worker = _mbs(run.rss("web")), _mbs(run.rss("worker"))
     return [
@@ -474,6 +517,7 @@ def _row(run: Run) -> list[str]:
         f"{run.lost}" + (f" (+{run.unfinished} unfinished)" if run.unfinished else ""),
         str(run.failed),
         str(run.duplicated),
+        _number(run.service_cpu_ms_per_purchase),
         web,
         worker,
     ]
@@ -559,8 +603,11 @@ NOTES = [
     "per purchase, buyers with more than one delivery email, memberships with more than one "
     "successful cancel call.",
     "peak RSS: VmHWM of /proc/PID/status of each service process, read at the end (the peak "
-    f"since it started); the goal is ≤ {RSS_LIMIT_MB:g} MB each. In the SQLite deployment one "
-    "`serve` is web and worker.",
+    f"since it started); the goal is ≤ {RSS_LIMIT_MB:g} MB each. In the SQLite deployments one "
+    "`serve` is web and worker; `serve --workers 1` also runs one `worker` process as its "
+    "child (found in /proc once serve answers, read like the others). service CPU/purchase: "
+    "user + system CPU of every service process from the first purchase to the end of the "
+    "run (/proc/PID/stat) ÷ purchases; the simulator and the balancer are not counted.",
     f"Parties, each its own process: the simulator ({LATENCY * 1000:.0f} ms per API answer; "
     f"its webhook sender {SENDER_IN_FLIGHT} deliveries at once, one purchase's events one at a "
     "time and in order: one at a time it fed `serve` 59 webhooks/s where 16 fed it 173/s), an "
@@ -578,6 +625,12 @@ def section(*, smoke: bool = False) -> report.Table:
     try:
         if "sqlite" in settings.kinds:
             runs.append(run_sale(folder / "sqlite", SQLITE, settings, sqlite_deployment))
+        if "sqlite-workers" in settings.kinds:
+            runs.append(
+                run_sale(
+                    folder / "sqlite-workers", SQLITE_WORKERS, settings, sqlite_workers_deployment
+                )
+            )
         if "postgresql" in settings.kinds:
             reason = _unavailable("postgresql", "redis")
             if reason:
@@ -607,7 +660,12 @@ def section(*, smoke: bool = False) -> report.Table:
     records = []
     for run_ in runs:
         record = asdict(run_)
-        record.update(duplicated=run_.duplicated, failed=run_.failed, verdict=_verdict(run_))
+        record.update(
+            duplicated=run_.duplicated,
+            failed=run_.failed,
+            service_cpu_ms_per_purchase=run_.service_cpu_ms_per_purchase,
+            verdict=_verdict(run_),
+        )
         records.append(record)
     return report.Table(
         title=(

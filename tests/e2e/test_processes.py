@@ -20,6 +20,7 @@ from support.harness import (
     MESSAGE_PLAN,
     SECRET,
     STOCK_KEY,
+    child_processes,
     free_port,
     service_environment,
     wait_for,
@@ -258,22 +259,6 @@ def test_sigterm_on_web_finishes_the_request_in_flight(
     assert web.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once done
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of `pid` (from /proc: a zombie is not alive)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if int(parent) == pid and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -297,7 +282,7 @@ def sqlite_service(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deploy
             yield service, simulator
         finally:
             for process in service.processes:
-                for child in _children(process.pid):
+                for child in child_processes(process.pid):
                     os.kill(child, signal.SIGKILL)
             service.stop()
 
@@ -310,10 +295,10 @@ def test_serve_keeps_its_worker_processes_running_and_stops_them_with_it(
     service, simulator = sqlite_service
     serve = service.start_web("--workers", "1")
     _cancelled(service, simulator, "first@example.com")
-    [child] = _children(serve.pid)
+    [child] = child_processes(serve.pid)
     os.kill(child, signal.SIGKILL)
-    wait_for(lambda: _children(serve.pid) not in ([], [child]), 30, "a new worker process")
-    [again] = _children(serve.pid)
+    wait_for(lambda: child_processes(serve.pid) not in ([], [child]), 30, "a new worker process")
+    [again] = child_processes(serve.pid)
     _cancelled(service, simulator, "second@example.com")
 
     serve.send_signal(signal.SIGTERM)
@@ -332,7 +317,7 @@ def test_a_killed_serve_takes_its_worker_processes_with_it(
     serve = service.start_web("--workers", "2")
     log_file = service.tmp_path / "serve-0.log"
     wait_for(lambda: log_file.read_text().count('"worker_started"') == 2, 30, "two workers")
-    children = _children(serve.pid)
+    children = child_processes(serve.pid)
     assert len(children) == 2
     serve.send_signal(signal.SIGKILL)
     serve.wait()
