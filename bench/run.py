@@ -26,6 +26,7 @@ SECTIONS: dict[str, str] = {
     "ingest": "ingest:section",
     "e2e": "e2e:section",
     "flash_sale": "flash_sale:section",
+    "purchase_cpu": "purchase_cpu:section",
 }
 
 Section = Callable[..., report.Table]

@@ -1,9 +1,9 @@
 """The benchmarks keep running: `bench/run.py --smoke` as a real process (simulators, the
 service, SMTP sinks and the guide-style worker, each its own process), every section small:
 cancellations (one row), ingest (SQLite), e2e (2 purchases/s for 5 s), flash_sale (200
-purchases in 10 s on SQLite). No thresholds: timing lives in bench/; this only checks that the
-run, its tables, JSON and chart still come out, and the invariants (nothing lost or
-duplicated). About 70 s on an idle 2-core machine."""
+purchases in 10 s on SQLite), purchase_cpu (10 purchases, one round). No thresholds: timing
+lives in bench/; this only checks that the run, its tables, JSON and chart still come out, and
+the invariants (nothing lost or duplicated). About 75 s on an idle 2-core machine."""
 
 from __future__ import annotations
 
@@ -84,6 +84,16 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
     assert sale["counts"]["delivery_emails_sent"] == 200
     assert isinstance(sale["rss_mb"]["serve"], float)
     assert table_row(result.stdout, "| SQLite, 1 serve")[1] == "200"
+
+    # purchase_cpu: every job of a purchase timed in one thread, 10 purchases, each job's CPU
+    # a positive figure, next to the plain commit measured in the same run.
+    cpu = figures_of(tables, "purchase_cpu")
+    assert (cpu["smoke"], cpu["purchases"], cpu["rounds"]) == (True, 10, 1)
+    jobs = cpu["jobs"]
+    assert set(jobs) >= {"webhooks.apply", "delivery.deliver", "mail.send", "cancellation.run"}
+    assert all(job["ms"] > 0 and job["runs"] >= 1 for job in jobs.values())
+    assert cpu["commit_floor_ms"] > 0
+    assert float(table_row(result.stdout, "| all jobs")[2]) > 0
 
     # And the chart is a PNG.
     assert chart_path.read_bytes().startswith(PNG_SIGNATURE)
