@@ -94,10 +94,11 @@ def run_jobs(
         if not tasks:
             return
         for task, timestamp in tasks:
-            started = time.thread_time()
-            if task.name == CANCEL_TASK and not huey.ready_to_run(task, timestamp):
+            if not huey.ready_to_run(task, timestamp):
                 huey.add_schedule(task)  # (what `execute` does with a task due later)
-            elif task.name == CANCEL_TASK:
+                continue
+            started = time.thread_time()
+            if task.name == CANCEL_TASK:
                 dispatcher.attempt(int(task.args[0]))
             else:
                 huey.execute(task, timestamp=timestamp)
