@@ -169,17 +169,6 @@ def schedule_cancellation(
     row that a run `skipped` before the order was delivered (an older `backfill` ran it while
     the order was still pending) is armed again, as a new attempt generation due `at`, and
     returned, so the caller wakes it like a new one."""
-    existing = session.scalars(_OF_ORDER_LOCKED, {"order_id": order.id}).first()
-    if existing is not None:
-        if existing.status != Status.SKIPPED.value:
-            return None
-        _arm_again(
-            existing,
-            at,
-            now,
-            f"the order is delivered now (an earlier run skipped it: {existing.last_error})",
-        )
-        return existing
     row = Cancellation(
         order_id=order.id,
         membership_id=order.whop_membership_id,
@@ -192,7 +181,18 @@ def schedule_cancellation(
         created_at=now,
         updated_at=now,
     )
-    return row if insert_once(session, row) else None
+    if insert_once(session, row):  # (the usual case: one statement, no read before it)
+        return row
+    existing = session.scalars(_OF_ORDER_LOCKED, {"order_id": order.id}).first()
+    if existing is None or existing.status != Status.SKIPPED.value:
+        return None
+    _arm_again(
+        existing,
+        at,
+        now,
+        f"the order is delivered now (an earlier run skipped it: {existing.last_error})",
+    )
+    return existing
 
 
 def mark_inactive_from_webhook(session: Session, membership_id: str, now: datetime) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.orders.models import Order, OrderStatus
@@ -50,38 +51,28 @@ def find_order_for_payment(
     5 the only pending order of the plan, created within the window before the payment, whose
     Whop checkout exists and whose email is the payment's. Steps 2 to 5 consider only orders the
     payment does not contradict (`contradiction`)."""
-    order = _one(session, select(Order).where(Order.whop_payment_id == facts.payment_id))
+    facts_known = (facts.membership_id is not None, facts.checkout_configuration_id is not None)
+    params: dict[str, Any] = {
+        "payment_id": facts.payment_id,
+        "membership_id": facts.membership_id,
+        "checkout_id": facts.checkout_configuration_id,
+    }
+    order = session.scalars(_BY_PAYMENT, params).first()
     if order is not None:
         return Match(order, "payment_id")
-    unpaid = Order.whop_payment_id.is_(None)
-    compatible = _compatible(facts)
     conflict: Order | None = None
     if facts.order_id:
-        named = _one(session, select(Order).where(Order.id == facts.order_id, unpaid))
+        named = session.scalars(_NAMED_UNPAID, {"order_id": facts.order_id}).first()
         if named is not None:
             if contradiction(named, facts) is None:
                 return Match(named, "metadata.order_id")
             conflict = named
     if facts.checkout_configuration_id:
-        order = _one(
-            session,
-            select(Order)
-            .where(
-                Order.checkout_configuration_id == facts.checkout_configuration_id,
-                unpaid,
-                *compatible,
-            )
-            .order_by(Order.created_at, Order.id),
-        )
+        order = session.scalars(_statements(*facts_known).by_checkout, params).first()
         if order is not None:
             return Match(order, "checkout_configuration_id", conflict)
     if facts.membership_id:
-        order = _one(
-            session,
-            select(Order)
-            .where(Order.whop_membership_id == facts.membership_id, unpaid, *compatible)
-            .order_by(Order.created_at, Order.id),
-        )
+        order = session.scalars(_statements(*facts_known).by_membership, params).first()
         if order is not None:
             return Match(order, "membership_id", conflict)
     if conflict is not None:
@@ -91,19 +82,13 @@ def find_order_for_payment(
     if not facts.email:
         return Match(None, "no email to match a pending order: new order")
     reference = facts.created_at or facts.paid_at or fallback_time
-    conditions = [
-        unpaid,
-        *compatible,
-        Order.status == OrderStatus.PENDING.value,
-        Order.plan_id == facts.plan_id,
-        Order.created_at >= reference - timedelta(seconds=window_seconds),
-        Order.created_at <= reference,
-        # Only a checkout Whop created can have been paid; an order whose creation failed (or
-        # is still in flight) has no checkout id and is never guessed.
-        Order.checkout_configuration_id.is_not(None),
-        func.lower(Order.email) == facts.email,
-    ]
-    candidates = list(session.scalars(select(Order).where(*conditions).limit(2)))
+    window = {
+        "plan_id": facts.plan_id,
+        "earliest": reference - timedelta(seconds=window_seconds),
+        "latest": reference,
+        "email": facts.email,
+    }
+    candidates = list(session.scalars(_statements(*facts_known).pending, params | window))
     if len(candidates) == 1:
         return Match(candidates[0], "pending order in window")
     if len(candidates) > 1:
@@ -111,26 +96,69 @@ def find_order_for_payment(
     return Match(None, "no matching order: new order")
 
 
-def _compatible(facts: PaymentFacts) -> list[ColumnElement[bool]]:
-    """SQL for `contradiction(order, facts) is None`, less the payment (callers ask `unpaid`)."""
+# The statements of the steps, built once (building one and computing its cache key costs more
+# than SQLite takes to run it). Which of them apply `_compatible`'s conditions depends on
+# which facts the payment has, hence one set per (membership known, checkout known).
+
+_UNPAID = Order.whop_payment_id.is_(None)
+_BY_PAYMENT = select(Order).where(Order.whop_payment_id == bindparam("payment_id")).limit(1)
+_NAMED_UNPAID = select(Order).where(Order.id == bindparam("order_id"), _UNPAID).limit(1)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    by_checkout: Select[Order]
+    by_membership: Select[Order]
+    pending: Select[Order]
+
+
+@cache
+def _statements(membership_known: bool, checkout_known: bool) -> _Steps:
+    compatible = _compatible(membership_known, checkout_known)
+    oldest_first = (Order.created_at, Order.id)
+    return _Steps(
+        by_checkout=select(Order)
+        .where(Order.checkout_configuration_id == bindparam("checkout_id"), _UNPAID, *compatible)
+        .order_by(*oldest_first)
+        .limit(1),
+        by_membership=select(Order)
+        .where(Order.whop_membership_id == bindparam("membership_id"), _UNPAID, *compatible)
+        .order_by(*oldest_first)
+        .limit(1),
+        pending=select(Order)
+        .where(
+            _UNPAID,
+            *compatible,
+            Order.status == OrderStatus.PENDING.value,
+            Order.plan_id == bindparam("plan_id"),
+            Order.created_at >= bindparam("earliest"),
+            Order.created_at <= bindparam("latest"),
+            # Only a checkout Whop created can have been paid; an order whose creation failed
+            # (or is still in flight) has no checkout id and is never guessed.
+            Order.checkout_configuration_id.is_not(None),
+            func.lower(Order.email) == bindparam("email"),
+        )
+        .limit(2),
+    )
+
+
+def _compatible(membership_known: bool, checkout_known: bool) -> list[ColumnElement[bool]]:
+    """SQL for `contradiction(order, facts) is None`, less the payment (callers ask `_UNPAID`),
+    with the payment's membership and checkout as the parameters `membership_id` and
+    `checkout_id`: only the ones it knows constrain the order."""
     conditions: list[ColumnElement[bool]] = []
-    if facts.membership_id is not None:
+    if membership_known:
         conditions.append(
             or_(
                 Order.whop_membership_id.is_(None),
-                Order.whop_membership_id == facts.membership_id,
+                Order.whop_membership_id == bindparam("membership_id"),
             )
         )
-    if facts.checkout_configuration_id is not None:
+    if checkout_known:
         conditions.append(
             or_(
                 Order.checkout_configuration_id.is_(None),
-                Order.checkout_configuration_id == facts.checkout_configuration_id,
+                Order.checkout_configuration_id == bindparam("checkout_id"),
             )
         )
     return conditions
-
-
-def _one(session: Session, statement: Any) -> Order | None:
-    found: Order | None = session.scalars(statement.limit(1)).first()
-    return found

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Protocol
 
 import structlog
-from sqlalchemy import Exists, Select, select
+from sqlalchemy import Exists, Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -76,9 +76,31 @@ def order_of_membership(session: Session, membership_id: str | None) -> str | No
     """The order bound to this membership, if we know one."""
     if membership_id is None:
         return None
-    return session.scalars(
-        select(Order.id).where(Order.whop_membership_id == membership_id).order_by(Order.id)
-    ).first()
+    return session.scalars(_ORDER_ID_OF_MEMBERSHIP, {"membership_id": membership_id}).first()
+
+
+_ORDER_ID_OF_MEMBERSHIP = (
+    select(Order.id)
+    .where(Order.whop_membership_id == bindparam("membership_id"))
+    .order_by(Order.id)
+    .limit(1)
+)
+# (built once: building a statement costs more than SQLite takes to run it)
+_OF_MEMBERSHIP = (
+    select(Order)
+    .where(Order.whop_membership_id == bindparam("membership_id"))
+    .order_by(Order.created_at, Order.id)
+    .limit(1)
+)
+_UNBOUND_OF_CHECKOUT = (
+    select(Order)
+    .where(
+        Order.checkout_configuration_id == bindparam("checkout_id"),
+        Order.whop_membership_id.is_(None),
+    )
+    .order_by(Order.created_at, Order.id)
+    .limit(1)
+)
 
 
 def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
@@ -412,22 +434,11 @@ class OrderService:
                 conflict = order
         if facts.checkout_configuration_id:
             order = session.scalars(
-                select(Order)
-                .where(
-                    Order.checkout_configuration_id == facts.checkout_configuration_id,
-                    Order.whop_membership_id.is_(None),
-                )
-                .order_by(Order.created_at, Order.id)
-                .limit(1)
+                _UNBOUND_OF_CHECKOUT, {"checkout_id": facts.checkout_configuration_id}
             ).first()
             if order is not None:
                 return order, None
-        order = session.scalars(
-            select(Order)
-            .where(Order.whop_membership_id == facts.membership_id)
-            .order_by(Order.created_at, Order.id)
-            .limit(1)
-        ).first()
+        order = session.scalars(_OF_MEMBERSHIP, {"membership_id": facts.membership_id}).first()
         if order is not None:
             return order, None
         if conflict is not None and conflict.whop_payment_id is not None:
