@@ -577,7 +577,9 @@ def _run_note(run: Run) -> str:
         f"{counts.get('buyers_with_more_than_one_delivery', 0)} buyers with more than one), "
         f"{counts.get('unsent_emails', 0)} emails of any kind unsent; cancellations "
         f"{cancellations}; alerts {alerts}; the stuck-work sweep queued again "
-        f"{requeued} (work that waited longer than STUCK_GRACE, 30 s). CPU s during the run: "
+        f"{requeued} (work that waited longer than STUCK_GRACE, 30 s; events are stored "
+        "webhooks not applied yet, up to 500 a sweep, handed to one apply job). CPU s during "
+        "the run: "
         f"{cpu}."
     )
 
