@@ -40,7 +40,7 @@ import sampling
 import service_records
 from parties import Simulator, percentile, seconds, smtp_sink, steady_rate
 
-from support.harness import free_port, service_environment
+from support.harness import child_processes, free_port, service_environment
 from whop_autocancel.settings import Settings
 
 #: The service's default delay between delivery and cancellation (a default, not set here).
@@ -54,11 +54,20 @@ SERVICE_SETTINGS = {
 }
 LATENCY = 0.05  # of every Whop answer
 SENDER_IN_FLIGHT = 16  # the simulator's webhook deliveries at once (see the notes)
-#: (purchases a second, seconds of purchasing, worker processes) for each row: 0 workers is
-#: `serve` with its in-process worker (the default); N is `serve --no-worker` and N `worker`
-#: processes on the same SQLite files (they take turns to write through its lock file).
-ROWS = ((2.0, 30.0, 0), (50.0, 10.0, 0), (50.0, 10.0, 2))
-SMOKE_ROWS = ((2.0, 5.0, 0), (2.0, 5.0, 1))
+#: (purchases a second, seconds of purchasing, worker processes, serve's children, serve's
+#: in-process worker) for each row: 0 workers is `serve` with its in-process worker (the
+#: default); N is `serve --no-worker` and N `worker` processes started beside it on the same
+#: SQLite files (they take turns to write through its lock file); children M is `serve
+#: --workers M` (M `worker` processes that serve starts itself), with `--no-worker` when the
+#: last is False: one command for the deployment of the row before it.
+ROWS = (
+    (2.0, 30.0, 0, 0, True),
+    (50.0, 10.0, 0, 0, True),
+    (50.0, 10.0, 0, 1, True),
+    (50.0, 10.0, 2, 0, True),
+    (50.0, 10.0, 0, 2, False),
+)
+SMOKE_ROWS = ((2.0, 5.0, 0, 0, True), (2.0, 5.0, 1, 0, True))
 DEADLINE = 60.0  # s after the last purchase (+ CANCEL_DELAY) for a membership to be canceled
 POLL_SECONDS = 0.5
 
@@ -68,6 +77,8 @@ class Row:
     rate: float
     seconds: float
     workers: int = 0  # worker processes beside `serve --no-worker` (0: its in-process worker)
+    children: int = 0  # `serve --workers N`: worker processes serve starts itself
+    in_process: bool = True  # False: `serve --no-worker --workers N` (children only)
     purchases: int = 0
     made_per_second: float | None = None  # purchases the driver made a second (its clock)
     payments_in_per_second: float | None = None  # payment webhooks the service 2xx'd, steady
@@ -92,6 +103,9 @@ class Row:
 
     @property
     def deployment(self) -> str:
+        if self.children:
+            web_only = "" if self.in_process else " --no-worker"
+            return f"serve{web_only} --workers {self.children}"
         if not self.workers:
             return "serve"
         return f"serve --no-worker + {self.workers} worker{'s' if self.workers > 1 else ''}"
@@ -137,10 +151,24 @@ def _profile(pid: int, folder: Path, rate: float, duration: float) -> Any:
     return sampling.record(pid, Path(where) / f"e2e-{rate:g}.txt", duration + CANCEL_DELAY + 5)
 
 
-def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row:
+def run_row(
+    folder: Path,
+    rate: float,
+    duration: float,
+    workers: int = 0,
+    children: int = 0,
+    in_process: bool = True,
+) -> Row:
     """One fresh deployment, `rate` purchases a second for `duration` seconds, measured."""
     folder.mkdir(parents=True)
-    row = Row(rate=rate, seconds=duration, workers=workers, purchases=round(rate * duration))
+    row = Row(
+        rate=rate,
+        seconds=duration,
+        workers=workers,
+        children=children,
+        in_process=in_process,
+        purchases=round(rate * duration),
+    )
     with ExitStack() as stack:
         sim = Simulator(stack, folder, "simulator")
         sim.control("latency", {"seconds": LATENCY})
@@ -149,7 +177,9 @@ def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row
             folder, WHOP_API_URL=sim.api_url, SMTP_URL=smtp_sink(stack, folder), **SERVICE_SETTINGS
         )
         port = free_port()
-        serve = ["serve", "--port", str(port)] + (["--no-worker"] if workers else [])
+        web_only = workers or not in_process
+        serve = ["serve", "--port", str(port)] + (["--no-worker"] if web_only else [])
+        serve += ["--workers", str(children)] if children else []
         service = parties.service(stack, folder, "service", serve, env)
         url = f"http://127.0.0.1:{port}"
         parties.wait_until(lambda: parties.healthy(url), 60, "the service", service)
@@ -159,9 +189,14 @@ def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row
         ]
         parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{url}/webhooks/whop"})
-        watched = {"service": service, "simulator": sim.child}
-        watched.update({f"worker-{n}": child for n, child in enumerate(helpers, 1)})
-        cpu_before = {name: parties.cpu_seconds(child.pid) for name, child in watched.items()}
+        parties.wait_until(
+            lambda: len(child_processes(service.pid)) >= children, 60, "serve's workers", service
+        )
+        watched = {"service": service.pid, "simulator": sim.child.pid}
+        watched.update({f"worker-{n}": child.pid for n, child in enumerate(helpers, 1)})
+        for n, pid in enumerate(sorted(child_processes(service.pid)), 1):
+            watched[f"serve-worker-{n}"] = pid
+        cpu_before = {name: parties.cpu_seconds(pid) for name, pid in watched.items()}
         began = time.monotonic()
         spy = _profile(service.pid, folder, rate, duration)
         made = parties.purchase_at_rate(sim.url, row.purchases, rate)
@@ -177,16 +212,17 @@ def run_row(folder: Path, rate: float, duration: float, workers: int = 0) -> Row
         if spy is not None:
             spy.wait()
         service_cpu: float | None = 0.0
-        for name, child in watched.items():
-            now, before = parties.cpu_seconds(child.pid), cpu_before[name]
+        for name, pid in watched.items():
+            now, before = parties.cpu_seconds(pid), cpu_before[name]
             used = now - before if now is not None and before is not None else None
             row.cores[name] = round(used / wall, 2) if used is not None else None
             if name != "simulator":  # the service: serve, and its worker processes
                 service_cpu = None if service_cpu is None or used is None else service_cpu + used
         if service_cpu is not None:
             row.cpu_ms_per_purchase = round(service_cpu * 1000 / row.purchases, 1)
-        # (The job metrics are the web process's: with worker processes it runs no job.)
-        cpu, runs = job_metrics(url) if not workers else ({}, {})
+        # (The job metrics are the web process's: with worker processes beside it, its own
+        # jobs only, or none; so they are left out then.)
+        cpu, runs = job_metrics(url) if not workers and not children else ({}, {})
         row.job_cpu_ms_per_purchase = {
             job: round(seconds * 1000 / row.purchases, 2) for job, seconds in cpu.items()
         }
@@ -297,7 +333,9 @@ NOTES = [
     "ms per API answer, no rate limit, webhook sender up to "
     f"{SENDER_IN_FLIGHT} deliveries at once, one purchase's events one at a time and in order: "
     "one at a time it caps the feed near 60 webhooks/s here), an aiosmtpd sink, "
-    "`whop-autocancel serve` on SQLite with its in-process worker (deployment `serve`), or "
+    "`whop-autocancel serve` on SQLite with its in-process worker (deployment `serve`), "
+    "`serve --workers 1` (that and one `worker` process serve starts), `serve --no-worker "
+    "--workers 2` (a web process and two `worker` processes it starts: one command), or "
     "`serve --no-worker` and `worker` processes on the same SQLite files, default settings plus "
     "WHOP_RATE_LIMIT=100 and WHOP_RATE_BURST=20; the message plan, so every purchase is an "
     "email (the cancellation waits for its acceptance) and a cancel.",
@@ -334,9 +372,11 @@ def section(*, smoke: bool = False) -> report.Table:
     folder = Path(tempfile.mkdtemp(prefix="wa-bench-e2e-"))
     rows: list[Row] = []
     try:
-        for rate, duration, workers in SMOKE_ROWS if smoke else ROWS:
+        for rate, duration, workers, children, in_process in SMOKE_ROWS if smoke else ROWS:
             name = f"{rate:g}-per-second" + (f"-{workers}-workers" if workers else "")
-            rows.append(run_row(folder / name, rate, duration, workers))
+            name += f"-{children}-children" if children else ""
+            name += "" if in_process else "-web-only"
+            rows.append(run_row(folder / name, rate, duration, workers, children, in_process))
             done = f"e2e: {rate:g} purchases/s, {rows[-1].deployment}: done"
             print(done, file=sys.stderr, flush=True)
     finally:
