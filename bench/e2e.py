@@ -40,7 +40,7 @@ import sampling
 import service_records
 from parties import Simulator, percentile, seconds, smtp_sink, steady_rate
 
-from support.harness import child_processes, free_port, service_environment
+from support.harness import free_port, service_environment
 from whop_autocancel.settings import Settings
 
 #: The service's default delay between delivery and cancellation (a default, not set here).
@@ -189,13 +189,9 @@ def run_row(
         ]
         parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{url}/webhooks/whop"})
-        parties.wait_until(
-            lambda: len(child_processes(service.pid)) >= children, 60, "serve's workers", service
-        )
         watched = {"service": service.pid, "simulator": sim.child.pid}
         watched.update({f"worker-{n}": child.pid for n, child in enumerate(helpers, 1)})
-        for n, pid in enumerate(sorted(child_processes(service.pid)), 1):
-            watched[f"serve-worker-{n}"] = pid
+        watched.update(parties.serve_workers(service, children))
         cpu_before = {name: parties.cpu_seconds(pid) for name, pid in watched.items()}
         began = time.monotonic()
         spy = _profile(service.pid, folder, rate, duration)

@@ -56,7 +56,7 @@ import service_records
 from parties import Child, Simulator, is_cancel, seconds, steady_rate
 
 from support import backends
-from support.harness import child_processes, free_port, service_environment
+from support.harness import free_port, service_environment
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database
 from whop_autocancel.settings import Settings
@@ -214,13 +214,7 @@ def sqlite_deployment(
     serve = parties.service(stack, folder, "serve", args, env)
     url = f"http://127.0.0.1:{port}"
     parties.wait_until(lambda: parties.healthy(url), 60, "serve", serve)
-    parties.wait_until(
-        lambda: len(child_processes(serve.pid)) >= workers, 60, "serve's workers", serve
-    )
-    children = {
-        f"serve-worker-{number}": pid
-        for number, pid in enumerate(sorted(child_processes(serve.pid)), 1)
-    }
+    children = parties.serve_workers(serve, workers)
     return Deployment(url, env["DATABASE_URL"], {"serve": serve}, children=children)
 
 

@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.harness import API_KEY, MESSAGE_PLAN, SECRET, free_port
+from support.harness import API_KEY, MESSAGE_PLAN, SECRET, child_processes, free_port
 
 SINK = [sys.executable, "-m", "aiosmtpd", "-n", "-c", "aiosmtpd.handlers.Sink"]
 SERVICE = [sys.executable, "-m", "whop_autocancel"]
@@ -142,6 +142,14 @@ def wait_until(check: Callable[[], bool], seconds: float, what: str, child: Chil
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start within {seconds:.0f} s (log: {child.log})")
         time.sleep(0.1)
+
+
+def serve_workers(serve: Child, count: int) -> dict[str, int]:
+    """The `count` worker processes `serve --workers` started, once all are up, by name
+    (`serve-worker-N`) and pid: read like the other processes (CPU, peak RSS)."""
+    wait_until(lambda: len(child_processes(serve.pid)) >= count, 60, "serve's workers", serve)
+    found = sorted(child_processes(serve.pid)) if count else []
+    return {f"serve-worker-{number}": pid for number, pid in enumerate(found, 1)}
 
 
 def accepts(port: int) -> bool:

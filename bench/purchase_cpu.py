@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 
-from support.harness import API_KEY, MESSAGE_PLAN, SECRET, wait_for
+from support.harness import API_KEY, MESSAGE_PLAN, SECRET, drain, wait_for
 from support.shop import Shop, open_shop
 from whop_autocancel.cancellation.models import CANCEL_TASK
 from whop_autocancel.cancellation.service import inline
@@ -81,30 +81,24 @@ class Dispatcher:
 def run_jobs(
     runtime: Runtime, dispatcher: Dispatcher, cpu: Counter[str], runs: Counter[str], *, due: bool
 ) -> None:
-    """Run what the queue holds (and, `due`, what its schedule holds) until it is empty, like
-    a consumer: huey's own `execute` (a cancellation: `Dispatcher.attempt`), each job timed
-    with this thread's CPU clock."""
+    """Run what the queue holds (and, `due`, what its schedule holds) until it is empty, as the
+    tests' `drain` does: huey's own `execute` (a cancellation: `Dispatcher.attempt`), each job
+    timed with this thread's CPU clock."""
     huey = runtime.jobs.huey
-    for _ in range(10_000):
-        tasks = []
-        while (task := huey.dequeue()) is not None:
-            tasks.append((task, None))
-        if due:
-            tasks.extend((task, task.eta) for task in huey.read_schedule(datetime(9999, 1, 1)))
-        if not tasks:
+
+    def timed(task: Any, timestamp: datetime | None) -> None:
+        if not huey.ready_to_run(task, timestamp):
+            huey.add_schedule(task)  # (what `execute` does with a task due later)
             return
-        for task, timestamp in tasks:
-            if not huey.ready_to_run(task, timestamp):
-                huey.add_schedule(task)  # (what `execute` does with a task due later)
-                continue
-            started = time.thread_time()
-            if task.name == CANCEL_TASK:
-                dispatcher.attempt(int(task.args[0]))
-            else:
-                huey.execute(task, timestamp=timestamp)
-            cpu[task.name] += time.thread_time() - started
-            runs[task.name] += 1
-    raise RuntimeError("the queue did not drain")
+        started = time.thread_time()
+        if task.name == CANCEL_TASK:
+            dispatcher.attempt(int(task.args[0]))
+        else:
+            huey.execute(task, timestamp=timestamp)
+        cpu[task.name] += time.thread_time() - started
+        runs[task.name] += 1
+
+    drain(runtime, include_scheduled=due, execute=timed)
 
 
 def one_round(

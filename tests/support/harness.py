@@ -143,8 +143,15 @@ def make_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     return build_runtime(settings, clock=clock)
 
 
-def drain(runtime: Runtime, *, include_scheduled: bool = False, rounds: int = 50) -> int:
-    """Run what the queue holds now, like a consumer would (huey's own `execute`). Scheduled
+def drain(
+    runtime: Runtime,
+    *,
+    include_scheduled: bool = False,
+    rounds: int = 50,
+    execute: Callable[[Any, datetime | None], None] | None = None,
+) -> int:
+    """Run what the queue holds now, like a consumer would (huey's own `execute`, or
+    `execute(task, timestamp)` when given: bench/purchase_cpu.py times each job). Scheduled
     (delayed) tasks run too when asked: the services check due times with the test's clock."""
     huey = runtime.jobs.huey
     executed = 0
@@ -159,7 +166,10 @@ def drain(runtime: Runtime, *, include_scheduled: bool = False, rounds: int = 50
         if not tasks:
             return executed
         for task, timestamp in tasks:
-            huey.execute(task, timestamp=timestamp)
+            if execute is None:
+                huey.execute(task, timestamp=timestamp)
+            else:
+                execute(task, timestamp)
             executed += 1
     raise AssertionError("queue did not drain")
 
