@@ -12,9 +12,9 @@ import asyncio
 import ssl
 import time
 from dataclasses import dataclass
-from functools import cache
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import cache
 from typing import Any, Protocol
 
 import httpx
