@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from whop_autocancel import affinity
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.sealing import Sealer
 
@@ -183,6 +184,7 @@ class Settings(BaseSettings):
     QUEUE_URL: str = DEFAULT_QUEUE_URL
     QUEUE_NAME: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")] = "whop-autocancel"
     WORKER_THREADS: Annotated[int, Field(ge=1, le=64)] = 4
+    CPU_AFFINITY: str = "auto"  # see affinity.py
     SHUTDOWN_TIMEOUT: NonNegativeSeconds = 30.0
     WORKER_HEARTBEAT_MAX_AGE: PositiveSeconds = 120.0
 
@@ -244,6 +246,12 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("needs at least one delay, e.g. 1,2,4,10,30,60")
         return value
+
+    @field_validator("CPU_AFFINITY")
+    @classmethod
+    def _check_affinity(cls, value: str) -> str:
+        affinity.parse(value)  # raises ValueError with what is wrong
+        return value.strip().lower()
 
     @field_validator("ADMIN_EMAILS", "CHECKOUT_CORS_ORIGINS", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from whop_autocancel import affinity
 from whop_autocancel.db import leases
 from whop_autocancel.runtime import Runtime
 
@@ -95,7 +96,12 @@ def run_worker(runtime: Runtime) -> None:
     ticker = SweepTicker(runtime)
     runtime.start_dispatcher()
     ticker.start()
-    log.info("worker_started", mode="standalone", threads=settings.WORKER_THREADS)
+    log.info(
+        "worker_started",
+        mode="standalone",
+        threads=settings.WORKER_THREADS,
+        cpus=list(affinity.allowed_cpus()),  # one: pinned (CPU_AFFINITY)
+    )
     try:
         consumer.run()
     finally:

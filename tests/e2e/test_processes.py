@@ -310,6 +310,61 @@ def test_serve_keeps_its_worker_processes_running_and_stops_them_with_it(
     assert log.count('"worker_stopped"') == 1  # the second child, gracefully
 
 
+def _cpus(pid: int) -> set[frozenset[int]]:
+    """The CPUs each thread of process `pid` may run on (one set when all agree)."""
+    return {
+        frozenset(os.sched_getaffinity(int(thread.name)))
+        for thread in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+def _worker_slot(pid: int) -> str:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v.decode() for v in environ if v.startswith(b"CPU_AFFINITY=")).split("=")[1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to")
+def test_serve_pins_itself_and_its_workers_each_to_a_cpu_of_its_own(
+    sqlite_service: tuple[Deployment, Any],
+) -> None:
+    """CPU_AFFINITY=auto: `serve --workers 2` takes the first CPU this process may use, its
+    first worker the next; with only two CPUs the second worker is left to the kernel (on
+    every CPU, not on serve's, whose thread started it). Every thread, the ones started after
+    the pinning included."""
+    service, simulator = sqlite_service
+    allowed = sorted(os.sched_getaffinity(0))
+    serve = service.start_web("--workers", "2")
+    log_file = service.tmp_path / "serve-0.log"
+    wait_for(lambda: log_file.read_text().count('"worker_started"') == 2, 30, "two workers")
+    _cancelled(service, simulator, "pinned@example.com")  # the threads a purchase needs
+    assert _cpus(serve.pid) == {frozenset({allowed[0]})}
+    children = {_worker_slot(pid): pid for pid in child_processes(serve.pid)}
+    assert _cpus(children[str(allowed[1])]) == {frozenset({allowed[1]})}
+    second = allowed[2] if len(allowed) > 2 else None
+    expected = frozenset({second}) if second is not None else frozenset(allowed)
+    assert _cpus(children[str(second) if second is not None else "off"]) == {expected}
+    assert '"cpu": ' + str(allowed[0]) in log_file.read_text()  # serve_starting says so
+
+
+def test_cpu_affinity_off_pins_nothing(tmp_path: Path, smtp_sink: SmtpSink) -> None:
+    with SimulatorServer(
+        api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
+    ) as simulator:
+        service = Deployment(tmp_path, simulator, smtp_sink, CPU_AFFINITY="off")
+        try:
+            serve = service.start_web("--workers", "1")
+            wait_for(lambda: len(child_processes(serve.pid)) == 1, 30, "the worker")
+            [child] = child_processes(serve.pid)
+            everywhere = {frozenset(os.sched_getaffinity(0))}
+            assert _cpus(serve.pid) == everywhere
+            wait_for(lambda: _cpus(child) == everywhere, 30, "the worker's threads")
+        finally:
+            for process in service.processes:
+                for child in child_processes(process.pid):
+                    os.kill(child, signal.SIGKILL)
+            service.stop()
+
+
 def test_a_killed_serve_takes_its_worker_processes_with_it(
     sqlite_service: tuple[Deployment, Any],
 ) -> None:

@@ -88,6 +88,8 @@ def test_a_whop_listing_command_names_both_settings_it_lacks(tmp_path: Path) -> 
             "DATABASE_URL: cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none",
         ),
         ("QUEUE_URL", "redis://127.0.0.1:1/0", "QUEUE_URL: cannot reach the job queue"),
+        ("CPU_AFFINITY", "fast", "CPU_AFFINITY: must be auto, off or CPU numbers like 0,1"),
+        ("CPU_AFFINITY", "4096", "CPU_AFFINITY: names CPU 4096, which this process may not use"),
         (
             "WHOP_WEBHOOK_SECRET",
             "ws_",

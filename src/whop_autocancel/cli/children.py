@@ -20,9 +20,14 @@ import time
 
 import structlog
 
+from whop_autocancel import affinity
+
 log = structlog.get_logger(__name__)
 
 PARENT_PIPE = "WHOP_AUTOCANCEL_PARENT_PIPE"  # the child's end of the pipe, a file descriptor
+# The CPUs serve could use before it pinned itself: a child inherits serve's one CPU, and
+# starts from these instead (then pins itself to its own, or not, by its CPU_AFFINITY).
+SPAWN_CPUS = "WHOP_AUTOCANCEL_SPAWN_CPUS"
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 HEALTHY_RUN = 60.0  # a child that ran this long starts again after FIRST_BACKOFF
@@ -31,9 +36,19 @@ HEALTHY_RUN = 60.0  # a child that ran this long starts again after FIRST_BACKOF
 class WorkerProcesses:
     """`count` worker processes kept running until `stop`."""
 
-    def __init__(self, count: int, stop_timeout: float) -> None:
+    def __init__(
+        self,
+        count: int,
+        stop_timeout: float,
+        cpus: affinity.Plan | None = None,
+        spawn_from: tuple[int, ...] = (),
+    ) -> None:
+        """`cpus`: where each child runs (its CPU_AFFINITY); `spawn_from`: the CPUs serve
+        could use before it pinned itself, which the children start from."""
         self.count = count
         self.stop_timeout = stop_timeout
+        self._cpus = cpus
+        self._spawn_from = spawn_from
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -78,9 +93,14 @@ class WorkerProcesses:
                 return None
             assert self._pipe is not None  # a slot exists only when count > 0
             read_end = self._pipe[0]
+            env = {**os.environ, PARENT_PIPE: str(read_end)}
+            if self._cpus is not None:
+                env["CPU_AFFINITY"] = self._cpus.child_setting(slot)
+            if self._spawn_from:
+                env[SPAWN_CPUS] = ",".join(map(str, self._spawn_from))
             process = subprocess.Popen(
                 [sys.executable, "-m", "whop_autocancel", "worker"],
-                env={**os.environ, PARENT_PIPE: str(read_end)},
+                env=env,
                 pass_fds=(read_end,),
             )
             self._processes[slot] = process
@@ -111,6 +131,14 @@ class WorkerProcesses:
         if self._pipe is not None:
             for end in self._pipe:
                 os.close(end)
+
+
+def take_back_cpus() -> None:
+    """In a worker started by `serve --workers`: run on the CPUs serve started from, not on
+    the one serve pinned itself to (which the worker inherited)."""
+    listed = os.environ.get(SPAWN_CPUS)
+    if listed:
+        affinity.run_on({int(cpu) for cpu in listed.split(",")})
 
 
 def stop_with_parent() -> None:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.text import Text
 
-from whop_autocancel.cli.children import WorkerProcesses, stop_with_parent
+from whop_autocancel import affinity
+from whop_autocancel.cli.children import WorkerProcesses, stop_with_parent, take_back_cpus
 from whop_autocancel.cli.common import (
     cli_settings,
     log,
@@ -26,13 +27,30 @@ from whop_autocancel.cli.output import JsonOption, out, print_json
 from whop_autocancel.clock import format_utc
 from whop_autocancel.errors import ConfigurationError, WhopAutocancelError
 from whop_autocancel.logs import configure_logging
-from whop_autocancel.settings import RUNTIME_SETTINGS
+from whop_autocancel.settings import RUNTIME_SETTINGS, Settings
 
 if TYPE_CHECKING:
     from whop_autocancel.runtime import Runtime
 
 # uvicorn's default: connections the kernel queues until the server accepts them.
 LISTEN_BACKLOG = 2048
+
+
+def _pin(settings: Settings, *, owns_cores: bool, children: int = 0) -> affinity.Plan:
+    """Pin this process as CPU_AFFINITY says (affinity.py); where the workers it starts go.
+    (Logged with the start-up line, once every setting has been checked.)"""
+    try:
+        chosen = affinity.plan(
+            affinity.parse(settings.CPU_AFFINITY),
+            affinity.allowed_cpus(),
+            owns_cores=owns_cores,
+            children=children,
+        )
+        if chosen.own is not None:
+            affinity.pin(chosen.own)
+    except (ValueError, OSError) as error:
+        raise ConfigurationError(f"CPU_AFFINITY: {error}") from None
+    return chosen
 
 
 def serve(
@@ -62,6 +80,8 @@ def serve(
     from whop_autocancel.app import create_app
 
     settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
+    spawn_from = affinity.allowed_cpus()  # (before this process pins itself)
+    cpus = _pin(settings, owns_cores=not no_worker or workers > 0, children=workers)
     listener = _listen(host, port)  # before anything starts: a taken port stops it cleanly
     try:
         runtime = start_runtime(settings)
@@ -74,12 +94,14 @@ def serve(
         port=listener.getsockname()[1],
         worker=not no_worker,
         worker_processes=workers,
+        cpu=cpus.own,  # (None: not pinned)
+        worker_cpus=list(cpus.children),
         plans=len(runtime.catalog.plans),
         database=safe_url(settings.DATABASE_URL),
     )
     _warn_of_empty_pools(runtime)
     application = create_app(runtime, with_worker=not no_worker)
-    children = WorkerProcesses(workers, settings.SHUTDOWN_TIMEOUT + 5)
+    children = WorkerProcesses(workers, settings.SHUTDOWN_TIMEOUT + 5, cpus, spawn_from)
 
     class Server(uvicorn.Server):
         """uvicorn re-raises a stopping signal once it has shut down, which ends the process
@@ -180,6 +202,8 @@ def worker(
     from whop_autocancel.worker import run_worker
 
     settings = cli_settings(required=RUNTIME_SETTINGS, service=True)
+    take_back_cpus()  # started by `serve --workers`: not on serve's CPU
+    _pin(settings, owns_cores=False)  # `auto` leaves a worker alone (see affinity.py)
     stop_with_parent()  # started by `serve --workers`: goes when serve goes
     server = None
     if metrics_port is not None:  # before anything starts: a taken port stops it cleanly
