@@ -5,7 +5,7 @@ it to each other thousands of times a second: around every database statement, e
 read, every job. When the threads of one process run on different cores, each handoff wakes
 a thread on another core, whose caches then fetch every object the last one touched. Measured
 side by side on a 2-core machine (bench/e2e.py's `serve` at 50 purchases a second, alternated
-runs): pinned, `serve` spent about a fifth less CPU a purchase, and its p99 fell by seconds
+runs): pinned, `serve` spent 10-20 % less CPU a purchase, and its p99 fell by seconds
 (docs/performance.md). Pinning costs a process nothing it could use: it never runs more than
 one core's worth of Python anyway.
 
@@ -34,7 +34,7 @@ def parse(value: str) -> str | tuple[int, ...]:
     if text in (AUTO, OFF):
         return text
     parts = [part.strip() for part in text.split(",")]
-    if not parts or not all(part.isascii() and part.isdigit() for part in parts):
+    if not all(part.isascii() and part.isdigit() for part in parts):
         raise ValueError(f"must be auto, off or CPU numbers like 0,1 (got {value!r})")
     cpus = tuple(int(part) for part in parts)
     if len(set(cpus)) != len(cpus):
