@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -274,10 +275,20 @@ def _cancelled(service: Deployment, simulator: SimulatorServer, email: str) -> N
 
 @pytest.fixture
 def sqlite_service(tmp_path: Path, smtp_sink: SmtpSink) -> Iterator[tuple[Deployment, Any]]:
+    with _sqlite_deployment(tmp_path, smtp_sink) as started:
+        yield started
+
+
+@contextmanager
+def _sqlite_deployment(
+    tmp_path: Path, smtp_sink: SmtpSink, **settings: str
+) -> Iterator[tuple[Deployment, Any]]:
+    """A simulator and a SQLite deployment with `settings`; every process it started, and
+    every worker those started, gone afterwards."""
     with SimulatorServer(
         api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
     ) as simulator:
-        service = Deployment(tmp_path, simulator, smtp_sink)
+        service = Deployment(tmp_path, simulator, smtp_sink, **settings)
         try:
             yield service, simulator
         finally:
@@ -346,23 +357,15 @@ def test_serve_pins_itself_and_its_workers_each_to_a_cpu_of_its_own(
     assert '"cpu": ' + str(allowed[0]) in log_file.read_text()  # serve_starting says so
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin apart")
 def test_cpu_affinity_off_pins_nothing(tmp_path: Path, smtp_sink: SmtpSink) -> None:
-    with SimulatorServer(
-        api_key=API_KEY, webhook_secret=SECRET, webhook_url=None, time_scale=0.01
-    ) as simulator:
-        service = Deployment(tmp_path, simulator, smtp_sink, CPU_AFFINITY="off")
-        try:
-            serve = service.start_web("--workers", "1")
-            wait_for(lambda: len(child_processes(serve.pid)) == 1, 30, "the worker")
-            [child] = child_processes(serve.pid)
-            everywhere = {frozenset(os.sched_getaffinity(0))}
-            assert _cpus(serve.pid) == everywhere
-            wait_for(lambda: _cpus(child) == everywhere, 30, "the worker's threads")
-        finally:
-            for process in service.processes:
-                for child in child_processes(process.pid):
-                    os.kill(child, signal.SIGKILL)
-            service.stop()
+    with _sqlite_deployment(tmp_path, smtp_sink, CPU_AFFINITY="off") as (service, _):
+        serve = service.start_web("--workers", "1")  # (auto would pin both)
+        wait_for(lambda: len(child_processes(serve.pid)) == 1, 30, "the worker")
+        [child] = child_processes(serve.pid)
+        everywhere = {frozenset(os.sched_getaffinity(0))}
+        assert _cpus(serve.pid) == everywhere
+        wait_for(lambda: _cpus(child) == everywhere, 30, "the worker's threads")
 
 
 def test_a_killed_serve_takes_its_worker_processes_with_it(
