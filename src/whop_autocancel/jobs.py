@@ -48,7 +48,7 @@ finally:
             del sys.modules[_name]
 from huey import Huey, PostgresHuey, RedisHuey
 from huey.consumer import Consumer
-from huey.storage import SqliteStorage
+from huey.storage import PostgresStorage, SqliteStorage
 
 JobHandler = Callable[..., object]  # the return value is ignored
 # Offered a job enqueued in this process (its args, its delay): True when it took it.
@@ -90,6 +90,24 @@ class _SqliteQueue(SqliteStorage):  # type: ignore[misc]
         return connection
 
 
+# Any fixed number: the advisory lock under which a process creates the PostgreSQL queue's tables.
+_QUEUE_SCHEMA_LOCK = 0x77686F70_71756575  # "whopqueu"
+
+
+class _PostgresQueue(PostgresStorage):  # type: ignore[misc]
+    """Huey's PostgreSQL queue, its tables created one process at a time. Every process creates
+    them if they are missing, and at a deployment's first start they all do at once: two
+    sessions running `CREATE TABLE IF NOT EXISTS` together both find no table and one fails
+    (a duplicate key in the catalog), which stopped that process. An advisory lock held for the
+    transaction makes the others wait and then find the tables made."""
+
+    def initialize_schema(self) -> None:
+        with self.db(commit=True, close=True) as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_QUEUE_SCHEMA_LOCK,))
+            for statement in self.ddl:
+                cursor.execute(statement)
+
+
 def _driver(name: str) -> None:
     """Hand huey's storage module the driver it was imported without (see `_DRIVERS`): the
     names it binds at import, as its own `try: import …` would have."""
@@ -113,7 +131,7 @@ def build_huey(queue_url: str, name: str = "whop-autocancel") -> Any:
         return Huey(name=name, storage_class=_SqliteQueue, filename=str(path), timeout=30, **common)
     if queue_url.startswith("postgresql://"):
         _driver("psycopg")
-        return PostgresHuey(name=name, dsn=queue_url, **common)
+        return PostgresHuey(name=name, dsn=queue_url, storage_class=_PostgresQueue, **common)
     if queue_url.startswith(("redis://", "rediss://")):
         _driver("redis")
         return RedisHuey(name=name, url=queue_url, **common)

@@ -3,11 +3,14 @@ and the readiness endpoint that watches the workers."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
 
+from support import backends
 from support.harness import MESSAGE_PLAN, ServiceServer, make_runtime, make_settings, wait_for
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.jobs import Jobs
@@ -133,3 +136,49 @@ def test_a_queue_loads_only_its_own_driver(queue_settings: dict[str, str]) -> No
     report = json.loads(done.stdout.strip().splitlines()[-1])
     needed = {"sqlite": [], "postgresql": ["psycopg"], "redis": ["redis"]}[url.split(":")[0]]
     assert report == {"before": [], "after": needed, "done": [7]}
+
+
+def test_processes_starting_at_once_on_a_new_postgresql_queue_all_start() -> None:
+    """The first start of a scaled-out deployment: every web and worker process creates the
+    queue's tables if they are missing, all at the same moment. PostgreSQL's `CREATE TABLE IF
+    NOT EXISTS` run at once by two sessions fails one of them (a duplicate key in its catalog),
+    and that process stopped with a configuration error; none may."""
+    backends.require("postgresql")
+    admin = create_engine(make_url(backends.SERVERS["postgresql"]), isolation_level="AUTOCOMMIT")
+    name = f"{backends.RUN_ID}_new_queue"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = (
+        make_url(backends.require("postgresql"))
+        .set(drivername="postgresql", database=name)
+        .render_as_string(hide_password=False)
+    )
+    starting = 8
+    barrier = threading.Barrier(starting)
+    failures: list[BaseException] = []
+    started: list[Jobs] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            started.append(Jobs(url))
+        except BaseException as error:  # each start's failure is the finding
+            failures.append(error)
+
+    try:
+        threads = [threading.Thread(target=start) for _ in range(starting)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert failures == []
+        assert len(started) == starting
+        jobs = started[0]
+        jobs.huey.enqueue(jobs.huey.task(name="queues.probe")(lambda: None).s())
+        assert started[-1].huey.pending_count() == 1  # one queue, every process sees it
+    finally:
+        for jobs in started:
+            jobs.huey.storage.close()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
