@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sqlite3
 import statistics
@@ -149,10 +148,7 @@ def commit_floor(folder: Path) -> float:
 def log_like_serve() -> None:
     """Log as `serve` does (INFO, JSON lines), into /dev/null: formatting each line is part of
     a job's cost, printing them here is not."""
-    configure_logging("INFO", "json")
-    handler = logging.getLogger().handlers[0]
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (for the life of the process)
+    configure_logging("INFO", "json", stream=open(os.devnull, "w"))  # noqa: SIM115 (for good)
 
 
 def measure(purchases: int, rounds: int) -> dict[str, Any]:

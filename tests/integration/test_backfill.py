@@ -5,7 +5,6 @@ other; everything else it is given is listed as skipped with its reason and left
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -30,11 +29,11 @@ from support.harness import (
     service_environment,
     signed_headers,
 )
+from support.logs import captured_logs
 from support.stock import drain_due
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.install import start_watching
-from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.reconcile.backfill import Backfill
@@ -259,27 +258,24 @@ def test_a_payment_of_a_backfilled_membership_is_recorded_not_delivered(
     simulator: SimulatorServer,
     clock: FrozenClock,
     smtp_sink: SmtpSink,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A sale made before the install whose membership backfill cancelled: if its payment
     webhook still comes (or `recover --apply` meets it), it is recorded on the backfill's
     order and never delivered as if new; the log says why."""
-    configure_logging("INFO", "json")  # through the standard library, where caplog listens
-    logging.getLogger().addHandler(caplog.handler)  # (configuring replaced the root's handlers)
     old = sale(simulator, MESSAGE_PLAN, clock.now() - 2 * DAY, "old@example.com")
     job = backfill(shop)
     survey = job.survey(MESSAGE_PLAN, None)
     assert [m.membership_id for m in survey.to_cancel] == [old["membership_id"]]
     assert job.cancel(MESSAGE_PLAN, survey.to_cancel[0]) == "canceled"
 
-    deliver_webhook(shop, simulator, "payment.succeeded", old["payment_id"])
-    drain_due(shop)
+    with captured_logs() as logs:
+        deliver_webhook(shop, simulator, "payment.succeeded", old["payment_id"])
+        drain_due(shop)
     order = orders(shop)[old["membership_id"]]
     assert order.whop_payment_id == old["payment_id"]  # recorded on the backfill's order
     assert (order.status, order.delivery_method) == ("delivered", "backfill")
     assert smtp_sink.to("old@example.com") == []
-    logged = [record.msg for record in caplog.records if isinstance(record.msg, dict)]
-    [line] = [e for e in logged if e.get("event") == "payment_of_backfilled_membership"]
+    [line] = logs.events("payment_of_backfilled_membership")
     assert line["payment_id"] == old["payment_id"]
     assert line["order_id"] == order.id
     assert "not delivered" in line["consequence"]

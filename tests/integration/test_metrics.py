@@ -7,7 +7,6 @@ log and its summary, the access log, and the order id on every line about a purc
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from support.harness import (
     signed_headers,
     wait_for,
 )
+from support.logs import LogLines, captured_logs
 from support.stock import StockWorld, stock_world
 from whop_autocancel import metrics
 from whop_autocancel.admin.stock import void_stock
@@ -42,7 +42,6 @@ from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock, SystemClock
 from whop_autocancel.delivery.models import StockItem
 from whop_autocancel.jobs import Backlog, Jobs
-from whop_autocancel.logs import configure_logging
 from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.simulator import SimulatorServer
@@ -101,17 +100,15 @@ def moved(before: Scrape, after: Scrape) -> dict[Key, float]:
     return changes
 
 
-def logged(caplog: pytest.LogCaptureFixture, event: str | None = None) -> list[dict[str, Any]]:
-    lines = [record.msg for record in caplog.records if isinstance(record.msg, dict)]
-    return [line for line in lines if event is None or line.get("event") == event]
+def logged(logs: LogLines, event: str | None = None) -> list[dict[str, Any]]:
+    return logs.events(event)
 
 
 @pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """The service's structured lines, as dicts (through the standard library: caplog)."""
-    configure_logging("INFO", "json")
-    logging.getLogger().addHandler(caplog.handler)  # (configuring replaced the root's handlers)
-    return caplog
+def logs() -> Iterator[LogLines]:
+    """The service's structured lines, as written (JSON), read back as dicts."""
+    with captured_logs() as lines:
+        yield lines
 
 
 @pytest.fixture
@@ -470,7 +467,7 @@ def test_a_worker_serves_its_metrics_on_a_port_of_its_own() -> None:
 
 
 def test_rejected_webhooks_name_the_client_and_fold_into_a_summary_a_minute(
-    tmp_path: Path, clock: FrozenClock, logs: pytest.LogCaptureFixture
+    tmp_path: Path, clock: FrozenClock, logs: LogLines
 ) -> None:
     with web(tmp_path, clock, METRICS_TOKEN=TOKEN, WEBHOOK_MAX_BYTES=8192) as http:
         before = scrape(http)
@@ -509,13 +506,13 @@ def test_rejected_webhooks_name_the_client_and_fold_into_a_summary_a_minute(
         assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="bad_signature")] == 7
         assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="bad_request")] == 1
         assert changes[key(f"{P}_webhooks_total", type="unknown", outcome="too_large")] == 1
-    text = " ".join(str(record.msg) for record in logs.records)
+    text = logs.text
     assert SECRET not in text
     assert TOKEN not in text
 
 
 def test_a_summary_is_logged_when_the_minute_ends_without_another_refusal(
-    logs: pytest.LogCaptureFixture,
+    logs: LogLines,
 ) -> None:
     rejected = RejectionLog(SystemClock(), free=1, window=0.2)
     try:
@@ -533,7 +530,7 @@ def test_a_summary_is_logged_when_the_minute_ends_without_another_refusal(
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_access_log_has_a_line_per_request_without_the_query_string(
-    tmp_path: Path, clock: FrozenClock, logs: pytest.LogCaptureFixture, enabled: bool
+    tmp_path: Path, clock: FrozenClock, logs: LogLines, enabled: bool
 ) -> None:
     secret_query = "DISTINCTIVE-query-value-77"
     with web(tmp_path, clock, ACCESS_LOG=enabled) as http:
@@ -552,12 +549,10 @@ def test_the_access_log_has_a_line_per_request_without_the_query_string(
         ("GET", "/nowhere", 404),
     ]
     assert all(line["client"] == "127.0.0.1" and line["duration_ms"] >= 0 for line in lines)
-    assert secret_query not in " ".join(str(record.msg) for record in logs.records)
+    assert secret_query not in logs.text
 
 
-def test_every_line_about_a_purchase_names_its_order(
-    shop: StockWorld, logs: pytest.LogCaptureFixture
-) -> None:
+def test_every_line_about_a_purchase_names_its_order(shop: StockWorld, logs: LogLines) -> None:
     shop.import_items("KEY-D1", "KEY-D2", "KEY-D3", "KEY-D4")
     purchase = shop.pay()
     shop.drain()
