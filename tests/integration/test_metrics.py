@@ -100,10 +100,6 @@ def moved(before: Scrape, after: Scrape) -> dict[Key, float]:
     return changes
 
 
-def logged(logs: LogLines, event: str | None = None) -> list[dict[str, Any]]:
-    return logs.events(event)
-
-
 @pytest.fixture
 def logs() -> Iterator[LogLines]:
     """The service's structured lines, as written (JSON), read back as dicts."""
@@ -483,22 +479,22 @@ def test_rejected_webhooks_name_the_client_and_fold_into_a_summary_a_minute(
             == 413
         )
 
-        full = logged(logs, "webhook_rejected")
+        full = logs.events("webhook_rejected")
         assert len(full) == 5  # the first five of the minute, in full
         assert {line["client"] for line in full} == {"127.0.0.1"}
         assert {line["outcome"] for line in full} == {"bad_signature"}
         assert all(line["http_status"] == 401 and line["reason"] for line in full)
-        assert logged(logs, "webhooks_rejected_summary") == []
+        assert logs.events("webhooks_rejected_summary") == []
 
         clock.advance(60)  # the minute is over: the next refusal closes it with one summary
         assert post_event(http, forged, secret="ws_not_the_secret_0000").status_code == 401
-        [summary] = logged(logs, "webhooks_rejected_summary")
+        [summary] = logs.events("webhooks_rejected_summary")
         assert summary["rejected"] == 3
         assert summary["by_reason"] == {"bad_request": 1, "bad_signature": 1, "too_large": 1}
         assert summary["top_clients"] == {"127.0.0.1": 3}
         assert summary["logged_in_full"] == 5
         assert summary["level"] == "warning"
-        full = logged(logs, "webhook_rejected")
+        full = logs.events("webhook_rejected")
         assert len(full) == 6  # a new minute: logged in full again
         assert full[-1]["client"] == "127.0.0.1"
 
@@ -518,14 +514,14 @@ def test_a_summary_is_logged_when_the_minute_ends_without_another_refusal(
     try:
         for address in ("10.0.0.7", "10.0.0.7", "10.0.0.8"):
             rejected.record("bad_signature", address, reason="no signature matches")
-        wait_for(lambda: bool(logged(logs, "webhooks_rejected_summary")), what="the summary")
+        wait_for(lambda: bool(logs.events("webhooks_rejected_summary")), what="the summary")
     finally:
         rejected.close()
-    [summary] = logged(logs, "webhooks_rejected_summary")
+    [summary] = logs.events("webhooks_rejected_summary")
     assert summary["rejected"] == 2
     assert summary["by_reason"] == {"bad_signature": 2}
     assert summary["top_clients"] == {"10.0.0.7": 1, "10.0.0.8": 1}
-    assert len(logged(logs, "webhook_rejected")) == 1
+    assert len(logs.events("webhook_rejected")) == 1
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -538,8 +534,8 @@ def test_the_access_log_has_a_line_per_request_without_the_query_string(
         assert http.post("/webhooks/whop", content=b"{}").status_code == 401
         assert http.get("/nowhere").status_code == 404
         if enabled:
-            wait_for(lambda: len(logged(logs, "http_request")) == 3, what="three access lines")
-    lines = logged(logs, "http_request")
+            wait_for(lambda: len(logs.events("http_request")) == 3, what="three access lines")
+    lines = logs.events("http_request")
     if not enabled:
         assert lines == []
         return
@@ -561,15 +557,15 @@ def test_every_line_about_a_purchase_names_its_order(shop: StockWorld, logs: Log
     about = ("payment_id", "membership_id", "cancellation_id")
     lines = [
         line
-        for line in logged(logs)
+        for line in logs.events()
         if any(line.get(name) for name in about)
         or line.get("kind") in ("delivery", "admin_delivered")
     ]
     events = {line["event"] for line in lines}
     assert {"payment_matched", "delivered", "email_sent", "cancel_attempt", "cancelled"} <= events
     assert [line for line in lines if line.get("order_id") != purchase["order_id"]] == []
-    [received] = logged(logs, "webhook_received")  # stored: its order is not known yet
-    [applied] = logged(logs, "webhook_applied")
+    [received] = logs.events("webhook_received")  # stored: its order is not known yet
+    [applied] = logs.events("webhook_applied")
     assert applied["event_id"] == received["event_id"]
     assert applied["order_id"] == purchase["order_id"]
 

@@ -148,6 +148,7 @@ def test_processes_starting_at_once_on_a_new_postgresql_queue_all_start() -> Non
     name = f"{backends.RUN_ID}_new_queue"
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
     url = (
         make_url(backends.require("postgresql"))
         .set(drivername="postgresql", database=name)
@@ -179,6 +180,4 @@ def test_processes_starting_at_once_on_a_new_postgresql_queue_all_start() -> Non
     finally:
         for jobs in started:
             jobs.huey.storage.close()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+        backends.drop_database("postgresql", url)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
 
+from support.harness import free_port
 from whop_autocancel.clock import SystemClock
 from whop_autocancel.whop.client import AsyncWhopClient, WhopReply, env_proxy
 from whop_autocancel.whop.outcomes import Outcome, classify
@@ -45,7 +46,8 @@ class CannedServer:
     heads: list[str] = field(default_factory=list)
     port: int = 0
 
-    def serve(self) -> Iterator[CannedServer]:
+    @contextmanager
+    def serving(self) -> Iterator[CannedServer]:
         ready = threading.Event()
         box: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
@@ -119,20 +121,15 @@ def call(base_url: str, *, timeout: float = 5.0) -> tuple[int | None, object, st
 def proxy() -> Iterator[CannedServer]:
     """Stands in for an HTTP proxy: it answers itself, so what reached it is what the client
     sent a proxy."""
-    yield from CannedServer(response("200 OK", MEMBERSHIP)).serve()
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    with CannedServer(response("200 OK", MEMBERSHIP)).serving() as server:
+        yield server
 
 
 def test_calls_go_through_the_proxy_the_environment_names_with_its_credentials(
     proxy: CannedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Whop's address: nothing listens there, so only the proxy can have answered.
-    whop = f"http://127.0.0.1:{unused_port()}/api/v1"
+    whop = f"http://127.0.0.1:{free_port()}/api/v1"
     monkeypatch.setenv("HTTP_PROXY", f"http://ops:s%40cret@127.0.0.1:{proxy.port}")
     status, body, error = call(whop)
     assert (status, body, error) == (200, {"id": "mem_X", "status": "canceled"}, None)
@@ -152,7 +149,7 @@ def test_an_https_call_asks_the_proxy_for_a_tunnel_with_its_credentials_never_th
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refusing = CannedServer(response("403 Forbidden", b""))
-    for proxy in refusing.serve():
+    with refusing.serving() as proxy:
         monkeypatch.setenv("HTTPS_PROXY", f"http://ops:s%40cret@127.0.0.1:{proxy.port}")
         status, _, error = call("https://api.whop.example/api/v1")
         assert status is None
@@ -169,7 +166,7 @@ def test_no_proxy_sends_the_call_straight_to_whop(
     proxy: CannedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whop = CannedServer(response("200 OK", MEMBERSHIP))
-    for server in whop.serve():
+    with whop.serving() as server:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         assert call(f"{server.url}/api/v1")[0] == 200
@@ -203,7 +200,7 @@ def test_the_proxy_for_whops_address(
 
 def test_a_read_that_outlasts_the_timeout_is_a_timeout_and_retryable() -> None:
     slow = CannedServer(response("200 OK", MEMBERSHIP), delay=2.0)
-    for server in slow.serve():
+    with slow.serving() as server:
         status, body, error = call(f"{server.url}/api/v1", timeout=0.2)
         assert (status, body) == (None, None)
         assert str(error).startswith("timeout (")
@@ -212,12 +209,12 @@ def test_a_read_that_outlasts_the_timeout_is_a_timeout_and_retryable() -> None:
 
 def test_an_answer_that_is_not_json_keeps_its_status_without_a_body() -> None:
     page = response("502 Bad Gateway", b"<html>bad gateway</html>", "text/html")
-    for server in CannedServer(page).serve():
+    with CannedServer(page).serving() as server:
         status, body, error = call(f"{server.url}/api/v1")
         assert (status, body, error) == (502, None, None)
 
 
 def test_a_refused_connection_is_a_transport_error() -> None:
-    status, body, error = call(f"http://127.0.0.1:{unused_port()}/api/v1")
+    status, body, error = call(f"http://127.0.0.1:{free_port()}/api/v1")
     assert (status, body) == (None, None)
     assert "Cannot connect" in str(error)

@@ -397,12 +397,7 @@ class AsyncWhopClient(_Sender):
                 await asyncio.sleep(delay)
                 delay = await loop.run_in_executor(None, self.pacer.stopped_for)
         started = time.monotonic()
-        options = dict(request.options)
-        if "timeout" in options:
-            seconds = options.pop("timeout")
-            options["timeout"] = aiohttp.ClientTimeout(
-                total=None, connect=seconds, sock_read=seconds
-            )
+        options = dict(request.options)  # (a "timeout" there: aiohttp bounds the whole call)
         session = self._http()
         options["headers"] = {**self._headers, **options.get("headers", {})}
         if self._proxy_headers is not None:  # the proxy's credentials: to its tunnel (https)
