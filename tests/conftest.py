@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,13 +30,33 @@ DATABASES = ["sqlite", "postgresql", "mariadb"]
 QUEUES = ["sqlite", "postgresql", "redis"]
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the counts the chaos and concurrency scenarios collected."""
+SCENARIO_COUNT = "scenario count"
+_SHOWN: list[str] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Hand the counts a scenario collected to its report: run with `-n`, the test ran in
+    another process, and only its reports come back to the one that prints the summary."""
     from support.reporting import COUNTS
 
-    if COUNTS:
+    report = yield
+    report.user_properties += [(SCENARIO_COUNT, text) for text in COUNTS]
+    COUNTS.clear()
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SHOWN.extend(str(text) for name, text in report.user_properties if name == SCENARIO_COUNT)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the counts the chaos and concurrency scenarios collected."""
+    if _SHOWN:
         terminalreporter.section("scenario counts")
-        for text in COUNTS:
+        for text in _SHOWN:
             terminalreporter.write_line(text)
 
 
