@@ -30,8 +30,9 @@ from support.harness import (
     wait_for,
 )
 from support.receiver import Receiver
+from support.statements import recorded, verbs
 from whop_autocancel.alerts.models import Alert
-from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.models import Cancellation, CancellationAttempt
 from whop_autocancel.cancellation.service import RetryRefused
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.mail.sink import SmtpSink
@@ -140,6 +141,55 @@ def test_a_delivered_purchase_is_cancelled_with_one_immediate_call(world: World)
     assert len(world.sink.to(purchase["email"])) == 1
     assert "order " + purchase["order_id"] in world.sink.to(purchase["email"])[0].text
     assert world.alerts() == []
+
+
+def test_a_plain_cancellation_reads_its_row_once_and_writes_it_twice(world: World) -> None:
+    """Every purchase runs this: the claim (one UPDATE, then one read of the row with its
+    order's facts) and Whop's success recorded with one UPDATE (the lease it holds is its
+    condition: no second read of the row or of its order)."""
+    purchase = world.buy()
+    cancellation_id = purchase["cancellation_id"]
+    world.clock.advance(5)
+    with recorded(world.runtime.database.engine) as sent:
+        world.runtime.cancellations.run(cancellation_id)
+    on_rows = [(sql, p) for sql, p in sent if "cancellations" in sql or "orders" in sql]
+    assert verbs(on_rows) == ["UPDATE", "SELECT", "UPDATE"]
+    row = world.row(cancellation_id)
+    assert (row.status, row.attempts, row.last_http_status) == ("canceled", 1, 200)
+    assert (row.lease_owner, row.lease_until, row.last_error) == (None, None, None)
+    assert row.canceled_at == world.clock.now()
+    assert row.updated_at == world.clock.now()
+    assert world.simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
+
+
+def test_an_answer_after_the_lease_was_lost_changes_nothing(world: World) -> None:
+    """Our call is at Whop when another worker takes the row over (our lease ran out): Whop's
+    success, when it comes, is written to the timeline only; the row stays the other
+    worker's, which settles it with its own call (the same key: Whop's stored answer)."""
+    import threading
+
+    purchase = world.buy()
+    cancellation_id, membership = purchase["cancellation_id"], purchase["membership_id"]
+    world.clock.advance(5)
+    state = world.simulator.state
+    state.hold(True)
+    ours = threading.Thread(target=world.runtime.cancellations.run, args=(cancellation_id,))
+    ours.start()
+    wait_for(lambda: state.held == 1, what="our call at Whop")
+    with world.runtime.database.transaction() as session:
+        row = session.get(Cancellation, cancellation_id)
+        assert row is not None
+        assert row.status == "running"
+        row.lease_owner = "another-worker"  # (its claim after our lease ran out)
+    state.hold(False)
+    ours.join()
+    row = world.row(cancellation_id)
+    assert (row.status, row.lease_owner, row.attempts) == ("running", "another-worker", 0)
+    assert (row.canceled_at, row.last_http_status) == (None, None)
+    with world.runtime.database.transaction() as session:
+        [attempt] = session.scalars(select(CancellationAttempt)).all()
+        assert (attempt.http_status, attempt.result) == (200, "lease lost")
+    assert state.membership(membership)["status"] == "canceled"
 
 
 def test_the_echo_of_our_own_cancel_is_recorded_and_changes_nothing(world: World) -> None:
