@@ -621,8 +621,9 @@ class CancellationService:
             return None
         if seen.last_error is not None and seen.last_error.startswith(WAITING_FOR_EMAIL):
             return None  # (its wait ends now, and its give-up time counts from here)
-        ids = [i for i in (seen.whop_payment_id, seen.membership_id, seen.whop_membership_id) if i]
-        if self._unapplied_facts is not None and self._unapplied_facts(session, ids):
+        if self._facts_unapplied(
+            session, seen.whop_payment_id, seen.membership_id, seen.whop_membership_id
+        ):
             return None
         if self._refusal(seen.order_status, seen.plan_id, seen.billing_reason) is not None:
             return None
@@ -631,8 +632,7 @@ class CancellationService:
             is not None
         ):
             return None
-        not_before = leases.read_until(session, NOT_BEFORE_KEY)
-        if not_before is not None and not_before > now:
+        if _stopped_until(session, now) is not None:
             return None
         return _Claim(
             id=seen.id,
@@ -678,8 +678,8 @@ class CancellationService:
                     session, row, now, min(self._schedule[-1], self._membership_wait - waited)
                 )
                 return None
-        not_before = leases.read_until(session, NOT_BEFORE_KEY)
-        if not_before is not None and not_before > now:
+        not_before = _stopped_until(session, now)
+        if not_before is not None:
             self._reschedule(session, row, now, (not_before - now).total_seconds(), jitter=0.1)
             return None
         if row.idempotency_token is None:  # a row made before tokens existed
@@ -703,8 +703,9 @@ class CancellationService:
         """Whop told of this purchase in a webhook that is stored but not applied yet (a refund
         or a dispute, say): apply what Whop said first, then decide. The row waits, spending
         no attempt, and looks again shortly (the apply job is queued with the event)."""
-        ids = [i for i in (order.whop_payment_id, row.membership_id, order.whop_membership_id) if i]
-        if self._unapplied_facts is None or not ids or not self._unapplied_facts(session, ids):
+        if not self._facts_unapplied(
+            session, order.whop_payment_id, row.membership_id, order.whop_membership_id
+        ):
             return False
         if row.last_error != WAITING_FOR_WEBHOOKS:
             log.info(
@@ -713,6 +714,16 @@ class CancellationService:
         row.last_error = WAITING_FOR_WEBHOOKS
         self._reschedule(session, row, now, FACTS_WAIT, jitter=0.1)
         return True
+
+    def _facts_unapplied(self, session: Session, *ids: str | None) -> bool:
+        """Whether a stored webhook not applied yet names one of these ids (a payment's, a
+        membership's) and could change the decision (a refund, a dispute)."""
+        named = [i for i in ids if i]
+        return (
+            self._unapplied_facts is not None
+            and bool(named)
+            and self._unapplied_facts(session, named)
+        )
 
     def _held_for_email(
         self, session: Session, row: Cancellation, order: Order, now: datetime, wait: bool
@@ -1202,6 +1213,13 @@ def _arm_again(row: Cancellation, at: datetime, now: datetime, reason: str) -> N
         generation=row.generation,
         reason=reason,
     )
+
+
+def _stopped_until(session: Session, now: datetime) -> datetime | None:
+    """When the stop every process keeps after a 429 (or an exhausted budget) ends, while one
+    is in force; None when calls may go now."""
+    not_before = leases.read_until(session, NOT_BEFORE_KEY)
+    return not_before if not_before is not None and not_before > now else None
 
 
 def _success_reading(
