@@ -29,7 +29,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.harness import API_KEY, MESSAGE_PLAN, SECRET, child_processes, free_port
+from support.harness import (
+    API_KEY,
+    MESSAGE_PLAN,
+    SECRET,
+    child_processes,
+    child_pythonpath,
+    free_port,
+)
 
 SINK = [sys.executable, "-m", "aiosmtpd", "-n", "-c", "aiosmtpd.handlers.Sink"]
 SERVICE = [sys.executable, "-m", "whop_autocancel"]
@@ -90,8 +97,10 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def environment() -> dict[str, str]:
-    """This process's environment without the simulator's own settings."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("SIM_")}
+    """This process's environment without the simulator's own settings, and with this
+    checkout's code first on the child's path (`child_pythonpath`)."""
+    kept = {key: value for key, value in os.environ.items() if not key.startswith("SIM_")}
+    return {**kept, "PYTHONPATH": child_pythonpath()}
 
 
 class Child:

@@ -27,6 +27,7 @@ from whop_autocancel.webhooks.inbox import APPLY_TASK
 from whop_autocancel.webhooks.verify import sign
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "whop"
+SOURCE = Path(__file__).resolve().parents[2] / "src"  # this checkout's code
 SECRET = "ws_test_50dae1dbeb27407677a6ea1040bf04e124226ffda08"
 API_KEY = "sim_test_key_do_not_log_7781"
 ADMIN = "admin@shop.test"
@@ -266,6 +267,16 @@ def deliver_event(
     return response
 
 
+def child_pythonpath() -> str:
+    """`PYTHONPATH` for a child process, which runs in a directory of its own: this checkout's
+    `src` first (the code under test or measurement, whatever the virtualenv's install points
+    at), then this process's own entries, made absolute."""
+    import os
+
+    entries = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return os.pathsep.join([str(SOURCE), *(str(Path(entry).resolve()) for entry in entries)])
+
+
 def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """Environment for a `whop-autocancel` child process (nothing inherited that configures it)."""
     import os
@@ -292,6 +303,7 @@ def service_environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
             "CATALOG_PATH": str(catalog),
             "STOCK_ENCRYPTION_KEY": STOCK_KEY,
             "LOG_FORMAT": "json",
+            "PYTHONPATH": child_pythonpath(),
             "COLUMNS": "200",
             "WHOP_RATE_LIMIT": "100",  # pacing has its own tests; here it must never be the wait
             "WHOP_RATE_BURST": "50",
