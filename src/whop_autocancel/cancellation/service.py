@@ -304,7 +304,39 @@ def record_end(session: Session, row: Cancellation, now: datetime) -> None:
     after_commit(session, lambda: metrics.observe_cancellation_end(outcome, attempts, seconds))
 
 
-def purchase_time(order: Order) -> datetime | None:
+class _Purchase(Protocol):
+    """What a claim reads of an order: an `Order`, or the order's columns in `_CLAIMED`."""
+
+    @property
+    def whop_user_id(self) -> str | None: ...
+    @property
+    def plan_id(self) -> str | None: ...
+    @property
+    def checkout_configuration_id(self) -> str | None: ...
+    @property
+    def paid_at(self) -> datetime | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+class _Claimed(Protocol):
+    """What a claim reads of its cancellation: a `Cancellation`, or `_CLAIMED`'s row."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def membership_id(self) -> str | None: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def idempotency_token(self) -> str | None: ...
+
+
+def purchase_time(order: _Purchase) -> datetime | None:
     """When the purchase happened as far as the service can tell: its payment, or the first
     webhook that told of it when that came later (a payment found late by the Whop sweep
     counts from when it was found)."""
@@ -380,6 +412,23 @@ class _Claim:
     plan_id: str | None = None
     checkout_configuration_id: str | None = None
     purchased_at: datetime | None = None  # `purchase_time` of the order, for the metrics
+
+    @classmethod
+    def of(cls, row: _Claimed, order: _Purchase) -> _Claim:
+        """The claim of `row`, whose idempotency token is set, on its `order`."""
+        assert row.idempotency_token is not None
+        return cls(
+            id=row.id,
+            order_id=row.order_id,
+            membership_id=row.membership_id,
+            generation=row.generation,
+            attempts=row.attempts,
+            idempotency_key=idempotency_key(row.idempotency_token, row.generation),
+            user_id=order.whop_user_id,
+            plan_id=order.plan_id,
+            checkout_configuration_id=order.checkout_configuration_id,
+            purchased_at=purchase_time(order),
+        )
 
 
 MEMBERSHIP_SEARCH_PAGES = 5
@@ -634,18 +683,7 @@ class CancellationService:
             return None
         if _stopped_until(session, now) is not None:
             return None
-        return _Claim(
-            id=seen.id,
-            order_id=seen.order_id,
-            membership_id=seen.membership_id,
-            generation=seen.generation,
-            attempts=seen.attempts,
-            idempotency_key=idempotency_key(seen.idempotency_token, seen.generation),
-            user_id=seen.whop_user_id,
-            plan_id=seen.plan_id,
-            checkout_configuration_id=seen.checkout_configuration_id,
-            purchased_at=latest(seen.paid_at, seen.created_at),
-        )
+        return _Claim.of(seen, seen)  # (the row and its order's columns, in one)
 
     def _claim_row(
         self, session: Session, cancellation_id: int, now: datetime, wait_for_email: bool
@@ -684,18 +722,7 @@ class CancellationService:
             return None
         if row.idempotency_token is None:  # a row made before tokens existed
             row.idempotency_token = new_idempotency_token()
-        return _Claim(
-            id=row.id,
-            order_id=row.order_id,
-            membership_id=row.membership_id,
-            generation=row.generation,
-            attempts=row.attempts,
-            idempotency_key=idempotency_key(row.idempotency_token, row.generation),
-            user_id=order.whop_user_id,
-            plan_id=order.plan_id,
-            checkout_configuration_id=order.checkout_configuration_id,
-            purchased_at=purchase_time(order),
-        )
+        return _Claim.of(row, order)
 
     def _waits_for_facts(
         self, session: Session, row: Cancellation, order: Order, now: datetime
