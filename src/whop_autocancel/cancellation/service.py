@@ -891,15 +891,7 @@ class CancellationService:
         after_commit(
             session, lambda: metrics.observe_cancellation_end(status.value, attempts, seconds)
         )
-        self._alerts.resolve_incidents(
-            session, [AlertKind.WHOP_UNREACHABLE, AlertKind.WHOP_AUTH], now
-        )
-        log.info(
-            "cancelled" if status is Status.CANCELED else "cancellation_already_inactive",
-            cancellation_id=claim.id,
-            order_id=claim.order_id,
-            membership_id=ours,
-        )
+        self._ended_well(session, now, status, claim.id, claim.order_id, ours)
         _record_attempt(session, claim, reply, check, request, now, attempts, status.value)
         return True
 
@@ -1017,14 +1009,27 @@ class CancellationService:
     ) -> None:
         row.canceled_at = now if status is Status.CANCELED else row.canceled_at
         self._finish(session, row, status, now, None)
+        self._ended_well(session, now, status, row.id, row.order_id, row.membership_id)
+
+    def _ended_well(
+        self,
+        session: Session,
+        now: datetime,
+        status: CancellationStatus,
+        cancellation_id: int,
+        order_id: str,
+        membership_id: str | None,
+    ) -> None:
+        """Whop answered: the membership is gone. Its incidents of an unreachable or refusing
+        Whop end, and the log says so."""
         self._alerts.resolve_incidents(
             session, [AlertKind.WHOP_UNREACHABLE, AlertKind.WHOP_AUTH], now
         )
         log.info(
             "cancelled" if status is Status.CANCELED else "cancellation_already_inactive",
-            cancellation_id=row.id,
-            order_id=row.order_id,
-            membership_id=row.membership_id,
+            cancellation_id=cancellation_id,
+            order_id=order_id,
+            membership_id=membership_id,
         )
 
     def _retry(
