@@ -101,20 +101,20 @@ def new_idempotency_token() -> str:
 
 
 # The statements every purchase runs, built once (their parameters bound at each run):
-# building and keying a statement costs more than SQLite takes to run it.
+# building and keying a statement costs more than SQLite takes to run it. Those that find
+# rows by a key leave the status (or kind) out of their WHERE and check it here: SQLite,
+# without statistics, may walk the status index instead of the key's (every scheduled row,
+# every delivery email), whichever was created last (tests/integration/test_query_plans.py).
 _OF_ORDER = select(Cancellation).where(Cancellation.order_id == bindparam("order_id"))
 _OF_ORDER_LOCKED = _OF_ORDER.with_for_update()
 _SCHEDULED_OF_ORDER = _OF_ORDER_LOCKED.where(Cancellation.status == Status.SCHEDULED.value)
-_SCHEDULED_OF_MEMBERSHIP = (
+_OF_MEMBERSHIP_LOCKED = (
     select(Cancellation)
-    .where(
-        Cancellation.membership_id == bindparam("membership_id"),
-        Cancellation.status == Status.SCHEDULED.value,
-    )
+    .where(Cancellation.membership_id == bindparam("membership_id"))
     .with_for_update()
 )
-_DELIVERY_EMAILS = select(Email.sent_at, Email.failed_at, Email.next_attempt_at).where(
-    Email.order_id == bindparam("order_id"), Email.kind == DELIVERY_KIND
+_EMAILS_OF_ORDER = select(Email.kind, Email.sent_at, Email.failed_at, Email.next_attempt_at).where(
+    Email.order_id == bindparam("order_id")
 )
 _ROWS = cast(Table, Cancellation.__table__)
 _NOW = bindparam("now", type_=UTCDateTime())
@@ -259,7 +259,8 @@ def mark_inactive_from_webhook(session: Session, membership_id: str, now: dateti
     when a call of ours may have been carried out (its answer was lost: timeout, 5xx),
     `already_inactive` when no call of ours went through. A `running` row is left alone: the
     answer of its call in flight settles it."""
-    rows = session.scalars(_SCHEDULED_OF_MEMBERSHIP, {"membership_id": membership_id}).all()
+    found = session.scalars(_OF_MEMBERSHIP_LOCKED, {"membership_id": membership_id}).all()
+    rows = [row for row in found if row.status == Status.SCHEDULED.value]
     for row in rows:
         if ours_may_have_acted(row):
             row.status = Status.CANCELED.value
@@ -354,7 +355,13 @@ def _email_hold(
 ) -> tuple[float, str] | None:
     """(delay, reason) while the order has delivery emails and none was accepted; None when
     one was, or when the delivery sends none (`none`)."""
-    emails = session.execute(_DELIVERY_EMAILS, {"order_id": order_id}).all()
+    emails = [
+        (sent_at, failed_at, due)
+        for kind, sent_at, failed_at, due in session.execute(
+            _EMAILS_OF_ORDER, {"order_id": order_id}
+        )
+        if kind == DELIVERY_KIND
+    ]
     if not emails or any(sent_at is not None for sent_at, _, _ in emails):
         return None
     retried = [due for _, failed_at, due in emails if failed_at is None]

@@ -370,10 +370,14 @@ class Inbox:
         first: the (type, status) of each one applied. `careful=False`: no savepoints, an
         event that fails raises `_ApplyFailed` (see `_apply_chunk_run`)."""
         now = self._clock.now()
-        statement = _RECEIVED_AMONG_LOCKED if self._database.skip_locked else _RECEIVED_AMONG
-        # (SQLite: the transaction began with the write lock, so nobody else applies now.)
+        statement = _AMONG_LOCKED if self._database.skip_locked else _AMONG
+        # (SQLite: the transaction began with the write lock, so nobody else applies now.
+        # Elsewhere a row is read as it is once locked: one another run applied meanwhile is
+        # no longer `received`.)
         done = []
         for event in session.scalars(statement, {"event_ids": list(event_ids)}).all():
+            if event.status != RECEIVED:
+                continue
             order_id = self._apply_stored(session, event, now, careful=careful)
             log.info(
                 "webhook_applied",
@@ -625,15 +629,15 @@ _OLDEST_RECEIVED = (
     .order_by(WebhookEvent.received_at, WebhookEvent.id)
     .limit(bindparam("limit", type_=Integer()))
 )
-_RECEIVED_AMONG = (
+# By their ids alone, the status checked on each row: SQLite, without statistics, may walk
+# the status index (every waiting event) instead of looking the ids up
+# (tests/integration/test_query_plans.py).
+_AMONG = (
     select(WebhookEvent)
-    .where(
-        WebhookEvent.id.in_(bindparam("event_ids", expanding=True)),
-        WebhookEvent.status == RECEIVED,
-    )
+    .where(WebhookEvent.id.in_(bindparam("event_ids", expanding=True)))
     .order_by(WebhookEvent.received_at, WebhookEvent.id)
 )
-_RECEIVED_AMONG_LOCKED = _RECEIVED_AMONG.with_for_update(skip_locked=True)
+_AMONG_LOCKED = _AMONG.with_for_update(skip_locked=True)
 
 CLAIM_PREFIXES = ("refund.", "dispute.")  # the events that can stop a cancellation
 # Their types (WHOP.md), for the (status, type) index.
