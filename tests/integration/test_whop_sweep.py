@@ -24,6 +24,7 @@ from support.harness import (
     post_event,
     wait_for,
 )
+from support.statements import recorded
 from whop_autocancel.admin.operations import ignore_event
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
@@ -33,6 +34,7 @@ from whop_autocancel.db.install import start_watching
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
+from whop_autocancel.reconcile.whop_pages import PAGE_SIZE
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.simulator import SimulatorServer
 from whop_autocancel.webhooks.models import WebhookEvent
@@ -381,3 +383,23 @@ def test_a_claim_or_membership_webhook_does_not_hide_a_lost_payment(
     assert report.recovered_payments == [purchase["payment_id"]]
     [alert] = missed_alerts(runtime)
     assert purchase["payment_id"] in alert.text_body
+
+
+def test_the_sweep_asks_what_it_knows_of_a_page_of_payments_at_once(
+    runtime: Runtime, web: httpx.Client, simulator: SimulatorServer
+) -> None:
+    """After a flash sale every sweep lists thousands of payments (WHOP_SWEEP_OVERLAP back from
+    the last one): whether each is known is one read for a page of Whop's list, not one
+    transaction for each payment, and the page's lost payment is still found."""
+    whop = simulator.state
+    for n in range(PAGE_SIZE + 20):
+        whop.create_purchase(MESSAGE_PLAN, email=f"buyer{n}@example.com")
+    wait_for(lambda: whop.pending_webhooks() == 0, what="the purchases' webhooks")
+    lost = lost_purchase(simulator)
+    with recorded(runtime.database.engine) as sent:
+        report = runtime.whop_sweep.run(force=True)
+    assert report.stopped is None
+    assert report.payments_seen == PAGE_SIZE + 21
+    assert report.recovered_payments == [lost["payment_id"]]
+    looks = [statement for statement, _ in sent if "webhook_events.object_id" in statement]
+    assert len(looks) == 2  # two pages

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
 import structlog
-from sqlalchemy import Exists, Select, bindparam, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -111,16 +112,24 @@ def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
     return found
 
 
-def payment_recorded(payment_id: str) -> Exists:
-    """`order_of_recorded_payment` as an EXISTS clause, to ask with other questions in one
-    statement."""
-    return _recorded_payment(payment_id).exists()
+def recorded_payments(session: Session, payment_ids: Sequence[str]) -> set[str]:
+    """Those of `payment_ids` that an order holds as applied (`order_of_recorded_payment`), in
+    one statement (the Whop sweep asks for a page of Whop's list at once)."""
+    if not payment_ids:
+        return set()
+    return set(session.scalars(_RECORDED_AMONG, {"payment_ids": list(payment_ids)}))
 
 
 def _recorded_payment(payment_id: str) -> Select[str]:
     return select(Order.id).where(
         Order.whop_payment_id == payment_id, Order.status != OrderStatus.PENDING.value
     )
+
+
+_RECORDED_AMONG = select(Order.whop_payment_id).where(
+    Order.whop_payment_id.in_(bindparam("payment_ids", expanding=True)),
+    Order.status != OrderStatus.PENDING.value,
+)
 
 
 def close_unpaid_orders(session: Session, created_before: datetime, limit: int) -> list[str]:

@@ -34,6 +34,19 @@ def whop_items(
     max_pages: int,
 ) -> Iterator[dict[str, Any]]:
     """Every item of a list, `fetch(client, cursor)` giving one page; raises ListingStopped."""
+    for page in whop_pages(database, clock, client, fetch, max_pages=max_pages):
+        yield from page
+
+
+def whop_pages(
+    database: Database,
+    clock: Clock,
+    client: WhopClient,
+    fetch: PageFetch,
+    *,
+    max_pages: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """The items of a list a page at a time (`whop_items`); raises ListingStopped."""
     cursor: str | None = None
     for _ in range(max_pages):
         not_before = database.run(lambda session: leases.read_until(session, NOT_BEFORE_KEY))
@@ -45,7 +58,7 @@ def whop_items(
             raise ListingStopped(f"Whop rate-limited the listing for {wait:g} s")
         if not page.ok:
             raise ListingStopped(f"listing failed: {page.describe()}")
-        yield from page.items
+        yield list(page.items)
         cursor = page.next_cursor
         if cursor is None:
             return

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -40,14 +40,15 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.db.install import record_watching_since, watching_since
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.models import Order, OrderStatus
-from whop_autocancel.orders.service import ONE_TIME, OrderService, payment_recorded
+from whop_autocancel.orders.service import ONE_TIME, OrderService, recorded_payments
 from whop_autocancel.reconcile.whop_pages import (
     PAGE_SIZE,
     ListingStopped,
     PageFetch,
     whop_items,
+    whop_pages,
 )
-from whop_autocancel.webhooks.inbox import payment_webhook_stored
+from whop_autocancel.webhooks.inbox import stored_payment_webhooks
 from whop_autocancel.whop.client import WhopClient, WhopReply
 from whop_autocancel.whop.outcomes import INACTIVE_STATUSES
 from whop_autocancel.whop.payloads import EventDataError, PaymentFacts, payment_facts
@@ -188,49 +189,59 @@ class WhopSweep:
             - timedelta(seconds=self._overlap),
             self._floor(report),
         )
-        for item in self._pages(
+        for page in self._page_lists(
             lambda client, after: client.list_payments(
                 company_id=self._company_id, first=PAGE_SIZE, after=after, created_after=since
             )
         ):
-            report.payments_seen += 1
-            try:
-                facts = payment_facts(item)
-            except EventDataError as error:
-                log.warning("whop_sweep_unreadable_payment", error=str(error))
-                report.skipped_payments.append(
-                    SkippedPayment(str(item.get("id") or "?"), f"unreadable: {error}")
-                )
-                continue
-            if self._known_payment(facts.payment_id):
-                continue
-            reason = payment_refusal(item, facts) or self._before_watching(facts, report)
-            if reason is not None:
-                report.skipped_payments.append(SkippedPayment(facts.payment_id, reason))
-                # An unpaid one (an abandoned checkout) is routine; a refund or the past is not.
-                (log.info if item.get("status") != "paid" else log.warning)(
-                    "whop_sweep_payment_skipped",
-                    payment_id=facts.payment_id,
-                    plan_id=facts.plan_id,
-                    reason=reason,
-                    dry_run=report.dry_run,
-                )
-                continue
-            report.recovered_payments.append(facts.payment_id)
-            if not report.dry_run:
-                order_id = self._database.run(partial(self._apply, facts=facts, now=now))
-                log.warning(
-                    "missed_webhook_recovered",
-                    order_id=order_id,
-                    payment_id=facts.payment_id,
-                    membership_id=facts.membership_id,
-                    plan_id=facts.plan_id,
-                )
+            readable: list[tuple[dict[str, Any], PaymentFacts]] = []
+            for item in page:
+                report.payments_seen += 1
+                try:
+                    readable.append((item, payment_facts(item)))
+                except EventDataError as error:
+                    log.warning("whop_sweep_unreadable_payment", error=str(error))
+                    report.skipped_payments.append(
+                        SkippedPayment(str(item.get("id") or "?"), f"unreadable: {error}")
+                    )
+            known = self._known_payments([facts.payment_id for _, facts in readable])
+            for item, facts in readable:
+                if facts.payment_id in known:
+                    continue
+                known.add(facts.payment_id)  # (listed twice, it is handled once)
+                self._missed_payment(item, facts, now, report)
         if report.dry_run:
             return
         self._database.run(lambda s: leases.extend_until(s, PAYMENTS_WATERMARK, self._owner, now))
         if report.recovered_payments:
             self._alert_recovered(now, report.recovered_payments)
+
+    def _missed_payment(
+        self, item: dict[str, Any], facts: PaymentFacts, now: datetime, report: WhopSweepReport
+    ) -> None:
+        """A listed payment the service does not know: skipped with its reason, or applied."""
+        reason = payment_refusal(item, facts) or self._before_watching(facts, report)
+        if reason is not None:
+            report.skipped_payments.append(SkippedPayment(facts.payment_id, reason))
+            # An unpaid one (an abandoned checkout) is routine; a refund or the past is not.
+            (log.info if item.get("status") != "paid" else log.warning)(
+                "whop_sweep_payment_skipped",
+                payment_id=facts.payment_id,
+                plan_id=facts.plan_id,
+                reason=reason,
+                dry_run=report.dry_run,
+            )
+            return
+        report.recovered_payments.append(facts.payment_id)
+        if not report.dry_run:
+            order_id = self._database.run(partial(self._apply, facts=facts, now=now))
+            log.warning(
+                "missed_webhook_recovered",
+                order_id=order_id,
+                payment_id=facts.payment_id,
+                membership_id=facts.membership_id,
+                plan_id=facts.plan_id,
+            )
 
     @staticmethod
     def _before_watching(facts: PaymentFacts, report: WhopSweepReport) -> str | None:
@@ -249,13 +260,19 @@ class WhopSweep:
     def _apply(self, session: Session, *, facts: PaymentFacts, now: datetime) -> str:
         return self._orders.apply_payment(session, facts, now).id
 
-    def _known_payment(self, payment_id: str) -> bool:
-        """Whether an order records this payment, or its `payment.succeeded` webhook is stored
-        (applied or not: under a backlog the worker applies it minutes after it came, and it
-        was not missed). One statement, two indexed lookups; a read, so on SQLite it does not
-        wait for the write turn that a sale's webhooks keep busy."""
-        known = select(or_(payment_recorded(payment_id), payment_webhook_stored(payment_id)))
-        return self._database.read(lambda session: bool(session.scalar(known)))
+    def _known_payments(self, payment_ids: list[str]) -> set[str]:
+        """Those of a page's payments that an order records, or whose `payment.succeeded`
+        webhook is stored (applied or not: under a backlog the worker applies it minutes after
+        it came, and it was not missed). One read for the page (after a flash sale every sweep
+        lists thousands), which on SQLite does not wait for the write turn that a sale's
+        webhooks keep busy."""
+
+        def known(session: Session) -> set[str]:
+            recorded = recorded_payments(session, payment_ids)
+            rest = [payment_id for payment_id in payment_ids if payment_id not in recorded]
+            return recorded | stored_payment_webhooks(session, rest)
+
+        return self._database.read(known)
 
     def _alert_recovered(self, now: datetime, payment_ids: list[str]) -> None:
         shown = ", ".join(payment_ids[:20]) + (" …" if len(payment_ids) > 20 else "")
@@ -364,3 +381,7 @@ class WhopSweep:
     def _pages(self, fetch: PageFetch) -> Iterator[dict[str, Any]]:
         """Raises ListingStopped (the sweep ends, keeping what it did; the next one goes on)."""
         return whop_items(self._database, self._clock, self._whop(), fetch, max_pages=MAX_PAGES)
+
+    def _page_lists(self, fetch: PageFetch) -> Iterator[list[dict[str, Any]]]:
+        """`_pages`, a page at a time."""
+        return whop_pages(self._database, self._clock, self._whop(), fetch, max_pages=MAX_PAGES)

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import cache, partial
 
 import structlog
-from sqlalchemy import Exists, Integer, Select, bindparam, or_, select
+from sqlalchemy import Integer, Select, bindparam, or_, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
@@ -684,18 +684,22 @@ def _containing(text: str) -> str:
     return f"%{escaped}%"
 
 
-def payment_webhook_stored(payment_id: str) -> Exists:
-    """Whether the `payment.succeeded` webhook of this payment is stored, whatever became of
-    it (an EXISTS clause, by the `object_id` index): waiting (`received`), applied, set aside
-    by an admin (`ignored`) or `failed` (which has its own retries and alert). Its payment was
+def stored_payment_webhooks(session: Session, payment_ids: Sequence[str]) -> set[str]:
+    """Those of `payment_ids` whose `payment.succeeded` webhook is stored, whatever became of
+    it (by the `object_id` index, one statement): waiting (`received`), applied, set aside by
+    an admin (`ignored`) or `failed` (which has its own retries and alert). Its payment was
     not missed. Other `payment.*` events do not count: they apply nothing (stored `ignored`),
     so a payment whose `payment.succeeded` never came after its `payment.pending` did is still
     missed."""
-    return (
-        select(WebhookEvent.id)
-        .where(WebhookEvent.object_id == payment_id, WebhookEvent.type == PAYMENT_SUCCEEDED)
-        .exists()
-    )
+    if not payment_ids:
+        return set()
+    return set(session.scalars(_PAYMENT_WEBHOOKS_AMONG, {"payment_ids": list(payment_ids)}))
+
+
+_PAYMENT_WEBHOOKS_AMONG = select(WebhookEvent.object_id).where(
+    WebhookEvent.object_id.in_(bindparam("payment_ids", expanding=True)),
+    WebhookEvent.type == PAYMENT_SUCCEEDED,
+)
 
 
 def unapplied_events(session: Session, received_before: datetime, limit: int) -> list[str]:
