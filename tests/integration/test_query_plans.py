@@ -93,12 +93,15 @@ def walks_a_backlog(engine: Engine, statement: str, parameters: object) -> str |
     """Why this statement's plan is wrong (None: it is not): it names a key of a table and
     still searches that table by a status or kind index."""
     named = TERM.findall(statement)
+    indexes = low_cardinality_indexes()
     for step in sqlite_plan(engine, statement, parameters):
-        for name, index in low_cardinality_indexes().items():
+        for name, index in indexes.items():
+            if f"INDEX {name} " not in f"{step} ":
+                continue
             table = index.table
             assert isinstance(table, Table)
             keys = sorted({c for t, c in named if t == table.name} & key_columns(table))
-            if f"INDEX {name} " in f"{step} " and keys:
+            if keys:
                 return f"{step}: though it names {table.name}.{', '.join(keys)}"
     return None
 
