@@ -1,0 +1,268 @@
+"""Two events of one purchase applied at the same moment in two transactions (two web or
+worker processes) make one order, on PostgreSQL and MariaDB: the second waits for the first's
+lock on the purchase's keys (`lock_keys`), then finds the order it made.
+
+Deterministic, no sleeps: the first transaction applies its event and stays open; the second
+starts and the test waits until the database shows it waiting on a lock (pg_locks, InnoDB's
+transactions), and only then lets the first commit. Without the lock the second would not wait:
+it would make an order of its own for the same membership, and the test would fail.
+
+SQLite is not run: its write transactions already go one at a time (BEGIN IMMEDIATE), so the
+keys take no lock there."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.orm import Session
+
+from support.harness import MESSAGE_PLAN, make_runtime, make_settings, wait_for
+from whop_autocancel.clock import FrozenClock
+from whop_autocancel.db.locks import Lock, lock_keys
+from whop_autocancel.orders.models import Order, OrderStatus
+from whop_autocancel.orders.service import new_order_id
+from whop_autocancel.runtime import Runtime
+from whop_autocancel.whop.payloads import MembershipFacts, PaymentFacts
+
+Apply = Callable[[Runtime, Session, datetime], object]
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[Runtime]:
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one write transaction at a time: lock_keys takes no lock")
+    runtime = make_runtime(make_settings(tmp_path, DATABASE_URL=database_url), clock)
+    yield runtime
+    runtime.close()
+
+
+def _connection_id(session: Session) -> int:
+    query = "SELECT pg_backend_pid()" if _postgresql(session) else "SELECT CONNECTION_ID()"
+    return int(session.execute(text(query)).scalar_one())
+
+
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _waits_on_a_lock(engine: Engine, connection_id: int) -> Callable[[], bool]:
+    """Whether that connection's transaction waits on a lock now (read on a connection of its
+    own, outside both transactions). PostgreSQL: a lock of its not granted (pg_locks).
+    MariaDB: a statement of it on `locks` running for 100 ms or more, which only a lock wait
+    makes it do. (InnoDB's own view of lock waits, INNODB_TRX, is a cache that is not
+    refreshed while anyone reads it more often than every 100 ms: the parallel tests do.)"""
+    if engine.dialect.name == "postgresql":
+        query = "SELECT count(*) FROM pg_locks WHERE pid = :id AND NOT granted"
+    else:
+        query = (
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE id = :id "
+            "AND command = 'Query' AND info LIKE '%locks%' AND time_ms >= 100"
+        )
+
+    def waiting() -> bool:
+        with engine.connect() as connection:
+            return bool(connection.execute(text(query), {"id": connection_id}).scalar_one())
+
+    return waiting
+
+
+def _apply_at_once(runtime: Runtime, first: Apply, second: Apply) -> None:
+    """`first` applied and held open until `second`'s transaction waits on a lock; then both
+    commit. Fails if `second` never waits."""
+    applied, release = threading.Event(), threading.Event()
+    second_connection: list[int] = []
+    errors: list[BaseException] = []
+    database = runtime.database
+
+    def run_first() -> None:
+        try:
+            with database.transaction() as session:
+                first(runtime, session, runtime.clock.now())
+                applied.set()
+                if not release.wait(timeout=60):
+                    raise TimeoutError("never released")
+        except BaseException as error:
+            errors.append(error)
+            applied.set()
+
+    def run_second() -> None:
+        try:
+            with database.transaction() as session:
+                second_connection.append(_connection_id(session))
+                second(runtime, session, runtime.clock.now())
+        except BaseException as error:
+            errors.append(error)
+            second_connection.append(-1)
+
+    one = threading.Thread(target=run_first)
+    one.start()
+    try:
+        assert applied.wait(timeout=60)
+        assert errors == []
+        two = threading.Thread(target=run_second)
+        two.start()
+        wait_for(lambda: bool(second_connection), 30, "the second transaction's connection")
+        observer = create_engine(database.url)
+        try:
+            wait_for(
+                _waits_on_a_lock(observer, second_connection[0]),
+                30,
+                "the second event to wait for the first's lock on the purchase",
+            )
+        finally:
+            observer.dispose()
+            release.set()
+            two.join(timeout=60)
+    finally:
+        release.set()
+        one.join(timeout=60)
+    assert not one.is_alive()
+    assert not two.is_alive()
+    assert errors == []
+
+
+def _payment(membership_id: str, **changes: Any) -> Apply:
+    facts = PaymentFacts(
+        **{
+            "payment_id": f"pay_{uuid.uuid4().hex[:12]}",
+            "status": "paid",
+            "billing_reason": "one_time",
+            "membership_id": membership_id,
+            "plan_id": MESSAGE_PLAN,
+            "product_id": "prod_1",
+            "user_id": "user_1",
+            "email": "buyer@example.com",
+            "checkout_configuration_id": None,
+            "metadata": {},
+            "amount": "25.00",
+            "currency": "usd",
+            "created_at": None,
+            "paid_at": None,
+            **changes,
+        }
+    )
+    return lambda runtime, session, now: runtime.orders.apply_payment(session, facts, now)
+
+
+def _activated(membership_id: str, **changes: Any) -> Apply:
+    facts = MembershipFacts(
+        **{
+            "membership_id": membership_id,
+            "status": "active",
+            "plan_id": MESSAGE_PLAN,
+            "product_id": "prod_1",
+            "user_id": "user_1",
+            "email": "buyer@example.com",
+            "checkout_configuration_id": None,
+            "metadata": {},
+            **changes,
+        }
+    )
+    return lambda runtime, session, now: runtime.orders.apply_membership_live(session, facts, now)
+
+
+def _orders_of(runtime: Runtime, membership_id: str) -> list[Order]:
+    with runtime.database.transaction() as session:
+        return list(session.scalars(select(Order).where(Order.whop_membership_id == membership_id)))
+
+
+@pytest.mark.parametrize("rows_exist", [False, True], ids=["new-keys", "keys-locked-before"])
+@pytest.mark.parametrize("payment_first", [True, False], ids=["payment-first", "activated-first"])
+def test_a_payment_and_its_membership_applied_at_once_make_one_order(
+    runtime: Runtime, payment_first: bool, rows_exist: bool
+) -> None:
+    """`rows_exist`: an earlier transaction locked these keys and committed (the first lock
+    of a key makes its row, later ones lock the row that is there)."""
+    membership_id = f"mem_{uuid.uuid4().hex[:12]}"
+    payment_id = f"pay_{uuid.uuid4().hex[:12]}"
+    if rows_exist:
+        with runtime.database.transaction() as session:
+            lock_keys(session, [f"payment:{payment_id}", f"membership:{membership_id}"])
+    pay = _payment(membership_id, payment_id=payment_id)
+    activate = _activated(membership_id)
+    first, second = (pay, activate) if payment_first else (activate, pay)
+
+    _apply_at_once(runtime, first, second)
+
+    orders = _orders_of(runtime, membership_id)
+    assert len(orders) == 1, [(o.id, o.status, o.whop_payment_id) for o in orders]
+    assert orders[0].status == OrderStatus.PAID.value
+    assert orders[0].whop_payment_id is not None
+
+
+def test_two_payments_of_one_checkout_link_at_once_each_keep_their_own_order(
+    runtime: Runtime,
+) -> None:
+    """A reused checkout link: two buyers pay through the same checkout at the same moment
+    (two memberships, two payments). The checkout's order is bound to the first payment; the
+    second waits on the checkout's key, then finds that order paid and gets one of its own.
+    Without the lock it would find the order still unpaid and bind it to its payment as well,
+    and the first payment would lose its order."""
+    checkout = f"ch_{uuid.uuid4().hex[:12]}"
+    order_id = new_order_id()
+    with runtime.database.transaction() as session:
+        session.add(
+            Order(
+                id=order_id,
+                status=OrderStatus.PENDING.value,
+                created_at=runtime.clock.now(),
+                plan_id=MESSAGE_PLAN,
+                checkout_configuration_id=checkout,
+                email="buyer@example.com",
+                order_metadata={},
+            )
+        )
+    first_membership, second_membership = (f"mem_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    first_payment, second_payment = (f"pay_{uuid.uuid4().hex[:12]}" for _ in range(2))
+
+    _apply_at_once(
+        runtime,
+        _payment(first_membership, payment_id=first_payment, checkout_configuration_id=checkout),
+        _payment(second_membership, payment_id=second_payment, checkout_configuration_id=checkout),
+    )
+
+    with runtime.database.transaction() as session:
+        by_payment = {
+            order.whop_payment_id: order
+            for order in session.scalars(
+                select(Order).where(Order.whop_payment_id.in_([first_payment, second_payment]))
+            )
+        }
+    assert set(by_payment) == {first_payment, second_payment}
+    assert by_payment[first_payment].id == order_id
+    assert by_payment[first_payment].whop_membership_id == first_membership
+    assert by_payment[second_payment].id != order_id
+    assert by_payment[second_payment].whop_membership_id == second_membership
+
+
+def test_locking_the_same_keys_again_in_one_transaction_is_harmless(runtime: Runtime) -> None:
+    """An apply chunk locks a purchase's keys once per event: the second time in the same
+    transaction neither waits nor fails, and keys repeated or empty in one call are fine."""
+    keys = [f"payment:{uuid.uuid4().hex}", f"membership:{uuid.uuid4().hex}"]
+    with runtime.database.transaction() as session:
+        lock_keys(session, [*keys, None, keys[0]])
+        lock_keys(session, keys)
+        lock_keys(session, [])
+
+
+def test_a_lock_held_the_previous_versions_way_makes_lock_keys_wait(runtime: Runtime) -> None:
+    """During a rolling upgrade a process of the previous version locks a key's row with
+    `SELECT … FOR UPDATE` (after inserting it if absent): lock_keys must wait for it, or the
+    two versions would not exclude each other."""
+    key = f"membership:mem_{uuid.uuid4().hex[:12]}"
+    with runtime.database.transaction() as session:
+        lock_keys(session, [key])  # the row exists, as the previous version left it
+
+    def previous_version(runtime: Runtime, session: Session, now: datetime) -> None:
+        session.execute(select(Lock.key).where(Lock.key == key).with_for_update()).one()
+
+    _apply_at_once(
+        runtime, previous_version, lambda runtime, session, now: lock_keys(session, [key])
+    )
