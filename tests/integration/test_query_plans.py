@@ -19,8 +19,11 @@ Real parts: SQLite (the planner under test), the Whop simulator over HTTP, an ai
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, Index, Table, select, text
@@ -31,6 +34,8 @@ from support.harness import (
     STOCK_PLAN,
     STOCK_POOL,
     drain,
+    make_runtime,
+    make_settings,
     wait_for,
 )
 from support.shop import Shop, open_shop
@@ -40,7 +45,10 @@ from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.base import Base
 from whop_autocancel.delivery.stock import items_for
+from whop_autocancel.orders.models import Order
+from whop_autocancel.orders.service import close_unpaid_orders, new_order_id
 from whop_autocancel.simulator import SimulatorServer
+from whop_autocancel.whop.payloads import MembershipFacts, PaymentFacts
 
 # Columns that hold one of a handful of values (a status, a kind, a plan, a stock pool): an
 # index on them finds a backlog, not a row.
@@ -49,8 +57,9 @@ LOW_CARDINALITY = frozenset({"status", "kind", "plan_id", "pool", "waiting_for_s
 # chunk of eight events.
 PLANS = (MESSAGE_PLAN, STOCK_PLAN, MESSAGE_PLAN, STOCK_PLAN)
 # `table.column = ?` or `table.column IN (` in a statement's text (SQLAlchemy qualifies
-# every column of a one-table statement with its table's name).
-TERM = re.compile(r"\b(\w+)\.(\w+) (?:= \?|IN \()")
+# every column of a one-table statement with its table's name), but not the second half of
+# `(table.column IS NULL OR table.column = ?)`, which no index answers.
+TERM = re.compile(r"(?<!IS NULL OR )\b(\w+)\.(\w+) (?:= \?|IN \()")
 
 
 @pytest.fixture
@@ -142,6 +151,165 @@ def test_no_statement_of_a_purchase_walks_a_status_index_past_its_key(shop: Shop
     wrong = [
         f"{reason}\n    {' '.join(statement.split())[:300]}"
         for statement, parameters in statements.items()
-        if (reason := walks_a_backlog(engine, statement, parameters)) is not None
+        if (
+            reason := walks_a_backlog(engine, statement, parameters)
+            or looks_up_nulls(engine, statement, parameters)
+        )
+        is not None
     ]
     assert wrong == [], "\n".join(wrong)
+
+
+# `SEARCH table USING [COVERING] INDEX name (a=? AND b>?)`: the table, the index, its terms.
+SEARCH = re.compile(r"SEARCH (\w+) USING (?:COVERING )?INDEX (\w+) \(([^)]*)\)")
+
+
+def unique_indexes(engine: Engine, table: str) -> set[str]:
+    """The names of `table`'s unique indexes (its primary key and unique columns')."""
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(f"PRAGMA index_list({table})")
+        return {str(row[1]) for row in rows if row[2]}
+
+
+def looks_up_nulls(engine: Engine, statement: str, parameters: object) -> str | None:
+    """Why this statement's plan is wrong (None: it is not): it searches a unique index for
+    the rows where its column is NULL, which the statement asks only `IS NULL` of. SQLite
+    plans `col IS NULL` as a lookup of one value (`col=?`), on a unique index of one row; but
+    every row without a value has it: every order not paid, for ever. (On an index that is not
+    unique the lookup is no worse than any other: the outbox finds its unsent emails so.)"""
+    for step in sqlite_plan(engine, statement, parameters):
+        found = SEARCH.search(step)
+        if found is None:
+            continue
+        table, index, terms = found.groups()
+        if index not in unique_indexes(engine, table):
+            continue
+        for term in terms.split(" AND "):
+            column = term.split("=")[0].strip()
+            asked = f"{table}.{column}"
+            if f"{asked} IS NULL" in statement and not re.search(
+                rf"\b{re.escape(asked)} (?:= \?|IN \()", statement
+            ):
+                return f"{step}: every row where {asked} IS NULL, taken for one"
+    return None
+
+
+def _payment(now: datetime, **changes: Any) -> PaymentFacts:
+    values: dict[str, Any] = {
+        "payment_id": f"pay_{uuid.uuid4().hex[:12]}",
+        "status": "paid",
+        "billing_reason": "one_time",
+        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
+        "plan_id": MESSAGE_PLAN,
+        "product_id": "prod_1",
+        "user_id": "user_1",
+        "email": "buyer@example.com",
+        "checkout_configuration_id": None,
+        "metadata": {},
+        "amount": "25.00",
+        "currency": "usd",
+        "created_at": now,
+        "paid_at": now,
+    }
+    return PaymentFacts(**(values | changes))
+
+
+def _membership(**changes: Any) -> MembershipFacts:
+    values: dict[str, Any] = {
+        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
+        "status": "active",
+        "plan_id": MESSAGE_PLAN,
+        "product_id": "prod_1",
+        "user_id": "user_1",
+        "email": "buyer@example.com",
+        "checkout_configuration_id": None,
+        "metadata": {},
+    }
+    return MembershipFacts(**(values | changes))
+
+
+def _from_on(statement: str) -> str:
+    """The statement from its FROM on (its columns say nothing of its plan)."""
+    flat = " ".join(statement.split())
+    return flat[flat.find(" FROM ") :] if " FROM " in flat else flat
+
+
+def test_no_statement_that_matches_a_purchase_walks_the_unpaid_orders(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    """Every checkout nobody paid stays an order without a payment (pending, then abandoned),
+    for ever: a shop gathers thousands. Matching a payment or a membership to its order, and the
+    sweep that closes unpaid orders, must find their rows by what the event names, never walk
+    the orders without a payment (nor a status or plan index past a key)."""
+    runtime = make_runtime(make_settings(tmp_path), clock)
+    try:
+        engine = runtime.database.engine
+        create_last(engine, low_cardinality_indexes())
+        now = clock.now()
+        checkout = "ch_reused"
+        named = new_order_id()
+        with runtime.database.transaction() as session:
+            for n, (status, checkout_id) in enumerate(
+                [
+                    ("pending", checkout),
+                    ("pending", "ch_other"),
+                    ("pending", None),
+                    ("abandoned", "ch_old"),
+                ]
+            ):
+                session.add(
+                    Order(
+                        id=named if n == 2 else new_order_id(),
+                        status=status,
+                        created_at=now - timedelta(seconds=60),
+                        plan_id=MESSAGE_PLAN,
+                        checkout_configuration_id=checkout_id,
+                        email="buyer@example.com",
+                        order_metadata={},
+                    )
+                )
+        orders = runtime.orders
+        activated_first = _membership(checkout_configuration_id="ch_other")
+        with recorded(engine) as sent, runtime.database.transaction() as session:
+            # Each step of the matching rule once: the checkout, the membership (its
+            # membership.activated came first), the order the metadata names, and none at all
+            # (the window finds nobody: a new order).
+            by_checkout = _payment(now, checkout_configuration_id=checkout)
+            matched = [orders.apply_payment(session, by_checkout, now)]
+            orders.apply_membership_live(session, activated_first, now)
+            matched.append(
+                orders.apply_payment(
+                    session, _payment(now, membership_id=activated_first.membership_id), now
+                )
+            )
+            matched.append(
+                orders.apply_payment(session, _payment(now, metadata={"order_id": named}), now)
+            )
+            matched.append(
+                orders.apply_payment(session, _payment(now, email="someone@example.com"), now)
+            )
+            orders.apply_membership_live(session, _membership(), now)
+            close_unpaid_orders(session, now, limit=100)
+        assert [order.matched_by for order in matched] == [
+            "checkout_configuration_id",
+            "membership_id",
+            "metadata.order_id",
+            "no matching order: new order",
+        ]
+        statements = {
+            statement: parameters
+            for statement, parameters in sent
+            if statement.lstrip().split()[0].upper() in ("SELECT", "UPDATE", "DELETE")
+        }
+        wrong = [
+            f"{reason}\n    …{_from_on(statement)[:300]}"
+            for statement, parameters in statements.items()
+            if (
+                reason := looks_up_nulls(engine, statement, parameters)
+                or walks_a_backlog(engine, statement, parameters)
+            )
+            is not None
+        ]
+        assert wrong == [], "\n".join(wrong)
+    finally:
+        runtime.close()

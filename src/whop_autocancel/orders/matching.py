@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
+from whop_autocancel.db.base import not_searched
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.whop.payloads import PaymentFacts
 
@@ -100,7 +101,9 @@ def find_order_for_payment(
 # than SQLite takes to run it). Which of them apply `_compatible`'s conditions depends on
 # which facts the payment has, hence one set per (membership known, checkout known).
 
-_UNPAID = Order.whop_payment_id.is_(None)
+# (Not looked up in the payment id's unique index on SQLite: every order without a payment
+# would be one row to it; see `not_searched`.)
+_UNPAID = not_searched(Order.whop_payment_id).is_(None)
 _BY_PAYMENT = select(Order).where(Order.whop_payment_id == bindparam("payment_id")).limit(1)
 _NAMED_UNPAID = select(Order).where(Order.id == bindparam("order_id"), _UNPAID).limit(1)
 

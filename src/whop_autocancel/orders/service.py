@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.catalog import Catalog
+from whop_autocancel.db.base import not_searched
 from whop_autocancel.db.locks import lock_keys
 from whop_autocancel.errors import WhopAutocancelError
 from whop_autocancel.jobs import Jobs
@@ -140,7 +141,7 @@ def close_unpaid_orders(session: Session, created_before: datetime, limit: int) 
         select(Order)
         .where(
             Order.status == OrderStatus.PENDING.value,
-            Order.whop_payment_id.is_(None),
+            not_searched(Order.whop_payment_id).is_(None),
             Order.created_at < created_before,
         )
         .order_by(Order.created_at)
