@@ -3,8 +3,8 @@ worker processes) make one order, on PostgreSQL and MariaDB: the second waits fo
 lock on the purchase's keys (`lock_keys`), then finds the order it made.
 
 Deterministic, no sleeps: the first transaction applies its event and stays open; the second
-starts and the test waits until the database shows it waiting on a lock (pg_locks, InnoDB's
-transactions), and only then lets the first commit. Without the lock the second would not wait:
+starts and the test waits until the database shows it waiting on a lock (pg_locks; MariaDB's
+process list), and only then lets the first commit. Without the lock the second would not wait:
 it would make an order of its own for the same membership, and the test would fail.
 
 SQLite is not run: its write transactions already go one at a time (BEGIN IMMEDIATE), so the
