@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from support.facts import membership_facts, payment_facts
 from support.harness import (
     MESSAGE_PLAN,
     UNLISTED_PLAN,
@@ -107,40 +108,12 @@ def service(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[S
     runtime.close()
 
 
-def payment(now: datetime, **changes: Any) -> PaymentFacts:
-    values: dict[str, Any] = {
-        "payment_id": f"pay_{uuid.uuid4().hex[:12]}",
-        "status": "paid",
-        "billing_reason": "one_time",
-        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
-        "plan_id": MESSAGE_PLAN,
-        "product_id": "prod_1",
-        "user_id": "user_1",
-        "email": "buyer@example.com",
-        "checkout_configuration_id": None,
-        "metadata": {},
-        "amount": "25.00",
-        "currency": "usd",
-        "created_at": now,
-        "paid_at": now,
-    }
-    values.update(changes)
-    return PaymentFacts(**values)
+payment = payment_facts
 
 
 def membership(**changes: Any) -> MembershipFacts:
-    values: dict[str, Any] = {
-        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
-        "status": "completed",
-        "plan_id": MESSAGE_PLAN,
-        "product_id": "prod_1",
-        "user_id": "user_1",
-        "email": "buyer@example.com",
-        "checkout_configuration_id": None,
-        "metadata": {},
-    }
-    values.update(changes)
-    return MembershipFacts(**values)
+    """A membership that is already `completed` (one-time access granted) unless changed."""
+    return membership_facts(**({"status": "completed"} | changes))
 
 
 # The window rule (finding 1) ----------------------------------------------------------------

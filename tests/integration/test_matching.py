@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from support.facts import payment_facts
 from support.harness import MESSAGE_PLAN, make_runtime, make_settings
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
@@ -23,25 +25,14 @@ def runtime(tmp_path: Path, clock: FrozenClock, database_url: str) -> Iterator[R
     runtime.close()
 
 
-def facts(created_at: datetime, **changes: object) -> PaymentFacts:
-    values: dict[str, object] = {
+def facts(created_at: datetime, **changes: Any) -> PaymentFacts:
+    """The payment `pay_Match1` of membership `mem_Match1`, paid 10 s after it was created."""
+    fixed: dict[str, Any] = {
         "payment_id": "pay_Match1",
-        "status": "paid",
-        "billing_reason": "one_time",
         "membership_id": "mem_Match1",
-        "plan_id": MESSAGE_PLAN,
-        "product_id": "prod_1",
-        "user_id": "user_1",
-        "email": "buyer@example.com",
-        "checkout_configuration_id": None,
-        "metadata": {},
-        "amount": "25.00",
-        "currency": "usd",
-        "created_at": created_at,
         "paid_at": created_at + timedelta(seconds=10),
     }
-    values.update(changes)
-    return PaymentFacts(**values)  # type: ignore[arg-type]
+    return payment_facts(created_at, **(fixed | changes))
 
 
 # What the window rule needs of a pending order: a Whop checkout that exists, and the buyer's

@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 
+from support.facts import membership_facts, payment_facts
 from support.harness import MESSAGE_PLAN, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.locks import Lock, lock_keys
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import new_order_id
 from whop_autocancel.runtime import Runtime
-from whop_autocancel.whop.payloads import MembershipFacts, PaymentFacts
 
 Apply = Callable[[Runtime, Session, datetime], object]
 
@@ -129,42 +129,12 @@ def _apply_at_once(runtime: Runtime, first: Apply, second: Apply) -> None:
 
 
 def _payment(membership_id: str, **changes: Any) -> Apply:
-    facts = PaymentFacts(
-        **{
-            "payment_id": f"pay_{uuid.uuid4().hex[:12]}",
-            "status": "paid",
-            "billing_reason": "one_time",
-            "membership_id": membership_id,
-            "plan_id": MESSAGE_PLAN,
-            "product_id": "prod_1",
-            "user_id": "user_1",
-            "email": "buyer@example.com",
-            "checkout_configuration_id": None,
-            "metadata": {},
-            "amount": "25.00",
-            "currency": "usd",
-            "created_at": None,
-            "paid_at": None,
-            **changes,
-        }
-    )
+    facts = payment_facts(None, membership_id=membership_id, **changes)
     return lambda runtime, session, now: runtime.orders.apply_payment(session, facts, now)
 
 
 def _activated(membership_id: str, **changes: Any) -> Apply:
-    facts = MembershipFacts(
-        **{
-            "membership_id": membership_id,
-            "status": "active",
-            "plan_id": MESSAGE_PLAN,
-            "product_id": "prod_1",
-            "user_id": "user_1",
-            "email": "buyer@example.com",
-            "checkout_configuration_id": None,
-            "metadata": {},
-            **changes,
-        }
-    )
+    facts = membership_facts(membership_id=membership_id, **changes)
     return lambda runtime, session, now: runtime.orders.apply_membership_live(session, facts, now)
 
 

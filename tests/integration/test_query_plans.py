@@ -19,15 +19,14 @@ Real parts: SQLite (the planner under test), the Whop simulator over HTTP, an ai
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, Index, Table, select, text
 
+from support.facts import membership_facts, payment_facts
 from support.harness import (
     MESSAGE_PLAN,
     STOCK_CATALOG,
@@ -48,7 +47,6 @@ from whop_autocancel.delivery.stock import items_for
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import close_unpaid_orders, new_order_id
 from whop_autocancel.simulator import SimulatorServer
-from whop_autocancel.whop.payloads import MembershipFacts, PaymentFacts
 
 # Columns that hold one of a handful of values (a status, a kind, a plan, a stock pool): an
 # index on them finds a backlog, not a row.
@@ -194,40 +192,6 @@ def looks_up_nulls(engine: Engine, statement: str, parameters: object) -> str | 
     return None
 
 
-def _payment(now: datetime, **changes: Any) -> PaymentFacts:
-    values: dict[str, Any] = {
-        "payment_id": f"pay_{uuid.uuid4().hex[:12]}",
-        "status": "paid",
-        "billing_reason": "one_time",
-        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
-        "plan_id": MESSAGE_PLAN,
-        "product_id": "prod_1",
-        "user_id": "user_1",
-        "email": "buyer@example.com",
-        "checkout_configuration_id": None,
-        "metadata": {},
-        "amount": "25.00",
-        "currency": "usd",
-        "created_at": now,
-        "paid_at": now,
-    }
-    return PaymentFacts(**(values | changes))
-
-
-def _membership(**changes: Any) -> MembershipFacts:
-    values: dict[str, Any] = {
-        "membership_id": f"mem_{uuid.uuid4().hex[:12]}",
-        "status": "active",
-        "plan_id": MESSAGE_PLAN,
-        "product_id": "prod_1",
-        "user_id": "user_1",
-        "email": "buyer@example.com",
-        "checkout_configuration_id": None,
-        "metadata": {},
-    }
-    return MembershipFacts(**(values | changes))
-
-
 def _from_on(statement: str) -> str:
     """The statement from its FROM on (its columns say nothing of its plan)."""
     flat = " ".join(statement.split())
@@ -269,26 +233,26 @@ def test_no_statement_that_matches_a_purchase_walks_the_unpaid_orders(
                     )
                 )
         orders = runtime.orders
-        activated_first = _membership(checkout_configuration_id="ch_other")
+        activated_first = membership_facts(checkout_configuration_id="ch_other")
         with recorded(engine) as sent, runtime.database.transaction() as session:
             # Each step of the matching rule once: the checkout, the membership (its
             # membership.activated came first), the order the metadata names, and none at all
             # (the window finds nobody: a new order).
-            by_checkout = _payment(now, checkout_configuration_id=checkout)
+            by_checkout = payment_facts(now, checkout_configuration_id=checkout)
             matched = [orders.apply_payment(session, by_checkout, now)]
             orders.apply_membership_live(session, activated_first, now)
             matched.append(
                 orders.apply_payment(
-                    session, _payment(now, membership_id=activated_first.membership_id), now
+                    session, payment_facts(now, membership_id=activated_first.membership_id), now
                 )
             )
             matched.append(
-                orders.apply_payment(session, _payment(now, metadata={"order_id": named}), now)
+                orders.apply_payment(session, payment_facts(now, metadata={"order_id": named}), now)
             )
             matched.append(
-                orders.apply_payment(session, _payment(now, email="someone@example.com"), now)
+                orders.apply_payment(session, payment_facts(now, email="someone@example.com"), now)
             )
-            orders.apply_membership_live(session, _membership(), now)
+            orders.apply_membership_live(session, membership_facts(), now)
             close_unpaid_orders(session, now, limit=100)
         assert [order.matched_by for order in matched] == [
             "checkout_configuration_id",
