@@ -102,12 +102,12 @@ def create_last(engine: Engine, indexes: dict[str, Index]) -> None:
             connection.execute(text(f"CREATE INDEX {name} ON {table.name} ({columns})"))
 
 
-def walks_a_backlog(engine: Engine, statement: str, parameters: object) -> str | None:
-    """Why this statement's plan is wrong (None: it is not): it names a key of a table and
-    still searches that table by a status or kind index."""
+def walks_a_backlog(statement: str, plan: list[str]) -> str | None:
+    """Why this statement's plan (its steps) is wrong (None: it is not): it names a key of a
+    table and still searches that table by a status or kind index."""
     named = TERM.findall(statement)
     indexes = low_cardinality_indexes()
-    for step in sqlite_plan(engine, statement, parameters):
+    for step in plan:
         for name, index in indexes.items():
             if f"INDEX {name} " not in f"{step} ":
                 continue
@@ -162,16 +162,15 @@ def reads_and_writes(sent: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def wrong_plans(engine: Engine, sent: list[tuple[str, Any]]) -> list[str]:
     """What is wrong with the plan of each of them (`walks_a_backlog`, `looks_up_nulls`),
-    with the statement from its FROM on."""
-    return [
-        f"{reason}\n    …{_from_on(statement)[:300]}"
-        for statement, parameters in reads_and_writes(sent).items()
-        if (
-            reason := walks_a_backlog(engine, statement, parameters)
-            or looks_up_nulls(engine, statement, parameters)
-        )
-        is not None
-    ]
+    with the statement from its FROM on. Each plan is asked of SQLite once."""
+    unique = {table: unique_indexes(engine, table) for table in Base.metadata.tables}
+    wrong = []
+    for statement, parameters in reads_and_writes(sent).items():
+        plan = sqlite_plan(engine, statement, parameters)
+        reason = walks_a_backlog(statement, plan) or looks_up_nulls(statement, plan, unique)
+        if reason is not None:
+            wrong.append(f"{reason}\n    …{_from_on(statement)[:300]}")
+    return wrong
 
 
 def _from_on(statement: str) -> str:
@@ -191,18 +190,19 @@ def unique_indexes(engine: Engine, table: str) -> set[str]:
         return {str(row[1]) for row in rows if row[2]}
 
 
-def looks_up_nulls(engine: Engine, statement: str, parameters: object) -> str | None:
+def looks_up_nulls(statement: str, plan: list[str], unique: dict[str, set[str]]) -> str | None:
     """Why this statement's plan is wrong (None: it is not): it searches a unique index for
     the rows where its column is NULL, which the statement asks only `IS NULL` of. SQLite
     plans `col IS NULL` as a lookup of one value (`col=?`), on a unique index of one row; but
     every row without a value has it: every order not paid, for ever. (On an index that is not
-    unique the lookup is no worse than any other: the outbox finds its unsent emails so.)"""
-    for step in sqlite_plan(engine, statement, parameters):
+    unique the lookup is no worse than any other: the outbox finds its unsent emails so.)
+    `unique`: each table's unique indexes (`unique_indexes`)."""
+    for step in plan:
         found = SEARCH.search(step)
         if found is None:
             continue
         table, index, terms = found.groups()
-        if index not in unique_indexes(engine, table):
+        if index not in unique.get(table, set()):
             continue
         for term in terms.split(" AND "):
             column = term.split("=")[0].strip()

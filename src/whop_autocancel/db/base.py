@@ -78,11 +78,10 @@ def _column_not_searched(element: _NotSearched, compiler: SQLCompiler, **kw: Any
 
 def not_searched(column: ColumnElement[Any] | QueryableAttribute[Any]) -> ColumnElement[Any]:
     """`column` in a condition that SQLite must not answer from an index on it. Without
-    statistics (nobody runs ANALYZE) its planner takes `column IS NULL` on an indexed column
-    for a lookup of one value, and on a unique index for one row, where it is every row
-    without a value (every order not paid: all the checkouts nobody paid, for ever); and an
-    equality on a column of a few values (a status, a plan) ties with the term that finds the
-    row. Other databases plan from statistics and see the column as it is."""
+    statistics (nobody runs ANALYZE) its planner takes `column IS NULL` on a unique index for
+    a lookup of one row, where it is every row without a value (every order not paid: all the
+    checkouts nobody paid, for ever), and prefers it to the index of the key the statement
+    names. Other databases plan from statistics and see the column as it is."""
     if isinstance(column, QueryableAttribute):
         return _NotSearched(column.__clause_element__())
     return _NotSearched(column)

@@ -57,5 +57,7 @@ def _lock_statement(dialect: str, count: int) -> Any:
         return insert.on_conflict_do_update(
             index_elements=[table.c.key], set_={"key": insert.excluded.key}, where=false()
         )
-    insert_ = mysql.insert(table).values(rows)
-    return insert_.on_duplicate_key_update(key=insert_.inserted.key)
+    if dialect in ("mysql", "mariadb"):
+        insert_ = mysql.insert(table).values(rows)
+        return insert_.on_duplicate_key_update(key=insert_.inserted.key)
+    raise ValueError(f"no row locks for the {dialect} dialect")

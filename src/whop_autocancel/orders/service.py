@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 import structlog
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from whop_autocancel.alerts.models import AlertKind
@@ -109,7 +109,7 @@ def order_of_recorded_payment(session: Session, payment_id: str) -> str | None:
     """The order that holds this payment as applied (None: the payment was never applied). An
     order a refund or dispute created ahead of its payment, still `pending`, does not count:
     the payment is still to be applied (and delivered, unless the claim ended the order)."""
-    found: str | None = session.scalars(_recorded_payment(payment_id).limit(1)).first()
+    found: str | None = session.scalars(_RECORDED, {"payment_id": payment_id}).first()
     return found
 
 
@@ -121,15 +121,14 @@ def recorded_payments(session: Session, payment_ids: Sequence[str]) -> set[str]:
     return set(session.scalars(_RECORDED_AMONG, {"payment_ids": list(payment_ids)}))
 
 
-def _recorded_payment(payment_id: str) -> Select[str]:
-    return select(Order.id).where(
-        Order.whop_payment_id == payment_id, Order.status != OrderStatus.PENDING.value
-    )
-
-
+# A payment is applied once an order holds it and has left `pending` (see
+# `order_of_recorded_payment`); both statements built once.
+_APPLIED = Order.status != OrderStatus.PENDING.value
+_RECORDED = (
+    select(Order.id).where(Order.whop_payment_id == bindparam("payment_id"), _APPLIED).limit(1)
+)
 _RECORDED_AMONG = select(Order.whop_payment_id).where(
-    Order.whop_payment_id.in_(bindparam("payment_ids", expanding=True)),
-    Order.status != OrderStatus.PENDING.value,
+    Order.whop_payment_id.in_(bindparam("payment_ids", expanding=True)), _APPLIED
 )
 
 
