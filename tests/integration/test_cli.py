@@ -28,6 +28,7 @@ from support.terminal import help_pages, on_terminal
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.cli import app
 from whop_autocancel.orders.models import Order
+from whop_autocancel.schema.migrate import HEAD_REVISION
 from whop_autocancel.settings import normalise_database_url
 
 
@@ -207,9 +208,9 @@ def test_serve_logs_uvicorns_lines_without_their_color_message(tmp_path: Path) -
 def test_migrate_says_what_it_did(tmp_path: Path) -> None:
     first = run_cli(tmp_path, "migrate")
     assert first.returncode == 0, first.stderr
-    assert "Database migrated from empty to 0010." in first.stdout
+    assert f"Database migrated from empty to {HEAD_REVISION}." in first.stdout
     second = run_cli(tmp_path, "migrate")
-    assert "already at revision 0010; nothing to do" in second.stdout
+    assert f"already at revision {HEAD_REVISION}; nothing to do" in second.stdout
 
 
 @pytest.mark.parametrize(

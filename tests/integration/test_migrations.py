@@ -6,15 +6,18 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import insert, select
 
 from whop_autocancel.db.engine import Database
 from whop_autocancel.errors import ConfigurationError
+from whop_autocancel.mail.models import Email
 from whop_autocancel.schema import Base
 from whop_autocancel.schema.migrate import (
     HEAD_REVISION,
@@ -38,7 +41,55 @@ def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
             command.downgrade(config, "0003")
         assert current_revision(database) == "0003"
         upgrade(database)  # and back: the shared test databases stay at head
-        assert current_revision(database) == "0010"
+        assert current_revision(database) == HEAD_REVISION
+    finally:
+        database.dispose()
+
+
+def test_emails_done_lose_their_next_attempt_and_get_it_back_on_downgrade(
+    database_url: str,
+) -> None:
+    """0011: an email sent or given up has no next attempt (so the due index holds only the
+    waiting ones); a downgrade gives each one back (the column is NOT NULL there)."""
+    database = Database(database_url)
+    at = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    sent, failed = at + timedelta(seconds=5), at + timedelta(seconds=9)
+    try:
+        upgrade(database)
+        config = alembic_config(database)
+        with database.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0010")
+        emails = Email.__table__
+        rows = {"waiting": (None, None), "sent": (sent, None), "failed": (None, failed)}
+        with database.engine.begin() as connection:
+            for kind, (sent_at, failed_at) in rows.items():
+                connection.execute(
+                    insert(emails).values(
+                        kind=kind,
+                        to_address="buyer@example.com",
+                        subject="s",
+                        text_body="t",
+                        created_at=at,
+                        attempts=1,
+                        next_attempt_at=at,
+                        sent_at=sent_at,
+                        failed_at=failed_at,
+                    )
+                )
+
+        def next_attempts() -> dict[str, datetime | None]:
+            with database.engine.connect() as connection:
+                found = connection.execute(select(emails.c.kind, emails.c.next_attempt_at))
+                return {kind: due for kind, due in found}
+
+        upgrade(database)
+        assert next_attempts() == {"waiting": at, "sent": None, "failed": None}
+        with database.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0010")
+        assert next_attempts() == {"waiting": at, "sent": sent, "failed": failed}
+        upgrade(database)  # the shared test databases stay at head
     finally:
         database.dispose()
 
@@ -66,7 +117,7 @@ def test_a_start_on_a_current_schema_does_not_load_alembic(tmp_path: Path) -> No
         "from whop_autocancel.db.engine import Database\n"
         "from whop_autocancel.schema.migrate import upgrade\n"
         f"database = Database({url!r})\n"
-        "assert upgrade(database) == ('0010', '0010'), upgrade(database)\n"
+        f"assert upgrade(database) == ({HEAD_REVISION!r}, {HEAD_REVISION!r}), upgrade(database)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
     )
     done = subprocess.run(
@@ -84,8 +135,8 @@ def test_serve_migrates_sqlite_in_a_child_process(tmp_path: Path) -> None:
         "from whop_autocancel.db.engine import Database\n"
         "from whop_autocancel.schema.migrate import current_revision, upgrade_in_child\n"
         f"database = Database({url!r})\n"
-        "assert upgrade_in_child(database) == (None, '0010')\n"
-        "assert current_revision(database) == '0010'\n"
+        f"assert upgrade_in_child(database) == (None, {HEAD_REVISION!r})\n"
+        f"assert current_revision(database) == {HEAD_REVISION!r}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
     )
     done = subprocess.run(

@@ -9,10 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import event, func, select, update
 
 from support.harness import drain, free_port, make_runtime, make_settings, wait_for
-from support.statements import recorded, sqlite_plan, verbs
+from support.statements import recorded, sqlite_plan, sqlite_steps, verbs
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
@@ -563,8 +563,9 @@ def test_a_full_batch_wakes_the_next_job_until_nothing_is_due(runtime: Runtime, 
 
 def test_a_claim_reads_no_more_of_a_backlog_than_it_takes(runtime: Runtime, port: int) -> None:
     """With thousands of emails waiting (a flash sale), each claim must read a batch, not the
-    whole backlog: SQLite walks the `sent_at` index in id order and stops at the batch's end,
-    with no sort of every waiting row (which made each claim cost as much as the backlog)."""
+    whole backlog: SQLite walks the `next_attempt_at` index in its order and stops at the
+    batch's end, with no sort of every waiting row (which made each claim cost as much as the
+    backlog)."""
     if runtime.database.backend != "sqlite":
         pytest.skip("reads SQLite's query plan")
     for n in range(3):
@@ -578,8 +579,53 @@ def test_a_claim_reads_no_more_of_a_backlog_than_it_takes(runtime: Runtime, port
         if sql.lstrip().upper().startswith("SELECT") and "FROM emails" in sql and "LIMIT" in sql
     ]
     plan = sqlite_plan(engine, sql, parameters)
-    assert any("INDEX ix_emails_sent_at" in step for step in plan), plan
+    assert any("INDEX ix_emails_next_attempt_at" in step for step in plan), plan
     assert not any("TEMP B-TREE" in step for step in plan), plan
+
+
+# Emails that are done: each sent one, and each given up (a rejected address, a day's SMTP
+# outage). Half and half; enough that reading them costs many times a send's own work.
+DONE_EMAILS = 600
+
+
+def test_emails_sent_or_given_up_cost_the_next_send_and_sweep_nothing(
+    runtime: Runtime, port: int
+) -> None:
+    """Every email ever sent stays in the table, and so does every one given up. Neither may
+    make the next send, or the stuck-work sweep, read them: a shop that once had its SMTP
+    server reject a day's mail would pay for it on every purchase from then on. Counted in
+    SQLite's virtual-machine steps (work, not time): a send and a sweep with the done emails
+    in the table, against the same with none."""
+    if runtime.database.backend != "sqlite":
+        pytest.skip("counts SQLite's steps")
+    engine = runtime.database.engine
+
+    def send_and_sweep() -> tuple[int, int]:
+        email_id = queued(runtime, to="next@example.com")
+        with sqlite_steps(engine) as send:
+            runtime.outbox.send(email_id)
+        with sqlite_steps(engine) as sweep:
+            runtime.stuck_sweep.run(force=True)
+        return send[0], sweep[0]
+
+    with SmtpSink(port=port, credentials=CREDENTIALS) as sink:
+        alone = send_and_sweep()
+        for n in range(DONE_EMAILS // 2):
+            sink.reject(f"gone{n}@example.com")
+            queue(runtime, to=f"gone{n}@example.com", wake=False)
+            queue(runtime, to=f"sent{n}@example.com", wake=False)
+        queue(runtime, to="last@example.com")  # one job: each full batch wakes the next
+        drain(runtime)
+        with runtime.database.transaction() as session:
+            done = session.execute(
+                select(func.count(Email.failed_at), func.count(Email.sent_at))
+            ).one()
+        assert tuple(done) == (DONE_EMAILS // 2, DONE_EMAILS // 2 + 2)
+        among_done = send_and_sweep()
+    assert recipients(sink)[-1] == "next@example.com"
+    send, sweep = among_done
+    assert send <= alone[0] * 1.2, f"a send: {alone[0]} steps alone, {send} among done emails"
+    assert sweep <= alone[1] * 1.2, f"a sweep: {alone[1]} steps alone, {sweep} among done ones"
 
 
 def test_a_job_sends_its_own_email_first_and_at_most_a_batch(runtime: Runtime, port: int) -> None:

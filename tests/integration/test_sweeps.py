@@ -277,9 +277,10 @@ def test_only_one_worker_sweeps_per_tick(runtime: Runtime, clock: FrozenClock) -
 
 
 def test_the_sweeps_look_for_unsent_emails_reads_the_unsent_ones_only(runtime: Runtime) -> None:
-    """Every tick looks for unsent emails: by the `sent_at` index (the few not sent), never by
-    `failed_at`'s, where nearly every email ever sent has NULL and SQLite, which keeps no
-    statistics, would walk them all (the outbox's claim reads the same way)."""
+    """Every tick looks for unsent emails: by the `next_attempt_at` index, which holds only
+    the emails waiting (NULL for each one sent or given up), never by `sent_at`'s (where every
+    email given up is NULL too) or `failed_at`'s (every email ever sent): SQLite, which keeps
+    no statistics, would walk them all (the outbox's claim reads the same way)."""
     if runtime.database.backend != "sqlite":
         pytest.skip("reads SQLite's query plan")
     engine = runtime.database.engine
@@ -291,4 +292,4 @@ def test_the_sweeps_look_for_unsent_emails_reads_the_unsent_ones_only(runtime: R
         if sql.lstrip().upper().startswith("SELECT") and "FROM emails" in sql
     ]
     plan = sqlite_plan(engine, sql, parameters)
-    assert any("INDEX ix_emails_sent_at" in step for step in plan), plan
+    assert any("INDEX ix_emails_next_attempt_at (next_attempt_at<?)" in step for step in plan), plan

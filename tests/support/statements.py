@@ -38,3 +38,32 @@ def sqlite_plan(engine: Engine, statement: str, parameters: Any) -> list[str]:
             str(step[-1])
             for step in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
         ]
+
+
+@contextmanager
+def sqlite_steps(engine: Engine) -> Iterator[list[int]]:
+    """The work SQLite does for `engine` while the block runs, counted, not timed: the
+    virtual machine's instructions (its progress handler, called at each one: SQLite counts
+    them per statement, so a coarser count would miss short statements), summed over every
+    connection the block checks out. The same statements over the same rows always
+    take the same steps, so a path that reads rows it does not need shows as a count that
+    grows with them."""
+    ticks = [0]
+
+    def tick() -> int:
+        ticks[0] += 1
+        return 0  # go on
+
+    def checked_out(dbapi_connection: Any, *_: object) -> None:
+        dbapi_connection.set_progress_handler(tick, 1)
+
+    def checked_in(dbapi_connection: Any, *_: object) -> None:
+        dbapi_connection.set_progress_handler(None, 0)
+
+    event.listen(engine, "checkout", checked_out)
+    event.listen(engine, "checkin", checked_in)
+    try:
+        yield ticks
+    finally:
+        event.remove(engine, "checkout", checked_out)
+        event.remove(engine, "checkin", checked_in)

@@ -48,7 +48,7 @@ class EmailRow:
     to: str
     subject: str
     attempts: int
-    next_attempt_at: datetime
+    next_attempt_at: datetime | None  # None once it is sent or given up
     last_error: str | None  # the SMTP server's last answer (or the connection error)
     created_at: datetime  # when it was queued (or put back by `emails retry`)
     sent_at: datetime | None

@@ -23,6 +23,7 @@ from whop_autocancel.alerts.models import Alert, AlertKind
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.db import leases
 from whop_autocancel.mail.models import Email
+from whop_autocancel.mail.outbox import WAITING
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import ONE_TIME
 from whop_autocancel.reconcile.sweeps import STUCK_SWEEP_LEASE
@@ -146,8 +147,7 @@ def backlogs(session: Session, now: datetime, listed_plans: Sequence[str]) -> li
             session,
             "emails due",
             Email.next_attempt_at,
-            Email.sent_at.is_(None),
-            Email.failed_at.is_(None),
+            WAITING,
             Email.next_attempt_at <= now,
         ),
         _backlog(

@@ -364,7 +364,7 @@ def _email_hold(
     ]
     if not emails or any(sent_at is not None for sent_at, _, _ in emails):
         return None
-    retried = [due for _, failed_at, due in emails if failed_at is None]
+    retried = [due for _, failed_at, due in emails if failed_at is None and due is not None]
     if not retried:
         return last_interval, (
             f"{WAITING_FOR_EMAIL}, which failed (see the email_failed alert): fix the address "

@@ -31,7 +31,10 @@ class Email(Base):
     alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # When it is due (queued, or retried): NULL once it is sent or given up, so that this
+    # index holds only the messages still waiting, and finding the due ones never reads the
+    # emails done (every one ever sent, every one given up).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True, default=None)
     # Given up: the SMTP server rejected it permanently (5xx), or did not accept it within

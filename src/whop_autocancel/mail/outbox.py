@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import httpx
@@ -89,16 +89,28 @@ def unsent_due(
     a worker at `now` (or its lease ran out: that worker died or hung). The outbox's claim
     asks it of `now`; the stuck-work sweep of a moment a grace period earlier.
 
-    Only `sent_at IS NULL` can be served by an index: `failed_at` is tested inside an
-    expression, since on a table of sent emails `failed_at IS NULL` holds for nearly every
-    row, and SQLite, which keeps no statistics, would otherwise walk its index (all the
-    emails ever sent) instead of `sent_at`'s (the few not sent)."""
+    Found by the range of `next_attempt_at`, which is NULL for every message done: its index
+    holds only the waiting ones. `sent_at` and `failed_at` are tested inside an expression,
+    which no index answers: SQLite, which keeps no statistics, would take `IS NULL` on their
+    indexes for a lookup, and walk every email given up (or, for `failed_at`, every one ever
+    sent). They are still tested, for a message a previous version marked done without
+    clearing its next attempt."""
     return and_(
-        _EMAILS.c.sent_at.is_(None),
-        func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at).is_(None),
         _EMAILS.c.next_attempt_at <= due_by,
+        _done_at().is_(None),
         or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now),
     )
+
+
+def _done_at() -> ColumnElement[datetime | None]:
+    return func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at)
+
+
+# A message not sent and not given up, found by the same index as `unsent_due` (for the
+# counts of the dashboard and the metrics). Its `next_attempt_at IS NOT NULL` is written as a
+# range: SQLite's planner takes a bare `IS NOT NULL` for most of the table and scans it all.
+_EVER = datetime(2000, 1, 1, tzinfo=UTC)
+WAITING = and_(_EMAILS.c.next_attempt_at >= _EVER, _done_at().is_(None))
 
 
 def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
@@ -121,6 +133,7 @@ _MARK_SENT = (
     .values(
         attempts=_EMAILS.c.attempts + 1,
         sent_at=_NOW,
+        next_attempt_at=None,
         lease_until=None,
         last_error=None,
     )
@@ -133,9 +146,15 @@ _RELEASE = (
 
 
 def _others_statement(*, skip_locked: bool) -> Select[Email]:
-    """The other due messages a claim sends with its own, oldest first: by the `sent_at`
-    index, in id order, so it reads no more rows than it takes however many wait."""
-    statement = select(Email).where(_due(_NOW)).order_by(Email.id).limit(bindparam("room"))
+    """The other due messages a claim sends with its own, the longest due first (then in the
+    order queued): in the order of the `next_attempt_at` index, so it reads no more rows than
+    it takes however many wait."""
+    statement = (
+        select(Email)
+        .where(_due(_NOW))
+        .order_by(Email.next_attempt_at, Email.id)
+        .limit(bindparam("room"))
+    )
     return statement.with_for_update(skip_locked=True) if skip_locked else statement
 
 
@@ -399,7 +418,12 @@ class Outbox:
         now = self._clock.now()
         if accepted:
             session.execute(_MARK_SENT, {"email_ids": [row.id for row, _ in accepted], "now": now})
-            changes = {"sent_at": now, "lease_until": None, "last_error": None}
+            changes = {
+                "sent_at": now,
+                "next_attempt_at": None,
+                "lease_until": None,
+                "last_error": None,
+            }
             for row, attempts in accepted:
                 # The hooks get the row as claimed, brought up to date without reading it
                 # again (one round trip less per email): the values it now has, as committed.
@@ -440,6 +464,7 @@ class Outbox:
             row.attempts += 1
             row.last_error = str(error)
             row.lease_until = None
+            row.next_attempt_at = None
             row.failed_at = now
             for hook in self._on_failed:
                 hook(session, row, now)
