@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, Index, Table, select, text
+from sqlalchemy import Engine, Index, Table, select
 
 from support.facts import membership_facts, payment_facts
 from support.harness import (
@@ -44,7 +44,7 @@ from support.harness import (
     wait_for,
 )
 from support.shop import Shop, open_shop
-from support.statements import recorded, sqlite_plan
+from support.statements import create_last, recorded, sqlite_plan
 from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
@@ -89,17 +89,6 @@ def key_columns(table: Table) -> set[str]:
     keys |= {column.name for column in table.columns if column.unique}
     keys |= {index.columns.values()[0].name for index in table.indexes}
     return keys - LOW_CARDINALITY
-
-
-def create_last(engine: Engine, indexes: dict[str, Index]) -> None:
-    """Drop each index and create it again, so that the planner's ties go to it."""
-    with engine.begin() as connection:
-        for name, index in indexes.items():
-            table = index.table
-            assert table is not None
-            columns = ", ".join(column.name for column in index.columns)
-            connection.execute(text(f"DROP INDEX {name}"))
-            connection.execute(text(f"CREATE INDEX {name} ON {table.name} ({columns})"))
 
 
 def walks_a_backlog(statement: str, plan: list[str]) -> str | None:

@@ -81,9 +81,12 @@ def not_searched(column: ColumnElement[Any] | QueryableAttribute[Any]) -> Column
     statistics (nobody runs ANALYZE) its planner takes `column IS NULL` on a unique index for
     a lookup of one row, where it is every row without a value (every order not paid: all the
     checkouts nobody paid, for ever), and prefers it to the index of the key the statement
-    names. In a `GROUP BY` of a status or kind, it keeps SQLite from walking that column's
-    whole index for its order instead of the few rows the condition finds. Other databases
-    plan from statistics and see the column as it is."""
+    names. Where two columns of few values are both tested (a status and a plan), it leaves
+    SQLite the index meant (the status's: the few rows in that state), not a tie it breaks by
+    whichever index was created last (the plan's: every row of the plan ever). In a `GROUP
+    BY` of a kind, it keeps SQLite from walking that column's whole index for its order
+    instead of the few rows the condition finds. Other databases plan from statistics and see
+    the column as it is."""
     if isinstance(column, QueryableAttribute):
         return _NotSearched(column.__clause_element__())
     return _NotSearched(column)

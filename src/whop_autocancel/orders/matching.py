@@ -132,8 +132,11 @@ def _statements(membership_known: bool, checkout_known: bool) -> _Steps:
         .where(
             _UNPAID,
             *compatible,
+            # Found by the status index: the pending orders, which PENDING_ORDER_TTL bounds.
+            # Never by the plan's, every order of the plan ever (SQLite, without statistics,
+            # ties the two and takes the index created last, which differs between installs).
             Order.status == OrderStatus.PENDING.value,
-            Order.plan_id == bindparam("plan_id"),
+            not_searched(Order.plan_id) == bindparam("plan_id"),
             Order.created_at >= bindparam("earliest"),
             Order.created_at <= bindparam("latest"),
             # Only a checkout Whop created can have been paid; an order whose creation failed
