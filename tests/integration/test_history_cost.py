@@ -1,12 +1,14 @@
 """A purchase costs the same database work in a shop with a long history as on its first day.
 
 Every purchase leaves its rows for ever: the order, its payment, its webhooks, its emails, its
-cancellation; every checkout nobody paid leaves an order that ends abandoned. A statement that
+cancellation; every checkout nobody paid leaves an order that ends abandoned; every bounced
+email stays given up, every refund stays recorded. A statement that
 reads any of them to serve a new purchase (a status or plan index walked past its key, `IS NULL`
 taken for a lookup, a sort of a whole backlog) makes each purchase dearer than the one before,
 which no test on a fresh database shows. So this test runs purchases, from the payment to the
 webhook of the cancelled membership, in a fresh shop and again after hundreds of paid and
-unpaid checkouts, and counts the work SQLite does for them: its virtual-machine steps
+unpaid checkouts (a third of the paid ones with a bounced delivery email, a fifth refunded, some
+checkout links paid twice), and counts the work SQLite does for them: its virtual-machine steps
 (`sqlite_steps`), which do not depend on the machine's speed or load.
 
 SQLite keeps no statistics, so it ties indexes of equal promise and takes the one created last,
@@ -18,16 +20,21 @@ Real parts: SQLite (file), the service over HTTP, the Whop simulator over HTTP, 
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
-from support.harness import MESSAGE_PLAN, drain, wait_for
+from support.harness import MESSAGE_PLAN, drain, post_event, wait_for
 from support.shop import Shop, open_shop
 from support.statements import create_last, sqlite_steps
+from whop_autocancel.admin.operations import cancel_membership
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.simulator import SimulatorServer
 
@@ -45,30 +52,61 @@ def shop(tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer) -> Iter
     yield from open_shop(tmp_path, clock, simulator, PENDING_ORDER_TTL=60)
 
 
-def purchases(shop: Shop, tag: str, paid: int, *, unpaid: int = 0) -> None:
+def purchases(shop: Shop, tag: str, paid: int, *, unpaid: int = 0, edges: bool = False) -> None:
     """`paid` purchases, every other one through the merchant's checkout (its metadata names
     its order) and the others made on Whop directly (matched by the window rule, or a new
     order), and `unpaid` checkouts nobody completes; every job run, the cancellations made
-    and their webhooks applied."""
+    and their webhooks applied. `edges`: some purchases meet the edges a shop's history is
+    made of too: a checkout link paid twice, a delivery email that bounces (its membership
+    then cancelled by hand), a refund."""
     state = shop.simulator.state
-    memberships = []
+    memberships, bounced, refunds = [], [], []
     for n in range(paid):
         email = f"{tag}-{n}@example.com"
+        if edges and n % 3 == 1:
+            assert shop.sink is not None
+            shop.sink.reject(email)
         if n % 2:
             checkout = shop.runtime.checkouts.create(MESSAGE_PLAN, email)
             purchase = state.complete_checkout(checkout.checkout_configuration_id, email=email)
+            if edges and n % 10 == 1:  # the link reused by another buyer
+                again = state.complete_checkout(
+                    checkout.checkout_configuration_id, email=f"{tag}-{n}-again@example.com"
+                )
+                memberships.append(again["membership_id"])
         else:
             purchase = state.create_purchase(MESSAGE_PLAN, email=email)
-        memberships.append(purchase["membership_id"])
+        (bounced if edges and n % 3 == 1 else memberships).append(purchase["membership_id"])
+        if edges and n % 5 == 4:
+            refunds.append(purchase["payment_id"])
     for n in range(unpaid):
         shop.runtime.checkouts.create(MESSAGE_PLAN, f"{tag}-unpaid-{n}@example.com")
     wait_for(lambda: state.pending_webhooks() == 0, 60, "the purchases' webhooks")
     drain(shop.runtime)
     shop.clock.advance(shop.runtime.settings.CANCEL_DELAY + 1)
     drain(shop.runtime, include_scheduled=True)
+    for membership_id in bounced:  # the admin's answer to each email_failed alert
+        cancel_membership(shop.runtime, membership_id, actor="test")
     wait_for(lambda: state.pending_webhooks() == 0, 60, "the cancellations' webhooks")
     drain(shop.runtime, include_scheduled=True)
-    assert [state.membership(m)["status"] for m in memberships] == ["canceled"] * paid
+    ended = [state.membership(m)["status"] for m in memberships + bounced]
+    assert ended == ["canceled"] * len(ended)
+    if refunds:  # refunded at Whop after the delivery: its webhook comes
+        webhook_url = state.webhook_url
+        assert webhook_url is not None
+        with httpx.Client(base_url=webhook_url.removesuffix("/webhooks/whop")) as client:
+            for payment_id in refunds:
+                state.refund_payment(payment_id)
+                post_event(client, refund_created(payment_id))
+        drain(shop.runtime, include_scheduled=True)
+
+
+def refund_created(payment_id: str) -> bytes:
+    """Whop's `refund.created` of a whole payment, as WHOP.md shows it."""
+    refund = {"id": f"rf_{payment_id}", "status": "succeeded", "amount": 10.0}
+    data = {**refund, "reason": "requested", "payment": {"id": payment_id}}
+    body = {"id": f"msg_{uuid.uuid4().hex}", "type": "refund.created", "data": data}
+    return json.dumps(body).encode()
 
 
 def pending_orders(shop: Shop) -> int:
@@ -77,6 +115,15 @@ def pending_orders(shop: Shop) -> int:
             select(func.count()).where(Order.status == OrderStatus.PENDING.value)
         )
         return int(count or 0)
+
+
+def held(shop: Shop) -> dict[str, int]:
+    """What the shop's tables hold: orders by status, and the emails given up."""
+    with shop.runtime.database.transaction() as session:
+        by_status = select(Order.status, func.count()).group_by(Order.status)
+        counts: dict[str, int] = {status: count for status, count in session.execute(by_status)}
+        counts["emails given up"] = session.scalar(select(func.count(Email.failed_at))) or 0
+        return counts
 
 
 def steps_a_purchase(shop: Shop, tag: str) -> float:
@@ -91,7 +138,7 @@ def test_a_purchase_costs_the_same_after_a_long_history(shop: Shop) -> None:
     shop.smtp_up()
     purchases(shop, "warm-up", 6)
     first_day = steps_a_purchase(shop, "first")
-    purchases(shop, "history", HISTORY, unpaid=HISTORY)
+    purchases(shop, "history", HISTORY, unpaid=HISTORY, edges=True)
     # The checkouts nobody paid end abandoned once PENDING_ORDER_TTL has passed.
     shop.clock.advance(shop.runtime.settings.PENDING_ORDER_TTL + 1)
     for _ in range(HISTORY):
@@ -100,6 +147,16 @@ def test_a_purchase_costs_the_same_after_a_long_history(shop: Shop) -> None:
         shop.runtime.stuck_sweep.run(force=True)
     assert pending_orders(shop) == 0
     drain(shop.runtime, include_scheduled=True)
+    edges = range(HISTORY)
+    reused = sum(1 for n in edges if n % 10 == 1)
+    sold = 6 + MEASURED + HISTORY + reused  # (the warm-up's and the first measure's too)
+    refunded = sum(1 for n in edges if n % 5 == 4)
+    assert held(shop) == {
+        "abandoned": HISTORY,
+        "delivered": sold - refunded,
+        "refunded": refunded,
+        "emails given up": sum(1 for n in edges if n % 3 == 1),
+    }
     later = steps_a_purchase(shop, "later")
     assert later <= first_day * TOLERANCE, (
         f"a purchase took {first_day:.0f} steps in a fresh shop and {later:.0f} after "
