@@ -40,22 +40,39 @@ def sqlite_plan(engine: Engine, statement: str, parameters: Any) -> list[str]:
         ]
 
 
+class Steps:
+    """The count `sqlite_steps` keeps; `paused()` leaves out what runs inside it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.counting = True
+
+    def tick(self) -> int:
+        if self.counting:
+            self.count += 1
+        return 0  # go on
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+
 @contextmanager
-def sqlite_steps(engine: Engine) -> Iterator[list[int]]:
+def sqlite_steps(engine: Engine) -> Iterator[Steps]:
     """The work SQLite does for `engine` while the block runs, counted, not timed: the
     virtual machine's instructions (its progress handler, called at each one: SQLite counts
     them per statement, so a coarser count would miss short statements), summed over every
-    connection the block checks out. The same statements over the same rows always
-    take the same steps, so a path that reads rows it does not need shows as a count that
-    grows with them."""
-    ticks = [0]
-
-    def tick() -> int:
-        ticks[0] += 1
-        return 0  # go on
+    connection the block checks out. The same statements over the same rows always take the
+    same steps, so a path that reads rows it does not need shows as a count that grows with
+    them."""
+    steps = Steps()
 
     def checked_out(dbapi_connection: Any, *_: object) -> None:
-        dbapi_connection.set_progress_handler(tick, 1)
+        dbapi_connection.set_progress_handler(steps.tick, 1)
 
     def checked_in(dbapi_connection: Any, *_: object) -> None:
         dbapi_connection.set_progress_handler(None, 0)
@@ -63,7 +80,7 @@ def sqlite_steps(engine: Engine) -> Iterator[list[int]]:
     event.listen(engine, "checkout", checked_out)
     event.listen(engine, "checkin", checked_in)
     try:
-        yield ticks
+        yield steps
     finally:
         event.remove(engine, "checkout", checked_out)
         event.remove(engine, "checkin", checked_in)
