@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
 from support.harness import (
     MESSAGE_PLAN,
@@ -23,6 +23,7 @@ from support.statements import recorded, sqlite_plan
 from whop_autocancel.alerts.models import Alert
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.mail.models import Email
 from whop_autocancel.orders.models import Order
 from whop_autocancel.reconcile.sweeps import QUEUE_BUSY, StuckWorkSweep
 from whop_autocancel.runtime import Runtime
@@ -293,3 +294,39 @@ def test_the_sweeps_look_for_unsent_emails_reads_the_unsent_ones_only(runtime: R
     ]
     plan = sqlite_plan(engine, sql, parameters)
     assert any("INDEX ix_emails_next_attempt_at (next_attempt_at<?)" in step for step in plan), plan
+
+
+def test_the_sweep_clears_the_next_attempt_of_emails_the_previous_version_finished(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    """During a rolling upgrade past migration 0011, a process of the previous version marks
+    emails sent or given up without clearing their next attempt. The outbox never sends them
+    again (it checks `sent_at` and `failed_at`), but they would stay in the due index, read by
+    every claim for ever: the sweep clears them once they are overdue, and touches no email
+    still waiting."""
+    now = clock.now()
+    emails = Email.__table__
+    with runtime.database.engine.begin() as connection:
+        for kind, sent_at, failed_at in (
+            ("sent", now, None),
+            ("failed", None, now),
+            ("waiting", None, None),
+        ):
+            connection.execute(
+                insert(emails).values(
+                    kind=kind,
+                    to_address="buyer@example.com",
+                    subject="s",
+                    text_body="t",
+                    created_at=now,
+                    attempts=1,
+                    next_attempt_at=now,  # as the previous version leaves it
+                    sent_at=sent_at,
+                    failed_at=failed_at,
+                )
+            )
+    clock.advance(60)  # past STUCK_GRACE
+    runtime.stuck_sweep.run(force=True)
+    with runtime.database.engine.connect() as connection:
+        found = dict(connection.execute(select(emails.c.kind, emails.c.next_attempt_at)).all())
+    assert found == {"sent": None, "failed": None, "waiting": now}

@@ -113,6 +113,19 @@ _EVER = datetime(2000, 1, 1, tzinfo=UTC)
 WAITING = and_(_EMAILS.c.next_attempt_at >= _EVER, _done_at().is_(None))
 
 
+def clear_done_emails(session: Session, due_by: datetime) -> None:
+    """Clear the next attempt of the messages done but still in the due index (due by
+    `due_by`): those a process of the version before migration 0011 marked sent or given up
+    during a rolling upgrade. The outbox never sends them (`unsent_due`), but every claim
+    would read them for ever. The stuck-work sweep asks it; it reads the range of messages
+    due, which holds only the waiting ones once no such process is left."""
+    session.execute(
+        update(_EMAILS)
+        .where(_EMAILS.c.next_attempt_at <= due_by, _done_at().is_not(None))
+        .values(next_attempt_at=None)
+    )
+
+
 def _due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
     """A message to send now (`unsent_due` of now)."""
     return unsent_due(now, now)

@@ -22,7 +22,7 @@ from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.stock import SERVE_TASK, follow_renamed_pools, pools_to_serve
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.mail.models import Email
-from whop_autocancel.mail.outbox import SEND_TASK, unsent_due
+from whop_autocancel.mail.outbox import SEND_TASK, clear_done_emails, unsent_due
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import DELIVER_TASK, ONE_TIME, close_unpaid_orders
 from whop_autocancel.webhooks.inbox import (
@@ -214,6 +214,7 @@ class StuckWorkSweep:
                     queue_busy=busy,
                 )
             leases.forget_heartbeats_before(session, now - timedelta(days=1))
+            clear_done_emails(session, overdue)
             abandoned = close_unpaid_orders(
                 session, now - timedelta(seconds=self._pending_ttl), BATCH
             )

@@ -5,7 +5,8 @@ email given up matches too, so each send read all of them.
 
 Emails that a process of the previous version marks sent or failed during a rolling upgrade
 keep their next attempt: the outbox still checks `sent_at` and `failed_at` on each row it
-finds, so they are never sent again, only read; a handful, once.
+finds, so they are never sent again, and the stuck-work sweep clears their next attempt once
+they are overdue (`clear_done_emails`).
 
 Revision ID: 0011
 Revises: 0010
