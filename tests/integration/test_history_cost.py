@@ -1,4 +1,5 @@
-"""A purchase costs the same database work in a shop with a long history as on its first day.
+"""A purchase, and a stuck-work sweep, cost the same database work in a shop with a long history
+as on its first day.
 
 Every purchase leaves its rows for ever: the order, its payment, its webhooks, its emails, its
 cancellation; every checkout nobody paid leaves an order that ends abandoned; every bounced
@@ -153,12 +154,20 @@ def steps_a_purchase(shop: Shop, tag: str) -> float:
     return steps.count / MEASURED
 
 
+def steps_a_sweep(shop: Shop) -> int:
+    """One stuck-work sweep with nothing to do (it runs every SWEEP_INTERVAL, history or not)."""
+    with sqlite_steps(shop.runtime.database.engine) as steps:
+        shop.runtime.stuck_sweep.run(force=True)
+    return steps.count
+
+
 def test_a_purchase_costs_the_same_after_a_long_history(shop: Shop) -> None:
     plan_index = {str(i.name): i for i in Order.__table__.indexes if i.name == "ix_orders_plan_id"}
     create_last(shop.runtime.database.engine, plan_index)
     shop.smtp_up()
     purchases(shop, "warm-up", 6)
     first_day = steps_a_purchase(shop, "first")
+    first_sweep = steps_a_sweep(shop)
     purchases(shop, "history", HISTORY, unpaid=HISTORY, edges=True)
     # The checkouts nobody paid end abandoned once PENDING_ORDER_TTL has passed.
     shop.clock.advance(shop.runtime.settings.PENDING_ORDER_TTL + 1)
@@ -178,8 +187,13 @@ def test_a_purchase_costs_the_same_after_a_long_history(shop: Shop) -> None:
         "refunded": refunded,
         "emails given up": sum(1 for n in edges if n % 3 == 1),
     }
+    later_sweep = steps_a_sweep(shop)
     later = steps_a_purchase(shop, "later")
     assert later <= first_day * TOLERANCE, (
         f"a purchase took {first_day:.0f} steps in a fresh shop and {later:.0f} after "
         f"{HISTORY} paid and {HISTORY} unpaid checkouts"
+    )
+    assert later_sweep <= first_sweep * TOLERANCE, (
+        f"a stuck-work sweep took {first_sweep} steps in a fresh shop and {later_sweep} after "
+        "the history"
     )

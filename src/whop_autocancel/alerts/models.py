@@ -42,5 +42,6 @@ class Alert(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     # When an email/chat message about it went out (itself or in a digest); None: folded and
-    # waiting for its kind's next digest.
-    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # waiting for its kind's next digest. Indexed: every stuck-work sweep looks for the folded
+    # ones, few among every alert ever raised.
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True, default=None)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from whop_autocancel import metrics
 from whop_autocancel.alerts.models import DEDUPE_KEY_LENGTH, Alert, AlertKind
-from whop_autocancel.db.base import UTCDateTime
+from whop_autocancel.db.base import UTCDateTime, not_searched
 from whop_autocancel.db.engine import after_commit, insert_once
 from whop_autocancel.mail.outbox import Outbox
 from whop_autocancel.mail.render import RenderedEmail, render_email
@@ -110,7 +110,8 @@ class Alerts:
             folded = list(
                 session.scalars(
                     select(Alert)
-                    .where(Alert.kind == kind, Alert.notified_at.is_(None))
+                    # (By the notified_at index: the folded ones, not every alert of the kind.)
+                    .where(not_searched(Alert.kind) == kind, Alert.notified_at.is_(None))
                     .order_by(Alert.id)
                     .with_for_update()
                 )
