@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import insert, select
 
+from support.facts import email_row
 from whop_autocancel.db.engine import Database
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.mail.models import Email
@@ -61,22 +62,10 @@ def test_emails_done_lose_their_next_attempt_and_get_it_back_on_downgrade(
             config.attributes["connection"] = connection
             command.downgrade(config, "0010")
         emails = Email.__table__
-        rows = {"waiting": (None, None), "sent": (sent, None), "failed": (None, failed)}
+        rows = {"waiting": {}, "sent": {"sent_at": sent}, "failed": {"failed_at": failed}}
         with database.engine.begin() as connection:
-            for kind, (sent_at, failed_at) in rows.items():
-                connection.execute(
-                    insert(emails).values(
-                        kind=kind,
-                        to_address="buyer@example.com",
-                        subject="s",
-                        text_body="t",
-                        created_at=at,
-                        attempts=1,
-                        next_attempt_at=at,
-                        sent_at=sent_at,
-                        failed_at=failed_at,
-                    )
-                )
+            for kind, done in rows.items():
+                connection.execute(insert(emails).values(email_row(kind, at, **done)))
 
         def next_attempts() -> dict[str, datetime | None]:
             with database.engine.connect() as connection:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select, text
 
+from support.facts import email_row
 from support.harness import (
     MESSAGE_PLAN,
     UNLISTED_PLAN,
@@ -306,25 +307,10 @@ def test_the_sweep_clears_the_next_attempt_of_emails_the_previous_version_finish
     still waiting."""
     now = clock.now()
     emails = Email.__table__
+    rows = {"sent": {"sent_at": now}, "failed": {"failed_at": now}, "waiting": {}}
     with runtime.database.engine.begin() as connection:
-        for kind, sent_at, failed_at in (
-            ("sent", now, None),
-            ("failed", None, now),
-            ("waiting", None, None),
-        ):
-            connection.execute(
-                insert(emails).values(
-                    kind=kind,
-                    to_address="buyer@example.com",
-                    subject="s",
-                    text_body="t",
-                    created_at=now,
-                    attempts=1,
-                    next_attempt_at=now,  # as the previous version leaves it
-                    sent_at=sent_at,
-                    failed_at=failed_at,
-                )
-            )
+        for kind, done in rows.items():  # each with its next attempt, as that version leaves it
+            connection.execute(insert(emails).values(email_row(kind, now, **done)))
     clock.advance(60)  # past STUCK_GRACE
     runtime.stuck_sweep.run(force=True)
     with runtime.database.engine.connect() as connection:

@@ -1,6 +1,7 @@
 """What the apply path reads from a Whop event (`PaymentFacts`, `MembershipFacts`), built for
 tests that call the orders service directly: a listed one-time purchase by default, fresh ids
-each time, any field changed by keyword."""
+each time, any field changed by keyword. And an outbox row as a previous version (or a test of
+the schema) writes it, without the outbox."""
 
 from __future__ import annotations
 
@@ -46,3 +47,21 @@ def membership_facts(**changes: Any) -> MembershipFacts:
         "metadata": {},
     }
     return MembershipFacts(**(values | changes))
+
+
+def email_row(kind: str, at: datetime, **changes: Any) -> dict[str, Any]:
+    """The values of an `emails` row of `kind`, queued and tried once at `at`, due at `at`
+    (a next attempt kept even where `sent_at` or `failed_at` is set, as before migration
+    0011); any column changed by keyword."""
+    values: dict[str, Any] = {
+        "kind": kind,
+        "to_address": "buyer@example.com",
+        "subject": "s",
+        "text_body": "t",
+        "created_at": at,
+        "attempts": 1,
+        "next_attempt_at": at,
+        "sent_at": None,
+        "failed_at": None,
+    }
+    return values | changes
