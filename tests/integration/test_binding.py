@@ -23,6 +23,7 @@ from support.harness import (
     UNLISTED_PLAN,
     ServiceServer,
     apply_webhooks,
+    claim_event,
     drain,
     event_body,
     make_runtime,
@@ -283,20 +284,6 @@ def test_pending_orders_nobody_paid_are_closed_after_the_ttl(service: Service) -
 # Claims by status (finding 5) -------------------------------------------------------------------
 
 
-def claim(kind: str, payment_id: str, status: str | None, claim_id: str | None = None) -> bytes:
-    data: dict[str, Any] = {
-        "id": claim_id or f"{kind[:2]}_{uuid.uuid4().hex[:10]}",
-        "amount": 25.0,
-        "reason": "requested",
-        "payment": {"id": payment_id},
-    }
-    if status is not None:
-        data["status"] = status
-    return json.dumps(
-        {"id": f"msg_{uuid.uuid4().hex}", "type": f"{kind}.updated", "data": data}
-    ).encode()
-
-
 def payment_event(payment_id: str) -> bytes:
     return event_body(
         "payment.succeeded.legacy.json",
@@ -325,7 +312,7 @@ def test_a_claim_that_did_not_take_the_money_back_blocks_nothing(
 ) -> None:
     payment_id = f"pay_{uuid.uuid4().hex[:10]}"
     # Even before its payment: the claim waits for it (stored, applied again later).
-    early = claim(kind, payment_id, status)
+    early = claim_event(kind, payment_id, status, event="updated")
     assert service.deliver(early).json() == {"status": "received"}
     assert service.event_status(early) == "failed"
     assert service.orders() == []
@@ -367,7 +354,7 @@ def test_a_refund_before_its_payment_leaves_the_payment_to_its_checkout_order(
         metadata={"order_id": order_id},
         checkout_configuration_id="ch_Ann",
     )
-    service.deliver(claim("refund", "pay_Ahead1", "pending"))
+    service.deliver(claim_event("refund", "pay_Ahead1", "pending", event="updated"))
     service.deliver(body)
     drain(service.runtime)
     order = service.by_payment("pay_Ahead1")
@@ -384,10 +371,16 @@ def test_only_money_gone_back_ends_the_order(
     payment_id = f"pay_{uuid.uuid4().hex[:10]}"
     service.deliver(payment_event(payment_id))
     service.deliver(
-        claim(kind, payment_id, "pending" if kind == "refund" else "needs_response", "cl_1"),
+        claim_event(
+            kind,
+            payment_id,
+            "pending" if kind == "refund" else "needs_response",
+            claim_id="cl_1",
+            event="updated",
+        ),
     )
     assert service.by_payment(payment_id).status == "paid"
-    service.deliver(claim(kind, payment_id, status, "cl_1"))
+    service.deliver(claim_event(kind, payment_id, status, claim_id="cl_1", event="updated"))
     assert service.by_payment(payment_id).status == ends
 
 

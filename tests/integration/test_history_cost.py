@@ -21,8 +21,6 @@ Real parts: SQLite (file), the service over HTTP, the Whop simulator over HTTP, 
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +29,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from support.harness import MESSAGE_PLAN, drain, post_event, wait_for
+from support.harness import MESSAGE_PLAN, claim_event, drain, post_event, wait_for
 from support.shop import Shop, open_shop
 from support.statements import Steps, create_last, sqlite_steps
 from whop_autocancel.admin.operations import cancel_membership
@@ -119,16 +117,8 @@ def purchases(
         with httpx.Client(base_url=webhook_url.removesuffix("/webhooks/whop")) as client:
             for payment_id in refunds:
                 state.refund_payment(payment_id)
-                post_event(client, refund_created(payment_id))
+                post_event(client, claim_event("refund", payment_id, "succeeded", event="created"))
         drain(shop.runtime, include_scheduled=True)
-
-
-def refund_created(payment_id: str) -> bytes:
-    """Whop's `refund.created` of a whole payment, as WHOP.md shows it."""
-    refund = {"id": f"rf_{payment_id}", "status": "succeeded", "amount": 10.0}
-    data = {**refund, "reason": "requested", "payment": {"id": payment_id}}
-    body = {"id": f"msg_{uuid.uuid4().hex}", "type": "refund.created", "data": data}
-    return json.dumps(body).encode()
 
 
 def pending_orders(shop: Shop) -> int:

@@ -4,7 +4,6 @@ never moves backwards whatever the order of events."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from support.harness import (
     NONE_PLAN,
     ServiceServer,
     apply_webhooks,
+    claim_event,
     deliver_event,
     drain,
     event_body,
@@ -67,21 +67,6 @@ def no_email_payment(payment_id: str) -> bytes:
     )
 
 
-def claim(
-    kind: str, claim_id: str, payment_id: str, status: str = "pending", event: str = "created"
-) -> bytes:
-    data = {
-        "id": claim_id,
-        "status": status,
-        "amount": 25.0,
-        "reason": "requested",
-        "payment": {"id": payment_id},
-    }
-    return json.dumps(
-        {"id": f"msg_{uuid.uuid4().hex}", "type": f"{kind}.{event}", "data": data}
-    ).encode()
-
-
 def the_order(runtime: Runtime, payment_id: str) -> Order:
     with runtime.database.transaction() as session:
         return session.scalars(select(Order).where(Order.whop_payment_id == payment_id)).one()
@@ -116,17 +101,25 @@ def test_a_refund_after_delivery_is_recorded_alerted_once_and_stops_the_cancel(
     deliver_event(runtime, http, payment("pay_Refund1"))
     drain(runtime)
     assert the_order(runtime, "pay_Refund1").status == "delivered"
-    pending = claim("refund", "rf_1", "pay_Refund1")
+    pending = claim_event("refund", "pay_Refund1", claim_id="rf_1")
     assert deliver_event(runtime, http, pending).json() == {"status": "received"}
     assert event_status(runtime, pending) == "handled"
-    deliver_event(runtime, http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    deliver_event(
+        runtime,
+        http,
+        claim_event("refund", "pay_Refund1", "succeeded", claim_id="rf_1", event="updated"),
+    )
     order = the_order(runtime, "pay_Refund1")
     assert order.status == "refunded"
     assert [(r["id"], r["status"]) for r in order.order_metadata["refunds"]] == [
         ("rf_1", "succeeded")
     ]
     # One while the refund is pending (nothing changes), one when it succeeds: not one per event.
-    deliver_event(runtime, http, claim("refund", "rf_1", "pay_Refund1", "succeeded", "updated"))
+    deliver_event(
+        runtime,
+        http,
+        claim_event("refund", "pay_Refund1", "succeeded", claim_id="rf_1", event="updated"),
+    )
     assert kinds(runtime) == ["order_refunded", "order_refunded"]
     with runtime.database.transaction() as session:
         row = session.scalars(select(Cancellation)).one()
@@ -138,7 +131,11 @@ def test_a_refund_before_its_payment_means_the_payment_delivers_nothing(
     service: tuple[Runtime, httpx.Client],
 ) -> None:
     runtime, http = service
-    deliver_event(runtime, http, claim("refund", "rf_2", "pay_Early1", "succeeded"))
+    deliver_event(
+        runtime,
+        http,
+        claim_event("refund", "pay_Early1", "succeeded", claim_id="rf_2", event="created"),
+    )
     deliver_event(runtime, http, payment("pay_Early1"))
     drain(runtime)
     order = the_order(runtime, "pay_Early1")
@@ -153,7 +150,11 @@ def test_a_dispute_is_recorded_and_a_late_payment_does_not_undo_it(
 ) -> None:
     runtime, http = service
     deliver_event(runtime, http, payment("pay_Dispute1"))
-    deliver_event(runtime, http, claim("dispute", "dp_1", "pay_Dispute1", "lost"))
+    deliver_event(
+        runtime,
+        http,
+        claim_event("dispute", "pay_Dispute1", "lost", claim_id="dp_1", event="created"),
+    )
     duplicate_payment = json.loads(payment("pay_Dispute1"))
     deliver_event(runtime, http, json.dumps(duplicate_payment).encode())
     order = the_order(runtime, "pay_Dispute1")
@@ -186,7 +187,7 @@ def test_a_stored_dispute_not_applied_yet_holds_the_cancellation_until_it_is(
     drain(runtime)
     with runtime.database.transaction() as session:
         row = session.scalars(select(Cancellation)).one()
-    lost = claim("dispute", "dp_2", "pay_Dispute2", "lost")
+    lost = claim_event("dispute", "pay_Dispute2", "lost", claim_id="dp_2", event="created")
     assert post_event(http, lost).json() == {"status": "received"}  # stored, not applied
     held = run_cancellation(runtime, clock, row.id)
     assert (held.status, held.attempts) == ("scheduled", 0)
@@ -222,7 +223,9 @@ def test_a_stored_claim_holds_only_the_purchase_it_names_exactly(
     """The search of the stored claims' bodies matches an id as written: `_` and `%` in an id
     (every Whop id has a `_`) match only themselves, not any character."""
     runtime, http = service
-    assert post_event(http, claim("refund", "rf_9", "pay_Exact1")).json() == {"status": "received"}
+    assert post_event(http, claim_event("refund", "pay_Exact1", claim_id="rf_9")).json() == {
+        "status": "received"
+    }
     with runtime.database.transaction() as session:
         assert names_unapplied(session, ["pay_Exact1"])
         assert names_unapplied(session, ["mem_Other", "pay_Exact1"])

@@ -4,7 +4,6 @@ simulator over HTTP for the cancellations and a real SMTP sink. Time moves by th
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ from support.harness import (
     STOCK_KEY,
     STOCK_PLAN,
     STOCK_POOL,
+    claim_event,
     make_runtime,
     make_settings,
     wait_for,
@@ -57,18 +57,6 @@ ITEMS = [f"player{n}@game.example:Secr3t-{uuid.uuid4().hex[:12]}" for n in range
 
 def membership_status(world: StockWorld, membership_id: str) -> str:
     return str(world.simulator.state.membership(membership_id)["status"])
-
-
-def claim_event(kind: str, claim_id: str, payment_id: str, status: str = "pending") -> bytes:
-    data = {
-        "id": claim_id,
-        "status": status,
-        "amount": 25.0,
-        "reason": "requested",
-        "payment": {"id": payment_id},
-    }
-    event = f"{kind}.created" if status == "pending" else f"{kind}.updated"
-    return json.dumps({"id": f"msg_{uuid.uuid4().hex}", "type": event, "data": data}).encode()
 
 
 # 1. The happy path ----------------------------------------------------------------------------
@@ -387,7 +375,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
             items[buyer["order_id"]] = item.id
 
         # on_refund = "void": a pending refund does not void yet (it may fail)…
-        response = world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"]))
+        response = world.deliver(claim_event("refund", refunded["payment_id"], claim_id="rf_S1"))
         assert response.json() == {"status": "received"}
         item = world.item_of(refunded["order_id"])
         assert item is not None
@@ -396,7 +384,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "voided only if the refund succeeds" in alert.text_body
         # …once it succeeds, the item is void and a second alert says to rotate it.
         world.clock.advance(60)
-        world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
+        world.deliver(claim_event("refund", refunded["payment_id"], "succeeded", claim_id="rf_S1"))
         item = world.item_of(refunded["order_id"])
         assert item is not None
         assert (item.status, item.void_reason) == ("void", "refund rf_S1")
@@ -407,16 +395,16 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "will never be handed out again" in alert.text_body
         assert "Rotate it" in alert.text_body
         # The same update again changes nothing and raises nothing more.
-        world.deliver(claim_event("refund", "rf_S1", refunded["payment_id"], "succeeded"))
+        world.deliver(claim_event("refund", refunded["payment_id"], "succeeded", claim_id="rf_S1"))
         assert len(world.alerts("order_refunded")) == 2
         assert world.order(refunded["order_id"]).status == "refunded"
 
         # A dispute voids it only once lost; one the merchant wins keeps it.
-        world.deliver(claim_event("dispute", "dp_S1", disputed["payment_id"], "won"))
+        world.deliver(claim_event("dispute", disputed["payment_id"], "won", claim_id="dp_S1"))
         item = world.item_of(disputed["order_id"])
         assert item is not None
         assert item.status == "assigned"
-        world.deliver(claim_event("dispute", "dp_S1", disputed["payment_id"], "lost"))
+        world.deliver(claim_event("dispute", disputed["payment_id"], "lost", claim_id="dp_S1"))
         item = world.item_of(disputed["order_id"])
         assert item is not None
         assert (item.status, item.void_reason) == ("void", "dispute dp_S1")
@@ -425,7 +413,7 @@ def test_a_refund_or_dispute_voids_the_item_or_keeps_it_as_the_plan_says(
         assert "Rotate it" in alert.text_body
 
         # on_refund = "keep": the customer keeps it, and the alert says how to retire it.
-        world.deliver(claim_event("refund", "rf_S2", kept["payment_id"]))
+        world.deliver(claim_event("refund", kept["payment_id"], claim_id="rf_S2"))
         item = world.item_of(kept["order_id"])
         assert item is not None
         assert (item.status, item.order_id) == ("assigned", kept["order_id"])
@@ -453,7 +441,7 @@ def test_an_order_refunded_while_waiting_for_stock_is_never_served(world: StockW
     refunded = world.pay(paid_at=start - timedelta(minutes=5))
     world.drain()
     assert world.order(refunded["order_id"]).waiting_for_stock == STOCK_POOL
-    world.deliver(claim_event("refund", "rf_W1", refunded["payment_id"], "succeeded"))
+    world.deliver(claim_event("refund", refunded["payment_id"], "succeeded", claim_id="rf_W1"))
     assert world.order(refunded["order_id"]).status == "refunded"
 
     report = world.import_items(ITEMS[0], ITEMS[1])

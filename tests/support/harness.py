@@ -247,6 +247,30 @@ def event_body(name: str, **changes: Any) -> bytes:
     return json.dumps(document).encode()
 
 
+def claim_event(
+    kind: str,
+    payment_id: str,
+    status: str | None = "pending",
+    *,
+    claim_id: str | None = None,
+    event: str | None = None,
+) -> bytes:
+    """Whop's webhook of a `refund` or `dispute` of a whole payment (WHOP.md): its id (fresh
+    unless given), `status` (left out when None), amount, reason and payment. `event`:
+    `created` or `updated`; by default `created` while pending, `updated` after."""
+    data: dict[str, Any] = {
+        "id": claim_id or f"{kind[:2]}_{uuid.uuid4().hex[:10]}",
+        "amount": 25.0,
+        "reason": "requested",
+        "payment": {"id": payment_id},
+    }
+    if status is not None:
+        data["status"] = status
+    event = event or ("created" if status == "pending" else "updated")
+    body = {"id": f"msg_{uuid.uuid4().hex}", "type": f"{kind}.{event}", "data": data}
+    return json.dumps(body).encode()
+
+
 def signed_headers(
     body: bytes, *, secret: str = SECRET, at: datetime | None = None, webhook_id: str | None = None
 ) -> dict[str, str]:
