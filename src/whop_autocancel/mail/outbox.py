@@ -80,6 +80,9 @@ class _ClaimRaced(Exception):
 
 
 _EMAILS = cast(Table, Email.__table__)
+# When a message was done, sent or given up (NULL while it waits): one expression, which no
+# index answers (see `unsent_due`).
+_DONE_AT = func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at)
 
 
 def unsent_due(
@@ -97,20 +100,16 @@ def unsent_due(
     clearing its next attempt."""
     return and_(
         _EMAILS.c.next_attempt_at <= due_by,
-        _done_at().is_(None),
+        _DONE_AT.is_(None),
         or_(_EMAILS.c.lease_until.is_(None), _EMAILS.c.lease_until < now),
     )
-
-
-def _done_at() -> ColumnElement[datetime | None]:
-    return func.coalesce(_EMAILS.c.failed_at, _EMAILS.c.sent_at)
 
 
 # A message not sent and not given up, found by the same index as `unsent_due` (for the
 # counts of the dashboard and the metrics). Its `next_attempt_at IS NOT NULL` is written as a
 # range: SQLite's planner takes a bare `IS NOT NULL` for most of the table and scans it all.
 _EVER = datetime(2000, 1, 1, tzinfo=UTC)
-WAITING = and_(_EMAILS.c.next_attempt_at >= _EVER, _done_at().is_(None))
+WAITING = and_(_EMAILS.c.next_attempt_at >= _EVER, _DONE_AT.is_(None))
 
 
 def clear_done_emails(session: Session, due_by: datetime) -> None:
@@ -121,7 +120,7 @@ def clear_done_emails(session: Session, due_by: datetime) -> None:
     due, which holds only the waiting ones once no such process is left."""
     session.execute(
         update(_EMAILS)
-        .where(_EMAILS.c.next_attempt_at <= due_by, _done_at().is_not(None))
+        .where(_EMAILS.c.next_attempt_at <= due_by, _DONE_AT.is_not(None))
         .values(next_attempt_at=None)
     )
 
