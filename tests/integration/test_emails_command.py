@@ -28,6 +28,7 @@ from support.harness import (
     run_cli,
     service_environment,
 )
+from support.statements import recorded, sqlite_plan
 from whop_autocancel.admin.emails import list_emails, retry_email
 from whop_autocancel.admin.operations import OpsError
 from whop_autocancel.alerts.models import Alert
@@ -329,3 +330,21 @@ def test_the_admin_functions_refuse_and_read_no_body(outbox: Outbox) -> None:
         retry_email(outbox.runtime, 12345, actor="web:test")
     [refusal] = outbox.audit()
     assert (refusal.actor, refusal.outcome) == ("web:test", "refused")
+
+
+def test_the_pending_listing_reads_the_waiting_emails_not_every_email_sent(
+    tmp_path: Path,
+) -> None:
+    """`emails --status pending` (and the dashboard's filter) finds the waiting emails by the
+    outbox's own index, which holds only them: `failed_at IS NULL` is every email ever sent,
+    and SQLite, without statistics, took that index for it."""
+    runtime = make_runtime(make_settings(tmp_path))  # (SQLite: the planner under test)
+    engine = runtime.database.engine
+    try:
+        with recorded(engine) as sent, runtime.database.transaction() as session:
+            list_emails(session, status="pending")
+        [(sql, parameters)] = [(sql, p) for sql, p in sent if "FROM emails" in sql]
+        plan = sqlite_plan(engine, sql, parameters)
+    finally:
+        runtime.close()
+    assert any("INDEX ix_emails_next_attempt_at" in step for step in plan), plan

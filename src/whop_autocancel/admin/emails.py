@@ -23,7 +23,7 @@ from whop_autocancel.admin.operations import (
 from whop_autocancel.admin.timeline import CHAT_ADDRESS
 from whop_autocancel.delivery.service import email_failed_key
 from whop_autocancel.mail.models import DELIVERY_KIND, Email
-from whop_autocancel.mail.outbox import CHAT_KIND
+from whop_autocancel.mail.outbox import CHAT_KIND, WAITING
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
 
@@ -86,7 +86,7 @@ def _filter(status: str | None) -> list[Any]:
     if status is None:
         return [Email.sent_at.is_(None)]
     if status == EmailStatus.PENDING.value:
-        return [Email.sent_at.is_(None), Email.failed_at.is_(None)]
+        return [WAITING]  # (the outbox's index: not `failed_at IS NULL`, every email sent)
     if status == EmailStatus.FAILED.value:
         return [Email.failed_at.is_not(None)]
     if status == EmailStatus.SENT.value:
