@@ -3,7 +3,9 @@ messages (`SmtpPool`)."""
 
 from __future__ import annotations
 
+import base64
 import re
+import secrets
 import smtplib
 import ssl
 import threading
@@ -11,11 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.header import Header
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.policy import compat32
 from email.utils import formataddr, formatdate, parseaddr
+from functools import lru_cache
 from typing import TypeVar, cast
 
 from whop_autocancel.errors import WhopAutocancelError
@@ -29,6 +29,8 @@ SMTP_IDLE_SECONDS = 30.0
 # How long a polite QUIT may take when a kept connection is closed (idle, or on shutdown).
 _QUIT_TIMEOUT = 2.0
 _NEWLINES = re.compile(r"\r\n|\r|\n")
+# A bare address of the usual kind (RFC 5322's dot-atoms, ASCII): its header is itself.
+_BARE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
 _WIRE = compat32.clone(linesep="\r\n")  # what SMTP sends: CRLF line ends
 
 
@@ -91,11 +93,14 @@ def _one_line(value: str) -> str:
     return " ".join(value.splitlines())  # no header injection, whatever the text
 
 
+@lru_cache(maxsize=1024)
 def _address(address: str) -> tuple[str, str]:
     """(the header's value, the bare address) of `Name <addr>` or `addr`; a display name
     outside ASCII as an RFC 2047 word. An address itself outside ASCII stays raw UTF-8 (it is
-    sent with SMTPUTF8)."""
+    sent with SMTPUTF8). Kept for the next message: the sender and the admin are in most."""
     address = _one_line(address)
+    if _BARE.fullmatch(address):  # (most of them: what parsing would give back)
+        return address, address
     display, addr = parseaddr(address)
     addr = addr or address
     if not addr.isascii():
@@ -103,42 +108,93 @@ def _address(address: str) -> tuple[str, str]:
     return formataddr((display, addr), charset="utf-8"), addr
 
 
-def _text(content: str, subtype: str) -> MIMEText:
-    """A UTF-8 text part; its line ends made one kind, its last line ended."""
+def _lines(content: str) -> str:
+    """`content` with CRLF line ends (the canonical form of text, RFC 2045), its last line
+    ended."""
     lines = _NEWLINES.split(content)
     if lines[-1] == "":
         lines.pop()
-    return MIMEText("\n".join(lines) + "\n", subtype, "utf-8")
+    return "\r\n".join(lines) + "\r\n"
+
+
+# The longest header line a message should have (RFC 5322 2.1.1; 998 is the limit).
+_LINE = 78
+
+
+def _header(name: str, value: str | Header) -> bytes:
+    """One header line (or more, folded) as SMTP sends it. ASCII folded here, at spaces, so
+    that no line is longer than 78 characters where a space allows it; a value not in ASCII
+    (a `Header`, RFC 2047 words) or with a word too long to fit a line encoded and folded by
+    the standard library's compat32 policy, as its generator would."""
+    if isinstance(value, Header) or not value.isascii():
+        # (compat32 folds a `Header` by its own rules: the type stubs only know a str.)
+        return _WIRE.fold_binary(name, cast(str, value))
+    line = f"{name}:"
+    if len(line) + 1 + len(value) <= _LINE:
+        return f"{line} {value}\r\n".encode("ascii")
+    words = value.split(" ")
+    if max(map(len, words)) > _LINE - 2:
+        return _WIRE.fold_binary(name, value)
+    lines: list[str] = []
+    filled = False  # the line holds a word: a line of nothing but spaces would end the header
+    for word in words:
+        if filled and word and len(line) + 1 + len(word) > _LINE:
+            lines.append(line)
+            line, filled = "", False
+        line += " " + word
+        filled = filled or word != ""
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _base64(content: str) -> bytes:
+    """A text's body: UTF-8 in base64, 76 characters a line."""
+    return base64.encodebytes(_lines(content).encode("utf-8")).replace(b"\n", b"\r\n")
+
+
+_TEXT_HEADERS = (
+    'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: base64\r\n'
+)
 
 
 def build_message(
     sender: str, to: str, subject: str, text: str, html: str | None, message_id: str
 ) -> OutgoingMessage:
     """An RFC 5322 message from `sender` to `to`: the text, and the HTML as its alternative
-    when there is one; UTF-8 throughout. Built with the standard library's compat32 classes
-    (`email.mime`), not `EmailMessage`: its header parsing cost four times as much, and this
-    runs for every email."""
-    message: Message
-    if html:
-        message = MIMEMultipart("alternative")
-        message.attach(_text(text, "plain"))
-        message.attach(_text(html, "html"))
-    else:
-        message = _text(text, "plain")
+    when there is one; UTF-8 throughout, each text in base64.
+
+    Written here rather than by the standard library's `email.mime` classes and generator,
+    which took about 3,000 function calls a message (a millisecond of CPU; two messages go out
+    for each purchase): the shape is fixed, and what needs care, encoding and folding the
+    headers, is still the standard library's (`_header`). The boundary cannot occur in a
+    part: base64 has no `_`, and none of its lines starts with `--`."""
     from_header, envelope_from = _address(sender)
     to_header, recipient = _address(to)
     subject = _one_line(subject)
-    message["From"] = from_header
-    message["To"] = to_header
-    # (compat32 takes a Header object, which it folds and encodes when writing: the type
-    # stubs only know a str.)
-    message["Subject"] = subject if subject.isascii() else cast(str, Header(subject, "utf-8"))
-    message["Date"] = formatdate(localtime=False)
     domain = envelope_from.rpartition("@")[2] or "localhost"
-    # The same for every try of one outbox row, so a resend after a crash (at-least-once) is
-    # recognisably the same message to mail servers and clients.
-    message["Message-ID"] = f"<{message_id}@{domain}>"
-    return OutgoingMessage(envelope_from, (recipient,), message.as_bytes(policy=_WIRE))
+    headers = [
+        _header("From", from_header),
+        _header("To", to_header),
+        _header("Subject", subject if subject.isascii() else Header(subject, "utf-8")),
+        _header("Date", formatdate(localtime=False)),
+        # The same for every try of one outbox row, so a resend after a crash (at-least-once)
+        # is recognisably the same message to mail servers and clients.
+        _header("Message-ID", f"<{message_id}@{domain}>"),
+        b"MIME-Version: 1.0\r\n",
+    ]
+    if html:
+        boundary = f"=_{secrets.token_hex(16)}"
+        headers.append(_header("Content-Type", f'multipart/alternative; boundary="{boundary}"'))
+        plain = _TEXT_HEADERS.format(subtype="plain").encode("ascii")
+        rich = _TEXT_HEADERS.format(subtype="html").encode("ascii")
+        delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
+        ending = f"\r\n--{boundary}--\r\n".encode("ascii")
+        parts = [delimiter, plain, b"\r\n", _base64(text), delimiter, rich, b"\r\n"]
+        parts += [_base64(html), ending]
+    else:
+        headers.append(_TEXT_HEADERS.format(subtype="plain").encode("ascii"))
+        parts = [b"\r\n", _base64(text)]
+    return OutgoingMessage(envelope_from, (recipient,), b"".join((*headers, *parts)))
 
 
 def _open(config: SmtpConfig, timeout: float) -> smtplib.SMTP:
