@@ -29,6 +29,7 @@ from support.harness import (
     signed_headers,
     wait_for,
 )
+from support.statements import recorded, verbs
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.orders.models import Order
 from whop_autocancel.runtime import Runtime
@@ -347,3 +348,25 @@ def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_st
     # back, so the run ends without looking again.
     applying = -(-len(bodies) // APPLY_PER_TRANSACTION)
     assert len(commits) == applying + 1 < len(bodies)
+
+
+def test_a_chunk_of_events_is_marked_applied_in_one_statement(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    """The events of a transaction are recorded applied together, in one statement sent
+    with a row for each, not each by the ORM's unit of work, which flushed one UPDATE for each
+    event before the next event's first read (three events a purchase)."""
+    bodies = [payment(number) for number in range(APPLY_PER_TRANSACTION)]
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    with recorded(runtime.database.engine) as sent:
+        runtime.jobs.run_here(APPLY_TASK)
+    assert verbs(sent, 2).count("UPDATE WEBHOOK_EVENTS") == 1
+    with runtime.database.transaction() as session:
+        events = session.scalars(select(WebhookEvent)).all()
+        orders = {o.whop_payment_id: o.id for o in session.scalars(select(Order))}
+    assert len(events) == len(bodies)
+    for event in events:
+        assert (event.status, event.attempts, event.handled_at) == ("handled", 1, clock.now())
+        assert (event.last_error, event.next_attempt_at) == (None, None)
+        assert event.order_id == orders[event.object_id]

@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache, partial
+from typing import cast
 
 import structlog
-from sqlalchemy import Integer, Select, bindparam, or_, select
+from sqlalchemy import Integer, Select, String, Table, bindparam, func, or_, select, update
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import InterfaceError as DBInterfaceError
 from sqlalchemy.orm import Session
@@ -27,6 +28,7 @@ from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
+from whop_autocancel.db.base import UTCDateTime
 from whop_autocancel.db.engine import Database, insert_absent, savepoint
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.service import OrderService, order_of_membership
@@ -351,24 +353,58 @@ class Inbox:
             return True
 
     def _apply_chunk_run(self, chunk: Sequence[str]) -> list[tuple[str, str]]:
-        """Apply a chunk in one transaction, first without a savepoint for each event (each
-        costs more than most events' work); when one fails, the whole transaction is rolled
-        back and the chunk applied again with them, so that the failed event is recorded
+        """Apply a chunk in one transaction, first the quick way (`_apply_quickly`); when an
+        event fails, the whole transaction is rolled back and the chunk applied again with a
+        savepoint for each event (`_apply_chunk`), so that the failed event is recorded
         `failed` and the others applied (nothing left the process: the commit never came)."""
         try:
-            return self._database.run(
-                partial(self._apply_chunk, event_ids=chunk, careful=False), durable=False
-            )
+            return self._database.run(partial(self._apply_quickly, event_ids=chunk), durable=False)
         except _ApplyFailed as failed:
             log.info("webhook_chunk_applied_again", events=len(chunk), error=str(failed))
             return self._database.run(partial(self._apply_chunk, event_ids=chunk), durable=False)
 
-    def _apply_chunk(
-        self, session: Session, event_ids: Sequence[str], careful: bool = True
-    ) -> list[tuple[str, str]]:
+    def _apply_quickly(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """`_apply_chunk` without a savepoint for each event (each costs more than most events'
+        work), the events read and recorded as table rows: one read, and one UPDATE sent with
+        a row for each event applied, instead of the unit of work flushing an UPDATE for each
+        before the next event's first read. An event that fails raises `_ApplyFailed`. (Nothing
+        an event's apply reads is about the stored events, so none needs to see the others
+        recorded before it.)"""
+        now = self._clock.now()
+        statement = _ROWS_AMONG_LOCKED if self._database.skip_locked else _ROWS_AMONG
+        done: list[tuple[str, str]] = []
+        applied: list[dict[str, object]] = []
+        for event in session.execute(statement, {"event_ids": list(event_ids)}):
+            if event.status != RECEIVED:
+                continue
+            try:
+                envelope = parse_envelope(event.payload.encode("utf-8"))
+                handled, order_id = self._apply(session, envelope, now)
+                session.flush()  # (what it wrote fails here, as its savepoint's end would)
+            except (OperationalError, DBInterfaceError):
+                raise
+            except Exception as error:  # (a body that cannot be read is recorded by the other way)
+                raise _ApplyFailed(f"{event.id}: {type(error).__name__}") from error
+            status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
+            applied.append(
+                {"event_id": event.id, "applied_status": status, "applied_to": order_id, "now": now}
+            )
+            log.info(
+                "webhook_applied",
+                event_id=event.id,
+                type=event.type,
+                status=status,
+                attempt=event.attempts + 1,
+                order_id=order_id,
+            )
+            done.append((event.type, status))
+        if applied:
+            session.execute(_MARK_APPLIED, applied)
+        return done
+
+    def _apply_chunk(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
         """Apply those of `event_ids` still `received` (and not held by another run), oldest
-        first: the (type, status) of each one applied. `careful=False`: no savepoints, an
-        event that fails raises `_ApplyFailed` (see `_apply_chunk_run`)."""
+        first, each in a savepoint: the (type, status) of each one applied or failed."""
         now = self._clock.now()
         statement = _AMONG_LOCKED if self._database.skip_locked else _AMONG
         # (SQLite: the transaction began with the write lock, so nobody else applies now.
@@ -378,7 +414,7 @@ class Inbox:
         for event in session.scalars(statement, {"event_ids": list(event_ids)}).all():
             if event.status != RECEIVED:
                 continue
-            order_id = self._apply_stored(session, event, now, careful=careful)
+            order_id = self._apply_stored(session, event, now)
             log.info(
                 "webhook_applied",
                 event_id=event.id,
@@ -390,9 +426,7 @@ class Inbox:
             done.append((event.type, event.status))
         return done
 
-    def _apply_stored(
-        self, session: Session, event: WebhookEvent, now: datetime, *, careful: bool = True
-    ) -> str | None:
+    def _apply_stored(self, session: Session, event: WebhookEvent, now: datetime) -> str | None:
         try:
             envelope = parse_envelope(event.payload.encode("utf-8"))
         except PayloadError as error:  # (it was read when it arrived: a row edited since)
@@ -402,17 +436,6 @@ class Inbox:
             event.next_attempt_at = None
             self._alert_apply_failed(session, event, now, retried=False)
             return None
-        if not careful:
-            event_id = event.id  # (the session is unusable once a flush fails)
-            try:
-                handled, order_id = self._apply(session, envelope, now)
-                session.flush()  # (what it wrote fails here, as its savepoint's end would)
-            except (OperationalError, DBInterfaceError):
-                raise
-            except Exception as error:
-                raise _ApplyFailed(f"{event_id}: {type(error).__name__}") from error
-            self._applied(event, handled, order_id, now)
-            return order_id
         return self._apply_recording(session, event, envelope, now)
 
     def _apply_recording(
@@ -638,6 +661,27 @@ _AMONG = (
     .order_by(WebhookEvent.received_at, WebhookEvent.id)
 )
 _AMONG_LOCKED = _AMONG.with_for_update(skip_locked=True)
+_EVENTS = cast(Table, WebhookEvent.__table__)
+# The same as table rows, with what applying them needs (`_apply_quickly`).
+_ROWS_AMONG = (
+    select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.status, _EVENTS.c.payload, _EVENTS.c.attempts)
+    .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
+    .order_by(_EVENTS.c.received_at, _EVENTS.c.id)
+)
+_ROWS_AMONG_LOCKED = _ROWS_AMONG.with_for_update(skip_locked=True)
+# Events applied, recorded as `_applied` records one (sent with a row for each).
+_MARK_APPLIED = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .values(
+        status=bindparam("applied_status"),
+        attempts=_EVENTS.c.attempts + 1,
+        order_id=func.coalesce(bindparam("applied_to", type_=String()), _EVENTS.c.order_id),
+        handled_at=bindparam("now", type_=UTCDateTime()),
+        last_error=None,
+        next_attempt_at=None,
+    )
+)
 
 CLAIM_PREFIXES = ("refund.", "dispute.")  # the events that can stop a cancellation
 # Their types (WHOP.md), for the (status, type) index.
