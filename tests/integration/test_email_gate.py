@@ -20,10 +20,13 @@ from sqlalchemy import select
 
 from support.harness import (
     ADMIN,
+    MESSAGE_PLAN,
     NONE_PLAN,
     drain,
+    wait_for,
 )
 from support.shop import Shop, open_shop
+from support.statements import recorded
 from whop_autocancel.admin.operations import cancel_membership
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.logs import configure_logging
@@ -278,3 +281,32 @@ def test_a_cancellation_is_armed_by_its_accepted_email_and_runs_once(shop: Shop)
     assert tuple(scheduled.args) == (second["cancellation_id"],)
     assert shop.cancellation(second).status == "scheduled"
     assert shop.cancellation(second).last_error is None
+
+
+def test_the_delivery_knows_its_email_is_on_its_way_without_reading_it_back(shop: Shop) -> None:
+    """The delivery that queues the customer's email arms no cancellation (the email's
+    acceptance does): it knows the email is on its way from the row it has just queued. It
+    read the order's delivery emails back for that, one statement a purchase."""
+    delivered: list[tuple[str, Any]] = []
+    huey = shop.runtime.jobs.huey
+
+    def execute(task: Any, timestamp: Any) -> None:
+        if task.name != "delivery.deliver":
+            huey.execute(task, timestamp=timestamp)
+            return
+        with recorded(shop.runtime.database.engine) as sent:
+            huey.execute(task, timestamp=timestamp)
+        delivered.extend(sent)
+
+    shop.smtp_down()
+    purchase = shop.simulator.state.create_purchase(MESSAGE_PLAN, email="gate@example.com")
+    wait_for(lambda: shop.simulator.state.pending_webhooks() == 0)
+    drain(shop.runtime, execute=execute)
+    inserts = [s for s, _ in delivered if s.upper().startswith("INSERT INTO EMAILS")]
+    assert len(inserts) == 2  # the customer's and the admin's
+    assert not [s for s, _ in delivered if s.upper().startswith("SELECT") and "FROM emails" in s]
+    assert cancellation_jobs(shop) == []
+    with shop.runtime.database.transaction() as session:
+        [email] = session.scalars(select(Email).where(Email.to_address == "gate@example.com"))
+        assert (email.kind, email.sent_at) == ("delivery", None)
+    assert purchase["membership_id"]

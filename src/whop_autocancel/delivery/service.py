@@ -320,10 +320,13 @@ class DeliveryService:
         now: datetime,
     ) -> None:
         customer_email = delivery.customer_email is not None and bool(order.email)
-        if customer_email:
+        # The customer's email queued now is on its way: its acceptance arms the cancellation.
+        on_its_way = customer_email and (
             self._queue_customer_email(
                 session, order, delivery, now, f"delivery:{order.id}:customer"
             )
+            is not None
+        )
         notice = render_email(
             "admin_delivered",
             f"Delivered: {plan.name} to {order.email or 'unknown customer'} ({order.id})",
@@ -374,7 +377,9 @@ class DeliveryService:
             )
             # Armed now unless the delivery email is on its way: then its acceptance arms it
             # (`email_sent`), and a killed worker's row is found by the stuck-work sweep.
-            if cancellation is not None and not waits_for_email(session, order, now):
+            if cancellation is not None and not (
+                on_its_way or waits_for_email(session, order, now)
+            ):
                 self._jobs.defer(session, CANCEL_TASK, cancellation.id, delay=self._cancel_delay)
 
     def _check_low_stock(self, session: Session, pool: str, now: datetime) -> None:
@@ -424,19 +429,21 @@ class DeliveryService:
                 delivery = METHODS[plan.method].resend(self._context(session, order, plan, now))
             except DeliveryError as error:
                 raise ResendError(f"cannot resend order {order_id}: {error}") from None
-            to = self._queue_customer_email(
+            self._queue_customer_email(
                 session, order, delivery, now, f"delivery:{order.id}:resend:{uuid.uuid4().hex}"
             )
             log.info("delivery_resent", order_id=order.id, method=plan.delivery)
-            return Resent(order_id=order.id, to=to, summary=delivery.summary)
+            assert order.email is not None  # (the email just queued went to it)
+            return Resent(order_id=order.id, to=order.email, summary=delivery.summary)
 
     def _queue_customer_email(
         self, session: Session, order: Order, delivery: Delivery, now: datetime, dedupe_key: str
-    ) -> str:
-        """The customer's delivery email into the outbox (sealed when it carries an item)."""
+    ) -> Email | None:
+        """The customer's delivery email into the outbox (sealed when it carries an item): the
+        row queued, None when `dedupe_key` was queued before."""
         assert delivery.customer_email is not None
         assert order.email is not None
-        self._outbox.queue(
+        return self._outbox.queue(
             session,
             kind=DELIVERY_KIND,
             to=order.email,
@@ -446,7 +453,6 @@ class DeliveryService:
             dedupe_key=dedupe_key,
             sealed=delivery.sealed,
         )
-        return order.email
 
     # Outbox hooks (wired in runtime.py): the delivery is complete only once its email is in. --
 
