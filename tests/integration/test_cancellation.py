@@ -162,6 +162,24 @@ def test_a_plain_cancellation_reads_its_row_once_and_writes_it_twice(world: Worl
     assert world.simulator.state.membership(purchase["membership_id"])["status"] == "canceled"
 
 
+def test_the_claim_reads_the_stop_and_the_delivery_emails_with_its_row(world: World) -> None:
+    """The claim's one read of the row and its order's facts also brings what else decides
+    the call: whether Whop's stop (a 429's `Retry-After`) is in force, and whether the
+    order's delivery email was accepted. They were two more reads for every purchase. The
+    one other read is of the refunds and disputes not applied yet, which the webhooks' layer
+    answers."""
+    purchase = world.buy()
+    world.clock.advance(5)
+    with recorded(world.runtime.database.engine) as sent:
+        world.runtime.cancellations.run(purchase["cancellation_id"])
+    reads = [sql for sql, _ in sent if sql.lstrip().upper().startswith("SELECT")]
+    # (Then the pacer's reads before the call, the shared rate limit's: its own.)
+    claim = reads[: next(n for n, sql in enumerate(reads) if "rate_buckets" in sql)]
+    assert len(claim) == 2, claim
+    assert "webhook_events" in claim[1]
+    assert world.row(purchase["cancellation_id"]).status == "canceled"
+
+
 def test_an_answer_after_the_lease_was_lost_changes_nothing(world: World) -> None:
     """Our call is at Whop when another worker takes the row over (our lease ran out): Whop's
     success, when it comes, is written to the timeline only; the row stays the other

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, bindparam, delete, func, select, update
+from sqlalchemy import ScalarSelect, String, bindparam, delete, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from whop_autocancel.db.base import Base, UTCDateTime
@@ -36,6 +36,11 @@ def try_acquire(session: Session, key: str, holder: str, now: datetime, seconds:
 
 
 _UNTIL = select(Lease.until).where(Lease.key == bindparam("key"))  # built once: read often
+
+
+def until_of(key: str) -> ScalarSelect[datetime]:
+    """The end of the lease `key` (NULL when there is none), as a column of another read."""
+    return select(Lease.until).where(Lease.key == key).scalar_subquery()
 
 
 def read_until(session: Session, key: str) -> datetime | None:
