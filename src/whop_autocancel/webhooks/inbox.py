@@ -374,7 +374,7 @@ class Inbox:
         statement = _ROWS_AMONG_LOCKED if self._database.skip_locked else _ROWS_AMONG
         done: list[tuple[str, str]] = []
         applied: list[dict[str, object]] = []
-        for event in session.execute(statement, {"event_ids": list(event_ids)}):
+        for event in session.execute(statement, {"event_ids": list(event_ids)}).all():
             if event.status != RECEIVED:
                 continue
             try:
