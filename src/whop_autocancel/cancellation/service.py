@@ -373,6 +373,17 @@ def latest(*moments: datetime | None) -> datetime | None:
     return max(known) if known else None
 
 
+def _holds_for_email(queued: bool, accepted: bool) -> bool:
+    """The rule of the email gate, for `_email_hold` and the claim's one read alike: an order
+    whose delivery sends emails (`queued`) is held until one was `accepted`."""
+    return queued and not accepted
+
+
+def _in_force(until: datetime | None, now: datetime) -> datetime | None:
+    """`until`, the end of Whop's stop, while it is still ahead of `now`; else None."""
+    return until if until is not None and until > now else None
+
+
 def _email_hold(
     session: Session, order_id: str, membership_id: str | None, now: datetime, last_interval: float
 ) -> tuple[float, str] | None:
@@ -385,7 +396,7 @@ def _email_hold(
         )
         if kind == DELIVERY_KIND
     ]
-    if not emails or any(sent_at is not None for sent_at, _, _ in emails):
+    if not _holds_for_email(bool(emails), any(sent_at is not None for sent_at, _, _ in emails)):
         return None
     retried = [due for _, failed_at, due in emails if failed_at is None and due is not None]
     if not retried:
@@ -706,10 +717,10 @@ class CancellationService:
             return None
         if self._refusal(seen.order_status, seen.plan_id, seen.billing_reason) is not None:
             return None
-        if wait_for_email and seen.emails_queued and not seen.email_accepted:
-            return None  # (held: `_email_hold` says how long)
-        if seen.stopped_until is not None and seen.stopped_until > now:
-            return None  # (`_stopped_until`)
+        if wait_for_email and _holds_for_email(bool(seen.emails_queued), bool(seen.email_accepted)):
+            return None  # (`_claim_row` holds it for as long as `_email_hold` says)
+        if _in_force(seen.stopped_until, now) is not None:
+            return None  # (`_claim_row` reschedules it)
         return _Claim.of(seen, seen)  # (the row and its order's columns, in one)
 
     def _claim_row(
@@ -1277,8 +1288,7 @@ def _arm_again(row: Cancellation, at: datetime, now: datetime, reason: str) -> N
 def _stopped_until(session: Session, now: datetime) -> datetime | None:
     """When the stop every process keeps after a 429 (or an exhausted budget) ends, while one
     is in force; None when calls may go now."""
-    not_before = leases.read_until(session, NOT_BEFORE_KEY)
-    return not_before if not_before is not None and not_before > now else None
+    return _in_force(leases.read_until(session, NOT_BEFORE_KEY), now)
 
 
 def _success_reading(
