@@ -19,6 +19,11 @@ Read as ratios: next to each job, how many plain durable SQLite commits (one 10-
 and a commit, WAL, `synchronous=NORMAL` like our non-durable commits, the standard library's
 driver) cost the same CPU in the same run.
 
+And as work, which no machine moves: one more round, not timed, counts the function calls
+(Python's and C's, the profiler hook `sys.setprofile`) each job makes a purchase. Two trees
+compared by their calls need no second run side by side: a change of a few per cent that the
+CPU clock cannot tell from the machine's minute shows here the same on every run.
+
     PYTHONPATH=src .venv/bin/python bench/purchase_cpu.py [--smoke] [--json FILE]
 """
 
@@ -33,8 +38,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -77,33 +84,67 @@ class Dispatcher:
         self.loop.close()
 
 
+class Calls:
+    """The profiler hook that counts the calls this thread makes (`sys.setprofile`: Python's
+    functions and C's), while it is on."""
+
+    def __init__(self) -> None:
+        self.made = 0
+
+    def __call__(self, _frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call" or event == "c_call":
+            self.made += 1
+
+    def during(self, work: Callable[[], None]) -> int:
+        before = self.made
+        sys.setprofile(self)
+        try:
+            work()
+        finally:
+            sys.setprofile(None)
+        return self.made - before
+
+
 def run_jobs(
-    runtime: Runtime, dispatcher: Dispatcher, cpu: Counter[str], runs: Counter[str], *, due: bool
+    runtime: Runtime,
+    dispatcher: Dispatcher,
+    cost: Counter[str],
+    runs: Counter[str],
+    *,
+    due: bool,
+    count: Calls | None = None,
 ) -> None:
     """Run what the queue holds (and, `due`, what its schedule holds) until it is empty, as the
-    tests' `drain` does: huey's own `execute` (a cancellation: `Dispatcher.attempt`), each job
-    timed with this thread's CPU clock."""
+    tests' `drain` does: huey's own `execute` (a cancellation: `Dispatcher.attempt`). Each
+    job's cost: this thread's CPU seconds, or with `count` the calls it made."""
     huey = runtime.jobs.huey
 
     def timed(task: Any, timestamp: datetime | None) -> None:
         if not huey.ready_to_run(task, timestamp):
             huey.add_schedule(task)  # (what `execute` does with a task due later)
             return
-        started = time.thread_time()
-        if task.name == CANCEL_TASK:
-            dispatcher.attempt(int(task.args[0]))
+
+        def job() -> None:
+            if task.name == CANCEL_TASK:
+                dispatcher.attempt(int(task.args[0]))
+            else:
+                huey.execute(task, timestamp=timestamp)
+
+        if count is not None:
+            cost[task.name] += count.during(job)
         else:
-            huey.execute(task, timestamp=timestamp)
-        cpu[task.name] += time.thread_time() - started
+            started = time.thread_time()
+            job()
+            cost[task.name] += time.thread_time() - started
         runs[task.name] += 1
 
     drain(runtime, include_scheduled=due, execute=timed)
 
 
 def one_round(
-    shop: Shop, dispatcher: Dispatcher, purchases: int, tag: str
+    shop: Shop, dispatcher: Dispatcher, purchases: int, tag: str, count: Calls | None = None
 ) -> tuple[Counter[str], Counter[str]]:
-    cpu: Counter[str] = Counter()
+    cost: Counter[str] = Counter()
     runs: Counter[str] = Counter()
     state = shop.simulator.state
     made = [
@@ -111,11 +152,11 @@ def one_round(
         for n in range(purchases)
     ]
     wait_for(lambda: state.pending_webhooks() == 0, 120, "the simulator's webhooks")
-    run_jobs(shop.runtime, dispatcher, cpu, runs, due=False)
+    run_jobs(shop.runtime, dispatcher, cost, runs, due=False, count=count)
     shop.clock.advance(CANCEL_DELAY + 1)
-    run_jobs(shop.runtime, dispatcher, cpu, runs, due=True)  # the cancellations
+    run_jobs(shop.runtime, dispatcher, cost, runs, due=True, count=count)  # the cancellations
     wait_for(lambda: state.pending_webhooks() == 0, 120, "the webhooks of the cancellations")
-    run_jobs(shop.runtime, dispatcher, cpu, runs, due=True)
+    run_jobs(shop.runtime, dispatcher, cost, runs, due=True, count=count)
     not_canceled = [
         p["membership_id"]
         for p in made
@@ -123,7 +164,7 @@ def one_round(
     ]
     if not_canceled:
         raise RuntimeError(f"{len(not_canceled)} memberships not canceled, e.g. {not_canceled[0]}")
-    return cpu, runs
+    return cost, runs
 
 
 def commit_floor(folder: Path) -> float:
@@ -160,6 +201,7 @@ def measure(purchases: int, rounds: int) -> dict[str, Any]:
     simulator.state.create_plan(MESSAGE_PLAN)
     per_round: list[dict[str, float]] = []
     runs_per_round: list[dict[str, float]] = []
+    calls: Counter[str] = Counter()
     try:
         shops = open_shop(folder, clock, simulator)
         shop = next(shops)
@@ -172,6 +214,7 @@ def measure(purchases: int, rounds: int) -> dict[str, Any]:
                     cpu, runs = one_round(shop, dispatcher, purchases, f"r{number}")
                     per_round.append({job: s * 1000 / purchases for job, s in cpu.items()})
                     runs_per_round.append({job: n / purchases for job, n in runs.items()})
+                calls, _ = one_round(shop, dispatcher, purchases, "counted", Calls())
             finally:
                 dispatcher.close()
         finally:
@@ -193,12 +236,14 @@ def measure(purchases: int, rounds: int) -> dict[str, Any]:
             "min": min(values),
             "max": max(values),
             "runs": statistics.median(found.get(job, 0.0) for found in runs_per_round),
+            "calls": calls[job] / purchases,
         }
     totals = [sum(found.values()) for found in per_round]
     figures["total_ms"] = {
         "ms": statistics.median(totals),
         "min": min(totals),
         "max": max(totals),
+        "calls": sum(calls.values()) / purchases,
     }
     return figures
 
@@ -213,6 +258,7 @@ def table(figures: dict[str, Any], smoke: bool) -> report.Table:
             f"{found['ms']:.2f}",
             f"{found['min']:.2f} to {found['max']:.2f}",
             f"{found['ms'] / floor:.0f}",
+            f"{found['calls']:,.0f}",
         ]
 
     rows = [row(job, found, f"{found['runs']:.2f}") for job, found in figures["jobs"].items()] + [
@@ -224,6 +270,8 @@ def table(figures: dict[str, Any], smoke: bool) -> report.Table:
         "the rounds' lowest to highest.",
         f"÷ commit: the job's CPU ÷ one plain SQLite insert + commit measured in the same run "
         f"({floor * 1000:.0f} µs here).",
+        "calls/purchase: the function calls (Python's and C's) of the job a purchase, counted "
+        "by the profiler hook in one more round, not timed: work, the same on any machine.",
         "cancellation.run: one attempt as a worker's dispatcher makes it (claim, the call to "
         "Whop with the asynchronous client, the answer recorded), here on an event loop in "
         "this thread. Not counted: the web process's work on each webhook (the ingest "
@@ -233,7 +281,7 @@ def table(figures: dict[str, Any], smoke: bool) -> report.Table:
         notes.append("smoke run: too few purchases for stable figures.")
     return report.Table(
         title="CPU a purchase costs the service's jobs (one thread, one job at a time)",
-        columns=["job", "runs/purchase", "ms/purchase", "spread", "÷ commit"],
+        columns=["job", "runs/purchase", "ms/purchase", "spread", "÷ commit", "calls/purchase"],
         rows=rows,
         notes=notes,
         figures={"section": "purchase_cpu", "smoke": smoke, **figures},
