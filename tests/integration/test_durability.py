@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, select, text
 from sqlalchemy import event as sa_event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from support.harness import drain
 from support.shop import Shop, open_shop
+from support.statements import recorded
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.engine import Database, writer_lock_file
 from whop_autocancel.db.leases import Lease
@@ -58,6 +60,83 @@ def test_a_transaction_flushes_its_commit_unless_told_it_need_not(database_url: 
         with database.transaction() as session:
             assert flushed(session, database.backend) in (True, None)
         assert database.run(lambda s: flushed(s, database.backend), durable=False) in (False, None)
+    finally:
+        database.dispose()
+
+
+class _Refused(Exception):
+    """Raised inside a transaction to roll it back."""
+
+
+def refuse(database: Database, *, durable: bool) -> None:
+    """A transaction that reads, then rolls back."""
+    with database.transaction(durable=durable) as session:
+        session.execute(text("SELECT 1"))
+        raise _Refused
+
+
+def test_a_rolled_back_transaction_leaves_the_next_ones_flushed_as_they_ask(
+    database_url: str,
+) -> None:
+    """A transaction that rolls back takes with it what it set on its connection (PostgreSQL
+    undoes a `SET` made in an aborted transaction): the next transaction on that connection
+    still commits as it asks, flushed or not. A flushed one that relied on a level remembered
+    from before the rollback would return before the disk has its commit."""
+    database = Database(database_url)
+    try:
+        relaxed = database.backend in ("sqlite", "postgresql")
+        for first, refused in ((True, False), (False, True)):
+            with database.transaction(durable=first) as session:
+                session.execute(text("SELECT 1"))
+            with pytest.raises(_Refused):
+                refuse(database, durable=refused)
+            for durable in (refused, first, refused):
+                with database.transaction(durable=durable) as session:
+                    level = flushed(session, database.backend)
+                assert level is (durable if relaxed else None), (first, refused, durable)
+    finally:
+        database.dispose()
+
+
+def test_a_flushed_transaction_keeps_the_servers_own_flush_setting(database_url: str) -> None:
+    """Flushed means what the PostgreSQL server is set to do (here `remote_apply`: wait for a
+    replica as well), not a weaker `on` of ours, also on a connection whose last transaction
+    did not flush."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's synchronous_commit")
+    url = make_url(database_url).update_query_dict({"options": "-csynchronous_commit=remote_apply"})
+    database = Database(url.render_as_string(hide_password=False))
+    try:
+        seen = []
+        for durable in (True, False, True, False, True):
+            with database.transaction(durable=durable) as session:
+                seen.append(session.execute(text("SHOW synchronous_commit")).scalar())
+        assert seen == ["remote_apply", "off", "remote_apply", "off", "remote_apply"]
+    finally:
+        database.dispose()
+
+
+def test_a_transaction_sends_only_its_own_statements(database_url: str) -> None:
+    """How a transaction begins (SQLite's `BEGIN IMMEDIATE`, or `BEGIN` for a read) and how
+    it tells the database whether to flush its commit are not statements of their own through
+    the engine: each would cost a statement's work in SQLAlchemy (tens of microseconds, more
+    than SQLite takes to begin), in every one of the ten or so transactions of a purchase, and
+    on PostgreSQL a round trip. The flush level is set on a connection when it changes, not
+    in every transaction."""
+    database = Database(database_url)
+    try:
+        database.run(lambda s: s.execute(text("SELECT 1")), durable=False)  # connection made
+        with recorded(database.engine) as sent:
+            for _ in range(3):
+                database.run(lambda s: s.execute(text("SELECT 1")), durable=False)
+            database.read(lambda s: s.execute(text("SELECT 1")))
+        assert [statement for statement, _ in sent] == ["SELECT 1"] * 4
+        # Flushed again, then relaxed again: the level changes twice, once each way.
+        with recorded(database.engine) as sent:
+            for durable in (True, True, False, False):
+                database.run(lambda s: s.execute(text("SELECT 1")), durable=durable)
+        others = [statement for statement, _ in sent if statement != "SELECT 1"]
+        assert len(others) == (2 if database.backend == "postgresql" else 0), others
     finally:
         database.dispose()
 

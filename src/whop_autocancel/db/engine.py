@@ -28,7 +28,7 @@ _AFTER_COMMIT = "after_commit_callbacks"
 # An execution option of the connection a transaction runs on: False when its commit need not
 # wait for the disk (see `Database.transaction`).
 DURABLE = "whop_autocancel_durable"
-_SYNCHRONOUS = "sqlite_synchronous"  # the level last set on a pooled SQLite connection
+_SYNCHRONOUS = "synchronous"  # the flush level last set on a pooled connection
 READ_ONLY = "whop_autocancel_read_only"  # an execution option: `Database.read`
 
 
@@ -47,6 +47,22 @@ def writer_lock_file(database: Path) -> Path:
     return database.with_name(f"{database.name}-writer")
 
 
+def _driver_execute(connection: Any, statement: str) -> None:
+    """Run `statement` on the connection's DBAPI connection itself, not through the engine's
+    execution (which costs more than SQLite takes to begin a transaction: tens of
+    microseconds, in every transaction), its error raised as the engine would raise it."""
+    dbapi_connection = connection.connection.driver_connection
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+    except Exception as error:
+        raise DBAPIError.instance(
+            statement, None, error, connection.dialect.loaded_dbapi.Error
+        ) from error
+    finally:
+        cursor.close()
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -63,24 +79,39 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Any) -> None:
         options = connection.get_execution_options()
         if options.get(READ_ONLY, False):
-            connection.exec_driver_sql("BEGIN")  # a snapshot; writers go on meanwhile (WAL)
+            _driver_execute(connection, "BEGIN")  # a snapshot; writers go on meanwhile (WAL)
             return
         # The level can only change between transactions: set it (when it differs from the
         # connection's last) just before this one begins.
         level = "FULL" if options.get(DURABLE, True) else "NORMAL"
         if connection.info.get(_SYNCHRONOUS) != level:
-            connection.exec_driver_sql(f"PRAGMA synchronous={level}")
+            _driver_execute(connection, f"PRAGMA synchronous={level}")
             connection.info[_SYNCHRONOUS] = level
         # Take the write lock up front: a deferred transaction that later writes can fail with
         # SQLITE_BUSY at once, whatever the busy timeout says.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _driver_execute(connection, "BEGIN IMMEDIATE")
 
 
 def _configure_postgresql(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        if not connection.get_execution_options().get(DURABLE, True):
-            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        # Set on the connection (not `SET LOCAL`, a round trip in every transaction) when it
+        # differs from the level its last transaction committed with; a read leaves it be.
+        # Flushed is the server's own setting (`DEFAULT`: `on`, or stronger where the server
+        # waits for a replica too), which a new connection has.
+        options = connection.get_execution_options()
+        if options.get(READ_ONLY, False):
+            return
+        level = "DEFAULT" if options.get(DURABLE, True) else "off"
+        if connection.info.get(_SYNCHRONOUS, "DEFAULT") != level:
+            connection.exec_driver_sql(f"SET synchronous_commit TO {level}")
+            connection.info[_SYNCHRONOUS] = level
+
+    @event.listens_for(engine, "rollback")
+    def _on_rollback(connection: Any) -> None:
+        # PostgreSQL undoes a `SET` made in a transaction that rolls back: the level is no
+        # longer known, and the next transaction sets it again, whatever it asks.
+        connection.info[_SYNCHRONOUS] = "unknown"
 
 
 class Database:
@@ -115,7 +146,9 @@ class Database:
         )
 
     @contextmanager
-    def transaction(self, *, urgent: bool = False, durable: bool = True) -> Iterator[Session]:
+    def transaction(
+        self, *, urgent: bool = False, durable: bool = True, read_only: bool = False
+    ) -> Iterator[Session]:
         """A session in one transaction: commit on success, roll back on error, then run the
         callbacks registered with `after_commit` (enqueueing jobs, mostly). `urgent`: someone
         waits on this commit (the webhook writer); on SQLite it writes before the others.
@@ -129,13 +162,21 @@ class Database:
         by the sweeps). On SQLite `synchronous=NORMAL`, on PostgreSQL
         `synchronous_commit=off`; MariaDB flushes every commit (its setting is server-wide).
         Before any act outside (an answer to Whop, an email, a call to Whop) commit durably
-        whatever must not be undone after it."""
+        whatever must not be undone after it.
+
+        `read_only`: the work only reads (`Database.read`): on SQLite a snapshot without the
+        write turn, and on every backend its commit, which has nothing to flush, leaves the
+        connection's flush level as it found it."""
         turn: AbstractContextManager[None] = (
-            self._write_turn.turn(urgent=urgent) if self._write_turn is not None else nullcontext()
+            self._write_turn.turn(urgent=urgent)
+            if self._write_turn is not None and not read_only
+            else nullcontext()
         )
         with turn, self.sessions() as session:
             with session.begin():
-                if not durable:
+                if read_only:
+                    session.connection(execution_options={READ_ONLY: True})
+                elif not durable:
                     session.connection(execution_options={DURABLE: False})
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
@@ -150,11 +191,7 @@ class Database:
         """Run `work`, which only reads, in a transaction of its own. On SQLite it reads a
         snapshot without the write turn (WAL lets readers and the writer go at once), so a
         writer holding the turn never holds it up; elsewhere it is a plain transaction."""
-        if self._write_turn is None:
-            return self.run(work)
-        with self.sessions() as session, session.begin():
-            session.connection(execution_options={READ_ONLY: True})
-            return work(session)
+        return self.run(work, read_only=True)
 
     @property
     def skip_locked(self) -> bool:
@@ -168,13 +205,16 @@ class Database:
         attempts: int = 5,
         urgent: bool = False,
         durable: bool = True,
+        read_only: bool = False,
     ) -> T:
         """Run `work` in a transaction, again from the start when the database aborted it to
         break a deadlock or a serialization conflict (MariaDB does so on concurrent inserts of
         one unique key). `work` must therefore be safe to repeat (ours are idempotent)."""
         for attempt in range(1, attempts + 1):
             try:
-                with self.transaction(urgent=urgent, durable=durable) as session:
+                with self.transaction(
+                    urgent=urgent, durable=durable, read_only=read_only
+                ) as session:
                     return work(session)
             except DBAPIError as error:
                 if attempt == attempts or not is_transient_conflict(error):
