@@ -47,24 +47,14 @@ def writer_lock_file(database: Path) -> Path:
     return database.with_name(f"{database.name}-writer")
 
 
-def _driver_execute(connection: Any, statement: str) -> None:
-    """Run `statement` on the connection's DBAPI connection itself, not through the engine's
-    execution (which costs more than SQLite takes to begin a transaction: tens of
-    microseconds, in every transaction), its error raised as the engine would raise it."""
-    dbapi_connection = connection.connection.driver_connection
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(statement)
-    except Exception as error:
-        raise DBAPIError.instance(
-            statement, None, error, connection.dialect.loaded_dbapi.Error
-        ) from error
-    finally:
-        cursor.close()
-
-
 def _configure_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
+    """SQLite's connections: WAL, and transactions begun by `_sqlite_begin` (which takes the
+    write lock up front) instead of pysqlite. No listener on the engine's connections: one
+    listener for any of their events (a `begin` listener was how this began transactions)
+    makes SQLAlchemy dispatch every event of every statement and transaction, about a
+    third more of its work a statement."""
+
+    @event.listens_for(engine, "connect")  # (the pool's event, once a connection)
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy (below) decide when transactions begin, not pysqlite.
         dbapi_connection.isolation_level = None
@@ -75,21 +65,43 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        options = connection.get_execution_options()
-        if options.get(READ_ONLY, False):
-            _driver_execute(connection, "BEGIN")  # a snapshot; writers go on meanwhile (WAL)
-            return
-        # The level can only change between transactions: set it (when it differs from the
-        # connection's last) just before this one begins.
-        level = "FULL" if options.get(DURABLE, True) else "NORMAL"
-        if connection.info.get(_SYNCHRONOUS) != level:
-            _driver_execute(connection, f"PRAGMA synchronous={level}")
-            connection.info[_SYNCHRONOUS] = level
-        # Take the write lock up front: a deferred transaction that later writes can fail with
-        # SQLITE_BUSY at once, whatever the busy timeout says.
-        _driver_execute(connection, "BEGIN IMMEDIATE")
+    # The dialect's own step, called with the pooled connection as each transaction begins
+    # (pysqlite's does nothing: the driver would run every statement on its own).
+    engine.dialect.do_begin = _sqlite_begin  # type: ignore[method-assign]
+
+
+_BEGIN_AS = "whop_autocancel_begin_as"  # the connection's next transaction: a `_Begin`
+
+
+class _Begin:
+    """How `_sqlite_begin` begins the next transaction of a connection (`Database`
+    leaves one in the connection's `info` before it begins)."""
+
+    def __init__(self, *, read_only: bool = False, durable: bool = True) -> None:
+        self.read_only = read_only
+        self.level = "FULL" if durable else "NORMAL"
+
+
+_DURABLE_WRITE = _Begin()
+
+
+def _sqlite_begin(dbapi_connection: Any) -> None:
+    """Begin a transaction on a pooled SQLite connection, as `Database` asked (anything else,
+    a migration say, a flushed write). Errors are raised as the engine's (SQLAlchemy wraps
+    this step's)."""
+    begin: _Begin = dbapi_connection.info.pop(_BEGIN_AS, _DURABLE_WRITE)
+    driver = dbapi_connection.driver_connection
+    if begin.read_only:
+        driver.execute("BEGIN")  # a snapshot; writers go on meanwhile (WAL)
+        return
+    # The level can only change between transactions: set it (when it differs from the
+    # connection's last) just before this one begins.
+    if dbapi_connection.info.get(_SYNCHRONOUS) != begin.level:
+        driver.execute(f"PRAGMA synchronous={begin.level}")
+        dbapi_connection.info[_SYNCHRONOUS] = begin.level
+    # Take the write lock up front: a deferred transaction that later writes can fail with
+    # SQLITE_BUSY at once, whatever the busy timeout says.
+    driver.execute("BEGIN IMMEDIATE")
 
 
 def _configure_postgresql(engine: Engine) -> None:
@@ -172,12 +184,12 @@ class Database:
             if self._write_turn is not None and not read_only
             else nullcontext()
         )
-        with turn, self.sessions() as session:
+        with turn, self._session(read_only=read_only, durable=durable) as session:
             with session.begin():
-                if read_only:
-                    session.connection(execution_options={READ_ONLY: True})
-                elif not durable:
-                    session.connection(execution_options={DURABLE: False})
+                if self.backend != "sqlite" and (read_only or not durable):
+                    # (PostgreSQL, MariaDB: the engine's `begin` listener reads these.)
+                    options = {READ_ONLY: True} if read_only else {DURABLE: False}
+                    session.connection(execution_options=options)
                 yield session
             callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
         for callback in callbacks:
@@ -186,6 +198,23 @@ class Database:
             except Exception:
                 # The state row is the truth; the stuck-work sweep picks the work up again.
                 log.exception("after_commit_callback_failed")
+
+    @contextmanager
+    def _session(self, *, read_only: bool, durable: bool) -> Iterator[Session]:
+        """A session for one transaction. On SQLite on a connection of its own, told how its
+        transaction begins (`_sqlite_begin`)."""
+        if self.backend != "sqlite":
+            with self.sessions() as session:
+                yield session
+            return
+        with self.engine.connect() as connection:
+            if read_only or not durable:
+                connection.info[_BEGIN_AS] = _Begin(read_only=read_only, durable=durable)
+            try:
+                with Session(bind=connection, expire_on_commit=False) as session:
+                    yield session
+            finally:
+                connection.info.pop(_BEGIN_AS, None)  # (not begun: left for no one)
 
     def read(self, work: Callable[[Session], T]) -> T:
         """Run `work`, which only reads, in a transaction of its own. On SQLite it reads a
