@@ -5,10 +5,12 @@ own), on MariaDB a savepoint: the same answers, the same session afterwards."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from support.calls import python_calls
 from support.statements import recorded, verbs
 from whop_autocancel.cancellation.models import Cancellation
 from whop_autocancel.db.engine import Database, insert_once
@@ -71,5 +73,36 @@ def test_sqlite_and_postgresql_insert_in_one_statement(database_url: str) -> Non
                 assert insert_once(session, cancellation("ord_Once2", now, "token-1"))
                 assert not insert_once(session, cancellation("ord_Once2", now, "token-2"))
         assert verbs(sent, 3) == ["INSERT INTO CANCELLATIONS", "INSERT INTO CANCELLATIONS"]
+    finally:
+        database.dispose()
+
+
+def test_a_row_inserted_once_costs_about_what_a_read_of_it_costs(tmp_path: Path) -> None:
+    """Each delivery inserts three rows this way (its two emails, its cancellation): the row
+    joins the session with every column as stored without an attribute event for each
+    column, and its statement and where each column goes are worked out once. Counted in
+    function calls (the profiler hook), beyond a transaction that reads one row instead:
+    92 before, 51 after, for this table of fourteen columns."""
+    database = Database(f"sqlite:///{tmp_path / 'service.db'}")
+    upgrade(database)
+    now = datetime.now(UTC).replace(microsecond=0)
+    database.run(
+        lambda s: s.add(Order(id="ord_Once3", status="pending", created_at=now, order_metadata={}))
+    )
+    tokens = iter(range(1_000))
+    read = select(Order.id).where(Order.id == "ord_Once3")
+
+    def insert() -> None:
+        row = cancellation("ord_Once3", now, f"token-{next(tokens)}")
+        database.run(lambda session: insert_once(session, row), durable=False)
+
+    def read_one() -> None:
+        database.run(lambda session: session.execute(read).first(), durable=False)
+
+    try:
+        for work in (insert, read_one):
+            work()
+            work()
+        assert python_calls(insert) - python_calls(read_one) <= 70
     finally:
         database.dispose()

@@ -11,36 +11,18 @@ statement: 155 before, 127 after)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from support.calls import python_calls
 from support.harness import make_runtime, make_settings
 from whop_autocancel.db.engine import Database
 from whop_autocancel.db.leases import Lease
 from whop_autocancel.runtime import Runtime
-
-
-def python_calls(work: Callable[[], object]) -> int:
-    """How many functions `work` calls, Python's and C's (the profiler hook)."""
-    calls = 0
-
-    def count(_frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    sys.setprofile(count)
-    try:
-        work()
-    finally:
-        sys.setprofile(None)
-    return calls
 
 
 @pytest.fixture

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from functools import partial
-from types import FrameType
-from typing import Any
 
 import pytest
 
+from support.calls import python_calls
 from whop_autocancel.mail.smtp import OutgoingMessage, build_message
 
 SUBJECT = "Votre commande — café ☕"
@@ -110,24 +107,6 @@ def test_the_date_is_set_and_the_message_id_only_depends_on_its_key() -> None:
     two = parse(build_message("shop@shop.test", "b@example.com", "S", "y", "<p>y</p>", "k").data)
     assert one["Message-ID"] == two["Message-ID"] == "<k@shop.test>"
     assert one["Date"].datetime is not None
-
-
-def python_calls(work: Callable[[], object]) -> int:
-    """How many functions `work` calls, Python's and C's, counted by the profiler hook: a
-    measure of its CPU that is the same on any machine and in any load."""
-    calls = 0
-
-    def count(_frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    sys.setprofile(count)
-    try:
-        work()
-    finally:
-        sys.setprofile(None)
-    return calls
 
 
 def test_a_message_costs_tens_of_calls_not_thousands() -> None:

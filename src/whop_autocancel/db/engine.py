@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -17,7 +18,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
 
 from whop_autocancel.db.write_turn import WriteTurn
 
@@ -333,8 +333,34 @@ def insert_once(session: Session, row: object) -> bool:
     return True
 
 
-# `INSERT … ON CONFLICT DO NOTHING RETURNING *` of each (table, dialect), built once.
-_INSERTS_UNLESS_HELD: dict[tuple[Table, str], Any] = {}
+@dataclass(frozen=True)
+class _UnlessHeld:
+    """`INSERT … ON CONFLICT DO NOTHING RETURNING` every column of a mapped table, built once
+    for each (mapper, dialect), with where each of its attributes goes: (attribute, column
+    name, position in the returned row, part of the primary key)."""
+
+    statement: Any
+    columns: tuple[tuple[str, str, int, bool], ...]
+
+
+_INSERTS_UNLESS_HELD: dict[tuple[Any, str], _UnlessHeld] = {}
+
+
+def _unless_held(mapper: Any, dialect: str) -> _UnlessHeld:
+    prepared = _INSERTS_UNLESS_HELD.get((mapper, dialect))
+    if prepared is None:
+        table = cast(Table, mapper.local_table)
+        upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        returned = list(table.c)
+        columns = tuple(
+            (prop.key, column.key, returned.index(column), column.primary_key)
+            for prop in mapper.column_attrs
+            for column in prop.columns[:1]
+            if column.table is table  # (the table's own columns, not SQL expressions)
+        )
+        statement = upsert.on_conflict_do_nothing().returning(*returned)
+        prepared = _INSERTS_UNLESS_HELD[(mapper, dialect)] = _UnlessHeld(statement, columns)
+    return prepared
 
 
 def _insert_unless_held(session: Session, row: object, dialect: str) -> bool:
@@ -343,29 +369,22 @@ def _insert_unless_held(session: Session, row: object, dialect: str) -> bool:
     the session as if it had been read. What the session holds is flushed first (the row may
     refer to it)."""
     state = inspect(row)
-    mapper = state.mapper
-    table = cast(Table, mapper.local_table)
-    statement = _INSERTS_UNLESS_HELD.get((table, dialect))
-    if statement is None:
-        upsert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-        statement = upsert.on_conflict_do_nothing().returning(*table.c)
-        _INSERTS_UNLESS_HELD[(table, dialect)] = statement
-    columns = [
-        (prop.key, prop.columns[0])
-        for prop in mapper.column_attrs
-        if prop.columns[0].table is table  # (the table's own columns, not SQL expressions)
-    ]
+    prepared = _unless_held(state.mapper, dialect)
+    given = state.dict
     values = {
-        column.key: state.dict[key]
-        for key, column in columns
-        if key in state.dict and not (column.primary_key and state.dict[key] is None)
+        column: given[key]
+        for key, column, _, primary in prepared.columns
+        if key in given and not (primary and given[key] is None)
     }
     session.flush()
-    stored = session.execute(statement, values).first()
+    stored = session.connection().execute(prepared.statement, values).first()
     if stored is None:
         return False
-    for key, column in columns:
-        set_committed_value(row, key, stored._mapping[column])
+    # Every column as stored. Written to the row's state directly (no attribute events, as
+    # `set_committed_value`), then committed all at once: the row becomes as if it had been
+    # loaded, with nothing to flush.
+    for key, _, position, _ in prepared.columns:
+        given[key] = stored[position]
     make_transient_to_detached(row)
     session.add(row)
     return True

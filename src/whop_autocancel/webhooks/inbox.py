@@ -646,10 +646,13 @@ def oldest_received_events(session: Session, limit: int) -> list[str]:
 
 # The statements each apply run makes, built once (their parameters bound at each run):
 # building and keying a statement costs more than SQLite takes to run it.
+_EVENTS = cast(Table, WebhookEvent.__table__)
+# (Of the table's columns, not the mapped class's: a plain statement, which the session runs
+# without the ORM's work for each statement.)
 _OLDEST_RECEIVED = (
-    select(WebhookEvent.id)
-    .where(WebhookEvent.status == RECEIVED)
-    .order_by(WebhookEvent.received_at, WebhookEvent.id)
+    select(_EVENTS.c.id)
+    .where(_EVENTS.c.status == RECEIVED)
+    .order_by(_EVENTS.c.received_at, _EVENTS.c.id)
     .limit(bindparam("limit", type_=Integer()))
 )
 # By their ids alone, the status checked on each row: SQLite, without statistics, may walk
@@ -661,7 +664,6 @@ _AMONG = (
     .order_by(WebhookEvent.received_at, WebhookEvent.id)
 )
 _AMONG_LOCKED = _AMONG.with_for_update(skip_locked=True)
-_EVENTS = cast(Table, WebhookEvent.__table__)
 # The same as table rows, with what applying them needs (`_apply_quickly`).
 _ROWS_AMONG = (
     select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.status, _EVENTS.c.payload, _EVENTS.c.attempts)
@@ -702,13 +704,13 @@ def _claims_naming(count: int) -> Select[str]:
     """`names_unapplied`'s statement for `count` ids, built once (every cancellation runs it):
     the body LIKE each of the parameters `pattern0`… (see `_containing`)."""
     return (
-        select(WebhookEvent.id)
+        select(_EVENTS.c.id)  # (the table's: see `_OLDEST_RECEIVED`)
         .where(
-            WebhookEvent.status == RECEIVED,
-            WebhookEvent.type.in_(CLAIM_TYPES),
+            _EVENTS.c.status == RECEIVED,
+            _EVENTS.c.type.in_(CLAIM_TYPES),
             or_(
                 *[
-                    WebhookEvent.payload.like(bindparam(f"pattern{n}"), escape=LIKE_ESCAPE)
+                    _EVENTS.c.payload.like(bindparam(f"pattern{n}"), escape=LIKE_ESCAPE)
                     for n in range(count)
                 ]
             ),
