@@ -329,6 +329,13 @@ def _cpus(pid: int) -> set[frozenset[int]]:
     }
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policy of each thread of process `pid` (one when all agree)."""
+    return {
+        os.sched_getscheduler(int(thread.name)) for thread in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
 def _worker_slot(pid: int) -> str:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return next(v.decode() for v in environ if v.startswith(b"CPU_AFFINITY=")).split("=")[1]
@@ -355,6 +362,12 @@ def test_serve_pins_itself_and_its_workers_each_to_a_cpu_of_its_own(
     expected = frozenset({second}) if second is not None else frozenset(allowed)
     assert _cpus(children[str(second) if second is not None else "off"]) == {expected}
     assert '"cpu": ' + str(allowed[0]) in log_file.read_text()  # serve_starting says so
+    # On one CPU, a thread woken by another of its process does not preempt it (affinity.py);
+    # a process left to the kernel keeps the usual policy.
+    assert _policies(serve.pid) == {os.SCHED_BATCH}
+    assert _policies(children[str(allowed[1])]) == {os.SCHED_BATCH}
+    if second is None:
+        assert _policies(children["off"]) == {os.SCHED_OTHER}
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin apart")
@@ -366,6 +379,7 @@ def test_cpu_affinity_off_pins_nothing(tmp_path: Path, smtp_sink: SmtpSink) -> N
         everywhere = {frozenset(os.sched_getaffinity(0))}
         assert _cpus(serve.pid) == everywhere
         wait_for(lambda: _cpus(child) == everywhere, 30, "the worker's threads")
+        assert _policies(serve.pid) == _policies(child) == {os.SCHED_OTHER}
 
 
 def test_a_killed_serve_takes_its_worker_processes_with_it(
