@@ -212,7 +212,7 @@ class Database:
             if read_only or not durable:
                 connection.info[_BEGIN_AS] = _Begin(read_only=read_only, durable=durable)
             try:
-                with Session(bind=connection, expire_on_commit=False) as session:
+                with self.sessions(bind=connection) as session:
                     yield session
             finally:
                 connection.info.pop(_BEGIN_AS, None)  # (not begun: left for no one)
