@@ -38,10 +38,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -49,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 
+from support.calls import python_calls
 from support.harness import API_KEY, MESSAGE_PLAN, SECRET, drain, wait_for
 from support.shop import Shop, open_shop
 from whop_autocancel.cancellation.models import CANCEL_TASK
@@ -84,27 +83,6 @@ class Dispatcher:
         self.loop.close()
 
 
-class Calls:
-    """The profiler hook that counts the calls this thread makes (`sys.setprofile`: Python's
-    functions and C's), while it is on."""
-
-    def __init__(self) -> None:
-        self.made = 0
-
-    def __call__(self, _frame: FrameType, event: str, _arg: object) -> None:
-        if event == "call" or event == "c_call":
-            self.made += 1
-
-    def during(self, work: Callable[[], None]) -> int:
-        before = self.made
-        sys.setprofile(self)
-        try:
-            work()
-        finally:
-            sys.setprofile(None)
-        return self.made - before
-
-
 def run_jobs(
     runtime: Runtime,
     dispatcher: Dispatcher,
@@ -112,11 +90,11 @@ def run_jobs(
     runs: Counter[str],
     *,
     due: bool,
-    count: Calls | None = None,
+    count: bool = False,
 ) -> None:
     """Run what the queue holds (and, `due`, what its schedule holds) until it is empty, as the
     tests' `drain` does: huey's own `execute` (a cancellation: `Dispatcher.attempt`). Each
-    job's cost: this thread's CPU seconds, or with `count` the calls it made."""
+    job's cost: this thread's CPU seconds, or with `count` the calls it made (`python_calls`)."""
     huey = runtime.jobs.huey
 
     def timed(task: Any, timestamp: datetime | None) -> None:
@@ -130,8 +108,8 @@ def run_jobs(
             else:
                 huey.execute(task, timestamp=timestamp)
 
-        if count is not None:
-            cost[task.name] += count.during(job)
+        if count:
+            cost[task.name] += python_calls(job)
         else:
             started = time.thread_time()
             job()
@@ -142,7 +120,7 @@ def run_jobs(
 
 
 def one_round(
-    shop: Shop, dispatcher: Dispatcher, purchases: int, tag: str, count: Calls | None = None
+    shop: Shop, dispatcher: Dispatcher, purchases: int, tag: str, count: bool = False
 ) -> tuple[Counter[str], Counter[str]]:
     cost: Counter[str] = Counter()
     runs: Counter[str] = Counter()
@@ -214,7 +192,7 @@ def measure(purchases: int, rounds: int) -> dict[str, Any]:
                     cpu, runs = one_round(shop, dispatcher, purchases, f"r{number}")
                     per_round.append({job: s * 1000 / purchases for job, s in cpu.items()})
                     runs_per_round.append({job: n / purchases for job, n in runs.items()})
-                calls, _ = one_round(shop, dispatcher, purchases, "counted", Calls())
+                calls, _ = one_round(shop, dispatcher, purchases, "counted", count=True)
             finally:
                 dispatcher.close()
         finally:
