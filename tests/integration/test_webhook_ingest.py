@@ -225,6 +225,20 @@ def test_body_over_the_limit_gets_413(service: Service) -> None:
     assert service.count(WebhookEvent) == 0
 
 
+def test_only_post_is_answered_on_the_webhook_route(service: Service) -> None:
+    """The route answers POST (with or without a trailing slash, however the URL was typed in
+    Whop's dashboard); any other method gets 405 and stores nothing."""
+    for method in ("GET", "PUT", "DELETE"):
+        refused = service.http.request(method, "/webhooks/whop", content=payment())
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == "POST"
+    assert service.count(WebhookEvent) == 0
+    body = payment()
+    stored = service.http.post("/webhooks/whop/", content=body, headers=signed_headers(body))
+    assert stored.status_code == 200
+    assert service.count(WebhookEvent) == 1
+
+
 def test_unknown_event_types_are_stored_then_ignored(service: Service) -> None:
     body = json.dumps({"id": "msg_unknown1", "type": "course.created", "data": {"id": "c"}})
     assert service.deliver(body.encode()).json() == {"status": "received"}

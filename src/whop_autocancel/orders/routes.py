@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,6 +23,8 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from whop_autocancel.orders.checkout import CheckoutError, CheckoutService
 from whop_autocancel.settings import Settings
@@ -110,17 +113,28 @@ class BodyTooLarge(Exception):
 async def read_capped(request: Request, limit: int) -> bytes:
     """The body, refusing one over `limit` bytes by its declared length before reading any of
     it, and a chunked one as soon as `limit` is passed."""
-    declared = request.headers.get("content-length")
+    return await read_body(request.headers, request.receive, limit)
+
+
+async def read_body(headers: Mapping[str, str], receive: Receive, limit: int) -> bytes:
+    """`read_capped` for a plain ASGI app: the request's headers and its `receive`. A client
+    gone before the body is whole raises Starlette's `ClientDisconnect`, as a `Request` does."""
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _bearer(authorization: str | None) -> bytes:
