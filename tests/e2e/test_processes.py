@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -32,6 +32,8 @@ from whop_autocancel.mail.models import Email
 from whop_autocancel.mail.sink import SmtpSink
 from whop_autocancel.orders.models import Order
 from whop_autocancel.simulator import SimulatorServer
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.e2e
 
@@ -321,19 +323,27 @@ def test_serve_keeps_its_worker_processes_running_and_stops_them_with_it(
     assert log.count('"worker_stopped"') == 1  # the second child, gracefully
 
 
+def _per_thread(pid: int, read: Callable[[int], T]) -> set[T]:
+    """`read` of each thread of process `pid` (one value when all agree); a thread that ended
+    between the listing and its read is left out (the process starts and ends threads as it
+    works: an executor's, a request's)."""
+    found: set[T] = set()
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.add(read(int(thread.name)))
+        except ProcessLookupError:
+            continue
+    return found
+
+
 def _cpus(pid: int) -> set[frozenset[int]]:
     """The CPUs each thread of process `pid` may run on (one set when all agree)."""
-    return {
-        frozenset(os.sched_getaffinity(int(thread.name)))
-        for thread in Path(f"/proc/{pid}/task").iterdir()
-    }
+    return _per_thread(pid, lambda thread: frozenset(os.sched_getaffinity(thread)))
 
 
 def _policies(pid: int) -> set[int]:
     """The scheduling policy of each thread of process `pid` (one when all agree)."""
-    return {
-        os.sched_getscheduler(int(thread.name)) for thread in Path(f"/proc/{pid}/task").iterdir()
-    }
+    return _per_thread(pid, os.sched_getscheduler)
 
 
 def _worker_slot(pid: int) -> str:
