@@ -14,11 +14,13 @@ delivers (an email) and cancels every membership.
 The counts come from the simulator (purchases, its call log: successful cancel calls per
 membership; its webhook deliveries) and the service's database (orders, delivery emails,
 cancellations, alerts); the drain rate from the simulator's call log; the peak memory from
-/proc/PID/status (VmHWM) of every service process at the end. The run ends when every
-cancellation is settled, when nothing moved for STALL seconds, or BENCH_FLASH_DEADLINE after
-the last purchase. A membership not canceled then is unfinished while the service still holds
-its work (or Whop still has webhooks queued for a purchase the service does not know), else
-lost.
+/proc/PID/status (VmHWM) of every service process at the end; the cores the service used
+(its processes' CPU, /proc/PID/stat, read every second) while the purchases came in and after
+them, up to the last cancel: what bounds the drain where one process has one core. The run
+ends when every cancellation is settled, when nothing moved for STALL seconds, or
+BENCH_FLASH_DEADLINE after the last purchase. A membership not canceled then is unfinished
+while the service still holds its work (or Whop still has webhooks queued for a purchase the
+service does not know), else lost.
 
     PYTHONPATH=src .venv/bin/python bench/flash_sale.py [--smoke]   # needs PostgreSQL, Redis
     BENCH_FLASH_PURCHASES=10000, BENCH_FLASH_SECONDS=60, BENCH_FLASH_DEADLINE=1800 (s),
@@ -35,6 +37,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -72,6 +75,7 @@ TARGET = 0.95  # of the limit: the drain goal
 RSS_LIMIT_MB = 150.0
 STALL = 120.0  # s without progress (cancellations settled, webhooks stored) ends a run
 POLL_SECONDS = 2.0
+SAMPLE_SECONDS = 1.0  # the service's CPU, for its cores during the purchases and after
 #: The service's default delay between delivery and cancellation (for the chart).
 CANCEL_DELAY = float(Settings.model_fields["CANCEL_DELAY"].default)
 SQLITE = "SQLite, 1 serve"
@@ -148,6 +152,11 @@ class Run:
     # Second by second since the first purchase: (s, payment webhooks 2xx'd, memberships
     # canceled) so far, per the simulator.
     timeline: list[tuple[int, int, int]] = field(default_factory=list)
+    # The service processes' CPU (user + system, all together) every SAMPLE_SECONDS: (time.time(),
+    # seconds so far); read for the cores they used while purchases came in and after.
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list)
+    last_purchase_at: float | None = None  # the driver's clock: the last purchase answered
+    last_cancel_at: float | None = None  # the simulator's: the last successful cancel
 
     @property
     def duplicated(self) -> int:
@@ -178,8 +187,57 @@ class Run:
             return None
         return sum(v for v in used if v is not None) * 1000 / self.purchases
 
+    @property
+    def service_cores(self) -> tuple[float | None, float | None]:
+        """Cores the service's processes used (CPU seconds a second, all together) while the
+        purchases came in (up to the last one answered) and after (up to the last cancel)."""
+        if self.last_purchase_at is None:
+            return None, None
+        split = self.last_purchase_at
+        end = self.last_cancel_at if self.last_cancel_at is not None else math.inf
+        during = [sample for sample in self.cpu_samples if sample[0] <= split]
+        after = [sample for sample in self.cpu_samples if split <= sample[0] <= end]
+        return _cores(during), _cores(after)
+
     def rss(self, prefix: str) -> list[float]:
         return [v for k, v in self.rss_mb.items() if k.startswith(prefix) and v is not None]
+
+
+def _cores(samples: list[tuple[float, float]]) -> float | None:
+    """CPU seconds a second between the first and the last of (time, CPU seconds) samples."""
+    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+        return None
+    (start, before), (end, after) = samples[0], samples[-1]
+    return (after - before) / (end - start)
+
+
+@contextmanager
+def cpu_sampler(pids: dict[str, int], samples: list[tuple[float, float]]) -> Iterator[None]:
+    """Append (time.time(), the processes' CPU seconds together) every SAMPLE_SECONDS while
+    the block runs, and once more at its end (a process gone counts with its last reading)."""
+    stop = threading.Event()
+    last: dict[int, float] = {}
+
+    def sample() -> None:
+        for pid in pids.values():
+            used = parties.cpu_seconds(pid)
+            if used is not None:
+                last[pid] = used
+        samples.append((time.time(), sum(last.values())))
+
+    def loop() -> None:
+        while not stop.wait(SAMPLE_SECONDS):
+            sample()
+
+    sample()
+    thread = threading.Thread(target=loop, name="cpu-sampler", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sample()
 
 
 # ----- deployments --------------------------------------------------------------------------
@@ -310,14 +368,18 @@ def run_sale(
         pids = {name: child.pid for name, child in watched.items()} | deployment.children
         cpu_before = {name: parties.cpu_seconds(pid) for name, pid in pids.items()}
         say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
-        made = parties.purchase_at_rate(
-            sim.url, settings.purchases, settings.purchases / settings.seconds
-        )
-        started = made[0].asked_at
-        result.made_per_second = steady_rate([purchase.answered_at for purchase in made])
-        result.ended = _wait(deployment, settings, result, started)
-        service = {name: child.pid for name, child in deployment.processes.items()}
-        for name, pid in (service | deployment.children).items():
+        service = {
+            name: child.pid for name, child in deployment.processes.items()
+        } | deployment.children
+        with cpu_sampler(service, result.cpu_samples):
+            made = parties.purchase_at_rate(
+                sim.url, settings.purchases, settings.purchases / settings.seconds
+            )
+            started = made[0].asked_at
+            result.made_per_second = steady_rate([purchase.answered_at for purchase in made])
+            result.last_purchase_at = max(purchase.answered_at for purchase in made)
+            result.ended = _wait(deployment, settings, result, started)
+        for name, pid in service.items():
             result.rss_mb[name] = parties.peak_rss_mb(pid)
         for name, pid in pids.items():
             now, before = parties.cpu_seconds(pid), cpu_before[name]
@@ -424,6 +486,7 @@ def _from_simulator(
     if done:
         result.drain_seconds = max(done) - min(done)
         result.total_seconds = max(done) - started
+        result.last_cancel_at = max(done)
     deliveries = webhooks["deliveries"]
     result.webhook_attempts = len(deliveries)
     result.webhooks_pending = webhooks["pending"]
@@ -546,6 +609,7 @@ def _run_note(run: Run) -> str:
         f"{name} {value:.0f}" for name, value in run.cpu_seconds.items() if value is not None
     )
     feed = _number(run.feed_seconds)
+    during, after = run.service_cores
     asked = run.purchases / run.seconds
     offered = (
         f"The driver made {_number(run.made_per_second)} purchases/s of the {asked:.0f} asked: "
@@ -574,7 +638,8 @@ def _run_note(run: Run) -> str:
         f"{requeued} (work that waited longer than STUCK_GRACE, 30 s; events are stored "
         "webhooks not applied yet, up to 500 a sweep, handed to one apply job). CPU s during "
         "the run: "
-        f"{cpu}."
+        f"{cpu}. Cores the service used: {_number(during, 2)} while the purchases came in, "
+        f"{_number(after, 2)} after them (to the last cancel)."
     )
 
 
@@ -660,6 +725,7 @@ def section(*, smoke: bool = False) -> report.Table:
             duplicated=run_.duplicated,
             failed=run_.failed,
             service_cpu_ms_per_purchase=run_.service_cpu_ms_per_purchase,
+            service_cores=run_.service_cores,
             verdict=_verdict(run_),
         )
         records.append(record)

@@ -74,7 +74,7 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
     assert table_row(result.stdout, "| serve --no-worker + 1 worker")[2] == "10"
 
     # flash_sale: SQLite only, 200 purchases, nothing lost, failed or duplicated; each
-    # service process's peak memory read.
+    # service process's peak memory and the service's cores read.
     flash = figures_of(tables, "flash_sale")
     assert (flash["smoke"], flash["purchases"]) == (True, 200)
     [sale] = flash["runs"]
@@ -83,6 +83,11 @@ def test_bench_smoke_prints_the_table_and_writes_json_and_chart(tmp_path: Path) 
     assert sale["canceled_once"] == 200
     assert sale["counts"]["delivery_emails_sent"] == 200
     assert isinstance(sale["rss_mb"]["serve"], float)
+    # The cores the service used while the purchases came in and after them, from its CPU
+    # sampled every second.
+    during, after = sale["service_cores"]
+    assert during > 0
+    assert after > 0
     assert table_row(result.stdout, "| SQLite, 1 serve")[1] == "200"
 
     # purchase_cpu: every job of a purchase timed in one thread, 10 purchases, each job's CPU
