@@ -364,13 +364,14 @@ def run_sale(
         deployment = deploy(stack, folder, sim, parties.smtp_sink(stack, folder))
         after_seq = parties.after_start_up_sweep(sim, LATENCY)
         sim.control("config", {"webhook_url": f"{deployment.url}/webhooks/whop"})
-        watched = {**deployment.processes, **deployment.helpers, "simulator": sim.child}
-        pids = {name: child.pid for name, child in watched.items()} | deployment.children
-        cpu_before = {name: parties.cpu_seconds(pid) for name, pid in pids.items()}
-        say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
+        # The service's processes (serve's worker children too), and every process watched.
         service = {
             name: child.pid for name, child in deployment.processes.items()
         } | deployment.children
+        others = {**deployment.helpers, "simulator": sim.child}
+        pids = service | {name: child.pid for name, child in others.items()}
+        cpu_before = {name: parties.cpu_seconds(pid) for name, pid in pids.items()}
+        say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
         with cpu_sampler(service, result.cpu_samples):
             made = parties.purchase_at_rate(
                 sim.url, settings.purchases, settings.purchases / settings.seconds
