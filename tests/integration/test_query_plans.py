@@ -30,8 +30,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, Index, Table, select
+from sqlalchemy import (
+    Engine,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    cast,
+    create_engine,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    true,
+)
 
+from support import backends
 from support.facts import membership_facts, payment_facts
 from support.harness import (
     MESSAGE_PLAN,
@@ -46,7 +62,7 @@ from support.harness import (
 from support.shop import Shop, open_shop
 from support.statements import create_last, recorded, sqlite_plan
 from whop_autocancel.admin.stock import import_stock
-from whop_autocancel.cancellation.models import Cancellation
+from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.base import Base
 from whop_autocancel.delivery.stock import items_for
@@ -109,8 +125,15 @@ def walks_a_backlog(statement: str, plan: list[str]) -> str | None:
 
 
 def cancellation_ids(shop: Shop) -> list[int]:
+    """The cancellations waiting for their call."""
     with shop.runtime.database.transaction() as session:
-        return list(session.scalars(select(Cancellation.id)))
+        return list(
+            session.scalars(
+                select(Cancellation.id).where(
+                    Cancellation.status == CancellationStatus.SCHEDULED.value
+                )
+            )
+        )
 
 
 def test_no_statement_of_a_purchase_walks_a_status_index_past_its_key(shop: Shop) -> None:
@@ -120,24 +143,30 @@ def test_no_statement_of_a_purchase_walks_a_status_index_past_its_key(shop: Shop
     create_last(engine, indexes)
     import_stock(shop.runtime, STOCK_POOL, items_for([f"user{n}:pass{n}" for n in range(3)]))
     shop.smtp_up()
-    whop = shop.simulator.state
     with recorded(engine) as sent:
-        purchases = [
-            whop.create_purchase(plan, email=f"buyer{n}@example.com")
-            for n, plan in enumerate(PLANS)
-        ]
-        wait_for(lambda: whop.pending_webhooks() == 0)
-        drain(shop.runtime)  # apply, deliver, the emails
-        shop.clock.advance(6.0)  # past CANCEL_DELAY
-        for cancellation_id in cancellation_ids(shop):
-            shop.runtime.cancellations.run(cancellation_id)  # Whop's answer, the stop's checks
-        shop.time_passes(2.0)  # the sweeps
-        wait_for(lambda: whop.pending_webhooks() == 0)
-        drain(shop.runtime)  # the webhooks of the cancelled memberships
-    assert [shop.membership_status(purchase) for purchase in purchases] == ["canceled"] * len(PLANS)
+        buy_and_cancel(shop)
     assert len(reads_and_writes(sent)) > 20  # the whole purchase was recorded
     wrong = wrong_plans(engine, sent)
     assert wrong == [], "\n".join(wrong)
+
+
+def buy_and_cancel(shop: Shop, first: int = 0) -> None:
+    """`PLANS`' purchases (buyers numbered from `first`) from payment to the webhook of the
+    cancelled membership."""
+    whop = shop.simulator.state
+    purchases = [
+        whop.create_purchase(plan, email=f"buyer{first + n}@example.com")
+        for n, plan in enumerate(PLANS)
+    ]
+    wait_for(lambda: whop.pending_webhooks() == 0)
+    drain(shop.runtime)  # apply, deliver, the emails
+    shop.clock.advance(6.0)  # past CANCEL_DELAY
+    for cancellation_id in cancellation_ids(shop):
+        shop.runtime.cancellations.run(cancellation_id)  # Whop's answer, the stop's checks
+    shop.time_passes(2.0)  # the sweeps
+    wait_for(lambda: whop.pending_webhooks() == 0)
+    drain(shop.runtime)  # the webhooks of the cancelled memberships
+    assert [shop.membership_status(purchase) for purchase in purchases] == ["canceled"] * len(PLANS)
 
 
 def reads_and_writes(sent: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -269,3 +298,177 @@ def test_no_statement_that_matches_a_purchase_walks_the_unpaid_orders(
         assert wrong == [], "\n".join(wrong)
     finally:
         runtime.close()
+
+
+# PostgreSQL without statistics.
+#
+# PostgreSQL plans from statistics that autovacuum gathers: at most once a minute, after 50
+# rows and a tenth of a table changed, and never where autovacuum is off. A fresh install's
+# first sale comes before them; without them the planner guesses fixed selectivities (a third of
+# the rows for a range, one in two hundred for `=` or `IS NULL`), and a statement whose good
+# plan depends on knowing how few rows are waiting (the outbox's due emails, one order's
+# delivery emails) reads a table that grows with every purchase ever made.
+
+# The tables that hold a row for every purchase ever made (the backlog `clone_backlog` writes),
+# and the size from which a scan of one is wrong.
+BACKLOG_COPIES = 1_000
+BIG_TABLE = 1_000
+# Tables that hold a few rows whatever the sales (a scan is their best plan).
+SMALL_TABLES = frozenset({"leases", "locks", "service_markers", "rate_buckets"})
+
+
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    """A database of this test's own, autovacuum off on every table: no statistics, ever."""
+    url = backends.create_database("postgresql", "_plans")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for table in Base.metadata.tables:
+            connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        backends.drop_database("postgresql", url)
+
+
+@pytest.fixture
+def postgresql_shop(
+    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, postgresql_url: str
+) -> Iterator[Shop]:
+    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
+    yield from open_shop(tmp_path, clock, simulator, DATABASE_URL=postgresql_url)
+
+
+def clone_backlog(engine: Engine, copies: int) -> dict[str, int]:
+    """Every row of the purchases made so far, `copies` times over (each a purchase of its own:
+    its keys suffixed, its references to the copied rows with them): the done purchases of a
+    shop that has sold for a while. Returns each table's rows."""
+    sizes = {}
+    series = func.generate_series(1, copies).table_valued("copy").render_derived(name="copies")
+    suffix = literal("_").concat(func.lpad(cast(series.c.copy, Text), 6, "0"))
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if table.name in SMALL_TABLES:
+                continue
+            keys = key_columns(table)
+            columns, values = [], []
+            for column in table.columns:
+                if column.primary_key and isinstance(column.type, Integer):
+                    continue  # a new id of its own
+                columns.append(column)
+                referenced = {key.column.table.name for key in column.foreign_keys}
+                if isinstance(column.type, String) and (
+                    column.name in keys or referenced - SMALL_TABLES
+                ):
+                    room = column.type.length
+                    kept = func.left(column, room - len("_000000")) if room else column
+                    values.append(kept.concat(suffix))
+                else:
+                    values.append(column)
+            rows = select(*values).select_from(table.join(series, true()))
+            connection.execute(insert(table).from_select(columns, rows))
+            sizes[table.name] = connection.execute(
+                select(func.count()).select_from(table)
+            ).scalar_one()
+    return sizes
+
+
+def postgresql_plans(engine: Engine, statement: str, parameters: Any) -> list[dict[str, Any]]:
+    """PostgreSQL's plans of `statement`: the one made for these parameters (a statement's
+    first executions) and the generic one (psycopg prepares a statement from its fifth, and
+    PostgreSQL then keeps a plan made without the values), each as its tree of nodes."""
+    names: list[str] = []
+    for name in re.findall(r"%\((\w+)\)s", statement):
+        if name not in names:
+            names.append(name)
+    numbered = re.sub(r"%\((\w+)\)s", lambda found: f"${names.index(found[1]) + 1}", statement)
+    if isinstance(parameters, list | tuple):  # sent once for each (`executemany`)
+        parameters = parameters[0]
+    with engine.connect() as connection:
+        custom = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+        plans = [custom.scalar_one()[0]["Plan"]]
+        connection.exec_driver_sql(f"PREPARE planned AS {numbered}")
+        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        nulls = ", ".join("NULL" for _ in names)
+        generic = connection.exec_driver_sql(
+            f"EXPLAIN (FORMAT JSON) EXECUTE planned{f'({nulls})' if names else ''}"
+        )
+        plans.append(generic.scalar_one()[0]["Plan"])
+        connection.exec_driver_sql("DEALLOCATE planned")
+        connection.rollback()  # (and the SET with it)
+    return plans
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+# `table.column = %(name)s`, `table.column IN (` (PostgreSQL's parameters) or `table.column =
+# other.column` (a row of another table the statement found first).
+PG_TERM = re.compile(r"(?<!IS NULL OR )\b(\w+)\.(\w+) (?:= %\(\w+\)s|IN \(|= \w+\.\w+)")
+
+
+def reads_the_backlog(
+    statement: str, plan: dict[str, Any], sizes: dict[str, int], unique: set[str]
+) -> str | None:
+    """Why this plan is wrong (None: it is not): it scans a table of the backlog, searches a
+    status or kind index of a table whose key the statement names, or looks up the NULLs of a
+    unique index (every row without a value)."""
+    named = PG_TERM.findall(statement)
+    indexes = low_cardinality_indexes()
+    for node in nodes(plan):
+        table = node.get("Relation Name")
+        if node["Node Type"] == "Seq Scan" and sizes.get(str(table), 0) >= BIG_TABLE:
+            return f"Seq Scan on {table} ({sizes[str(table)]} rows)"
+        index_name = node.get("Index Name")
+        if index_name is None:
+            continue
+        if index_name in indexes:
+            owner = indexes[index_name].table
+            assert isinstance(owner, Table)
+            keys = sorted({c for t, c in named if t == owner.name} & key_columns(owner))
+            if keys:
+                return f"{node['Node Type']} on {index_name}: though it names {owner.name}.{keys}"
+        if index_name in unique and "IS NULL" in str(node.get("Index Cond", "")):
+            return f"{node['Node Type']} on {index_name} ({node['Index Cond']}): every NULL"
+    return None
+
+
+def test_no_statement_of_a_purchase_reads_the_backlog_on_postgresql_without_statistics(
+    postgresql_shop: Shop,
+) -> None:
+    shop = postgresql_shop
+    engine = shop.runtime.database.engine
+    items = [f"user{n}:pass{n}" for n in range(6)]
+    import_stock(shop.runtime, STOCK_POOL, items_for(items))
+    shop.smtp_up()
+    buy_and_cancel(shop)  # the purchases the backlog is copied from
+    sizes = clone_backlog(engine, BACKLOG_COPIES)
+    assert sizes["emails"] >= BIG_TABLE, sizes
+    assert sizes["orders"] >= BIG_TABLE, sizes
+    with engine.connect() as connection:
+        unique = {
+            str(name)
+            for (name,) in connection.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+                "AND indexdef LIKE 'CREATE UNIQUE INDEX%%'"
+            )
+        }
+        analyzed = connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_stats WHERE schemaname = 'public'"
+        ).scalar_one()
+    assert analyzed == 0  # the premise: nothing has statistics
+    with recorded(engine) as sent:
+        buy_and_cancel(shop, first=len(PLANS))
+    assert len(reads_and_writes(sent)) > 20
+    wrong = []
+    for statement, parameters in reads_and_writes(sent).items():
+        plans = postgresql_plans(engine, statement, parameters)
+        for kind, plan in zip(("custom", "generic"), plans, strict=True):
+            reason = reads_the_backlog(statement, plan, sizes, unique)
+            if reason is not None:
+                wrong.append(f"{kind}: {reason}\n    …{_from_on(statement)[:300]}")
+    assert wrong == [], "\n".join(wrong)

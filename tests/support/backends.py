@@ -46,10 +46,10 @@ def require(kind: str) -> str:
     return url
 
 
-def create_database(kind: str) -> str:
-    """A fresh, migrated database for this test run; returns its URL."""
+def create_database(kind: str, suffix: str = "") -> str:
+    """A fresh, migrated database for this test run (one per `suffix`); returns its URL."""
     server = make_url(require(kind))
-    name = f"{RUN_ID}_{kind}"
+    name = f"{RUN_ID}_{kind}{suffix}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         quoted = f'"{name}"' if kind == "postgresql" else f"`{name}`"
