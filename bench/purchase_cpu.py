@@ -25,6 +25,8 @@ compared by their calls need no second run side by side: a change of a few per c
 CPU clock cannot tell from the machine's minute shows here the same on every run.
 
     PYTHONPATH=src .venv/bin/python bench/purchase_cpu.py [--smoke] [--json FILE]
+    BENCH_CPU_DATABASE=postgresql: the service's database on PostgreSQL (TEST_POSTGRES_URL's
+    server, a database of the run's own); BENCH_CPU_PURCHASES, BENCH_CPU_ROUNDS.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
 
+from support import backends
 from support.calls import python_calls
 from support.harness import API_KEY, MESSAGE_PLAN, SECRET, drain, wait_for
 from support.shop import Shop, open_shop
@@ -59,6 +64,9 @@ from whop_autocancel.simulator import SimulatorServer
 
 PURCHASES = int(os.environ.get("BENCH_CPU_PURCHASES", "200"))
 ROUNDS = int(os.environ.get("BENCH_CPU_ROUNDS", "3"))
+# The service's database: a SQLite file of the run's own, or a PostgreSQL database created for
+# the run and dropped after it (the queue stays a SQLite file: its dequeue is not timed).
+DATABASE = os.environ.get("BENCH_CPU_DATABASE", "sqlite")
 SMOKE = (10, 1)  # purchases, rounds
 FLOOR_COMMITS = 2000
 CANCEL_DELAY = 5.0
@@ -170,7 +178,28 @@ def log_like_serve() -> None:
     configure_logging("INFO", "json", stream=open(os.devnull, "w"))  # noqa: SIM115 (for good)
 
 
-def measure(purchases: int, rounds: int) -> dict[str, Any]:
+@contextmanager
+def service_database(kind: str) -> Iterator[dict[str, str]]:
+    """The settings that put the service on `kind`'s database (none: SQLite, the default)."""
+    if kind == "sqlite":
+        yield {}
+        return
+    if kind != "postgresql":
+        raise SystemExit(f"BENCH_CPU_DATABASE must be sqlite or postgresql, not {kind!r}")
+    url = backends.create_database("postgresql", "_cpu")
+    try:
+        yield {"DATABASE_URL": url}
+    finally:
+        backends.drop_database("postgresql", url)
+
+
+def measure(purchases: int, rounds: int, kind: str = "sqlite") -> dict[str, Any]:
+    with service_database(kind) as database:
+        figures = _measure(purchases, rounds, database)
+    return {"database": kind, **figures}
+
+
+def _measure(purchases: int, rounds: int, database: dict[str, str]) -> dict[str, Any]:
     log_like_serve()
     folder = Path(tempfile.mkdtemp(prefix="wa-bench-cpu-"))
     clock = FrozenClock(datetime.now(UTC).replace(microsecond=0))
@@ -181,7 +210,7 @@ def measure(purchases: int, rounds: int) -> dict[str, Any]:
     runs_per_round: list[dict[str, float]] = []
     calls: Counter[str] = Counter()
     try:
-        shops = open_shop(folder, clock, simulator)
+        shops = open_shop(folder, clock, simulator, **database)
         shop = next(shops)
         try:
             shop.smtp_up()
@@ -258,7 +287,8 @@ def table(figures: dict[str, Any], smoke: bool) -> report.Table:
     if smoke:
         notes.append("smoke run: too few purchases for stable figures.")
     return report.Table(
-        title="CPU a purchase costs the service's jobs (one thread, one job at a time)",
+        title="CPU a purchase costs the service's jobs (one thread, one job at a time, "
+        f"{'PostgreSQL' if figures['database'] == 'postgresql' else 'SQLite'})",
         columns=["job", "runs/purchase", "ms/purchase", "spread", "÷ commit", "calls/purchase"],
         rows=rows,
         notes=notes,
@@ -268,7 +298,7 @@ def table(figures: dict[str, Any], smoke: bool) -> report.Table:
 
 def section(*, smoke: bool = False) -> report.Table:
     purchases, rounds = SMOKE if smoke else (PURCHASES, ROUNDS)
-    return table(measure(purchases, rounds), smoke)
+    return table(measure(purchases, rounds, DATABASE), smoke)
 
 
 def main() -> int:

@@ -8,12 +8,16 @@ the invariants (nothing lost or duplicated). About 75 s on an idle 2-core machin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+
+from support import backends
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +120,33 @@ def table_row(output: str, start: str) -> list[str]:
     row = next((line for line in output.splitlines() if line.startswith(start)), None)
     assert row is not None, output
     return [cell.strip() for cell in row.strip().strip("|").split("|")]
+
+
+def test_purchase_cpu_smoke_on_postgresql(tmp_path: Path) -> None:
+    """`BENCH_CPU_DATABASE=postgresql`: the jobs' CPU with the service's database on
+    PostgreSQL, in a database of the run's own that is gone after it."""
+    server = backends.require("postgresql")
+    figures_path = tmp_path / "cpu.json"
+    figures = str(figures_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "purchase_cpu.py"), "--smoke", "--json", figures],
+        cwd=tmp_path,
+        env={**os.environ, "BENCH_CPU_DATABASE": "postgresql"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "one job at a time, PostgreSQL)" in result.stdout
+    found = json.loads(figures_path.read_text())
+    assert found["database"] == "postgresql"
+    assert all(job["ms"] > 0 for job in found["jobs"].values())
+    assert float(table_row(result.stdout, "| all jobs")[2]) > 0
+    engine = create_engine(server)
+    with engine.connect() as connection:
+        left = connection.execute(
+            text("SELECT datname FROM pg_database WHERE datname LIKE '%\\_cpu'")
+        ).all()
+    engine.dispose()
+    assert left == []
