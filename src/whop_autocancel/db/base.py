@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, Dialect, MetaData, Text
+from sqlalchemy import ColumnElement, DateTime, Dialect, MetaData, String, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, QueryableAttribute
@@ -98,6 +98,7 @@ def not_searched(column: ColumnElement[Any] | QueryableAttribute[Any]) -> Column
     `kind = 'delivery'` and ANDs that whole index into a lookup by key. There the column is
     `(column || '')`: a text column only (every one given here is). MariaDB keeps statistics
     of its own (InnoDB's, recomputed as the rows change) and sees the column as it is."""
-    if isinstance(column, QueryableAttribute):
-        return _NotSearched(column.__clause_element__())
-    return _NotSearched(column)
+    element = column.__clause_element__() if isinstance(column, QueryableAttribute) else column
+    if not isinstance(element.type, String):  # (PostgreSQL's form appends a text)
+        raise TypeError(f"not_searched takes a text column, not {element.type!r}")
+    return _NotSearched(element)
