@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from support import backends
 
@@ -125,7 +125,8 @@ def table_row(output: str, start: str) -> list[str]:
 def test_purchase_cpu_smoke_on_postgresql(tmp_path: Path) -> None:
     """`BENCH_CPU_DATABASE=postgresql`: the jobs' CPU with the service's database on
     PostgreSQL, in a database of the run's own that is gone after it."""
-    server = backends.require("postgresql")
+    server = create_engine(backends.require("postgresql"))
+    before = run_databases(server)
     figures_path = tmp_path / "cpu.json"
     figures = str(figures_path)
     result = subprocess.run(
@@ -143,10 +144,14 @@ def test_purchase_cpu_smoke_on_postgresql(tmp_path: Path) -> None:
     assert found["database"] == "postgresql"
     assert all(job["ms"] > 0 for job in found["jobs"].values())
     assert float(table_row(result.stdout, "| all jobs")[2]) > 0
-    engine = create_engine(server)
-    with engine.connect() as connection:
-        left = connection.execute(
-            text("SELECT datname FROM pg_database WHERE datname LIKE '%\\_cpu'")
-        ).all()
-    engine.dispose()
-    assert left == []
+    assert run_databases(server) == before  # (none left behind; other runs' are not ours)
+    server.dispose()
+
+
+def run_databases(server: Engine) -> set[str]:
+    """The databases `purchase_cpu.py` makes for its runs (`…_postgresql_cpu`)."""
+    with server.connect() as connection:
+        found = connection.execute(
+            text("SELECT datname FROM pg_database WHERE datname LIKE '%\\_postgresql\\_cpu'")
+        )
+        return {str(name) for (name,) in found}

@@ -27,9 +27,13 @@ CHAT_URL = f"http://127.0.0.1:9/api/webhooks/1/{CHAT_TOKEN}"  # nobody listens: 
 
 @pytest.fixture
 def shop(tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer) -> Iterator[Shop]:
-    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
     yield from open_shop(
-        tmp_path, clock, simulator, ALERT_WEBHOOK_URL=CHAT_URL, **dashboard_settings()
+        tmp_path,
+        clock,
+        simulator,
+        STOCK_CATALOG,
+        ALERT_WEBHOOK_URL=CHAT_URL,
+        **dashboard_settings(),
     )
 
 

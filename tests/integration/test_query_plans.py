@@ -89,8 +89,7 @@ TERM = re.compile(r"(?<!IS NULL OR )\b(\w+)\.(\w+) (?:= \?|IN \()")
 
 @pytest.fixture
 def shop(tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer) -> Iterator[Shop]:
-    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
-    yield from open_shop(tmp_path, clock, simulator)  # (SQLite: the default)
+    yield from open_shop(tmp_path, clock, simulator, STOCK_CATALOG)  # (SQLite: the default)
 
 
 def low_cardinality_indexes() -> dict[str, Index]:
@@ -341,8 +340,7 @@ def postgresql_url() -> Iterator[str]:
 def postgresql_shop(
     tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, postgresql_url: str
 ) -> Iterator[Shop]:
-    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
-    yield from open_shop(tmp_path, clock, simulator, DATABASE_URL=postgresql_url)
+    yield from open_shop(tmp_path, clock, simulator, STOCK_CATALOG, DATABASE_URL=postgresql_url)
 
 
 def clone_backlog(engine: Engine, copies: int) -> dict[str, int]:

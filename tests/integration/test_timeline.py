@@ -126,8 +126,7 @@ def test_the_timeline_tells_the_whole_purchase_in_time_order(shop: Shop) -> None
 def stock_shop(
     tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, database_url: str
 ) -> Iterator[Shop]:
-    (tmp_path / "catalog.toml").write_text(STOCK_CATALOG)
-    yield from open_shop(tmp_path, clock, simulator, DATABASE_URL=database_url)
+    yield from open_shop(tmp_path, clock, simulator, STOCK_CATALOG, DATABASE_URL=database_url)
 
 
 def test_the_timeline_names_the_stock_item_never_its_content(stock_shop: Shop) -> None:

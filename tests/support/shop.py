@@ -109,8 +109,17 @@ class Shop:
 
 
 def open_shop(
-    tmp_path: Path, clock: FrozenClock, simulator: SimulatorServer, **settings: Any
+    tmp_path: Path,
+    clock: FrozenClock,
+    simulator: SimulatorServer,
+    catalog: str | None = None,
+    **settings: Any,
 ) -> Iterator[Shop]:
+    """A shop on the runtime of `settings` (the harness's defaults: SQLite), its web app served
+    and the simulator's webhooks sent to it; `catalog`: the catalog's TOML, when not the
+    harness's (e.g. `STOCK_CATALOG`)."""
+    if catalog is not None:
+        (tmp_path / "catalog.toml").write_text(catalog)
     port = free_port()
     values: dict[str, Any] = {
         "WHOP_API_URL": simulator.api_url,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, false, text
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Table, Text, false, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from whop_autocancel.db.base import Base, LongText, UTCDateTime
@@ -48,8 +49,9 @@ class Email(Base):
     # rows it would fetch: with every email ever sent in it, a scan and sort of the whole
     # table looked cheaper, at every claim. An index of the unsent it takes for what it is.
     # Done emails a version before 0011 left a next attempt on are out of it too, so there
-    # `clear_done_emails` has nothing to do. SQLite plans the range on the index as it is
-    # (test_query_plans); MariaDB's InnoDB keeps statistics of its own, updated as rows change.
+    # `clear_done_emails` has nothing to do (`due_index_leaves_out_done`). SQLite plans the
+    # range on the index as it is (test_query_plans); MariaDB's InnoDB keeps statistics of
+    # its own, updated as rows change.
     __table_args__ = (
         Index(
             "ix_emails_next_attempt_at",
@@ -57,3 +59,11 @@ class Email(Base):
             postgresql_where=text("coalesce(failed_at, sent_at) IS NULL"),
         ),
     )
+
+
+def due_index_leaves_out_done(dialect: str) -> bool:
+    """Whether, on `dialect`, the `next_attempt_at` index holds only the emails not done (its
+    definition above has a condition there)."""
+    table = cast(Table, Email.__table__)
+    [index] = [i for i in table.indexes if i.name == "ix_emails_next_attempt_at"]
+    return index.dialect_kwargs.get(f"{dialect}_where") is not None

@@ -31,7 +31,7 @@ from whop_autocancel.db.base import UTCDateTime
 from whop_autocancel.db.engine import Database, insert_once
 from whop_autocancel.errors import ConfigurationError
 from whop_autocancel.jobs import Jobs
-from whop_autocancel.mail.models import DELIVERY_KIND, Email
+from whop_autocancel.mail.models import DELIVERY_KIND, Email, due_index_leaves_out_done
 from whop_autocancel.mail.render import RenderedEmail
 from whop_autocancel.mail.smtp import MailError, MailRejected, SmtpPool, build_message
 from whop_autocancel.sealing import Sealer, SealError
@@ -117,10 +117,10 @@ def clear_done_emails(session: Session, due_by: datetime) -> None:
     `due_by`): those a process of the version before migration 0011 marked sent or given up
     during a rolling upgrade. The outbox never sends them (`unsent_due`), but every claim
     would read them for ever. The stuck-work sweep asks it; it reads the range of messages
-    due, which holds only the waiting ones once no such process is left. On PostgreSQL that
-    index never holds a message done (see `Email.__table_args__`): nothing to clear, and the
-    update would read the whole table, which no index there answers."""
-    if session.get_bind().dialect.name == "postgresql":
+    due, which holds only the waiting ones once no such process is left. Where that index
+    never holds a message done (PostgreSQL: `due_index_leaves_out_done`) there is nothing to
+    clear, and the update would read the whole table, which no index there answers."""
+    if due_index_leaves_out_done(session.get_bind().dialect.name):
         return
     session.execute(
         update(_EMAILS)
