@@ -31,12 +31,15 @@ from support.harness import (
 )
 from support.statements import recorded, verbs
 from whop_autocancel.clock import FrozenClock
+from whop_autocancel.db.locks import lock_keys
 from whop_autocancel.orders.models import Order
+from whop_autocancel.orders.service import purchase_keys
 from whop_autocancel.runtime import Runtime
 from whop_autocancel.webhooks.inbox import (
     APPLY_PER_TRANSACTION,
     APPLY_TASK,
     Arrival,
+    per_apply_transaction,
     store_arrivals,
 )
 from whop_autocancel.webhooks.models import WebhookEvent
@@ -255,6 +258,64 @@ def test_the_apply_job_applies_each_event_once_with_workers_racing(
     assert len(deliveries) == len({tuple(task.args) for task in deliveries}) == 30
 
 
+def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
+    runtime: Runtime, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """PostgreSQL, MariaDB: an apply transaction holds the row locks of the purchases it
+    applies until it commits, so one that applied several events at once would make a run
+    waiting on one of them hold all the others (and every run after it that needs them) for
+    as long. While one purchase's locks are held elsewhere (here: an open transaction), two
+    racing worker processes apply every other event; the held one waits, and is applied once
+    the locks go."""
+    if not runtime.database.skip_locked:
+        pytest.skip("SQLite applies one transaction at a time: nothing to hold up")
+    other_path = tmp_path / "other"
+    other_path.mkdir()
+    settings = runtime.settings
+    other = make_runtime(
+        make_settings(
+            other_path,
+            DATABASE_URL=settings.DATABASE_URL,
+            QUEUE_URL=settings.QUEUE_URL,
+            QUEUE_NAME=settings.QUEUE_NAME,
+        ),
+        clock,
+    )
+    bodies = [payment(number) for number in range(24)]
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    runtime.jobs.huey.flush()  # only the runs below apply
+    held = json.loads(bodies[3])["id"]  # payment 3's event
+    holder = runtime.database.sessions()
+    holder.begin()
+    lock_keys(holder, purchase_keys("pay_Group3", "mem_Group3", None, None))
+    pool = ThreadPoolExecutor(2)
+    try:
+        runs = [pool.submit(process.jobs.run_here, APPLY_TASK) for process in (runtime, other)]
+        wait_for(
+            lambda: (
+                {
+                    event_id
+                    for event_id, (status, _) in event_rows(runtime).items()
+                    if status == "received"
+                }
+                == {held}
+            ),
+            30,
+            "every event but the held purchase's to be applied",
+        )
+        assert not all(run.done() for run in runs)  # one waits on the held purchase
+        holder.rollback()
+        for run in runs:
+            run.result(timeout=60)
+    finally:
+        holder.close()
+        pool.shutdown()
+        other.close()
+    assert set(event_rows(runtime).values()) == {("handled", 1)}
+    assert order_count(runtime) == len(bodies)
+
+
 def test_a_failing_apply_is_stored_failed_by_the_job_not_by_the_request(runtime: Runtime) -> None:
     body = json.dumps(
         {"id": "msg_noid", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
@@ -324,8 +385,12 @@ def test_serve_applies_every_event_it_stores_without_the_sweep(
 def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_stays_alone(
     runtime: Runtime,
 ) -> None:
-    """Applying is batched too: a few events to a transaction (each in its own savepoint), so
-    a burst costs a fraction of the commits; an event that cannot apply fails alone."""
+    """Applying is batched too on SQLite: a few events to a transaction (each in its own
+    savepoint), so a burst costs a fraction of the commits on its one writer; one event to a
+    transaction on PostgreSQL and MariaDB (see the test above). An event that cannot apply
+    fails alone."""
+    per_transaction = per_apply_transaction(runtime.database)
+    assert per_transaction == (APPLY_PER_TRANSACTION if runtime.database.backend == "sqlite" else 1)
     bodies = [payment(number) for number in range(2 * APPLY_PER_TRANSACTION)]
     broken = json.dumps(
         {"id": "msg_broken", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}
@@ -346,8 +411,8 @@ def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_st
     assert order_count(runtime) == len(bodies) - 1
     # The events' transactions plus one read of the ids waiting: fewer than asked for came
     # back, so the run ends without looking again.
-    applying = -(-len(bodies) // APPLY_PER_TRANSACTION)
-    assert len(commits) == applying + 1 < len(bodies)
+    applying = -(-len(bodies) // per_transaction)
+    assert len(commits) == applying + 1
 
 
 def test_a_chunk_of_events_is_marked_applied_in_one_statement(
@@ -361,7 +426,8 @@ def test_a_chunk_of_events_is_marked_applied_in_one_statement(
         assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
     with recorded(runtime.database.engine) as sent:
         runtime.jobs.run_here(APPLY_TASK)
-    assert verbs(sent, 2).count("UPDATE WEBHOOK_EVENTS") == 1
+    transactions = len(bodies) // per_apply_transaction(runtime.database)
+    assert verbs(sent, 2).count("UPDATE WEBHOOK_EVENTS") == transactions
     with runtime.database.transaction() as session:
         events = session.scalars(select(WebhookEvent)).all()
         orders = {o.whop_payment_id: o.id for o in session.scalars(select(Order))}

@@ -53,7 +53,7 @@ APPLY_TASK = "webhooks.apply"
 REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
 APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
-APPLY_PER_TRANSACTION = 8  # events applied in one transaction (each in its savepoint)
+APPLY_PER_TRANSACTION = 8  # events applied in one transaction on SQLite (`per_apply_transaction`)
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -116,6 +116,17 @@ class _Checked:
     alert_reason: str | None = None
 
 
+def per_apply_transaction(database: Database) -> int:
+    """How many events one apply transaction applies. SQLite: `APPLY_PER_TRANSACTION`, a
+    fraction of the commits on its one writer (its write transactions run one at a time
+    anyway). PostgreSQL, MariaDB: one. There an apply transaction holds the row locks of the
+    purchases it applied (`purchase_keys`) until it commits, so a transaction of several
+    events made a run that waited on one purchase hold every other purchase of its chunk, and
+    every run that needed one of those, for as long: in a flash sale the workers spent more
+    time waiting on each other than applying (docs/performance.md)."""
+    return 1 if database.skip_locked else APPLY_PER_TRANSACTION
+
+
 class Inbox:
     def __init__(
         self,
@@ -143,6 +154,7 @@ class Inbox:
         self._max_attempts = max_attempts
         self._rejections = RejectionCounter(signature_alert_at, signature_window)
         self.rejected = RejectionLog(clock)
+        self._per_transaction = per_apply_transaction(database)
         self._apply_lock = threading.Lock()
         self._applying = False  # a run of the apply job is going in this process
         self._apply_again = False  # another run came meanwhile: look for new events again
@@ -293,11 +305,11 @@ class Inbox:
 
     def apply_received(self) -> int:
         """The `webhooks.apply` job: apply the `received` events, oldest first, a few to a
-        transaction (`APPLY_PER_TRANSACTION`, each event in its own savepoint: one that fails
-        is stored `failed` alone; a worker dying mid-apply rolls the transaction back and its
-        events stay `received`). Runs at once never apply one event twice: each takes its events
-        locked (skipping those another run holds, where the database can) and only while they
-        are still `received`.
+        transaction on SQLite, one elsewhere (`per_apply_transaction`; each event in its own
+        savepoint: one that fails is stored `failed` alone; a worker dying mid-apply rolls the
+        transaction back and its events stay `received`). Runs at once never apply one event
+        twice: each takes its events locked (skipping those another run holds, where the
+        database can) and only while they are still `received`.
 
         One run per process at a time: a run that finds another one going tells it to look
         again before it ends, and leaves; so does this process's webhook writer (`serve`),
@@ -319,8 +331,8 @@ class Inbox:
                 limit = APPLY_BATCH - applied
                 oldest = self._database.read(partial(oldest_received_events, limit=limit))
                 applied_before = applied
-                for start in range(0, len(oldest), APPLY_PER_TRANSACTION):
-                    chunk = oldest[start : start + APPLY_PER_TRANSACTION]
+                for start in range(0, len(oldest), self._per_transaction):
+                    chunk = oldest[start : start + self._per_transaction]
                     done = self._apply_chunk_run(chunk)
                     for kind, status in done:
                         metrics.observe_webhook_apply(kind, status)
