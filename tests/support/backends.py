@@ -82,6 +82,38 @@ def allow_connections(url: str, allowed: bool) -> None:
     admin.dispose()
 
 
+def drop_connections(url: str) -> int:
+    """Close every server connection to the PostgreSQL or MariaDB database of `url`, as a
+    restart or a firewall's idle timeout would; returns how many."""
+    parsed = make_url(url)
+    kind = "postgresql" if parsed.get_backend_name() == "postgresql" else "mariadb"
+    admin = create_engine(make_url(require(kind)), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            if kind == "postgresql":
+                return len(
+                    connection.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :name AND pid <> pg_backend_pid()"
+                        ),
+                        {"name": parsed.database},
+                    ).all()
+                )
+            ids = connection.scalars(
+                text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = :name AND id <> CONNECTION_ID()"
+                ),
+                {"name": parsed.database},
+            ).all()
+            for connection_id in ids:
+                connection.execute(text(f"KILL CONNECTION {int(connection_id)}"))
+            return len(ids)
+    finally:
+        admin.dispose()
+
+
 def drop_database(kind: str, url: str) -> None:
     server = make_url(SERVERS[kind])
     name = make_url(url).database

@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import Engine, Table, create_engine, event, insert, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
 
 from whop_autocancel.db.write_turn import WriteTurn
@@ -123,14 +123,50 @@ def _configure_postgresql(engine: Engine) -> None:
     @event.listens_for(engine, "rollback")
     def _on_rollback(connection: Any) -> None:
         # PostgreSQL undoes a `SET` made in a transaction that rolls back: the level is no
-        # longer known, and the next transaction sets it again, whatever it asks.
-        connection.info[_SYNCHRONOUS] = "unknown"
+        # longer known, and the next transaction sets it again, whatever it asks. (A lost
+        # connection has nothing to undo: touching its `info` would reconnect it mid-rollback;
+        # a level left over for the next one can only be stronger than it has.)
+        if not connection.invalidated:
+            connection.info[_SYNCHRONOUS] = "unknown"
+
+
+# A pooled connection idle at least this long (seconds) is pinged before it is handed out.
+PING_IDLE_AFTER = 10.0
+_IDLE_SINCE = "whop_autocancel_idle_since"  # when a pooled connection was last given back
+
+
+def _ping_when_idle(engine: Engine, idle_after: float) -> None:
+    """Before a pooled connection (PostgreSQL, MariaDB) is handed out, ping it if it lay idle
+    `idle_after` seconds or more: one the server or a firewall closed meanwhile is replaced
+    (SQLAlchemy's `DisconnectionError`: the pool takes a new one) before any work meets it.
+    SQLAlchemy's `pool_pre_ping` pings at every checkout, which is every transaction here (a
+    session for each): a round trip, and in psycopg more Python than most statements, in
+    each of the ten or so transactions of a purchase. A connection used a moment ago is as
+    alive as the server: if the server went away since, the work's first statement finds
+    out, SQLAlchemy replaces every connection of the pool, and `Database.run` runs the work
+    again on a new one."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < idle_after:
+            return  # (None: connected just now)
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise DisconnectionError(f"{type(error).__name__}: {error}") from error
 
 
 class Database:
     """One engine and session factory for the process."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, echo: bool = False, ping_idle_after: float = PING_IDLE_AFTER
+    ) -> None:
         self.url = url
         path = sqlite_path(url)
         if path is not None:
@@ -138,7 +174,9 @@ class Database:
         options: dict[str, Any] = {"echo": echo}
         backend = make_url(url).get_backend_name()
         if backend != "sqlite":
-            options.update(pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+            # Last in, first out: the connections in use stay warm (never pinged under load),
+            # the ones beyond what the load needs lie idle and are pinged when next needed.
+            options.update(pool_use_lifo=True, pool_size=10, max_overflow=20, pool_recycle=1800)
         if backend in ("mysql", "mariadb"):
             # MariaDB's default REPEATABLE READ would let a transaction miss rows another one
             # committed after its first read; READ COMMITTED behaves like PostgreSQL's default.
@@ -147,8 +185,10 @@ class Database:
         self.backend = self.engine.dialect.name
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
-        elif self.backend == "postgresql":
-            _configure_postgresql(self.engine)
+        else:
+            if self.backend == "postgresql":
+                _configure_postgresql(self.engine)
+            _ping_when_idle(self.engine, ping_idle_after)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: the turn to write, handed over between this process's threads at once and
         # urgent callers first, and between processes through a lock file (write_turn.py).
@@ -239,7 +279,9 @@ class Database:
     ) -> T:
         """Run `work` in a transaction, again from the start when the database aborted it to
         break a deadlock or a serialization conflict (MariaDB does so on concurrent inserts of
-        one unique key). `work` must therefore be safe to repeat (ours are idempotent)."""
+        one unique key), or when its connection turned out to be closed (the server restarted,
+        say; SQLAlchemy then replaces the pool's connections). `work` must therefore be safe to
+        repeat (ours are idempotent: a connection lost at the commit may have committed)."""
         for attempt in range(1, attempts + 1):
             try:
                 with self.transaction(
@@ -247,7 +289,9 @@ class Database:
                 ) as session:
                     return work(session)
             except DBAPIError as error:
-                if attempt == attempts or not is_transient_conflict(error):
+                if attempt == attempts or not (
+                    error.connection_invalidated or is_transient_conflict(error)
+                ):
                     raise
                 CONFLICTS.record(error)
                 time.sleep(random.uniform(0.005, 0.05) * attempt)
