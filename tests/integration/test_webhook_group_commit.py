@@ -316,6 +316,46 @@ def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
     assert order_count(runtime) == len(bodies)
 
 
+def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
+    runtime: Runtime,
+) -> None:
+    """PostgreSQL, MariaDB: runs in several workers walk the same oldest events; a run takes
+    one of the next few that no other run holds in each transaction, so the events another
+    run holds cost it one transaction for all of them, not one each."""
+    if not runtime.database.skip_locked:
+        pytest.skip("SQLite applies one transaction at a time: no other run holds an event")
+    bodies = [payment(number) for number in range(3 * APPLY_PER_TRANSACTION)]
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    runtime.jobs.huey.flush()
+    held = [json.loads(body)["id"] for body in bodies[:APPLY_PER_TRANSACTION]]
+    holder = runtime.database.sessions()
+    holder.begin()
+    assert len(
+        holder.scalars(
+            select(WebhookEvent).where(WebhookEvent.id.in_(held)).with_for_update()
+        ).all()
+    ) == len(held)
+    commits = []
+    listener = lambda _connection: commits.append(1)  # noqa: E731
+    sa_event.listen(runtime.database.engine, "commit", listener)
+    try:
+        runtime.jobs.run_here(APPLY_TASK)
+    finally:
+        sa_event.remove(runtime.database.engine, "commit", listener)
+        holder.rollback()
+        holder.close()
+    rows = event_rows(runtime)
+    assert {event_id for event_id, row in rows.items() if row == ("received", 0)} == set(held)
+    applied = len(bodies) - len(held)
+    assert sum(1 for row in rows.values() if row == ("handled", 1)) == applied
+    # One transaction an event applied; beyond that its reads of the waiting events and a
+    # few that found nothing to take: not one for each held event.
+    assert applied < len(commits) <= applied + 5
+    runtime.jobs.run_here(APPLY_TASK)  # once they are free
+    assert set(event_rows(runtime).values()) == {("handled", 1)}
+
+
 def test_a_failing_apply_is_stored_failed_by_the_job_not_by_the_request(runtime: Runtime) -> None:
     body = json.dumps(
         {"id": "msg_noid", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache, partial
@@ -54,6 +54,9 @@ REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
 APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
 APPLY_PER_TRANSACTION = 8  # events applied in one transaction on SQLite (`per_apply_transaction`)
+CLAIM_WINDOW = (
+    8  # with row locks: of how many of the oldest events a transaction takes the first free
+)
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -331,9 +334,7 @@ class Inbox:
                 limit = APPLY_BATCH - applied
                 oldest = self._database.read(partial(oldest_received_events, limit=limit))
                 applied_before = applied
-                for start in range(0, len(oldest), self._per_transaction):
-                    chunk = oldest[start : start + self._per_transaction]
-                    done = self._apply_chunk_run(chunk)
+                for done in self._apply_all(oldest):
                     for kind, status in done:
                         metrics.observe_webhook_apply(kind, status)
                     applied += len(done)
@@ -364,18 +365,48 @@ class Inbox:
             self._apply_again = True
             return True
 
-    def _apply_chunk_run(self, chunk: Sequence[str]) -> list[tuple[str, str]]:
+    def _apply_all(self, oldest: Sequence[str]) -> Iterator[list[tuple[str, str]]]:
+        """Apply `oldest` (those still `received` and not held by another run), a transaction
+        at a time; yields what each applied. On SQLite a chunk of them a transaction. With row
+        locks one a transaction: one of the next `CLAIM_WINDOW` that no other run holds
+        (`_ROWS_NEXT_CLAIMED`), and the next transaction looks on from there. (Trying each
+        event of a list that other runs walk at once, one transaction each, spent a
+        transaction on every event another run had taken: two more an event with three
+        workers, a quarter more CPU a purchase in a flash sale.)"""
+        if self._per_transaction > 1:
+            for start in range(0, len(oldest), self._per_transaction):
+                yield self._apply_chunk_run(oldest[start : start + self._per_transaction])
+            return
+        position = 0
+        while position < len(oldest):
+            window = oldest[position : position + CLAIM_WINDOW]
+            claimed: list[str] = []
+            yield self._apply_chunk_run(window, claimed)
+            position += window.index(claimed[0]) + 1 if claimed else len(window)
+
+    def _apply_chunk_run(
+        self, chunk: Sequence[str], claimed: list[str] | None = None
+    ) -> list[tuple[str, str]]:
         """Apply a chunk in one transaction, first the quick way (`_apply_quickly`); when an
         event fails, the whole transaction is rolled back and the chunk applied again with a
         savepoint for each event (`_apply_chunk`), so that the failed event is recorded
-        `failed` and the others applied (nothing left the process: the commit never came)."""
+        `failed` and the others applied (nothing left the process: the commit never came).
+        With `claimed`, the transaction applies only one event of `chunk` it can take
+        (`_ROWS_NEXT_CLAIMED`), and puts its id in `claimed`."""
         try:
-            return self._database.run(partial(self._apply_quickly, event_ids=chunk), durable=False)
+            return self._database.run(
+                partial(self._apply_quickly, event_ids=chunk, claimed=claimed), durable=False
+            )
         except _ApplyFailed as failed:
             log.info("webhook_chunk_applied_again", events=len(chunk), error=str(failed))
+            if claimed is not None:  # that one event alone, recorded `failed`
+                chunk = [failed.event_id]
+                claimed[:] = chunk
             return self._database.run(partial(self._apply_chunk, event_ids=chunk), durable=False)
 
-    def _apply_quickly(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
+    def _apply_quickly(
+        self, session: Session, event_ids: Sequence[str], claimed: list[str] | None = None
+    ) -> list[tuple[str, str]]:
         """`_apply_chunk` without a savepoint for each event (each costs more than most events'
         work), the events read and recorded as table rows: one read, and one UPDATE sent with
         a row for each event applied, instead of the unit of work flushing an UPDATE for each
@@ -383,10 +414,15 @@ class Inbox:
         an event's apply reads is about the stored events, so none needs to see the others
         recorded before it.)"""
         now = self._clock.now()
-        statement = _ROWS_AMONG_LOCKED if self._database.skip_locked else _ROWS_AMONG
+        if claimed is not None:
+            statement = _ROWS_NEXT_CLAIMED
+        else:
+            statement = _ROWS_AMONG_LOCKED if self._database.skip_locked else _ROWS_AMONG
         done: list[tuple[str, str]] = []
         applied: list[dict[str, object]] = []
         for event in session.execute(statement, {"event_ids": list(event_ids)}).all():
+            if claimed is not None:
+                claimed[:] = [event.id]  # (a run again after a conflict: the same or another)
             if event.status != RECEIVED:
                 continue
             try:
@@ -396,7 +432,7 @@ class Inbox:
             except (OperationalError, DBInterfaceError):
                 raise
             except Exception as error:  # (a body that cannot be read is recorded by the other way)
-                raise _ApplyFailed(f"{event.id}: {type(error).__name__}") from error
+                raise _ApplyFailed(event.id, f"{event.id}: {type(error).__name__}") from error
             status = (EventStatus.HANDLED if handled else EventStatus.IGNORED).value
             applied.append(
                 {"event_id": event.id, "applied_status": status, "applied_to": order_id, "now": now}
@@ -613,6 +649,10 @@ class Inbox:
 class _ApplyFailed(Exception):
     """An event of a chunk applied without savepoints failed: the chunk goes again with them."""
 
+    def __init__(self, event_id: str, message: str) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+
 
 def store_arrivals(session: Session, arrivals: Sequence[Arrival]) -> list[str]:
     """Insert the events not stored yet, `received`, in one statement; each arrival's status:
@@ -683,6 +723,17 @@ _ROWS_AMONG = (
     .order_by(_EVENTS.c.received_at, _EVENTS.c.id)
 )
 _ROWS_AMONG_LOCKED = _ROWS_AMONG.with_for_update(skip_locked=True)
+# One of them still waiting that no other run holds (row locks: PostgreSQL, MariaDB), in the
+# order of their ids: MariaDB locks every row it reads, and it reads them all to sort them by
+# anything but the index it finds them by (the events of a window are a moment apart).
+_ROWS_NEXT_CLAIMED = (
+    select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.status, _EVENTS.c.payload, _EVENTS.c.attempts)
+    .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
+    .where(_EVENTS.c.status == RECEIVED)
+    .order_by(_EVENTS.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
 # Events applied, recorded as `_applied` records one (sent with a row for each).
 _MARK_APPLIED = (
     update(_EVENTS)
