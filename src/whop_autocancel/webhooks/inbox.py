@@ -28,7 +28,7 @@ from whop_autocancel.alerts.models import AlertKind
 from whop_autocancel.alerts.service import AlertContent, Alerts
 from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
-from whop_autocancel.db.base import UTCDateTime
+from whop_autocancel.db.base import UTCDateTime, not_searched
 from whop_autocancel.db.engine import Database, insert_absent, savepoint
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.service import OrderService, order_of_membership
@@ -729,7 +729,7 @@ _ROWS_AMONG_LOCKED = _ROWS_AMONG.with_for_update(skip_locked=True)
 _ROWS_NEXT_CLAIMED = (
     select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.status, _EVENTS.c.payload, _EVENTS.c.attempts)
     .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
-    .where(_EVENTS.c.status == RECEIVED)
+    .where(not_searched(_EVENTS.c.status) == RECEIVED)  # (by their ids alone: see `_AMONG`)
     .order_by(_EVENTS.c.id)
     .limit(1)
     .with_for_update(skip_locked=True)
