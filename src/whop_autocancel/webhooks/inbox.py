@@ -54,9 +54,8 @@ REAPPLY_TASK = "webhooks.reapply"
 STORE_BATCH = 200  # events stored per transaction at most
 APPLY_BATCH = 200  # events one run of the apply job takes before it hands over to a new run
 APPLY_PER_TRANSACTION = 8  # events applied in one transaction on SQLite (`per_apply_transaction`)
-CLAIM_WINDOW = (
-    8  # with row locks: of how many of the oldest events a transaction takes the first free
-)
+# With row locks: among how many of the oldest events an apply transaction takes one.
+CLAIM_WINDOW = 8
 LIVE_MEMBERSHIP_EVENTS = frozenset({"membership.activated"})
 INACTIVE_MEMBERSHIP_EVENTS = frozenset({"membership.deactivated"})
 INACTIVE_STATUSES = frozenset({"canceled", "expired"})
@@ -372,7 +371,7 @@ class Inbox:
         (`_ROWS_NEXT_CLAIMED`), and the next transaction looks on from there. (Trying each
         event of a list that other runs walk at once, one transaction each, spent a
         transaction on every event another run had taken: two more an event with three
-        workers, a quarter more CPU a purchase in a flash sale.)"""
+        workers.)"""
         if self._per_transaction > 1:
             for start in range(0, len(oldest), self._per_transaction):
                 yield self._apply_chunk_run(oldest[start : start + self._per_transaction])
