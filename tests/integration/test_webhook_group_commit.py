@@ -80,6 +80,41 @@ def order_count(runtime: Runtime) -> int:
         return int(session.scalar(select(func.count()).select_from(Order)) or 0)
 
 
+def second_worker(runtime: Runtime, tmp_path: Path, clock: FrozenClock) -> Runtime:
+    """A second worker process: its own runtime, on the same database and queue."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    settings = runtime.settings
+    return make_runtime(
+        make_settings(
+            folder,
+            DATABASE_URL=settings.DATABASE_URL,
+            QUEUE_URL=settings.QUEUE_URL,
+            QUEUE_NAME=settings.QUEUE_NAME,
+        ),
+        clock,
+    )
+
+
+def store_unqueued(runtime: Runtime, bodies: list[bytes]) -> None:
+    """Store each event as Whop's delivery would, then drop the apply jobs that queued."""
+    for body in bodies:
+        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
+    runtime.jobs.huey.flush()
+
+
+def commits_of_one_apply_run(runtime: Runtime) -> int:
+    """Run the apply job here; how many transactions it committed (its reads' too)."""
+    commits = []
+    listener = lambda _connection: commits.append(1)  # noqa: E731
+    sa_event.listen(runtime.database.engine, "commit", listener)
+    try:
+        runtime.jobs.run_here(APPLY_TASK)
+    finally:
+        sa_event.remove(runtime.database.engine, "commit", listener)
+    return len(commits)
+
+
 def queued(runtime: Runtime) -> list[str]:
     return [task.name for task in runtime.jobs.huey.pending()]
 
@@ -218,23 +253,8 @@ def test_a_batch_that_cannot_be_committed_is_answered_503_and_stores_nothing(
 def test_the_apply_job_applies_each_event_once_with_workers_racing(
     runtime: Runtime, tmp_path: Path, clock: FrozenClock
 ) -> None:
-    other_path = tmp_path / "other"
-    other_path.mkdir()
-    # A second worker process: its own runtime, on the same database and queue.
-    settings = runtime.settings
-    other = make_runtime(
-        make_settings(
-            other_path,
-            DATABASE_URL=settings.DATABASE_URL,
-            QUEUE_URL=settings.QUEUE_URL,
-            QUEUE_NAME=settings.QUEUE_NAME,
-        ),
-        clock,
-    )
-    bodies = [payment(number) for number in range(30)]
-    for body in bodies:
-        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
-    runtime.jobs.huey.flush()  # only the racing workers below apply
+    other = second_worker(runtime, tmp_path, clock)
+    store_unqueued(runtime, [payment(number) for number in range(30)])  # (the racing runs apply)
     start = threading.Barrier(4)
 
     def worker(process: Runtime) -> None:
@@ -269,22 +289,9 @@ def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
     the locks go."""
     if not runtime.database.skip_locked:
         pytest.skip("SQLite applies one transaction at a time: nothing to hold up")
-    other_path = tmp_path / "other"
-    other_path.mkdir()
-    settings = runtime.settings
-    other = make_runtime(
-        make_settings(
-            other_path,
-            DATABASE_URL=settings.DATABASE_URL,
-            QUEUE_URL=settings.QUEUE_URL,
-            QUEUE_NAME=settings.QUEUE_NAME,
-        ),
-        clock,
-    )
+    other = second_worker(runtime, tmp_path, clock)
     bodies = [payment(number) for number in range(24)]
-    for body in bodies:
-        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
-    runtime.jobs.huey.flush()  # only the runs below apply
+    store_unqueued(runtime, bodies)  # (only the runs below apply)
     held = json.loads(bodies[3])["id"]  # payment 3's event
     holder = runtime.database.sessions()
     holder.begin()
@@ -325,9 +332,7 @@ def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
     if not runtime.database.skip_locked:
         pytest.skip("SQLite applies one transaction at a time: no other run holds an event")
     bodies = [payment(number) for number in range(3 * APPLY_PER_TRANSACTION)]
-    for body in bodies:
-        assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
-    runtime.jobs.huey.flush()
+    store_unqueued(runtime, bodies)
     held = [json.loads(body)["id"] for body in bodies[:APPLY_PER_TRANSACTION]]
     holder = runtime.database.sessions()
     holder.begin()
@@ -336,13 +341,9 @@ def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
             select(WebhookEvent).where(WebhookEvent.id.in_(held)).with_for_update()
         ).all()
     ) == len(held)
-    commits = []
-    listener = lambda _connection: commits.append(1)  # noqa: E731
-    sa_event.listen(runtime.database.engine, "commit", listener)
     try:
-        runtime.jobs.run_here(APPLY_TASK)
+        commits = commits_of_one_apply_run(runtime)
     finally:
-        sa_event.remove(runtime.database.engine, "commit", listener)
         holder.rollback()
         holder.close()
     rows = event_rows(runtime)
@@ -351,7 +352,7 @@ def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
     assert sum(1 for row in rows.values() if row == ("handled", 1)) == applied
     # One transaction an event applied; beyond that its reads of the waiting events and a
     # few that found nothing to take: not one for each held event.
-    assert applied < len(commits) <= applied + 5
+    assert applied < commits <= applied + 5
     runtime.jobs.run_here(APPLY_TASK)  # once they are free
     assert set(event_rows(runtime).values()) == {("handled", 1)}
 
@@ -438,13 +439,7 @@ def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_st
     bodies.insert(3, broken)
     for body in bodies:
         assert runtime.inbox.ingest(body, signed_headers(body)).body == {"status": "received"}
-    commits = []
-    listener = lambda _connection: commits.append(1)  # noqa: E731
-    sa_event.listen(runtime.database.engine, "commit", listener)
-    try:
-        runtime.jobs.run_here(APPLY_TASK)
-    finally:
-        sa_event.remove(runtime.database.engine, "commit", listener)
+    commits = commits_of_one_apply_run(runtime)
     rows = event_rows(runtime)
     assert rows.pop("msg_broken") == ("failed", 1)
     assert set(rows.values()) == {("handled", 1)}
@@ -452,7 +447,7 @@ def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_st
     # The events' transactions plus one read of the ids waiting: fewer than asked for came
     # back, so the run ends without looking again.
     applying = -(-len(bodies) // per_transaction)
-    assert len(commits) == applying + 1
+    assert commits == applying + 1
 
 
 def test_a_chunk_of_events_is_marked_applied_in_one_statement(
