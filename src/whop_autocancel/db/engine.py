@@ -306,7 +306,8 @@ class Database:
 
 
 class ConflictCounter:
-    """How many transactions were retried after a deadlock or serialization conflict."""
+    """How many transactions were retried after a deadlock, a serialization conflict or a
+    lost connection (`Database.run`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -319,6 +320,7 @@ class ConflictCounter:
         log.warning(
             "db_conflict_retried",
             error=type(getattr(error, "orig", error)).__name__,
+            connection_lost=bool(getattr(error, "connection_invalidated", False)),
             retried_so_far=count,
         )
 
