@@ -726,9 +726,8 @@ _ROWS_AMONG_LOCKED = _ROWS_AMONG.with_for_update(skip_locked=True)
 # order of their ids: MariaDB locks every row it reads, and it reads them all to sort them by
 # anything but the index it finds them by (the events of a window are a moment apart).
 _ROWS_NEXT_CLAIMED = (
-    select(_EVENTS.c.id, _EVENTS.c.type, _EVENTS.c.status, _EVENTS.c.payload, _EVENTS.c.attempts)
-    .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
-    .where(not_searched(_EVENTS.c.status) == RECEIVED)  # (by their ids alone: see `_AMONG`)
+    _ROWS_AMONG.where(not_searched(_EVENTS.c.status) == RECEIVED)  # (by id alone: see `_AMONG`)
+    .order_by(None)
     .order_by(_EVENTS.c.id)
     .limit(1)
     .with_for_update(skip_locked=True)
