@@ -71,15 +71,9 @@ def allow_connections(url: str, allowed: bool) -> None:
         connection.execute(
             text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {"true" if allowed else "false"}')
         )
-        if not allowed:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
     admin.dispose()
+    if not allowed:
+        drop_connections(url)
 
 
 def drop_connections(url: str) -> int:

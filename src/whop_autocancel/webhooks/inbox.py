@@ -156,7 +156,6 @@ class Inbox:
         self._max_attempts = max_attempts
         self._rejections = RejectionCounter(signature_alert_at, signature_window)
         self.rejected = RejectionLog(clock)
-        self._per_transaction = per_apply_transaction(database)
         self._apply_lock = threading.Lock()
         self._applying = False  # a run of the apply job is going in this process
         self._apply_again = False  # another run came meanwhile: look for new events again
@@ -372,9 +371,10 @@ class Inbox:
         event of a list that other runs walk at once, one transaction each, spent a
         transaction on every event another run had taken: two more an event with three
         workers.)"""
-        if self._per_transaction > 1:
-            for start in range(0, len(oldest), self._per_transaction):
-                yield self._apply_chunk_run(oldest[start : start + self._per_transaction])
+        per_transaction = per_apply_transaction(self._database)
+        if per_transaction > 1:
+            for start in range(0, len(oldest), per_transaction):
+                yield self._apply_chunk_run(oldest[start : start + per_transaction])
             return
         position = 0
         while position < len(oldest):
