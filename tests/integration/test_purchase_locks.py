@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from support.facts import membership_facts, payment_facts
 from support.harness import MESSAGE_PLAN, make_runtime, make_settings, wait_for
 from whop_autocancel.clock import FrozenClock
-from whop_autocancel.db.locks import Lock, lock_keys
+from whop_autocancel.db.locks import KeysBusy, Lock, lock_keys, trying_locks
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import new_order_id
 from whop_autocancel.runtime import Runtime
@@ -236,3 +236,32 @@ def test_a_lock_held_the_previous_versions_way_makes_lock_keys_wait(runtime: Run
     _apply_at_once(
         runtime, previous_version, lambda runtime, session, now: lock_keys(session, [key])
     )
+
+
+def test_trying_keys_another_transaction_holds_raises_at_once(runtime: Runtime) -> None:
+    """PostgreSQL: an apply transaction of several events only tries each purchase's keys
+    (`trying_locks`): one that another transaction holds raises `KeysBusy` without waiting
+    (a wait would run into the lock timeout here instead), so the transaction holds none of
+    the other purchases it applied while it waits; keys nobody holds are taken, and an
+    ordinary `lock_keys` waits for them."""
+    with runtime.database.transaction() as session:
+        if not _postgresql(session):
+            pytest.skip("PostgreSQL only: MariaDB applies one event a transaction and waits")
+    held, free = (f"{kind}:{uuid.uuid4().hex[:12]}" for kind in ("payment", "membership"))
+    holder = runtime.database.sessions()
+    holder.begin()
+    lock_keys(holder, [held])
+    try:
+        with runtime.database.transaction() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            with trying_locks(session), pytest.raises(KeysBusy):
+                lock_keys(session, [free, held])
+    finally:
+        holder.rollback()
+        holder.close()
+
+    def tried(runtime: Runtime, session: Session, now: datetime) -> None:
+        with trying_locks(session):
+            lock_keys(session, [free, held])
+
+    _apply_at_once(runtime, tried, lambda runtime, session, now: lock_keys(session, [held]))

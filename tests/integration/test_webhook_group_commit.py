@@ -31,7 +31,7 @@ from support.harness import (
 )
 from support.statements import recorded, verbs
 from whop_autocancel.clock import FrozenClock
-from whop_autocancel.db.locks import lock_keys
+from whop_autocancel.db.locks import Lock, lock_keys
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import purchase_keys
 from whop_autocancel.runtime import Runtime
@@ -281,12 +281,13 @@ def test_the_apply_job_applies_each_event_once_with_workers_racing(
 def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
     runtime: Runtime, tmp_path: Path, clock: FrozenClock
 ) -> None:
-    """PostgreSQL, MariaDB: an apply transaction holds the row locks of the purchases it
-    applies until it commits, so one that applied several events at once would make a run
-    waiting on one of them hold all the others (and every run after it that needs them) for
-    as long. While one purchase's locks are held elsewhere (here: an open transaction), two
-    racing worker processes apply every other event; the held one waits, and is applied once
-    the locks go."""
+    """PostgreSQL, MariaDB: an apply transaction holds the locks of the purchases it applies
+    until it commits, so one that waited on a purchase while it held others (the events it
+    applied before) would hold them all, and every run after it that needs them, for as long.
+    While one purchase's locks are held elsewhere (here: an open transaction that takes them
+    as an apply does), two racing worker processes apply every other event (PostgreSQL: a
+    chunk leaves the held purchase's event and goes on; MariaDB: one event a transaction);
+    the held one waits, and is applied by the same run once the locks go."""
     if not runtime.database.skip_locked:
         pytest.skip("SQLite applies one transaction at a time: nothing to hold up")
     other = second_worker(runtime, tmp_path, clock)
@@ -323,6 +324,37 @@ def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
     assert order_count(runtime) == len(bodies)
 
 
+def test_a_purchase_held_the_previous_versions_way_is_waited_for(runtime: Runtime) -> None:
+    """PostgreSQL, MariaDB: during a rolling upgrade a process of the previous version holds a
+    purchase by the row locks of its keys alone (on PostgreSQL this version also takes an
+    advisory lock on each key first, which the previous one does not). The apply that takes
+    that purchase's event waits for them, then applies it once."""
+    if not runtime.database.skip_locked:
+        pytest.skip("SQLite applies one transaction at a time: nothing to hold up")
+    bodies = [payment(number) for number in range(12)]
+    store_unqueued(runtime, bodies)
+    held = json.loads(bodies[3])["id"]
+    holder = runtime.database.sessions()
+    holder.begin()
+    keys = [key for key in purchase_keys("pay_Group3", "mem_Group3", None, None) if key]
+    holder.add_all([Lock(key=key) for key in keys])  # its rows, inserted and not committed
+    holder.flush()
+    url = runtime.settings.DATABASE_URL
+    pool = ThreadPoolExecutor(1)
+    try:
+        run = pool.submit(runtime.jobs.run_here, APPLY_TASK)
+        wait_for(lambda: backends.lock_waiters(url) > 0, 30, "the apply to wait for the lock")
+        assert event_rows(runtime)[held] == ("received", 0)
+        assert not run.done()
+        holder.rollback()
+        run.result(timeout=60)
+    finally:
+        holder.close()
+        pool.shutdown()
+    assert set(event_rows(runtime).values()) == {("handled", 1)}
+    assert order_count(runtime) == len(bodies)
+
+
 def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
     runtime: Runtime,
 ) -> None:
@@ -350,9 +382,10 @@ def test_a_run_spends_no_transaction_on_each_event_another_run_holds(
     assert {event_id for event_id, row in rows.items() if row == ("received", 0)} == set(held)
     applied = len(bodies) - len(held)
     assert sum(1 for row in rows.values() if row == ("handled", 1)) == applied
-    # One transaction an event applied; beyond that its reads of the waiting events and a
-    # few that found nothing to take: not one for each held event.
-    assert applied < commits <= applied + 5
+    # One transaction for each chunk applied (MariaDB: each event); beyond that its reads of
+    # the waiting events and a few that found nothing to take: not one for each held event.
+    applying = -(-applied // per_apply_transaction(runtime.database))
+    assert applying < commits <= applying + 5
     runtime.jobs.run_here(APPLY_TASK)  # once they are free
     assert set(event_rows(runtime).values()) == {("handled", 1)}
 
@@ -426,12 +459,12 @@ def test_serve_applies_every_event_it_stores_without_the_sweep(
 def test_the_apply_job_applies_several_events_per_transaction_and_one_failure_stays_alone(
     runtime: Runtime,
 ) -> None:
-    """Applying is batched too on SQLite: a few events to a transaction (each in its own
-    savepoint), so a burst costs a fraction of the commits on its one writer; one event to a
-    transaction on PostgreSQL and MariaDB (see the test above). An event that cannot apply
-    fails alone."""
+    """Applying is batched too: a few events to a transaction (each in its own savepoint), so
+    a burst costs a fraction of the commits (on SQLite, of its one writer's); one event to a
+    transaction on MariaDB (see the tests above). An event that cannot apply fails alone."""
     per_transaction = per_apply_transaction(runtime.database)
-    assert per_transaction == (APPLY_PER_TRANSACTION if runtime.database.backend == "sqlite" else 1)
+    chunks = runtime.database.backend in ("sqlite", "postgresql")
+    assert per_transaction == (APPLY_PER_TRANSACTION if chunks else 1)
     bodies = [payment(number) for number in range(2 * APPLY_PER_TRANSACTION)]
     broken = json.dumps(
         {"id": "msg_broken", "type": "payment.succeeded", "data": {"plan": {"id": MESSAGE_PLAN}}}

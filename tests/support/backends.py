@@ -108,6 +108,32 @@ def drop_connections(url: str) -> int:
         admin.dispose()
 
 
+def lock_waiters(url: str) -> int:
+    """How many connections to the PostgreSQL or MariaDB database of `url` wait on a lock now
+    (read on a connection of its own). PostgreSQL: a wait of the `Lock` kind
+    (pg_stat_activity). MariaDB: a statement on `locks` running for 100 ms or more, which only a
+    lock wait makes it do (InnoDB's own view of lock waits is a cache that parallel readers keep
+    from being refreshed)."""
+    parsed = make_url(url)
+    kind = "postgresql" if parsed.get_backend_name() == "postgresql" else "mariadb"
+    if kind == "postgresql":
+        query = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = :name AND wait_event_type = 'Lock'"
+        )
+    else:
+        query = (
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE db = :name "
+            "AND command = 'Query' AND info LIKE '%locks%' AND time_ms >= 100"
+        )
+    admin = create_engine(make_url(require(kind)), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            return int(connection.execute(text(query), {"name": parsed.database}).scalar_one())
+    finally:
+        admin.dispose()
+
+
 def drop_database(kind: str, url: str) -> None:
     server = make_url(SERVERS[kind])
     name = make_url(url).database

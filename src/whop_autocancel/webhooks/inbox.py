@@ -2,7 +2,8 @@
 the request path: the events of concurrent requests are stored together by one writer thread
 per process (group commit), and each request is answered once its event's transaction has
 committed. The `webhooks.apply` job, enqueued once per commit, then applies every stored
-(`received`) event, oldest first, each in its own transaction; the stuck-work sweep applies any
+(`received`) event, oldest first, a few to a transaction (`per_apply_transaction`), each
+event in its own savepoint when one fails; the stuck-work sweep applies any
 event whose job was lost. An event that fails to apply is stored `failed` and re-applied with
 backoff; only an event that cannot be stored at all gets a 5xx."""
 
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache, partial
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from sqlalchemy import Integer, Select, String, Table, bindparam, func, or_, select, update
@@ -30,6 +31,7 @@ from whop_autocancel.cancellation.service import mark_inactive_from_webhook
 from whop_autocancel.clock import Clock
 from whop_autocancel.db.base import UTCDateTime, not_searched
 from whop_autocancel.db.engine import Database, insert_absent, savepoint
+from whop_autocancel.db.locks import KeysBusy, trying_locks
 from whop_autocancel.jobs import Jobs
 from whop_autocancel.orders.service import OrderService, order_of_membership
 from whop_autocancel.webhooks.group_commit import GroupCommit
@@ -47,6 +49,7 @@ from whop_autocancel.whop.payloads import (
 )
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 PAYMENT_SUCCEEDED = "payment.succeeded"  # the one payment event that applies a payment
 APPLY_TASK = "webhooks.apply"
@@ -119,14 +122,17 @@ class _Checked:
 
 
 def per_apply_transaction(database: Database) -> int:
-    """How many events one apply transaction applies. SQLite: `APPLY_PER_TRANSACTION`, a
-    fraction of the commits on its one writer (its write transactions run one at a time
-    anyway). PostgreSQL, MariaDB: one. There an apply transaction holds the row locks of the
-    purchases it applied (`purchase_keys`) until it commits, so a transaction of several
-    events made a run that waited on one purchase hold every other purchase of its chunk, and
-    every run that needed one of those, for as long: in a flash sale the workers spent more
-    time waiting on each other than applying (docs/performance.md)."""
-    return 1 if database.skip_locked else APPLY_PER_TRANSACTION
+    """How many events one apply transaction applies: `APPLY_PER_TRANSACTION` (a fraction of
+    the commits; on SQLite, of its one writer's), one on MariaDB. An apply transaction holds
+    the locks of the purchases it applied (`purchase_keys`) until it commits, so one of
+    several events that waited on a purchase would hold every other purchase of its chunk,
+    and every run that needs one of those, for as long (in a flash sale the workers spent more
+    time waiting on each other than applying: docs/performance.md). On PostgreSQL a chunk
+    only tries each purchase (`trying_locks`) and leaves a busy one to a transaction of its
+    own; MariaDB has no lock a transaction can try and keep (its `GET_LOCK` is the
+    session's), so there a transaction applies one event. (SQLite: one write transaction at a
+    time, no waits.)"""
+    return 1 if database.backend in ("mysql", "mariadb") else APPLY_PER_TRANSACTION
 
 
 class Inbox:
@@ -365,8 +371,11 @@ class Inbox:
 
     def _apply_all(self, oldest: Sequence[str]) -> Iterator[list[tuple[str, str]]]:
         """Apply `oldest` (those still `received` and not held by another run), a transaction
-        at a time; yields what each applied. On SQLite a chunk of them a transaction. With row
-        locks one a transaction: one of the next `CLAIM_WINDOW` that no other run holds
+        at a time; yields what each applied. A chunk of them a transaction (SQLite,
+        PostgreSQL): on PostgreSQL the chunk only tries each event's purchase, and the events
+        whose purchase another transaction held are applied after it, each in a transaction
+        of its own that waits for the purchase (holding no other). MariaDB one a
+        transaction: one of the next `CLAIM_WINDOW` that no other run holds
         (`_ROWS_NEXT_CLAIMED`), and the next transaction looks on from there. (Trying each
         event of a list that other runs walk at once, one transaction each, spent a
         transaction on every event another run had taken: two more an event with three
@@ -374,7 +383,10 @@ class Inbox:
         per_transaction = per_apply_transaction(self._database)
         if per_transaction > 1:
             for start in range(0, len(oldest), per_transaction):
-                yield self._apply_chunk_run(oldest[start : start + per_transaction])
+                busy: list[str] = []
+                yield self._apply_chunk_run(oldest[start : start + per_transaction], busy=busy)
+                for event_id in busy:
+                    yield self._apply_chunk_run([event_id])
             return
         position = 0
         while position < len(oldest):
@@ -384,34 +396,57 @@ class Inbox:
             position += window.index(claimed[0]) + 1 if claimed else len(window)
 
     def _apply_chunk_run(
-        self, chunk: Sequence[str], claimed: list[str] | None = None
+        self,
+        chunk: Sequence[str],
+        claimed: list[str] | None = None,
+        busy: list[str] | None = None,
     ) -> list[tuple[str, str]]:
         """Apply a chunk in one transaction, first the quick way (`_apply_quickly`); when an
         event fails, the whole transaction is rolled back and the chunk applied again with a
         savepoint for each event (`_apply_chunk`), so that the failed event is recorded
         `failed` and the others applied (nothing left the process: the commit never came).
         With `claimed`, the transaction applies only one event of `chunk` it can take
-        (`_ROWS_NEXT_CLAIMED`), and puts its id in `claimed`."""
+        (`_ROWS_NEXT_CLAIMED`), and puts its id in `claimed`. With `busy`, it only tries each
+        event's purchase (`trying_locks`) and puts the ids of those it left, their purchase
+        held by another transaction, in `busy`."""
         try:
             return self._database.run(
-                partial(self._apply_quickly, event_ids=chunk, claimed=claimed), durable=False
+                partial(
+                    _trying_purchases,
+                    work=partial(self._apply_quickly, event_ids=chunk, claimed=claimed, busy=busy),
+                    busy=busy,
+                ),
+                durable=False,
             )
         except _ApplyFailed as failed:
             log.info("webhook_chunk_applied_again", events=len(chunk), error=str(failed))
             if claimed is not None:  # that one event alone, recorded `failed`
                 chunk = [failed.event_id]
                 claimed[:] = chunk
-            return self._database.run(partial(self._apply_chunk, event_ids=chunk), durable=False)
+            return self._database.run(
+                partial(
+                    _trying_purchases,
+                    work=partial(self._apply_chunk, event_ids=chunk, busy=busy),
+                    busy=busy,
+                ),
+                durable=False,
+            )
 
     def _apply_quickly(
-        self, session: Session, event_ids: Sequence[str], claimed: list[str] | None = None
+        self,
+        session: Session,
+        event_ids: Sequence[str],
+        claimed: list[str] | None = None,
+        busy: list[str] | None = None,
     ) -> list[tuple[str, str]]:
         """`_apply_chunk` without a savepoint for each event (each costs more than most events'
         work), the events read and recorded as table rows: one read, and one UPDATE sent with
         a row for each event applied, instead of the unit of work flushing an UPDATE for each
         before the next event's first read. An event that fails raises `_ApplyFailed`. (Nothing
         an event's apply reads is about the stored events, so none needs to see the others
-        recorded before it.)"""
+        recorded before it.) With `busy`: an event whose purchase another transaction holds
+        is left as it is (its apply raised `KeysBusy` before it wrote anything) and its id put
+        in `busy`."""
         now = self._clock.now()
         if claimed is not None:
             statement = _ROWS_NEXT_CLAIMED
@@ -428,6 +463,10 @@ class Inbox:
                 envelope = parse_envelope(event.payload.encode("utf-8"))
                 handled, order_id = self._apply(session, envelope, now)
                 session.flush()  # (what it wrote fails here, as its savepoint's end would)
+            except KeysBusy:
+                assert busy is not None  # (only a transaction that tries raises it)
+                busy.append(event.id)
+                continue
             except (OperationalError, DBInterfaceError):
                 raise
             except Exception as error:  # (a body that cannot be read is recorded by the other way)
@@ -449,9 +488,12 @@ class Inbox:
             session.execute(_MARK_APPLIED, applied)
         return done
 
-    def _apply_chunk(self, session: Session, event_ids: Sequence[str]) -> list[tuple[str, str]]:
+    def _apply_chunk(
+        self, session: Session, event_ids: Sequence[str], busy: list[str] | None = None
+    ) -> list[tuple[str, str]]:
         """Apply those of `event_ids` still `received` (and not held by another run), oldest
-        first, each in a savepoint: the (type, status) of each one applied or failed."""
+        first, each in a savepoint: the (type, status) of each one applied or failed. With
+        `busy`, as `_apply_quickly`: an event whose purchase is held is left."""
         now = self._clock.now()
         statement = _AMONG_LOCKED if self._database.skip_locked else _AMONG
         # (SQLite: the transaction began with the write lock, so nobody else applies now.
@@ -461,7 +503,12 @@ class Inbox:
         for event in session.scalars(statement, {"event_ids": list(event_ids)}).all():
             if event.status != RECEIVED:
                 continue
-            order_id = self._apply_stored(session, event, now)
+            try:
+                order_id = self._apply_stored(session, event, now)
+            except KeysBusy:  # (its savepoint rolled back)
+                assert busy is not None
+                busy.append(event.id)
+                continue
             log.info(
                 "webhook_applied",
                 event_id=event.id,
@@ -495,7 +542,7 @@ class Inbox:
         try:
             with savepoint(session):
                 handled, order_id = self._apply(session, envelope, now)
-        except (OperationalError, DBInterfaceError):
+        except (OperationalError, DBInterfaceError, KeysBusy):
             raise
         except Exception as error:
             event.attempts += 1
@@ -643,6 +690,16 @@ class Inbox:
             ),
             now,
         )
+
+
+def _trying_purchases(session: Session, work: Callable[[Session], T], busy: list[str] | None) -> T:
+    """Run `work`; with `busy` (emptied first: this may be a transaction's second run after a
+    conflict), only trying each purchase's locks (`trying_locks`)."""
+    if busy is None:
+        return work(session)
+    busy.clear()
+    with trying_locks(session):
+        return work(session)
 
 
 class _ApplyFailed(Exception):
