@@ -9,7 +9,7 @@ import asyncio
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from support import backends
 from support.harness import (
@@ -120,6 +121,25 @@ def commits_of_one_apply_run(runtime: Runtime) -> int:
     finally:
         sa_event.remove(runtime.database.engine, "commit", listener)
     return len(commits)
+
+
+def apply_while_held(
+    holder: Session, processes: Sequence[Runtime], until: Callable[[], bool], what: str
+) -> None:
+    """Run the apply job in each of `processes` while `holder`'s open transaction holds a
+    purchase. Once `until()` is true a run must still be waiting on that purchase; then the
+    holder rolls back, and every run must end."""
+    pool = ThreadPoolExecutor(len(processes))
+    try:
+        runs = [pool.submit(process.jobs.run_here, APPLY_TASK) for process in processes]
+        wait_for(until, 30, what)
+        assert not all(run.done() for run in runs)  # one waits on the held purchase
+        holder.rollback()
+        for run in runs:
+            run.result(timeout=60)
+    finally:
+        holder.close()
+        pool.shutdown()
 
 
 def queued(runtime: Runtime) -> list[str]:
@@ -304,21 +324,14 @@ def test_a_purchase_held_elsewhere_holds_up_no_other_purchase(
     holder = runtime.database.sessions()
     holder.begin()
     lock_keys(holder, purchase_keys("pay_Group3", "mem_Group3", None, None))
-    pool = ThreadPoolExecutor(2)
     try:
-        runs = [pool.submit(process.jobs.run_here, APPLY_TASK) for process in (runtime, other)]
-        wait_for(
+        apply_while_held(
+            holder,
+            (runtime, other),
             lambda: waiting(runtime) == {held},
-            30,
             "every event but the held purchase's to be applied",
         )
-        assert not all(run.done() for run in runs)  # one waits on the held purchase
-        holder.rollback()
-        for run in runs:
-            run.result(timeout=60)
     finally:
-        holder.close()
-        pool.shutdown()
         other.close()
     assert set(event_rows(runtime).values()) == {("handled", 1)}
     assert order_count(runtime) == len(bodies)
@@ -341,20 +354,12 @@ def test_a_chunk_applied_again_for_a_failing_event_still_leaves_a_held_purchase(
     holder = runtime.database.sessions()
     holder.begin()
     lock_keys(holder, purchase_keys("pay_Group3", "mem_Group3", None, None))
-    pool = ThreadPoolExecutor(1)
-    try:
-        run = pool.submit(runtime.jobs.run_here, APPLY_TASK)
-        wait_for(
-            lambda: waiting(runtime) == {held},
-            30,
-            "every event but the held purchase's to be applied or failed",
-        )
-        assert not run.done()
-        holder.rollback()
-        run.result(timeout=60)
-    finally:
-        holder.close()
-        pool.shutdown()
+    apply_while_held(
+        holder,
+        [runtime],
+        lambda: waiting(runtime) == {held},
+        "every event but the held purchase's to be applied or failed",
+    )
     rows = event_rows(runtime)
     assert rows.pop("msg_broken") == ("failed", 1)
     assert set(rows.values()) == {("handled", 1)}
@@ -377,17 +382,12 @@ def test_a_purchase_held_the_previous_versions_way_is_waited_for(runtime: Runtim
     holder.add_all([Lock(key=key) for key in keys])  # its rows, inserted and not committed
     holder.flush()
     url = runtime.settings.DATABASE_URL
-    pool = ThreadPoolExecutor(1)
-    try:
-        run = pool.submit(runtime.jobs.run_here, APPLY_TASK)
-        wait_for(lambda: backends.lock_waiters(url) > 0, 30, "the apply to wait for the lock")
-        assert event_rows(runtime)[held] == ("received", 0)
-        assert not run.done()
-        holder.rollback()
-        run.result(timeout=60)
-    finally:
-        holder.close()
-        pool.shutdown()
+    apply_while_held(
+        holder,
+        [runtime],
+        lambda: backends.lock_waiters(url) > 0 and event_rows(runtime)[held] == ("received", 0),
+        "the apply to wait for the lock, the held purchase's event not applied",
+    )
     assert set(event_rows(runtime).values()) == {("handled", 1)}
     assert order_count(runtime) == len(bodies)
 
