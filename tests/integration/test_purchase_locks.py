@@ -25,11 +25,13 @@ from sqlalchemy.orm import Session
 
 from support.facts import membership_facts, payment_facts
 from support.harness import MESSAGE_PLAN, make_runtime, make_settings, wait_for
+from support.statements import recorded
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.locks import KeysBusy, Lock, lock_keys, trying_locks
 from whop_autocancel.orders.models import Order, OrderStatus
 from whop_autocancel.orders.service import new_order_id
 from whop_autocancel.runtime import Runtime
+from whop_autocancel.whop.payloads import ClaimFacts
 
 Apply = Callable[[Runtime, Session, datetime], object]
 
@@ -265,3 +267,38 @@ def test_trying_keys_another_transaction_holds_raises_at_once(runtime: Runtime) 
             lock_keys(session, [free, held])
 
     _apply_at_once(runtime, tried, lambda runtime, session, now: lock_keys(session, [held]))
+
+
+@pytest.mark.parametrize("event", ["payment", "activated", "refund"])
+def test_an_apply_that_finds_its_purchase_busy_has_written_nothing(
+    runtime: Runtime, event: str
+) -> None:
+    """PostgreSQL: an apply chunk goes on to its next event after `KeysBusy`, without rolling
+    back, so each purchase's apply takes its keys before anything else: when they are busy,
+    the lock statement is all it sent."""
+    with runtime.database.transaction() as session:
+        if not _postgresql(session):
+            pytest.skip("PostgreSQL only: MariaDB applies one event a transaction and waits")
+    payment_id, membership_id = f"pay_{uuid.uuid4().hex[:12]}", f"mem_{uuid.uuid4().hex[:12]}"
+    applies: dict[str, Apply] = {
+        "payment": _payment(membership_id, payment_id=payment_id),
+        "activated": _activated(membership_id),
+        "refund": lambda runtime, session, now: runtime.orders.apply_claim(
+            session, ClaimFacts("refund", "rf_Busy", payment_id, "succeeded", "25.00", None), now
+        ),
+    }
+    holder = runtime.database.sessions()
+    holder.begin()
+    lock_keys(holder, [f"payment:{payment_id}", f"membership:{membership_id}"])
+    try:
+        with (
+            runtime.database.transaction() as session,
+            trying_locks(session),
+            recorded(runtime.database.engine) as sent,
+            pytest.raises(KeysBusy),
+        ):
+            applies[event](runtime, session, runtime.clock.now())
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [statement.split("(")[0].split() for statement, _ in sent] == [["WITH", "got", "AS"]]

@@ -62,7 +62,10 @@ class Lock(Base):
 
 class KeysBusy(Exception):
     """`lock_keys` in a transaction that only tries (`trying_locks`): another transaction holds
-    one of the keys. Nothing was written; the keys it did get stay held until the end."""
+    one of the keys. It wrote nothing; the keys it did get stay held until the end. The
+    transaction goes on without that work (an apply chunk, without rolling back, to the next
+    event), so work that may be tried takes its keys before it writes anything (the
+    purchase's apply methods in `orders.service` do so first)."""
 
 
 _TRYING = "lock_keys.trying"  # (the session's `info`: this transaction only tries)
