@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert, select
+from sqlalchemy import insert, inspect, select
 
 from support.facts import email_row
 from whop_autocancel.db.engine import Database
@@ -79,6 +79,33 @@ def test_emails_done_lose_their_next_attempt_and_get_it_back_on_downgrade(
             command.downgrade(config, "0010")
         assert next_attempts() == {"waiting": at, "sent": sent, "failed": failed}
         upgrade(database)  # the shared test databases stay at head
+    finally:
+        database.dispose()
+
+
+def test_the_oldest_waiting_index_built_by_hand_first_is_kept(database_url: str) -> None:
+    """0014: on a big PostgreSQL table the merchant may build the index first, without holding
+    writes (`CREATE INDEX CONCURRENTLY`, as the migration's text says); the upgrade then keeps
+    it instead of failing on it, and drops the index on `status` alone."""
+    database = Database(database_url)
+    try:
+        upgrade(database)
+        config = alembic_config(database)
+        with database.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0013")
+        with database.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE INDEX ix_webhook_events_status_received_at "
+                "ON webhook_events (status, received_at, id)"
+            )
+        upgrade(database)
+        with database.engine.connect() as connection:
+            names = {index["name"] for index in inspect(connection).get_indexes("webhook_events")}
+            differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert "ix_webhook_events_status_received_at" in names
+        assert "ix_webhook_events_status" not in names
+        assert differences == []
     finally:
         database.dispose()
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,13 @@ from whop_autocancel.admin.stock import import_stock
 from whop_autocancel.cancellation.models import Cancellation, CancellationStatus
 from whop_autocancel.clock import FrozenClock
 from whop_autocancel.db.base import Base
+from whop_autocancel.db.engine import Database
 from whop_autocancel.delivery.stock import items_for
 from whop_autocancel.orders.models import Order
 from whop_autocancel.orders.service import close_unpaid_orders, new_order_id
+from whop_autocancel.schema.migrate import upgrade
 from whop_autocancel.simulator import SimulatorServer
+from whop_autocancel.webhooks.inbox import Arrival, oldest_received_events, store_arrivals
 
 # Columns that hold one of a handful of values (a status, a kind, a plan, a stock pool): an
 # index on them finds a backlog, not a row.
@@ -143,7 +147,11 @@ def cancellation_ids(shop: Shop) -> list[int]:
 def test_no_statement_of_a_purchase_walks_a_status_index_past_its_key(shop: Shop) -> None:
     engine = shop.runtime.database.engine
     indexes = low_cardinality_indexes()
-    assert {"ix_emails_kind", "ix_cancellations_status", "ix_webhook_events_status"} <= set(indexes)
+    assert {
+        "ix_emails_kind",
+        "ix_cancellations_status",
+        "ix_webhook_events_status_received_at",
+    } <= set(indexes)
     create_last(engine, indexes)
     import_stock(shop.runtime, STOCK_POOL, items_for([f"user{n}:pass{n}" for n in range(3)]))
     shop.smtp_up()
@@ -478,3 +486,60 @@ def test_no_statement_of_a_purchase_reads_the_backlog_on_postgresql_without_stat
             if reason is not None:
                 wrong.append(f"{kind}: {reason}\n    …{_from_on(statement)[:300]}")
     assert wrong == [], "\n".join(wrong)
+
+
+WAITING = 3000  # webhooks stored and not applied yet, as a flash sale leaves them
+APPLY_READ = 200  # the oldest an apply run reads at once (APPLY_BATCH)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_an_apply_run_reads_the_oldest_waiting_events_without_sorting_them_all(
+    kind: str, tmp_path: Path, clock: FrozenClock
+) -> None:
+    """While applying catches up with a flash sale thousands of webhooks wait (`received`),
+    and each apply run reads the oldest few hundred of them, in order. It must read them in
+    an index's order and stop at the last it takes, not sort every waiting event: no
+    temporary B-tree (SQLite), no Sort node without statistics or with them (PostgreSQL), no
+    filesort (MariaDB)."""
+    url = f"sqlite:///{tmp_path / 'oldest.db'}"
+    if kind != "sqlite":
+        url = backends.create_database(kind, "_oldest")
+    database = Database(url)
+    try:
+        if kind == "sqlite":
+            upgrade(database)
+        start = clock.now()
+        arrivals = [
+            Arrival(f"msg_{n:05d}", "payment.succeeded", "{}", start + timedelta(seconds=n), None)
+            for n in range(WAITING)
+        ]
+        database.run(lambda session: store_arrivals(session, arrivals))
+        for statistics in (False, True) if kind == "postgresql" else (False,):
+            if statistics:
+                with database.engine.begin() as connection:
+                    connection.exec_driver_sql("ANALYZE webhook_events")
+            with recorded(database.engine) as sent:
+                oldest = database.read(partial(oldest_received_events, limit=APPLY_READ))
+            assert oldest == [arrival.event_id for arrival in arrivals[:APPLY_READ]]
+            [(statement, parameters)] = sent
+            assert not sorts(database.engine, statement, parameters), statement
+    finally:
+        database.dispose()
+        if kind != "sqlite":
+            backends.drop_database(kind, url)
+
+
+def sorts(engine: Engine, statement: str, parameters: Any) -> list[str]:
+    """The steps of `statement`'s plan that sort rows."""
+    if engine.dialect.name == "sqlite":
+        return [step for step in sqlite_plan(engine, statement, parameters) if "B-TREE" in step]
+    if engine.dialect.name == "postgresql":
+        return [
+            node["Node Type"]
+            for plan in postgresql_plans(engine, statement, parameters)
+            for node in nodes(plan)
+            if "Sort" in node["Node Type"]
+        ]
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters).mappings().all()
+    return [str(row["Extra"]) for row in rows if "filesort" in str(row["Extra"] or "")]
