@@ -29,6 +29,14 @@ from whop_autocancel.schema.migrate import (
 )
 
 
+def downgrade(database: Database, revision: str) -> None:
+    """Take the schema of `database` down to `revision` (alembic's downgrade)."""
+    config = alembic_config(database)
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
 def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
     database = Database(database_url)
     try:
@@ -36,10 +44,7 @@ def test_migrations_match_the_models_and_downgrade(database_url: str) -> None:
         with database.engine.connect() as connection:
             differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
         assert differences == []
-        config = alembic_config(database)
-        with database.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0003")
+        downgrade(database, "0003")
         assert current_revision(database) == "0003"
         upgrade(database)  # and back: the shared test databases stay at head
         assert current_revision(database) == HEAD_REVISION
@@ -57,10 +62,7 @@ def test_emails_done_lose_their_next_attempt_and_get_it_back_on_downgrade(
     sent, failed = at + timedelta(seconds=5), at + timedelta(seconds=9)
     try:
         upgrade(database)
-        config = alembic_config(database)
-        with database.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0010")
+        downgrade(database, "0010")
         emails = Email.__table__
         rows = {"waiting": {}, "sent": {"sent_at": sent}, "failed": {"failed_at": failed}}
         with database.engine.begin() as connection:
@@ -74,9 +76,7 @@ def test_emails_done_lose_their_next_attempt_and_get_it_back_on_downgrade(
 
         upgrade(database)
         assert next_attempts() == {"waiting": at, "sent": None, "failed": None}
-        with database.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0010")
+        downgrade(database, "0010")
         assert next_attempts() == {"waiting": at, "sent": sent, "failed": failed}
         upgrade(database)  # the shared test databases stay at head
     finally:
@@ -90,10 +90,7 @@ def test_the_oldest_waiting_index_built_by_hand_first_is_kept(database_url: str)
     database = Database(database_url)
     try:
         upgrade(database)
-        config = alembic_config(database)
-        with database.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "0013")
+        downgrade(database, "0013")
         with database.engine.begin() as connection:
             connection.exec_driver_sql(
                 "CREATE INDEX ix_webhook_events_status_received_at "
