@@ -109,10 +109,10 @@ def _advisory_key(key: str) -> int:
 
 @cache
 def _postgresql_sql(dialect: Dialect, count: int, trying: bool) -> str:
-    """`_postgresql_statement` compiled for `dialect`, once: the statement is sent as it is
-    (`exec_driver_sql`), without SQLAlchemy keying it for its cache of compiled statements at
-    every run, which for this one costs four times what the database round trip does in
-    Python (about 1,000 function calls against 180: every apply sends it)."""
+    """`_postgresql_statement` compiled for `dialect`, once, and sent as it is
+    (`exec_driver_sql`): through SQLAlchemy's execute (its cache of compiled statements, the
+    parameters, the result) this statement cost about 1,000 Python function calls a run, sent
+    as it is 197, and every event applied sends it."""
     return str(_postgresql_statement(count, trying).compile(dialect=dialect))
 
 
