@@ -91,9 +91,11 @@ def lock_keys(session: Session, keys: Iterable[str | None]) -> None:
     if not ordered:
         return
     values: dict[str, Any] = {f"key{n}": key for n, key in enumerate(ordered)}
-    if dialect != "postgresql":
-        session.execute(_lock_statement(dialect, len(ordered)), values)
+    if dialect in ("mysql", "mariadb"):
+        session.execute(_mariadb_statement(len(ordered)), values)
         return
+    if dialect != "postgresql":
+        raise ValueError(f"no row locks for the {dialect} dialect")
     values.update({f"hash{n}": _advisory_key(key) for n, key in enumerate(ordered)})
     connection = session.connection()
     sql = _postgresql_sql(connection.dialect, len(ordered), bool(session.info.get(_TRYING)))
@@ -118,7 +120,8 @@ def _postgresql_sql(dialect: Dialect, count: int, trying: bool) -> str:
 
 def _postgresql_statement(count: int, trying: bool) -> Select[tuple[bool]]:
     """Take (or try) the advisory locks of `count` keys (hash0, …, in the keys' order) and,
-    only when all were got, the keys' row locks (key0, …) as `_lock_statement` does; one
+    only when all were got, the keys' row locks (key0, …): an insert that locks a row that
+    exists (`ON CONFLICT DO UPDATE … WHERE false` locks it and writes nothing); one
     row: whether they were got. One statement: `WITH got AS (SELECT …locks… AS ok), locked AS
     (INSERT INTO locks … WHERE got.ok ON CONFLICT …) SELECT ok FROM got` (a data-modifying
     CTE runs whether or not it is read; `got` is computed once)."""
@@ -143,17 +146,9 @@ def _postgresql_statement(count: int, trying: bool) -> Select[tuple[bool]]:
 
 
 @cache
-def _lock_statement(dialect: str, count: int) -> Any:
-    """The statement that locks `count` keys (bound as key0, key1, …), built once per count."""
+def _mariadb_statement(count: int) -> Any:
+    """The row locks of `count` keys (bound as key0, key1, …) on MariaDB, built once per count:
+    `INSERT … ON DUPLICATE KEY UPDATE`, which locks a row that exists."""
     rows: list[dict[str, Any]] = [{"key": bindparam(f"key{n}")} for n in range(count)]
-    table = cast(Table, Lock.__table__)
-    if dialect == "postgresql":
-        insert = postgresql.insert(table).values(rows)
-        # Every conflicting row is locked, even the ones the WHERE does not update (all).
-        return insert.on_conflict_do_update(
-            index_elements=[table.c.key], set_={"key": insert.excluded.key}, where=false()
-        )
-    if dialect in ("mysql", "mariadb"):
-        insert_ = mysql.insert(table).values(rows)
-        return insert_.on_duplicate_key_update(key=insert_.inserted.key)
-    raise ValueError(f"no row locks for the {dialect} dialect")
+    insert = mysql.insert(cast(Table, Lock.__table__)).values(rows)
+    return insert.on_duplicate_key_update(key=insert.inserted.key)

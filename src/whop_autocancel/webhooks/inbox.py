@@ -409,28 +409,22 @@ class Inbox:
         (`_ROWS_NEXT_CLAIMED`), and puts its id in `claimed`. With `busy`, it only tries each
         event's purchase (`trying_locks`) and puts the ids of those it left, their purchase
         held by another transaction, in `busy`."""
-        try:
+
+        def attempt(work: Callable[[Session], list[tuple[str, str]]]) -> list[tuple[str, str]]:
             return self._database.run(
-                partial(
-                    _trying_purchases,
-                    work=partial(self._apply_quickly, event_ids=chunk, claimed=claimed, busy=busy),
-                    busy=busy,
-                ),
-                durable=False,
+                partial(_trying_purchases, work=work, busy=busy), durable=False
+            )
+
+        try:
+            return attempt(
+                partial(self._apply_quickly, event_ids=chunk, claimed=claimed, busy=busy)
             )
         except _ApplyFailed as failed:
             log.info("webhook_chunk_applied_again", events=len(chunk), error=str(failed))
             if claimed is not None:  # that one event alone, recorded `failed`
                 chunk = [failed.event_id]
                 claimed[:] = chunk
-            return self._database.run(
-                partial(
-                    _trying_purchases,
-                    work=partial(self._apply_chunk, event_ids=chunk, busy=busy),
-                    busy=busy,
-                ),
-                durable=False,
-            )
+            return attempt(partial(self._apply_chunk, event_ids=chunk, busy=busy))
 
     def _apply_quickly(
         self,
