@@ -3,8 +3,9 @@ worker processes) make one order, on PostgreSQL and MariaDB: the second waits fo
 lock on the purchase's keys (`lock_keys`), then finds the order it made.
 
 Deterministic, no sleeps: the first transaction applies its event and stays open; the second
-starts and the test waits until the database shows it waiting on a lock (pg_locks; MariaDB's
-process list), and only then lets the first commit. Without the lock the second would not wait:
+starts and the test waits until the database shows it waiting on a lock
+(`backends.lock_waiters`: PostgreSQL's pg_stat_activity, MariaDB's process list), and only
+then lets the first commit. Without the lock the second would not wait:
 it would make an order of its own for the same membership, and the test would fail.
 
 SQLite is not run: its write transactions already go one at a time (BEGIN IMMEDIATE), so the
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from support import backends
 from support.facts import membership_facts, payment_facts
 from support.harness import MESSAGE_PLAN, make_runtime, make_settings, wait_for
 from support.statements import recorded
@@ -52,27 +54,6 @@ def _connection_id(session: Session) -> int:
 
 def _postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-def _waits_on_a_lock(engine: Engine, connection_id: int) -> Callable[[], bool]:
-    """Whether that connection's transaction waits on a lock now (read on a connection of its
-    own, outside both transactions). PostgreSQL: a lock of its not granted (pg_locks).
-    MariaDB: a statement of it on `locks` running for 100 ms or more, which only a lock wait
-    makes it do. (InnoDB's own view of lock waits, INNODB_TRX, is a cache that is not
-    refreshed while anyone reads it more often than every 100 ms: the parallel tests do.)"""
-    if engine.dialect.name == "postgresql":
-        query = "SELECT count(*) FROM pg_locks WHERE pid = :id AND NOT granted"
-    else:
-        query = (
-            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE id = :id "
-            "AND command = 'Query' AND info LIKE '%locks%' AND time_ms >= 100"
-        )
-
-    def waiting() -> bool:
-        with engine.connect() as connection:
-            return bool(connection.execute(text(query), {"id": connection_id}).scalar_one())
-
-    return waiting
 
 
 def _apply_at_once(runtime: Runtime, first: Apply, second: Apply) -> None:
@@ -111,15 +92,13 @@ def _apply_at_once(runtime: Runtime, first: Apply, second: Apply) -> None:
         two = threading.Thread(target=run_second)
         two.start()
         wait_for(lambda: bool(second_connection), 30, "the second transaction's connection")
-        observer = create_engine(database.url)
         try:
             wait_for(
-                _waits_on_a_lock(observer, second_connection[0]),
+                lambda: backends.lock_waiters(database.url, second_connection[0]) > 0,
                 30,
                 "the second event to wait for the first's lock on the purchase",
             )
         finally:
-            observer.dispose()
             release.set()
             two.join(timeout=60)
     finally:

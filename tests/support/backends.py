@@ -108,12 +108,13 @@ def drop_connections(url: str) -> int:
         admin.dispose()
 
 
-def lock_waiters(url: str) -> int:
-    """How many connections to the PostgreSQL or MariaDB database of `url` wait on a lock now
-    (read on a connection of its own). PostgreSQL: a wait of the `Lock` kind
-    (pg_stat_activity). MariaDB: a statement on `locks` running for 100 ms or more, which only a
-    lock wait makes it do (InnoDB's own view of lock waits is a cache that parallel readers keep
-    from being refreshed)."""
+def lock_waiters(url: str, connection_id: int | None = None) -> int:
+    """How many connections to the PostgreSQL or MariaDB database of `url` (or only the one
+    with that server id: `pg_backend_pid()`, `CONNECTION_ID()`) wait on a lock now, read on a
+    connection of its own. PostgreSQL: a wait of the `Lock` kind (pg_stat_activity). MariaDB:
+    a statement on `locks` running for 100 ms or more, which only a lock wait makes it do
+    (InnoDB's own view of lock waits, INNODB_TRX, is a cache that is not refreshed while
+    anyone reads it more often than every 100 ms: the parallel tests do)."""
     parsed = make_url(url)
     kind = "postgresql" if parsed.get_backend_name() == "postgresql" else "mariadb"
     if kind == "postgresql":
@@ -121,15 +122,20 @@ def lock_waiters(url: str) -> int:
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE datname = :name AND wait_event_type = 'Lock'"
         )
+        one = " AND pid = :id"
     else:
         query = (
             "SELECT count(*) FROM information_schema.PROCESSLIST WHERE db = :name "
             "AND command = 'Query' AND info LIKE '%locks%' AND time_ms >= 100"
         )
+        one = " AND id = :id"
+    if connection_id is not None:
+        query += one
     admin = create_engine(make_url(require(kind)), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            return int(connection.execute(text(query), {"name": parsed.database}).scalar_one())
+            found = connection.execute(text(query), {"name": parsed.database, "id": connection_id})
+            return int(found.scalar_one())
     finally:
         admin.dispose()
 
