@@ -18,7 +18,7 @@ from whop_autocancel.db import buckets
 from whop_autocancel.db.engine import Database
 from whop_autocancel.schema.migrate import upgrade
 from whop_autocancel.whop.client import WhopReply
-from whop_autocancel.whop.pacing import BUCKET, WhopPacer
+from whop_autocancel.whop.pacing import BUCKET, FRESH_STOP, WhopPacer
 
 T0 = 1_800_000_000.0  # the wall clock the test gives the bucket (seconds since the epoch)
 US = buckets.MICROS
@@ -223,8 +223,10 @@ def test_a_stop_whop_asks_for_while_a_call_waits_for_its_turn_is_waited_out_too(
     second = make_pacer(second_db, wall, clock, rate=10, burst=1)
     assert first.turn() == 0.0
     assert second.turn() == pytest.approx(0.1)  # its slot is a tenth of a second away
+    wall.now += 0.1  # (its wait)
     assert second.stopped_for() == 0.0  # nothing happened meanwhile: it goes after its wait
     first.observe(WhopReply(status=429, retry_after=2.0))  # while it waits
+    wall.now += FRESH_STOP * 2  # (what `second` read is older than FRESH_STOP: it reads again)
     assert second.stopped_for() == pytest.approx(2.0)
     clock.advance(2.5)
     assert second.stopped_for() == 0.0
@@ -451,6 +453,65 @@ def test_a_kept_turn_that_has_passed_by_more_than_one_interval_is_dropped(
     # The caller whose turn was dropped drew the next one, at T0 + 0.05.
     assert waits == pytest.approx([0.0, 0.005, 0.015])
     assert len(commits) == 2
+
+
+def test_a_kept_turn_is_taken_without_a_transaction_by_a_caller_that_cannot_wait_for_a_draw(
+    databases: tuple[Database, Database], database_url: str
+) -> None:
+    """`kept_turn` is `turn` for a caller that must not block (the asynchronous client asks it
+    on its event loop): a turn kept from the last chunk, taken with no transaction, or None
+    when none is kept (the caller then asks `turn` in a thread). The callers it was kept for
+    draw again, as when a new caller takes a kept turn before they wake."""
+    database, _ = databases
+    wall, clock = StallingWall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    pacer = make_pacer(database, wall, clock, rate=100, burst=1)
+    assert pacer.kept_turn() is None  # nothing drawn yet
+    assert pacer.turn() == 0.0
+    try:
+        with counting_commits(database) as commits:
+            kept = three_kept_and_stalled(pacer, wall, database_url)  # T0 + 0.02, 0.03, 0.04
+            assert len(commits) == 1
+            assert pacer.kept_turn() == pytest.approx(0.02)
+            assert len(commits) == 1
+            assert pacer.callers_waiting() == 3  # (the stalled ones: it was none of them)
+            wall.release()
+            waits = kept.join()
+    finally:
+        wall.release()
+    # Two took the turns left (T0 + 0.03, 0.04), the third drew the next one (T0 + 0.05).
+    assert waits == pytest.approx([0.03, 0.04, 0.05])
+    assert len(commits) == 2
+    assert pacer.kept_turn() is None
+
+
+def test_a_call_goes_on_the_stop_its_process_read_within_fresh_stop_without_reading_it_again(
+    databases: tuple[Database, Database],
+) -> None:
+    """After its wait a call asks whether Whop said stop meanwhile (`stopped_for`). What its
+    process read from the database (with a chunk, or a look before) at most FRESH_STOP ago is
+    the answer, with no transaction (`known_stop`, asked on the asynchronous client's event
+    loop; None when older); a stop another process set since is read once that is older, and
+    a stop met in this process is known at once."""
+    first_db, second_db = databases
+    wall, clock = Wall(), FrozenClock(datetime(2026, 12, 5, tzinfo=UTC))
+    first = make_pacer(first_db, wall, clock, rate=10, burst=1)
+    second = make_pacer(second_db, wall, clock, rate=10, burst=1)
+    assert second.known_stop() is None  # nothing read yet
+    assert second.turn() == 0.0  # (its chunk read the stop: none)
+    first.observe(WhopReply(status=429, retry_after=2.0))  # another process is told to stop
+    with counting_commits(second_db) as commits:
+        wall.now += FRESH_STOP / 2
+        assert second.known_stop() == 0.0
+        assert second.stopped_for() == 0.0  # it goes: what it read is fresh enough
+        assert len(commits) == 0
+        wall.now += FRESH_STOP
+        assert second.known_stop() is None
+        assert second.stopped_for() == pytest.approx(2.0)  # read again: the stop is seen
+        assert len(commits) == 1
+        assert second.known_stop() == pytest.approx(2.0)  # (fresh again)
+        clock.advance(1)
+        second.observe(WhopReply(status=429, retry_after=5.0))  # met here: known at once
+        assert second.known_stop() == pytest.approx(5.0)
 
 
 def test_turns_handed_out_from_a_chunk_wait_out_the_stop_read_with_it(

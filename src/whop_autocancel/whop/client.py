@@ -224,9 +224,18 @@ class Pacer(Protocol):
         """Draw one request; the seconds to wait before sending it."""
         ...
 
+    def kept_turn(self) -> float | None:
+        """`turn(True)` when it needs neither the database nor a wait (a turn this process
+        kept): its seconds to wait; None otherwise (ask `turn`)."""
+        ...
+
     def stopped_for(self) -> float:
         """After a call's wait for its turn: the seconds of a stop Whop asked for meanwhile
         that it waits out too (0: it goes)."""
+        ...
+
+    def known_stop(self) -> float | None:
+        """`stopped_for()` when it needs no read of the database; None otherwise."""
         ...
 
     def observe(self, reply: WhopReply) -> None:
@@ -391,11 +400,18 @@ class AsyncWhopClient(_Sender):
 
     async def send(self, request: WhopRequest) -> WhopReply:
         if self.pacer is not None:
-            loop = asyncio.get_running_loop()
-            delay = await loop.run_in_executor(None, self.pacer.turn, request.wait)
+            # What needs the database goes to a thread; a kept turn, or a stop read a moment
+            # ago, is answered here on the loop (most calls, under load: no thread hop).
+            pacer, loop = self.pacer, asyncio.get_running_loop()
+            delay = pacer.kept_turn() if request.wait else None
+            if delay is None:
+                delay = await loop.run_in_executor(None, pacer.turn, request.wait)
             while delay > 0:  # (then looks again: a 429 may have come meanwhile)
                 await asyncio.sleep(delay)
-                delay = await loop.run_in_executor(None, self.pacer.stopped_for)
+                known = pacer.known_stop()
+                delay = (
+                    await loop.run_in_executor(None, pacer.stopped_for) if known is None else known
+                )
         started = time.monotonic()
         options = dict(request.options)  # (a "timeout" there: aiohttp bounds the whole call)
         session = self._http()

@@ -15,7 +15,12 @@ Two tools, one owner:
   back over the next minutes, so a limit lower than configured (another app on the same key)
   is learned, not hit again and again. A call that has its turn waits out a short stop this
   process knows of: the one read with its chunk or set here; and, once its wait is over, one
-  another process set meanwhile (`stopped_for`).
+  another process set meanwhile (`stopped_for`: read again unless this process read it at most
+  FRESH_STOP ago).
+
+Neither a kept turn nor a stop read that recently needs the database: `kept_turn` and
+`known_stop` answer them without a transaction or a wait, so the asynchronous client asks them
+on its event loop and hands a thread only what does need the database (a draw, a read).
 
 The bucket reads the wall clock (it is shared across machines); the "not before" time reads the
 service's clock, like every other due time.
@@ -48,8 +53,18 @@ SLOW_DOWN = 0.8  # a 429 costs a fifth of the rate in force; +1 %/s of the limit
 MAX_HOLD = 10.0  # the longest "not before" a call already claimed waits out before it goes
 DEFAULT_RETRY_AFTER = 60.0  # a 429 that does not say how long (Whop's documented cooldown)
 CHUNK_SECONDS = 0.05  # a chunk of turns is at most this much of the configured rate
+# A "not before" time this process read at most this long ago is what a call that waited for
+# its turn goes on, without reading it again: a stop another process met in the last moment
+# is seen by the next read (a call it misses meets Whop's 429, which costs no attempt).
+FRESH_STOP = CHUNK_SECONDS
 # What a caller waiting for its turn does next, besides taking a kept turn (`WhopPacer._next`).
 DRAW, WAIT, UNPACED = "draw", "wait", "unpaced"
+
+
+def _held(blocked: float) -> float:
+    """How long a call whose turn has come waits for a stop `blocked` seconds long: all of it,
+    up to MAX_HOLD; a longer one not at all (it meets the 429; its row reschedules past it)."""
+    return max(0.0, blocked) if blocked <= MAX_HOLD else 0.0
 
 
 class KeptSlots:
@@ -110,6 +125,7 @@ class WhopPacer:
         self._drawing_since = 0  # the kept turns' epoch when that draw began
         self._failed_draws = 0
         self._stop: datetime | None = None  # the latest "not before" read or set here
+        self._stop_read_us: int | None = None  # (wall) when it was last read from the database
 
     def callers_waiting(self) -> int:
         """Callers of this process waiting for their turn now (the one drawing included)."""
@@ -136,6 +152,15 @@ class WhopPacer:
             return self._delay(found, now_us)
         return self._draw() if found == DRAW else 0.0
 
+    def kept_turn(self) -> float | None:
+        """`turn()` when a turn kept from this process's last chunk is there to take: the
+        seconds to wait, with no transaction and no wait for another caller's draw (the
+        asynchronous client asks it on its event loop). None when none is kept: ask `turn`."""
+        now_us = self._now_us()
+        with self._changed:
+            slot = self._kept.take(now_us)
+        return None if slot is None else self._delay(slot, now_us)
+
     def _next(self, now_us: int, failed: int) -> int | str:
         """Under the lock, for a caller counted in `_waiting`: a kept turn (it is counted out),
         UNPACED (a draw it waited for found no database: it goes unpaced too, instead of
@@ -159,15 +184,15 @@ class WhopPacer:
         """Reserve a chunk: this caller's turn and one for each caller waiting meanwhile (up to
         `_chunk`), counted once the bucket's row is locked; keep the others' turns."""
 
-        def draw(session: Session) -> tuple[list[int], datetime | None]:
+        def draw(session: Session) -> tuple[list[int], datetime | None, int]:
             row = buckets.locked(session, BUCKET, self.limit, self._now_us())
             now_us = self._now_us()  # once the row is ours: a wait for it is not a turn missed
             with self._changed:
                 count = min(self._chunk, self._waiting)
             slots = buckets.take(row, self.limit, now_us, count)
-            return slots, leases.read_until(session, NOT_BEFORE_KEY)
+            return slots, leases.read_until(session, NOT_BEFORE_KEY), now_us
 
-        drawn: tuple[list[int], datetime | None] | None = None
+        drawn: tuple[list[int], datetime | None, int] | None = None
         unreachable = False
         try:
             # Not flushed to disk: lost to a power cut, the budget is spent again (Whop's 429
@@ -184,7 +209,7 @@ class WhopPacer:
                 if unreachable:
                     self._failed_draws += 1
                 if drawn is not None:
-                    self._learn(drawn[1])
+                    self._learn(drawn[1], read_us=drawn[2])
                     self._kept.keep(drawn[0][1:], self._drawing_since)
                 self._changed.notify_all()
         self._warned.clear()
@@ -213,7 +238,7 @@ class WhopPacer:
             return 0.0
         self._warned.clear()
         with self._changed:
-            self._learn(not_before)
+            self._learn(not_before, read_us=now_us)
         metrics.observe_whop_pacing(0.0)
         return 0.0
 
@@ -230,10 +255,13 @@ class WhopPacer:
         metrics.observe_whop_pacing(delay)
         return delay
 
-    def _learn(self, not_before: datetime | None) -> None:
-        """Remember the latest "not before" seen (it only ever moves forward). Under the lock."""
+    def _learn(self, not_before: datetime | None, *, read_us: int | None = None) -> None:
+        """Remember the latest "not before" seen (it only ever moves forward); `read_us`: it
+        was read from the database, at that wall time or later. Under the lock."""
         if not_before is not None and (self._stop is None or not_before > self._stop):
             self._stop = not_before
+        if read_us is not None and (self._stop_read_us is None or read_us > self._stop_read_us):
+            self._stop_read_us = read_us
 
     def _now_us(self) -> int:
         return int(self._wall() * buckets.MICROS)
@@ -242,12 +270,28 @@ class WhopPacer:
         """After a call waited for its turn: the seconds of a stop Whop asked for meanwhile (a
         429 answered to another call) that it waits out too, before it goes. 0: it goes now,
         also when the stop is longer than MAX_HOLD (it meets the 429; its row reschedules) or
-        the database cannot be read (Whop's 429 still holds)."""
+        the database cannot be read (Whop's 429 still holds). Read from the database unless
+        this process read it at most FRESH_STOP ago (`known_stop`)."""
+        known = self.known_stop()
+        if known is not None:
+            return known
         try:
             blocked = self.waiting_for()
         except SQLAlchemyError:
             return 0.0
-        return blocked if blocked <= MAX_HOLD else 0.0
+        return _held(blocked)
+
+    def known_stop(self) -> float | None:
+        """`stopped_for()` from what this process knows, when it read the "not before" time
+        from the database at most FRESH_STOP ago (with a chunk, or a look before): no
+        transaction (the asynchronous client asks it on its event loop). None when that read
+        is older, or there was none: ask `stopped_for`."""
+        now_us = self._now_us()
+        with self._changed:
+            read_us, stop = self._stop_read_us, self._stop
+        if read_us is None or now_us - read_us > FRESH_STOP * buckets.MICROS:
+            return None
+        return _held((stop - self._clock.now()).total_seconds() if stop else 0.0)
 
     def observe(self, reply: WhopReply) -> None:
         """A 429 stops everyone until its `Retry-After` and slows the bucket; a
@@ -260,9 +304,10 @@ class WhopPacer:
 
     def not_before(self) -> datetime | None:
         """Until when Whop asked everyone to wait (None, or a past time: go)."""
+        now_us = self._now_us()  # (before the read: what it reads is at least this fresh)
         until = self._database.read(lambda session: leases.read_until(session, NOT_BEFORE_KEY))
         with self._changed:
-            self._learn(until)
+            self._learn(until, read_us=now_us)
         return until
 
     def waiting_for(self) -> float:
