@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import parties
 import report
+import sampling
 import service_records
 from parties import Child, Simulator, is_cancel, seconds, steady_rate
 
@@ -145,6 +146,10 @@ class Run:
     counts: dict[str, Any] = field(default_factory=dict)
     rss_mb: dict[str, float | None] = field(default_factory=dict)  # peak (VmHWM), per process
     cpu_seconds: dict[str, float | None] = field(default_factory=dict)  # per process, the run
+    # The same by thread, each service process's threads grouped by their Python name (pool
+    # numbers dropped: `Worker`, `cancel-db`): {process: {thread: CPU seconds}}; empty where
+    # py-spy could not name them.
+    thread_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     # What the stuck-work sweep put on the job queue again (work queued longer than
     # STUCK_GRACE), summed over its log lines in every service process.
     requeued: dict[str, int] = field(default_factory=dict)
@@ -371,6 +376,7 @@ def run_sale(
         others = {**deployment.helpers, "simulator": sim.child}
         pids = service | {name: child.pid for name, child in others.items()}
         cpu_before = {name: parties.cpu_seconds(pid) for name, pid in pids.items()}
+        threads_before = {name: parties.thread_cpu(pid) for name, pid in service.items()}
         say(f"{deployment_name}: {settings.purchases} purchases in {settings.seconds:g} s")
         with cpu_sampler(service, result.cpu_samples):
             made = parties.purchase_at_rate(
@@ -379,7 +385,13 @@ def run_sale(
             started = made[0].asked_at
             result.made_per_second = steady_rate([purchase.answered_at for purchase in made])
             result.last_purchase_at = max(purchase.answered_at for purchase in made)
+            # (Named once the sale has started every thread: pools start theirs when used.)
+            names = {name: sampling.thread_names(pid) for name, pid in service.items()}
             result.ended = _wait(deployment, settings, result, started)
+        for name, pid in service.items():
+            result.thread_cpu[name] = _by_thread(
+                threads_before[name], parties.thread_cpu(pid), names[name]
+            )
         for name, pid in service.items():
             result.rss_mb[name] = parties.peak_rss_mb(pid)
         for name, pid in pids.items():
@@ -397,6 +409,21 @@ def run_sale(
     _from_simulator(result, made, calls, webhooks, started)
     _classify(result, made, calls, open_work, known, webhooks["pending"])
     return result
+
+
+def _by_thread(
+    before: dict[int, float], after: dict[int, float], names: dict[int, str]
+) -> dict[str, float]:
+    """CPU seconds each named group of threads used between two readings (a thread started
+    meanwhile from 0; one that ended meanwhile is not counted), largest first. Empty when no
+    thread has a name (py-spy missing, or not allowed to read the process)."""
+    if not names:
+        return {}
+    used: dict[str, float] = {}
+    for tid, seconds_now in after.items():
+        group = names.get(tid, "unnamed")
+        used[group] = used.get(group, 0.0) + seconds_now - before.get(tid, 0.0)
+    return dict(sorted(used.items(), key=lambda item: -item[1]))
 
 
 def _classify(
@@ -640,8 +667,25 @@ def _run_note(run: Run) -> str:
         "webhooks not applied yet, up to 500 a sweep, handed to one apply job). CPU s during "
         "the run: "
         f"{cpu}. Cores the service used: {_number(during, 2)} while the purchases came in, "
-        f"{_number(after, 2)} after them (to the last cancel)."
+        f"{_number(after, 2)} after them (to the last cancel).{_threads_note(run)}"
     )
+
+
+def _threads_note(run: Run) -> str:
+    """The service's CPU a purchase by thread, for each process whose threads were named."""
+    parts = [
+        f"{process}: "
+        + ", ".join(
+            f"{group} {seconds * 1000 / run.purchases:.2f}"
+            for group, seconds in groups.items()
+            if seconds * 1000 / run.purchases >= 0.01
+        )
+        for process, groups in run.thread_cpu.items()
+        if groups and run.purchases
+    ]
+    if not parts:
+        return ""
+    return " Service CPU ms a purchase by thread (Python's thread names): " + "; ".join(parts) + "."
 
 
 NOTES = [

@@ -96,6 +96,23 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU time of each thread of a process so far, by its native id; empty once
+    the process is gone (a thread gone meanwhile is left out)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    used: dict[int, float] = {}
+    for task in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        used[int(task)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
 def environment() -> dict[str, str]:
     """This process's environment without the simulator's own settings, and with this
     checkout's code first on the child's path (`child_pythonpath`)."""

@@ -32,6 +32,32 @@ def py_spy() -> str:
     return found
 
 
+_THREAD = re.compile(r'^Thread (?P<tid>\d+) \([^)]*\): "(?P<name>.*)"$')
+_NUMBERED = re.compile(r"[-_]?\d+$")
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """The Python name of each thread of a running process, by its native id (py-spy's dump,
+    which does not stop it), with the number a pool gives its threads dropped (`Worker-3`:
+    `Worker`, `cancel-db_0`: `cancel-db`). Empty when py-spy is missing or may not read the
+    process (it needs root, or ptrace rights over it)."""
+    try:
+        done = subprocess.run(
+            [py_spy(), "dump", "--nonblocking", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    for line in done.stdout.splitlines():
+        found = _THREAD.match(line.strip())
+        if found:
+            names[int(found["tid"])] = _NUMBERED.sub("", found["name"]) or found["name"]
+    return names
+
+
 def record(pid: int, output: Path, seconds: float, rate: int = 200) -> subprocess.Popen[bytes]:
     """Start recording `pid` for `seconds` into `output` (raw format); wait() on the result.
     Needs root (or ptrace rights over the process)."""
