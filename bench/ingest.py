@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere
 
 import httpx
+import parties
 import pytest
 import report
 import sampling
@@ -124,9 +125,11 @@ class Started:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process that is running (all its threads) so far."""
+    used = parties.cpu_seconds(pid)
+    if used is None:
+        raise RuntimeError(f"process {pid} ended during the run")
+    return used
 
 
 @contextmanager

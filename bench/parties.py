@@ -87,13 +87,19 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads) so far; None once it is gone."""
+def _stat_cpu(stat: str) -> float | None:
+    """User + system CPU seconds in a `/proc/…/stat` file (a process's or a thread's); None
+    once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        fields = Path(stat).read_text().rpartition(")")[2].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far; None once it is gone."""
+    return _stat_cpu(f"/proc/{pid}/stat")
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -103,14 +109,8 @@ def thread_cpu(pid: int) -> dict[int, float]:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return {}
-    used: dict[int, float] = {}
-    for task in tasks:
-        try:
-            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        used[int(task)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used
+    used = {int(task): _stat_cpu(f"/proc/{pid}/task/{task}/stat") for task in tasks}
+    return {task: seconds for task, seconds in used.items() if seconds is not None}
 
 
 def environment() -> dict[str, str]:
